@@ -1,0 +1,243 @@
+"""The input contract shared by every implementation: argument checks, run-time sanitising, the draw.
+
+`prepare` turns the public arguments of `sample` / `process_logits` into a `SamplerInputs`: per-row
+parameter arrays, the bias, the history, the EOS ids and the one uniform per row. Every implementation
+(reference, xla, pallas) starts from the same `SamplerInputs`, so they see the same parameters and the
+same `u` for the same key.
+
+Errors known at trace time (shapes, dtypes, static ids, stages that need an argument that is missing)
+raise `ValueError` naming the argument. Values only known at run time (traced parameters, history ids)
+cannot raise; they are sanitised as follows, and the tests pin it:
+
+* temperature NaN or < 0 -> 0 (greedy);
+* top_k < 0 or >= V -> 0 (off); top_p NaN -> 1, else clipped to [tiny, 1] (top_p <= 0 keeps only
+  the most probable tokens); min_p NaN -> 0, else clipped to [0, 1];
+* repetition_penalty NaN, <= 0 or inf -> 1 (off); presence / frequency NaN -> 0, else clipped to [-2, 2];
+* min_tokens < 0 -> 0; max_tokens < 1 -> 1;
+* history ids < 0 are empty slots; ids >= V are ignored like empty slots; traced EOS ids outside
+  [0, V) are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsampler.params import NUMERIC_FIELDS, SamplingParams, Stages
+
+EosIds = int | Sequence[int] | jax.Array | np.ndarray | None
+
+
+class RowParams(NamedTuple):
+    """Every numeric `SamplingParams` field as a sanitised `(B,)` array."""
+
+    max_tokens: jax.Array  # int32
+    min_tokens: jax.Array  # int32
+    temperature: jax.Array  # float32
+    top_k: jax.Array  # int32, 0 = off (also when the request was >= V)
+    top_p: jax.Array  # float32 in [tiny, 1]
+    min_p: jax.Array  # float32 in [0, 1]
+    repetition_penalty: jax.Array  # float32 > 0
+    presence_penalty: jax.Array  # float32 in [-2, 2]
+    frequency_penalty: jax.Array  # float32 in [-2, 2]
+
+
+class SamplerInputs(NamedTuple):
+    """What every implementation receives. Shapes: B rows, V vocabulary, L history, E EOS ids."""
+
+    logits: jax.Array  # (B, V) float32 / bfloat16 / float16, as given
+    params: RowParams
+    stages: Stages  # static
+    bias_dense: jax.Array | None  # (V,) or (B, V) float32
+    bias_ids: jax.Array | None  # (N,) int32, static ids of a mapping bias
+    bias_values: jax.Array | None  # (N,) float32
+    history: jax.Array | None  # (B, L) int32, negative = empty
+    prompt_len: jax.Array  # (B,) int32
+    eos_ids: jax.Array | None  # (E,) int32
+    u: jax.Array | None  # (B,) float32 in [0, 1): one uniform per row
+
+
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
+
+
+def _row_array(name: str, value: Any, batch: int) -> jax.Array:
+    dtype = jnp.int32 if name in _INT_FIELDS else jnp.float32
+    arr = jnp.asarray(value, dtype=dtype)
+    if arr.ndim == 1 and arr.shape[0] != batch:
+        raise ValueError(
+            f"SamplingParams.{name} has {arr.shape[0]} per-row values but the logits have {batch} rows"
+        )
+    return jnp.broadcast_to(arr, (batch,))
+
+
+def sanitise_row_params(params: SamplingParams, batch: int, vocab: int) -> RowParams:
+    """Per-row arrays with out-of-range (traced) values mapped as the module docstring says."""
+    v = {name: _row_array(name, getattr(params, name), batch) for name in NUMERIC_FIELDS}
+    t = v["temperature"]
+    k = v["top_k"]
+    p = v["top_p"]
+    mp = v["min_p"]
+    r = v["repetition_penalty"]
+    return RowParams(
+        max_tokens=jnp.maximum(v["max_tokens"], 1),
+        min_tokens=jnp.maximum(v["min_tokens"], 0),
+        temperature=jnp.where(jnp.isnan(t) | (t < 0), 0.0, t),
+        top_k=jnp.where((k < 0) | (k >= vocab), 0, k),
+        top_p=jnp.where(jnp.isnan(p), 1.0, jnp.clip(p, jnp.finfo(jnp.float32).tiny, 1.0)),
+        min_p=jnp.where(jnp.isnan(mp), 0.0, jnp.clip(mp, 0.0, 1.0)),
+        repetition_penalty=jnp.where(jnp.isnan(r) | (r <= 0) | jnp.isinf(r), 1.0, r),
+        presence_penalty=jnp.clip(jnp.nan_to_num(v["presence_penalty"], nan=0.0), -2.0, 2.0),
+        frequency_penalty=jnp.clip(jnp.nan_to_num(v["frequency_penalty"], nan=0.0), -2.0, 2.0),
+    )
+
+
+def _check_logits(logits: Any) -> jax.Array:
+    if not hasattr(logits, "shape") or not hasattr(logits, "dtype"):
+        logits = jnp.asarray(logits)
+    if logits.ndim != 2:
+        raise ValueError(f"logits must be a (B, V) array, got shape {tuple(logits.shape)}")
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise ValueError(f"logits must be float32, bfloat16 or float16, got dtype {logits.dtype}")
+    if logits.shape[0] < 1 or logits.shape[1] < 1:
+        raise ValueError(f"logits must have at least one row and one column, got shape {tuple(logits.shape)}")
+    return jnp.asarray(logits)
+
+
+def _check_bias(params: SamplingParams, batch: int, vocab: int) -> tuple[Any, Any, Any]:
+    bias = params.logit_bias
+    if bias is None:
+        return None, None, None
+    if isinstance(bias, Mapping):
+        if not bias:
+            return None, None, None
+        ids = sorted(bias)
+        bad = [i for i in ids if not 0 <= int(i) < vocab]
+        if bad:
+            raise ValueError(f"SamplingParams.logit_bias has token id(s) {bad} outside the vocabulary [0, {vocab})")
+        values = jnp.stack([jnp.asarray(bias[i], jnp.float32) for i in ids])
+        return None, jnp.asarray(ids, jnp.int32), values
+    arr = jnp.asarray(bias, jnp.float32)
+    if arr.shape not in ((vocab,), (batch, vocab)):
+        raise ValueError(
+            f"SamplingParams.logit_bias array must have shape (V,) = ({vocab},) or (B, V) = ({batch}, {vocab}), "
+            f"got {tuple(arr.shape)}"
+        )
+    return arr, None, None
+
+
+def _check_history(history: Any, prompt_len: Any, batch: int) -> tuple[Any, jax.Array]:
+    if history is not None:
+        history = jnp.asarray(history)
+        if history.ndim != 2 or history.shape[0] != batch:
+            raise ValueError(f"history must be a (B, L) = ({batch}, L) array of token ids, got shape {history.shape}")
+        if not jnp.issubdtype(history.dtype, jnp.integer):
+            raise ValueError(f"history must hold integer token ids, got dtype {history.dtype}")
+        history = history.astype(jnp.int32)
+    if prompt_len is None:
+        return history, jnp.zeros((batch,), jnp.int32)
+    if history is None:
+        raise ValueError("prompt_len was given without history: it says where the history's prompt ends")
+    pl = jnp.asarray(prompt_len)
+    if not jnp.issubdtype(pl.dtype, jnp.integer) or pl.ndim > 1 or (pl.ndim == 1 and pl.shape[0] != batch):
+        raise ValueError(f"prompt_len must be an integer scalar or a (B,) = ({batch},) integer array, got {pl.shape} {pl.dtype}")
+    if not isinstance(prompt_len, jax.core.Tracer):
+        npl = np.asarray(prompt_len)
+        if np.any(npl < 0) or np.any(npl > history.shape[1]):
+            raise ValueError(f"prompt_len must lie in [0, L={history.shape[1]}], got {prompt_len!r}")
+    return history, jnp.broadcast_to(pl.astype(jnp.int32), (batch,))
+
+
+def normalise_eos(eos_token_id: EosIds, vocab: int) -> jax.Array | None:
+    """EOS ids as an (E,) int32 array; concrete ids are checked against the vocabulary."""
+    if eos_token_id is None:
+        return None
+    if isinstance(eos_token_id, jax.core.Tracer):
+        ids = jnp.asarray(eos_token_id).reshape(-1).astype(jnp.int32)
+        return jnp.where((ids >= 0) & (ids < vocab), ids, -1)  # out of range: ignored
+    arr = np.asarray(eos_token_id)
+    if arr.size == 0:
+        return None
+    if arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"eos_token_id must be an integer id or a sequence of ids, got {eos_token_id!r}")
+    bad = arr.reshape(-1)[(arr.reshape(-1) < 0) | (arr.reshape(-1) >= vocab)]
+    if bad.size:
+        raise ValueError(f"eos_token_id {bad.tolist()} outside the vocabulary [0, {vocab})")
+    return jnp.asarray(arr.reshape(-1), jnp.int32)
+
+
+def draw_uniforms(key: Any, batch: int) -> jax.Array:
+    """One uniform in [0, 1) per row: `uniform(key, (B,))` for one key; row i from `keys[i]` alone."""
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    single_ndim = 0 if typed else 1
+    if not typed and (key.dtype != jnp.uint32 or key.shape[-1:] != (2,)):
+        raise ValueError(
+            "key must be a PRNG key (jax.random.key / PRNGKey) or a (B,) batch of keys, "
+            f"got dtype {key.dtype} and shape {key.shape}"
+        )
+    if key.ndim == single_ndim:
+        return jax.random.uniform(key, (batch,), dtype=jnp.float32)
+    if key.ndim == single_ndim + 1 and key.shape[0] == batch:
+        return jax.vmap(lambda k: jax.random.uniform(k, (), dtype=jnp.float32))(key)
+    raise ValueError(f"key must be one PRNG key or a batch of {batch} keys (one per row), got shape {key.shape}")
+
+
+def prepare(
+    logits: Any,
+    params: SamplingParams,
+    key: Any | None,
+    *,
+    history: Any = None,
+    prompt_len: Any = None,
+    eos_token_id: EosIds = None,
+    draw: bool = True,
+) -> SamplerInputs:
+    """Checks the public arguments and builds the `SamplerInputs` all implementations share.
+
+    `draw=False` (for `process_logits`) skips the uniforms, so no key is needed.
+    """
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    logits = _check_logits(logits)
+    batch, vocab = logits.shape
+    if params.batch_size is not None and params.batch_size != batch:
+        raise ValueError(f"SamplingParams has {params.batch_size} per-row values but the logits have {batch} rows")
+    stages = params.stages
+    bias_dense, bias_ids, bias_values = _check_bias(params, batch, vocab)
+    history, prompt_len_arr = _check_history(history, prompt_len, batch)
+    if stages.penalties and history is None:
+        raise ValueError(
+            "repetition/presence/frequency penalties are set but history is None: pass the (B, L) token "
+            "history the penalties apply to"
+        )
+    eos_ids = normalise_eos(eos_token_id, vocab)
+    if stages.min_tokens and eos_ids is None:
+        raise ValueError("SamplingParams.min_tokens > 0 needs eos_token_id: the ids it keeps masked")
+    u = None
+    if draw and stages.random:
+        if key is None:
+            raise ValueError("key is None but some row samples (temperature > 0): pass a PRNG key")
+        u = draw_uniforms(key, batch)
+    return SamplerInputs(
+        logits=logits,
+        params=sanitise_row_params(params, batch, vocab),
+        stages=stages,
+        bias_dense=bias_dense,
+        bias_ids=bias_ids,
+        bias_values=bias_values,
+        history=history,
+        prompt_len=prompt_len_arr,
+        eos_ids=eos_ids,
+        u=u,
+    )
+
+
+def history_masks(history: jax.Array, prompt_len: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
+    """`(valid, generated)`: (B, L) masks of real history slots, and of those at positions >= prompt_len."""
+    valid = (history >= 0) & (history < vocab)
+    positions = jnp.arange(history.shape[1], dtype=jnp.int32)[None, :]
+    return valid, valid & (positions >= prompt_len[:, None])

@@ -1,0 +1,224 @@
+"""`SamplingParams`: the per-request sampling parameters, an immutable pytree.
+
+Every numeric field is a Python scalar (the same value for every row) or a `(B,)` array (one value per
+row: a heterogeneous serving batch). Concrete values are validated when the object is built; traced
+values (params built inside `jit`) cannot be, and are sanitised at run time as `vsampler.inputs`
+documents.
+
+As a pytree, the numeric fields (and the values of `logit_bias`) are leaves, so new values never force
+a recompile. The aux data is `Stages`: which warping stages can be active, read off the concrete values
+at construction. Only shapes and a change in the active stages retrace.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, Union
+
+import jax
+import numpy as np
+
+from vsampler.serialization import Serializable, serializable
+
+ArrayLike = Any  # Python scalar, numpy array or jax.Array
+Scalar = Union[int, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stages:
+    """Which stages of the spec can be active: a stage that is off everywhere is skipped statically."""
+
+    logit_bias: bool = False
+    repetition: bool = False
+    presence: bool = False
+    frequency: bool = False
+    min_tokens: bool = False
+    top_k: bool = False
+    top_p: bool = False
+    min_p: bool = False
+    greedy: bool = False  # some row has temperature == 0
+    random: bool = True  # some row has temperature > 0
+
+    @property
+    def penalties(self) -> bool:
+        return self.repetition or self.presence or self.frequency
+
+
+# name -> (integer field?, lower bound, lower inclusive?, upper bound, upper inclusive?, human range)
+_RANGES: dict[str, tuple[bool, float, bool, float, bool, str]] = {
+    "max_tokens": (True, 1, True, np.inf, False, "an integer >= 1"),
+    "min_tokens": (True, 0, True, np.inf, False, "an integer >= 0"),
+    "temperature": (False, 0.0, True, np.inf, False, "a finite float >= 0 (0 means greedy)"),
+    "top_k": (True, 0, True, np.inf, False, "an integer >= 0 (0, or >= the vocabulary size, disables it)"),
+    "top_p": (False, 0.0, False, 1.0, True, "a float in (0, 1] (1 disables it)"),
+    "min_p": (False, 0.0, True, 1.0, True, "a float in [0, 1] (0 disables it)"),
+    "repetition_penalty": (False, 0.0, False, np.inf, False, "a finite float > 0 (1 disables it)"),
+    "presence_penalty": (False, -2.0, True, 2.0, True, "a float in [-2, 2] (0 disables it)"),
+    "frequency_penalty": (False, -2.0, True, 2.0, True, "a float in [-2, 2] (0 disables it)"),
+}
+
+NUMERIC_FIELDS: tuple[str, ...] = tuple(_RANGES)
+
+
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _check_numeric(name: str, value: Any) -> Any:
+    """Validates one concrete numeric field; returns the value to store (lists become numpy arrays)."""
+    is_int, lo, lo_incl, hi, hi_incl, allowed = _RANGES[name]
+    if _is_traced(value):
+        if np.ndim(value) > 1:
+            raise ValueError(f"SamplingParams.{name} must be a scalar or a (B,) array, got shape {value.shape}")
+        return value
+    if isinstance(value, (list, tuple)):
+        value = np.asarray(value)
+    if isinstance(value, bool) or (hasattr(value, "dtype") and np.dtype(value.dtype) == np.bool_):
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got a boolean {value!r}")
+    arr = np.asarray(value)
+    if arr.ndim > 1:
+        raise ValueError(f"SamplingParams.{name} must be a scalar or a (B,) array, got shape {arr.shape}")
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r} of dtype {arr.dtype}")
+    if is_int and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r} of dtype {arr.dtype}")
+    flat = arr.astype(np.float64).reshape(-1)
+    bad = np.isnan(flat)
+    bad |= (flat < lo) if lo_incl else (flat <= lo)
+    bad |= (flat > hi) if hi_incl else (flat >= hi)
+    if bad.any():
+        where = "" if arr.ndim == 0 else f" at row {int(np.argmax(bad))}"
+        shown = arr.reshape(-1)[int(np.argmax(bad))].item()
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {shown!r}{where}")
+    return value
+
+
+def _check_logit_bias(value: Any) -> Any:
+    if value is None or _is_traced(value):
+        return value
+    if isinstance(value, Mapping):
+        checked = {}
+        for token, bias in value.items():
+            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
+                raise ValueError(
+                    f"SamplingParams.logit_bias keys must be token ids (integers >= 0), got {token!r}"
+                )
+            b = float(bias)
+            if np.isnan(b) or b == np.inf:
+                raise ValueError(
+                    f"SamplingParams.logit_bias[{int(token)}] must be finite or -inf (a ban), got {b!r}"
+                )
+            checked[int(token)] = b
+        return checked
+    arr = np.asarray(value)
+    if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(
+            "SamplingParams.logit_bias must be a mapping {token_id: bias} or a float (V,) or (B, V) "
+            f"array, got {type(value).__name__} with shape {arr.shape} and dtype {arr.dtype}"
+        )
+    if np.isnan(arr).any() or (arr == np.inf).any():
+        raise ValueError("SamplingParams.logit_bias must hold finite values or -inf (a ban), found NaN or +inf")
+    return value
+
+
+def _any(value: Any, predicate: Any) -> bool:
+    """Whether the stage can be active: always for traced values, else whether any row needs it."""
+    if _is_traced(value):
+        return True
+    return bool(np.any(predicate(np.asarray(value, dtype=np.float64))))
+
+
+@serializable
+@jax.tree_util.register_pytree_node_class
+@dataclasses.dataclass(frozen=True, eq=False)
+class SamplingParams(Serializable):
+    """Sampling parameters with EasyDeL's field names and defaults.
+
+    Attributes:
+      max_tokens: tokens a row may generate before it is finished (per row; used by the loop).
+      min_tokens: EOS ids are masked to -inf until the row has generated this many tokens.
+      temperature: logits are divided by it before filtering; 0 means greedy (argmax after penalties).
+      top_k: keep tokens whose value is >= the k-th largest (ties kept); 0 or >= vocab disables it.
+      top_p: keep a token when the probability mass strictly above it is < top_p; 1 disables it.
+      min_p: keep tokens with probability >= min_p * the largest probability; 0 disables it.
+      repetition_penalty: once per distinct token in the history, positive logits are divided by it
+        and negative ones multiplied; 1 disables it.
+      presence_penalty: subtracted once per distinct generated token; 0 disables it.
+      frequency_penalty: subtracted once per occurrence of a generated token; 0 disables it.
+      logit_bias: added to the logits first: a mapping {token_id: bias}, or a float (V,) or (B, V)
+        array. -inf bans a token.
+    """
+
+    max_tokens: ArrayLike = 16
+    min_tokens: ArrayLike = 0
+    temperature: ArrayLike = 1.0
+    top_k: ArrayLike = 0
+    top_p: ArrayLike = 1.0
+    min_p: ArrayLike = 0.0
+    repetition_penalty: ArrayLike = 1.0
+    presence_penalty: ArrayLike = 0.0
+    frequency_penalty: ArrayLike = 0.0
+    logit_bias: Mapping[int, float] | ArrayLike | None = None
+
+    def __post_init__(self) -> None:
+        for name in NUMERIC_FIELDS:
+            object.__setattr__(self, name, _check_numeric(name, getattr(self, name)))
+        object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
+        lengths = {name: np.shape(getattr(self, name))[0] for name in NUMERIC_FIELDS if np.ndim(getattr(self, name)) == 1}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"SamplingParams per-row fields disagree on the batch size: {lengths}")
+        if not (_is_traced(self.min_tokens) or _is_traced(self.max_tokens)):
+            over = np.asarray(self.min_tokens) > np.asarray(self.max_tokens)
+            if np.any(over):
+                raise ValueError(
+                    f"SamplingParams.min_tokens ({self.min_tokens!r}) must be <= max_tokens ({self.max_tokens!r})"
+                )
+        object.__setattr__(self, "_stages", self._infer_stages())
+
+    def _infer_stages(self) -> Stages:
+        return Stages(
+            logit_bias=self.logit_bias is not None,
+            repetition=_any(self.repetition_penalty, lambda r: r != 1.0),
+            presence=_any(self.presence_penalty, lambda p: p != 0.0),
+            frequency=_any(self.frequency_penalty, lambda f: f != 0.0),
+            min_tokens=_any(self.min_tokens, lambda m: m > 0),
+            top_k=_any(self.top_k, lambda k: k > 0),
+            top_p=_any(self.top_p, lambda p: p < 1.0),
+            min_p=_any(self.min_p, lambda p: p > 0.0),
+            greedy=_any(self.temperature, lambda t: t == 0.0),
+            random=_any(self.temperature, lambda t: t != 0.0),
+        )
+
+    @property
+    def stages(self) -> Stages:
+        """The stages that can be active (static: part of the pytree's aux data)."""
+        return self._stages  # type: ignore[attr-defined]
+
+    @property
+    def batch_size(self) -> int | None:
+        """The length of the per-row fields, or None when every field is a scalar."""
+        for name in NUMERIC_FIELDS:
+            if np.ndim(getattr(self, name)) == 1:
+                return int(np.shape(getattr(self, name))[0])
+        if self.logit_bias is not None and not isinstance(self.logit_bias, Mapping):
+            if np.ndim(self.logit_bias) == 2:
+                return int(np.shape(self.logit_bias)[0])
+        return None
+
+    # -- pytree ------------------------------------------------------------------------------------
+    def tree_flatten(self) -> tuple[tuple[Any, ...], Stages]:
+        children = tuple(getattr(self, name) for name in NUMERIC_FIELDS) + (self.logit_bias,)
+        return children, self.stages
+
+    @classmethod
+    def tree_unflatten(cls, stages: Stages, children: tuple[Any, ...]) -> SamplingParams:
+        obj = object.__new__(cls)
+        for name, value in zip((*NUMERIC_FIELDS, "logit_bias"), children):
+            object.__setattr__(obj, name, value)
+        object.__setattr__(obj, "_stages", stages)
+        return obj
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={getattr(self, name)!r}" for name in (*NUMERIC_FIELDS, "logit_bias"))
+        return f"SamplingParams({shown})"

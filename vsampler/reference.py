@@ -1,0 +1,171 @@
+"""The executable spec: plain jnp, sort-based, written to be obviously correct rather than fast.
+
+For logits `(B, V)` (math in float32) and per-row parameters, each row goes through, in order:
+
+ 1. logit bias: `x += bias` (a mapping adds at its ids; an array adds elementwise; -inf bans).
+ 2. repetition penalty `r`, once per distinct token in the row's history (prompt + generated):
+    `x = x / r` where `x > 0`, else `x * r`.
+ 3. presence penalty: `x -= presence` once per distinct *generated* token (history positions
+    >= prompt_len); frequency penalty: `x -= frequency * count` per occurrence of a generated token.
+ 4. min_tokens: EOS ids get -inf while the row has generated fewer than `min_tokens` tokens (its count of
+    real history slots at positions >= prompt_len).
+ 5. sanitising (run-time facts, no error possible): NaN -> -inf. If a row holds +inf, its +inf tokens
+    share all the mass equally (they become 0, every other token -inf).
+ 6. temperature: `x /= T`. A row with `T == 0` is greedy: its token is the lowest index of its maximum,
+    and stages 7-9 do not apply to it.
+ 7. top-k: keep tokens whose value is >= the k-th largest value (ties at the boundary all kept);
+    `k == 0` or `k >= V` keeps everything.
+ 8. top-p over what top-k kept: with `e_i = exp(x_i - max)` over the kept tokens, keep token i when the
+    mass strictly above it, `sum(e_j for e_j > e_i)`, is `< top_p * sum(e)`. The most probable tokens
+    are always kept; ties are kept or dropped together; `top_p == 1` keeps everything.
+ 9. min-p: keep tokens with `p_i >= min_p * p_max`, i.e. `exp(x_i - max) >= min_p`.
+10. draw: `u` is one uniform per row (see `vsampler.inputs.draw_uniforms`); the token is the smallest
+    index whose inclusive cumulative kept mass, summed in vocabulary order, exceeds `u * total`
+    (where rounding leaves the total at or below `u * total`: the last kept token).
+
+Edge cases: a row with no finite value left after stages 1-5 ("empty") returns token 0 and its
+`process_logits` row is all -inf. A token id outside `[0, V)` is never returned.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from vsampler.inputs import SamplerInputs, history_masks
+
+NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------- stages 1-5: penalties
+
+
+def penalised_logits(inp: SamplerInputs) -> jax.Array:
+    """Stages 1-5: bias, penalties, min_tokens and sanitising, as float32 `(B, V)`."""
+    x = inp.logits.astype(jnp.float32)
+    batch, vocab = x.shape
+    p = inp.params
+    rows = jnp.arange(batch)[:, None]
+
+    # 1. logit bias
+    if inp.bias_dense is not None:
+        x = x + inp.bias_dense
+    if inp.bias_ids is not None:
+        x = x.at[:, inp.bias_ids].add(inp.bias_values[None, :])
+
+    # 2-3. penalties over the history: dense (B, V) presence and count tables (fine for a spec)
+    if inp.history is not None and inp.stages.penalties:
+        valid, generated = history_masks(inp.history, inp.prompt_len, vocab)
+        ids = jnp.where(valid, inp.history, 0)
+        seen = jnp.zeros((batch, vocab), jnp.int32).at[rows, ids].add(valid.astype(jnp.int32)) > 0
+        counts = jnp.zeros((batch, vocab), jnp.float32).at[rows, ids].add(generated.astype(jnp.float32))
+        if inp.stages.repetition:
+            r = p.repetition_penalty[:, None]
+            x = jnp.where(seen, jnp.where(x > 0, x / r, x * r), x)
+        if inp.stages.presence:
+            x = x - p.presence_penalty[:, None] * (counts > 0)
+        if inp.stages.frequency:
+            x = x - p.frequency_penalty[:, None] * counts
+
+    # 4. min_tokens: EOS ids masked until the row has generated enough tokens
+    if inp.stages.min_tokens and inp.eos_ids is not None:
+        if inp.history is None:
+            n_generated = jnp.zeros((batch,), jnp.int32)
+        else:
+            n_generated = history_masks(inp.history, inp.prompt_len, vocab)[1].sum(axis=1)
+        too_early = n_generated < p.min_tokens
+        is_eos = jnp.zeros((vocab,), bool).at[jnp.where(inp.eos_ids >= 0, inp.eos_ids, vocab)].set(True, mode="drop")
+        x = jnp.where(too_early[:, None] & is_eos[None, :], NEG_INF, x)
+
+    # 5. sanitising: NaN never wins; +inf tokens share the row's mass
+    x = jnp.where(jnp.isnan(x), NEG_INF, x)
+    has_pos_inf = jnp.any(x == jnp.inf, axis=1, keepdims=True)
+    return jnp.where(has_pos_inf, jnp.where(x == jnp.inf, 0.0, NEG_INF), x)
+
+
+# ----------------------------------------------------------------------------- stages 6-9: warping
+
+
+def first_argmax(x: jax.Array) -> jax.Array:
+    """The lowest index of each row's maximum (0 for a row that is all -inf)."""
+    return jnp.argmax(x, axis=1).astype(jnp.int32)
+
+
+def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Stages 6-9 on penalised logits `x`: `(kept (B, V) bool, scaled (B, V) float32)`.
+
+    `scaled` is `x / T` for sampled rows and `x` itself for greedy rows.
+    """
+    batch, vocab = x.shape
+    p = inp.params
+    greedy = p.temperature == 0.0
+    scaled = x / jnp.where(greedy, 1.0, p.temperature)[:, None]
+    kept = scaled > NEG_INF
+
+    # 7. top-k: values >= the k-th largest
+    if inp.stages.top_k:
+        descending = -jnp.sort(-scaled, axis=1)
+        k = p.top_k
+        kth = jnp.take_along_axis(descending, jnp.maximum(k - 1, 0)[:, None], axis=1)
+        kept &= (k[:, None] == 0) | (scaled >= kth)
+
+    # 8. top-p: mass strictly above the token < top_p * total, over what top-k kept
+    if inp.stages.top_p:
+        row_max = jnp.max(jnp.where(kept, scaled, NEG_INF), axis=1, keepdims=True)
+        e = jnp.where(kept, jnp.exp(scaled - row_max), 0.0)
+        e_desc = -jnp.sort(-e, axis=1)
+        exclusive = jnp.cumsum(e_desc, axis=1) - e_desc
+        # the mass strictly above a value is the exclusive sum at the first position holding that value
+        first_of_value = jax.vmap(lambda row: jnp.searchsorted(-row, -row, side="left"))(e_desc)
+        above = jnp.take_along_axis(exclusive, first_of_value, axis=1)
+        total = jnp.sum(e, axis=1, keepdims=True)
+        keep_sorted = above < p.top_p[:, None] * total
+        smallest_kept = jnp.min(jnp.where(keep_sorted, e_desc, jnp.inf), axis=1, keepdims=True)
+        kept &= (e >= smallest_kept) | (p.top_p[:, None] >= 1.0)
+
+    # 9. min-p: p_i >= min_p * p_max  <=>  exp(x_i - max) >= min_p
+    if inp.stages.min_p:
+        row_max = jnp.max(jnp.where(kept, scaled, NEG_INF), axis=1, keepdims=True)
+        kept &= jnp.exp(scaled - row_max) >= p.min_p[:, None]
+
+    # 6. greedy rows keep only their first maximum
+    if inp.stages.greedy:
+        only_argmax = jnp.arange(vocab)[None, :] == first_argmax(x)[:, None]
+        kept = jnp.where(greedy[:, None], only_argmax & (x > NEG_INF), kept)
+    return kept, scaled
+
+
+# ------------------------------------------------------------------------------------ stage 10: draw
+
+
+def draw(kept: jax.Array, scaled: jax.Array, u: jax.Array) -> jax.Array:
+    """Inverse-CDF draw in vocabulary order: smallest index with cumulative mass > u * total."""
+    vocab = kept.shape[1]
+    row_max = jnp.max(jnp.where(kept, scaled, NEG_INF), axis=1, keepdims=True)
+    e = jnp.where(kept, jnp.exp(scaled - row_max), 0.0)
+    cumulative = jnp.cumsum(e, axis=1)
+    total = cumulative[:, -1:]
+    crossed = cumulative > u[:, None] * total
+    last_kept = vocab - 1 - jnp.argmax(kept[:, ::-1], axis=1)
+    token = jnp.where(jnp.any(crossed, axis=1), jnp.argmax(crossed, axis=1), last_kept)
+    return jnp.where(jnp.any(kept, axis=1), token, 0).astype(jnp.int32)
+
+
+# -------------------------------------------------------------------------------------- public API
+
+
+def process_logits(inp: SamplerInputs) -> jax.Array:
+    """The warped logits: dropped tokens -inf, kept ones `x / T` (greedy rows: the penalised argmax)."""
+    kept, scaled = kept_mask(inp, penalised_logits(inp))
+    return jnp.where(kept, scaled, NEG_INF)
+
+
+def sample(inp: SamplerInputs) -> jax.Array:
+    """The token per row, `(B,)` int32."""
+    x = penalised_logits(inp)
+    kept, scaled = kept_mask(inp, x)
+    greedy_token = first_argmax(x)
+    if not inp.stages.random:
+        return greedy_token
+    sampled = draw(kept, scaled, inp.u)
+    return jnp.where(inp.params.temperature == 0.0, greedy_token, sampled)

@@ -1,0 +1,135 @@
+"""The public sampling functions and the dispatcher between implementations.
+
+Shapes and dtypes:
+  logits:       (B, V) float32, bfloat16 or float16 (math in float32). Any V (no multiple of 128 needed).
+  params:       `SamplingParams`, each numeric field a scalar or a (B,) array.
+  key:          one PRNG key (`jax.random.key(s)` or a raw `PRNGKey`), or a (B,) batch of keys: row i then
+                draws from `key[i]` alone, so a request's tokens do not depend on its neighbours.
+  history:      (B, L) integer token ids seen by each row, prompt then generated; negative = empty slot.
+  prompt_len:   scalar or (B,) integer: history positions >= prompt_len are the generated tokens
+                (presence / frequency penalties and `min_tokens` count only those). Default 0.
+  eos_token_id: one id or several (int, sequence or 1-D array); needed when `min_tokens > 0`.
+  impl:         "auto" | "reference" | "xla" | "pallas".
+
+Both functions are jitted (static: the implementation, the EOS ids when concrete, and the active
+stages, which `SamplingParams` carries as pytree aux data) and can be called inside a user's own
+`jax.jit` as well. Semantics, ties, NaN and -inf: `vsampler.reference` (the spec) and
+`vsampler.inputs` (argument checks and run-time sanitising).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import numpy as np
+
+from vsampler import reference
+from vsampler.inputs import EosIds, SamplerInputs, prepare
+from vsampler.params import SamplingParams
+
+Impl = Literal["auto", "reference", "xla", "pallas"]
+IMPL_NAMES: tuple[str, ...] = ("auto", "reference", "xla", "pallas")
+
+# name -> sampler on prepared inputs. The fast paths register themselves here as they land.
+_SAMPLERS: dict[str, Callable[[SamplerInputs], jax.Array]] = {"reference": reference.sample}
+
+
+def available_impls() -> tuple[str, ...]:
+    """The implementations this installation can run (besides "auto")."""
+    return tuple(_SAMPLERS)
+
+
+def resolve_impl(impl: str, backend: str | None = None) -> str:
+    """Maps `impl` to a concrete implementation: "auto" is pallas on TPU/GPU, xla on CPU, when present."""
+    if impl not in IMPL_NAMES:
+        raise ValueError(f"impl must be one of {IMPL_NAMES}, got {impl!r}")
+    if impl == "auto":
+        backend = backend or jax.default_backend()
+        preferred = ("pallas", "xla") if backend in ("tpu", "gpu", "cuda", "rocm") else ("xla",)
+        return next((name for name in preferred if name in _SAMPLERS), "reference")
+    if impl not in _SAMPLERS:
+        raise ValueError(
+            f"impl={impl!r} is not available in this version of vsampler; available: {available_impls()}"
+        )
+    return impl
+
+
+def _static_eos(eos_token_id: EosIds) -> tuple[tuple[int, ...] | None, Any]:
+    """Concrete EOS ids become a static tuple (checked against V at trace time); traced ones stay dynamic."""
+    if eos_token_id is None or isinstance(eos_token_id, jax.core.Tracer):
+        return None, eos_token_id
+    arr = np.asarray(eos_token_id)
+    if arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"eos_token_id must be an integer id or a sequence of ids, got {eos_token_id!r}")
+    return tuple(int(i) for i in arr.reshape(-1)), None
+
+
+def _check_prompt_len(prompt_len: Any, history: Any) -> None:
+    if prompt_len is None or history is None or isinstance(prompt_len, jax.core.Tracer):
+        return
+    if isinstance(history, jax.core.Tracer) or np.ndim(history) != 2:
+        return
+    npl = np.asarray(prompt_len)
+    if np.issubdtype(npl.dtype, np.integer) and (np.any(npl < 0) or np.any(npl > np.shape(history)[1])):
+        raise ValueError(f"prompt_len must lie in [0, L={np.shape(history)[1]}], got {prompt_len!r}")
+
+
+def _eos(static: tuple[int, ...] | None, dynamic: Any) -> Any:
+    return list(static) if static is not None else dynamic
+
+
+@functools.partial(jax.jit, static_argnames=("eos_static", "impl"))
+def _sample_jit(logits, params, key, history, prompt_len, eos_dynamic, *, eos_static, impl):
+    inp = prepare(logits, params, key, history=history, prompt_len=prompt_len,
+                  eos_token_id=_eos(eos_static, eos_dynamic))
+    return _SAMPLERS[impl](inp)
+
+
+@functools.partial(jax.jit, static_argnames=("eos_static",))
+def _process_jit(logits, params, history, prompt_len, eos_dynamic, *, eos_static):
+    inp = prepare(logits, params, None, history=history, prompt_len=prompt_len,
+                  eos_token_id=_eos(eos_static, eos_dynamic), draw=False)
+    return reference.process_logits(inp)
+
+
+def sample(
+    logits: jax.Array,
+    params: SamplingParams,
+    key: jax.Array,
+    *,
+    history: jax.Array | None = None,
+    prompt_len: jax.Array | int | None = None,
+    eos_token_id: EosIds = None,
+    impl: Impl = "auto",
+) -> jax.Array:
+    """Samples one token per row: `(B,)` int32, always in `[0, V)`.
+
+    Every implementation follows `vsampler.reference` and maps the same key to the same uniform per row,
+    so implementations agree token for token except where float rounding moves a CDF boundary.
+    Greedy rows (temperature 0) return the lowest index of their maximum penalised logit. A row with no
+    finite logit left (all -inf / NaN after bias, penalties and the min_tokens mask) returns token 0.
+    """
+    eos_static, eos_dynamic = _static_eos(eos_token_id)
+    _check_prompt_len(prompt_len, history)
+    return _sample_jit(logits, params, key, history, prompt_len, eos_dynamic,
+                       eos_static=eos_static, impl=resolve_impl(impl))
+
+
+def process_logits(
+    logits: jax.Array,
+    params: SamplingParams,
+    *,
+    history: jax.Array | None = None,
+    prompt_len: jax.Array | int | None = None,
+    eos_token_id: EosIds = None,
+) -> jax.Array:
+    """The warped logits, `(B, V)` float32: dropped tokens are -inf, kept ones carry
+    `penalised_logit / temperature`; a greedy row keeps only its argmax (lowest index on ties), carrying
+    its penalised logit. `softmax` of a row is the distribution `sample` draws from.
+    """
+    eos_static, eos_dynamic = _static_eos(eos_token_id)
+    _check_prompt_len(prompt_len, history)
+    return _process_jit(logits, params, history, prompt_len, eos_dynamic, eos_static=eos_static)

@@ -1,0 +1,60 @@
+"""`SampleState`: everything the generation loop carries from one step (or chunk) to the next."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from vsampler.config import vInferencePreCompileConfig
+from vsampler.pytree import register_dataclass_pytree
+from vsampler.serialization import Serializable, serializable
+
+
+@serializable
+@dataclasses.dataclass(eq=False)
+class SampleState(Serializable):
+    """The state of generation between steps (EasyDeL's fields and defaults).
+
+    Attributes:
+      current_length: (B,) int32, each row's number of tokens in `sequences` so far.
+      sequences: (B, max_sequence_length) int32 token ids, prompt then generated.
+      running_token: (B, 1) int32, the last token of each row: the model's next input.
+      is_sequence_finished: (B,) bool, rows that sampled an EOS id or reached their max_tokens.
+      prng_key: the base PRNG key of the run.
+      model_kwargs: the model's extra inputs and state (attention cache, positions, mask).
+      tokens_per_second: generation speed measured over the decode calls so far (-inf before any).
+      generated_tokens: real tokens generated so far, over all rows.
+      padded_length: the prefill length bucket the prompts were padded to (static).
+      _time_spent_computing: seconds spent in decode calls so far.
+      _compile_config: the precompiled standalone this state's shapes belong to (static).
+    """
+
+    current_length: jax.Array
+    sequences: jax.Array
+    running_token: jax.Array
+    is_sequence_finished: jax.Array
+    prng_key: jax.Array
+    model_kwargs: dict[str, Any]
+    tokens_per_second: float | jax.Array = float("-inf")
+    generated_tokens: int | jax.Array = 0
+    padded_length: int = 0
+    _time_spent_computing: float | jax.Array = 0.0
+    _compile_config: vInferencePreCompileConfig | None = None
+
+
+register_dataclass_pytree(
+    SampleState,
+    (
+        "current_length",
+        "sequences",
+        "running_token",
+        "is_sequence_finished",
+        "prng_key",
+        "model_kwargs",
+        "tokens_per_second",
+        "generated_tokens",
+        "_time_spent_computing",
+    ),
+)
