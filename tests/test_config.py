@@ -16,7 +16,7 @@ def assert_trees_equal(a, b):
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)
     assert ta == tb
-    for x, y in zip(la, lb):
+    for x, y in zip(la, lb, strict=True):
         if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
             assert str(jax.random.key_impl(x)) == str(jax.random.key_impl(y))
             x, y = jax.random.key_data(x), jax.random.key_data(y)
@@ -76,7 +76,9 @@ def test_standalones_expand_lists_repeating_last_element():
 
 
 def test_create_optimized_compo_doubles_prefill_lengths():
-    cfg = vInferencePreCompileConfig.create_optimized_compo(batch_size=8, max_prefill_length=1000, min_prefill_length=64)
+    cfg = vInferencePreCompileConfig.create_optimized_compo(
+        batch_size=8, max_prefill_length=1000, min_prefill_length=64
+    )
     assert cfg.prefill_length == [64, 128, 256, 512]
     assert cfg.batch_size == 8
     with pytest.raises(ValueError, match="min_prefill_length"):
@@ -96,8 +98,13 @@ def test_default_hash_is_stable_across_processes():
         "from vsampler import vInferencePreCompileConfig as C;"
         "print(C(batch_size=[1, 2], prefill_length=128).get_default_hash())"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"JAX_PLATFORMS": "cpu", "PYTHONHASHSEED": "123", "PATH": ""})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"JAX_PLATFORMS": "cpu", "PYTHONHASHSEED": "123", "PATH": ""},
+    )
     assert int(out.stdout.strip()) == cfg.get_default_hash()
     assert cfg.get_default_hash() != cfg.replace(prefill_length=256).get_default_hash()
 
@@ -130,11 +137,20 @@ def test_sample_state_round_trips_exactly(codec):
 
 
 def test_configs_round_trip_through_json():
-    params = SamplingParams(temperature=np.array([0.0, 0.7], np.float32), top_k=np.array([0, 5]),
-                            logit_bias={3: -np.inf, 7: 1.25}, max_tokens=9)
-    cfg = vInferenceConfig(max_new_tokens=9, eos_token_id=[1, 2], partition_axis=PartitionAxis(),
-                           partition_rules=(("a/b", PartitionSpec(("dp", "fsdp"), None)),),
-                           sampling_params=params, num_return_sequences={12345: 2})
+    params = SamplingParams(
+        temperature=np.array([0.0, 0.7], np.float32),
+        top_k=np.array([0, 5]),
+        logit_bias={3: -np.inf, 7: 1.25},
+        max_tokens=9,
+    )
+    cfg = vInferenceConfig(
+        max_new_tokens=9,
+        eos_token_id=[1, 2],
+        partition_axis=PartitionAxis(),
+        partition_rules=(("a/b", PartitionSpec(("dp", "fsdp"), None)),),
+        sampling_params=params,
+        num_return_sequences={12345: 2},
+    )
     back = vInferenceConfig.from_json(cfg.to_json())
     assert back.partition_rules == cfg.partition_rules and back.partition_axis == cfg.partition_axis
     assert back.num_return_sequences == {12345: 2} and back.eos_token_id == [1, 2] and back._loop_rows == 1

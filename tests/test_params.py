@@ -57,7 +57,7 @@ def test_rank_two_parameter_rejected():
 
 
 def test_min_tokens_above_max_tokens_rejected():
-    with pytest.raises(ValueError, match="min_tokens .* must be <= max_tokens"):
+    with pytest.raises(ValueError, match=r"min_tokens .* must be <= max_tokens"):
         SamplingParams(min_tokens=5, max_tokens=4)
     with pytest.raises(ValueError, match="min_tokens"):
         SamplingParams(min_tokens=[1, 9], max_tokens=[4, 8])
@@ -71,7 +71,7 @@ def test_min_tokens_above_max_tokens_rejected():
         ({3: float("nan")}, r"logit_bias\[3\] must be finite or -inf"),
         ({3: float("inf")}, r"logit_bias\[3\]"),
         (np.zeros((2, 3, 4), np.float32), r"mapping \{token_id: bias\} or a float \(V,\) or \(B, V\)"),
-        (np.array([0.0, np.nan], np.float32), "NaN or \\+inf"),
+        (np.array([0.0, np.nan], np.float32), r"NaN or \+inf"),
     ],
 )
 def test_invalid_logit_bias(bias, message):

@@ -3,7 +3,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from vsampler import SamplingParams, process_logits, sample
 from vsampler import reference as ref
@@ -14,7 +13,8 @@ KEY = jax.random.key(0)
 
 def kept(row_logits, **kw):
     """Indices kept by process_logits for a one-row batch."""
-    out = np.asarray(process_logits(jnp.asarray([row_logits], jnp.float32), SamplingParams(**kw.pop("params", {})), **kw))
+    params = SamplingParams(**kw.pop("params", {}))
+    out = np.asarray(process_logits(jnp.asarray([row_logits], jnp.float32), params, **kw))
     return [int(i) for i in np.flatnonzero(out[0] > NEG)], out[0]
 
 
@@ -24,7 +24,8 @@ def test_logit_bias_mapping_array_and_ban():
     np.testing.assert_allclose(out, [6.0, 2.0, NEG])
     _, out = kept(x, params={"logit_bias": np.array([0.5, 0.5, -1.0], np.float32)})
     np.testing.assert_allclose(out, [1.5, 2.5, 2.0])
-    two_rows = process_logits(jnp.zeros((2, 3)), SamplingParams(logit_bias=np.array([[1, 0, 0], [0, 0, 2]], np.float32)))
+    per_row = SamplingParams(logit_bias=np.array([[1, 0, 0], [0, 0, 2]], np.float32))
+    two_rows = process_logits(jnp.zeros((2, 3)), per_row)
     np.testing.assert_allclose(two_rows, [[1, 0, 0], [0, 0, 2]])
 
 
@@ -42,8 +43,9 @@ def test_presence_and_frequency_count_only_generated_real_tokens():
     _, out = kept(x, params={"presence_penalty": 0.5, "frequency_penalty": 0.25}, history=history, prompt_len=1)
     np.testing.assert_allclose(out, [0.0, -0.5 - 0.5, -0.5 - 0.25, 0.0])
     # repetition uses the prompt too; presence does not
-    _, out = kept([1.0, 1.0, 1.0, 1.0], params={"repetition_penalty": 2.0, "presence_penalty": 1.0},
-                  history=history, prompt_len=1)
+    _, out = kept(
+        [1.0, 1.0, 1.0, 1.0], params={"repetition_penalty": 2.0, "presence_penalty": 1.0}, history=history, prompt_len=1
+    )
     np.testing.assert_allclose(out, [0.5, -0.5, -0.5, 1.0])
 
 

@@ -53,8 +53,10 @@ class PartitionAxis(Serializable):
             if isinstance(value, list):  # lists are accepted but stored as tuples: hashable, mesh-ready
                 value = tuple(value)
                 object.__setattr__(self, f.name, value)
-            ok = value is None or isinstance(value, str) or (
-                isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+            ok = (
+                value is None
+                or isinstance(value, str)
+                or (isinstance(value, tuple) and all(isinstance(v, str) for v in value))
             )
             if not ok:
                 raise ValueError(
@@ -116,7 +118,9 @@ class vInferenceConfig(Serializable):
                 f"vInferenceConfig.sampling_params must be a SamplingParams, got {type(self.sampling_params).__name__}"
             )
 
-    def get_partition_rules(self, runtime_config: vInferencePreCompileConfig | None = None) -> tuple[tuple[str, Any], ...]:
+    def get_partition_rules(
+        self, runtime_config: vInferencePreCompileConfig | None = None
+    ) -> tuple[tuple[str, Any], ...]:
         """`partition_rules` when given, else EasyDeL's default rules built from `partition_axis`.
 
         `runtime_config` is accepted for EasyDeL compatibility and unused by the default rules.
@@ -158,6 +162,9 @@ _PRECOMPILE_FIELDS = (
 )
 
 
+_SIZE_FIELDS = _PRECOMPILE_FIELDS[:2] + _PRECOMPILE_FIELDS[3:7]
+
+
 @serializable
 @dataclasses.dataclass
 class vInferencePreCompileConfig(Serializable):
@@ -173,7 +180,7 @@ class vInferencePreCompileConfig(Serializable):
     required_props: Mapping[str, dict[str, Any]] | list[Mapping[str, dict[str, Any]]] | None = None
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "prefill_length", "vision_batch_size", "vision_channels", "vision_height", "vision_width"):
+        for name in _SIZE_FIELDS:
             value = getattr(self, name)
             for v in value if isinstance(value, (list, tuple)) else [value]:
                 if v is None and name != "batch_size":

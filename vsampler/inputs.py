@@ -68,9 +68,7 @@ def _row_array(name: str, value: Any, batch: int) -> jax.Array:
     dtype = jnp.int32 if name in _INT_FIELDS else jnp.float32
     arr = jnp.asarray(value, dtype=dtype)
     if arr.ndim == 1 and arr.shape[0] != batch:
-        raise ValueError(
-            f"SamplingParams.{name} has {arr.shape[0]} per-row values but the logits have {batch} rows"
-        )
+        raise ValueError(f"SamplingParams.{name} has {arr.shape[0]} per-row values but the logits have {batch} rows")
     return jnp.broadcast_to(arr, (batch,))
 
 
@@ -143,7 +141,9 @@ def _check_history(history: Any, prompt_len: Any, batch: int) -> tuple[Any, jax.
         raise ValueError("prompt_len was given without history: it says where the history's prompt ends")
     pl = jnp.asarray(prompt_len)
     if not jnp.issubdtype(pl.dtype, jnp.integer) or pl.ndim > 1 or (pl.ndim == 1 and pl.shape[0] != batch):
-        raise ValueError(f"prompt_len must be an integer scalar or a (B,) = ({batch},) integer array, got {pl.shape} {pl.dtype}")
+        raise ValueError(
+            f"prompt_len must be an integer scalar or a (B,) = ({batch},) integer array, got {pl.shape} {pl.dtype}"
+        )
     if not isinstance(prompt_len, jax.core.Tracer):
         npl = np.asarray(prompt_len)
         if np.any(npl < 0) or np.any(npl > history.shape[1]):

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Union
+from typing import Any
 
 import jax
 import numpy as np
@@ -22,7 +22,6 @@ import numpy as np
 from vsampler.serialization import Serializable, serializable
 
 ArrayLike = Any  # Python scalar, numpy array or jax.Array
-Scalar = Union[int, float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,14 +100,10 @@ def _check_logit_bias(value: Any) -> Any:
         checked = {}
         for token, bias in value.items():
             if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
-                raise ValueError(
-                    f"SamplingParams.logit_bias keys must be token ids (integers >= 0), got {token!r}"
-                )
+                raise ValueError(f"SamplingParams.logit_bias keys must be token ids (integers >= 0), got {token!r}")
             b = float(bias)
             if np.isnan(b) or b == np.inf:
-                raise ValueError(
-                    f"SamplingParams.logit_bias[{int(token)}] must be finite or -inf (a ban), got {b!r}"
-                )
+                raise ValueError(f"SamplingParams.logit_bias[{int(token)}] must be finite or -inf (a ban), got {b!r}")
             checked[int(token)] = b
         return checked
     arr = np.asarray(value)
@@ -165,7 +160,7 @@ class SamplingParams(Serializable):
         for name in NUMERIC_FIELDS:
             object.__setattr__(self, name, _check_numeric(name, getattr(self, name)))
         object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
-        lengths = {name: np.shape(getattr(self, name))[0] for name in NUMERIC_FIELDS if np.ndim(getattr(self, name)) == 1}
+        lengths = {n: np.shape(getattr(self, n))[0] for n in NUMERIC_FIELDS if np.ndim(getattr(self, n)) == 1}
         if len(set(lengths.values())) > 1:
             raise ValueError(f"SamplingParams per-row fields disagree on the batch size: {lengths}")
         if not (_is_traced(self.min_tokens) or _is_traced(self.max_tokens)):
@@ -208,13 +203,13 @@ class SamplingParams(Serializable):
 
     # -- pytree ------------------------------------------------------------------------------------
     def tree_flatten(self) -> tuple[tuple[Any, ...], Stages]:
-        children = tuple(getattr(self, name) for name in NUMERIC_FIELDS) + (self.logit_bias,)
+        children = (*(getattr(self, name) for name in NUMERIC_FIELDS), self.logit_bias)
         return children, self.stages
 
     @classmethod
     def tree_unflatten(cls, stages: Stages, children: tuple[Any, ...]) -> SamplingParams:
         obj = object.__new__(cls)
-        for name, value in zip((*NUMERIC_FIELDS, "logit_bias"), children):
+        for name, value in zip((*NUMERIC_FIELDS, "logit_bias"), children, strict=True):
             object.__setattr__(obj, name, value)
         object.__setattr__(obj, "_stages", stages)
         return obj

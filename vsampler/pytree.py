@@ -38,17 +38,15 @@ def register_dataclass_pytree(cls: type[T], data_fields: Sequence[str]) -> type[
     static_fields = tuple(n for n in names if n not in data_fields)
 
     def flatten(obj: Any) -> tuple[tuple[Any, ...], StaticFields]:
-        return tuple(getattr(obj, n) for n in data_fields), StaticFields(
-            {n: getattr(obj, n) for n in static_fields}
-        )
+        return tuple(getattr(obj, n) for n in data_fields), StaticFields({n: getattr(obj, n) for n in static_fields})
 
     def flatten_with_keys(obj: Any) -> tuple[tuple[tuple[Any, Any], ...], StaticFields]:
         children, aux = flatten(obj)
-        return tuple((jax.tree_util.GetAttrKey(n), c) for n, c in zip(data_fields, children)), aux
+        return tuple((jax.tree_util.GetAttrKey(n), c) for n, c in zip(data_fields, children, strict=True)), aux
 
     def unflatten(aux: StaticFields, children: Sequence[Any]) -> Any:
         obj = object.__new__(cls)
-        for n, c in zip(data_fields, children):
+        for n, c in zip(data_fields, children, strict=True):
             object.__setattr__(obj, n, c)
         for n, v in aux.values.items():
             object.__setattr__(obj, n, v)

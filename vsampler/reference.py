@@ -96,7 +96,7 @@ def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     `scaled` is `x / T` for sampled rows and `x` itself for greedy rows.
     """
-    batch, vocab = x.shape
+    vocab = x.shape[1]
     p = inp.params
     greedy = p.temperature == 0.0
     scaled = x / jnp.where(greedy, 1.0, p.temperature)[:, None]

@@ -51,9 +51,7 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
         preferred = ("pallas", "xla") if backend in ("tpu", "gpu", "cuda", "rocm") else ("xla",)
         return next((name for name in preferred if name in _SAMPLERS), "reference")
     if impl not in _SAMPLERS:
-        raise ValueError(
-            f"impl={impl!r} is not available in this version of vsampler; available: {available_impls()}"
-        )
+        raise ValueError(f"impl={impl!r} is not available in this version of vsampler; available: {available_impls()}")
     return impl
 
 
@@ -83,15 +81,23 @@ def _eos(static: tuple[int, ...] | None, dynamic: Any) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("eos_static", "impl"))
 def _sample_jit(logits, params, key, history, prompt_len, eos_dynamic, *, eos_static, impl):
-    inp = prepare(logits, params, key, history=history, prompt_len=prompt_len,
-                  eos_token_id=_eos(eos_static, eos_dynamic))
+    inp = prepare(
+        logits, params, key, history=history, prompt_len=prompt_len, eos_token_id=_eos(eos_static, eos_dynamic)
+    )
     return _SAMPLERS[impl](inp)
 
 
 @functools.partial(jax.jit, static_argnames=("eos_static",))
 def _process_jit(logits, params, history, prompt_len, eos_dynamic, *, eos_static):
-    inp = prepare(logits, params, None, history=history, prompt_len=prompt_len,
-                  eos_token_id=_eos(eos_static, eos_dynamic), draw=False)
+    inp = prepare(
+        logits,
+        params,
+        None,
+        history=history,
+        prompt_len=prompt_len,
+        eos_token_id=_eos(eos_static, eos_dynamic),
+        draw=False,
+    )
     return reference.process_logits(inp)
 
 
@@ -114,8 +120,9 @@ def sample(
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id)
     _check_prompt_len(prompt_len, history)
-    return _sample_jit(logits, params, key, history, prompt_len, eos_dynamic,
-                       eos_static=eos_static, impl=resolve_impl(impl))
+    return _sample_jit(
+        logits, params, key, history, prompt_len, eos_dynamic, eos_static=eos_static, impl=resolve_impl(impl)
+    )
 
 
 def process_logits(

@@ -1,0 +1,47 @@
+"""The `vsampler` command line: a real (tiny) benchmark run, its JSON, and argument errors."""
+
+import json
+
+import pytest
+
+from vsampler.cli import EXIT_OK, main
+
+
+def test_bench_runs_checks_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(
+        [
+            "bench",
+            "--configs",
+            "greedy,full",
+            "--batch",
+            "2",
+            "--vocab",
+            "300",
+            "--dtype",
+            "float32",
+            "--repeats",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
+    assert code == EXIT_OK
+    data = json.loads(out.read_text())
+    assert data["environment"]["backend"] == "cpu"
+    rows = data["results"]
+    assert {(r["config"], r["impl"]) for r in rows} >= {("greedy", "reference"), ("full", "reference")}
+    for r in rows:
+        assert r["verified"] and r["agree_rows"] == r["rows"] == 2
+        assert r["median_ms"] > 0 and r["x_floor"] > 0 and r["speedup_vs_categorical"] > 0
+    assert "measurements, 0 failed verification" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["bench", "--batch", "0"], ["bench", "--configs", "nucleus"], ["bench", "--dtype", "int8"], ["frobnicate"], []],
+)
+def test_bad_arguments_exit_2(argv):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2

@@ -1,0 +1,157 @@
+"""Timing and checking vsampler's implementations and the peers a user would otherwise pick.
+
+Used by `vsampler bench` and `bench/`. Every timed function is jitted and compiled before it is timed;
+a measurement is the median wall time of `repeats` calls, each waited on (`block_until_ready`).
+Speed is reported as ratios measured in one run, never asserted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vsampler import sampling
+from vsampler.workloads import Workload, WorkloadInputs
+
+Runner = Callable[[WorkloadInputs], jax.Array]
+
+
+def time_call(fn: Callable[[], Any], repeats: int) -> float:
+    """Median seconds of `fn()` over `repeats` calls, after one untimed warm-up (compilation) call."""
+    jax.block_until_ready(fn())
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+# --------------------------------------------------------------------------------------- our impls
+
+
+def impl_runner(impl: str) -> Runner:
+    def run(inp: WorkloadInputs) -> jax.Array:
+        return sampling.sample(
+            inp.logits, inp.params, inp.key, history=inp.history, prompt_len=inp.prompt_len, impl=impl
+        )
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------- peers
+
+
+@jax.jit
+def _floor(logits: jax.Array) -> jax.Array:
+    x = logits.astype(jnp.float32)
+    return jnp.sum(jnp.exp(x - jnp.max(x, axis=1, keepdims=True)), axis=1)
+
+
+def floor_runner(inp: WorkloadInputs) -> jax.Array:
+    """One `sum(exp(x - max))` pass: about the least any exact sampler must do."""
+    return _floor(inp.logits)
+
+
+@jax.jit
+def _categorical(logits: jax.Array, temperature: jax.Array, key: jax.Array) -> jax.Array:
+    x = logits.astype(jnp.float32)
+    greedy = temperature == 0
+    sampled = jax.random.categorical(key, x / jnp.where(greedy, 1.0, temperature)[:, None], axis=-1)
+    return jnp.where(greedy, jnp.argmax(x, axis=-1), sampled)
+
+
+@jax.jit
+def _argmax(logits: jax.Array) -> jax.Array:
+    return jnp.argmax(logits, axis=-1)
+
+
+def categorical_runner(inp: WorkloadInputs) -> jax.Array:
+    """Full-vocabulary `jax.random.categorical` after temperature: no filtering, no penalties.
+    An all-greedy batch is a plain `jnp.argmax`, as a user would write it."""
+    if not inp.params.stages.random:
+        return _argmax(inp.logits)
+    return _categorical(
+        inp.logits, jnp.broadcast_to(jnp.asarray(inp.params.temperature), inp.logits.shape[:1]), inp.key
+    )
+
+
+def hf_flax_runner() -> Runner | None:
+    """HF transformers' Flax warpers (temperature, top-k, top-p) + `jax.random.categorical`.
+
+    HF has no Flax min-p or repetition penalty: for the "full" config it runs the rest. None when
+    transformers is not installed.
+    """
+    try:
+        from transformers.generation import flax_logits_process as hf
+    except Exception:
+        return None
+    cache: dict[tuple[float, int, float], Callable[..., jax.Array]] = {}
+
+    def build(temperature: float, top_k: int, top_p: float) -> Callable[..., jax.Array]:
+        warpers = [hf.FlaxTemperatureLogitsWarper(temperature)] if temperature > 0 else []
+        if top_k > 0:
+            warpers.append(hf.FlaxTopKLogitsWarper(top_k))
+        if top_p < 1:
+            warpers.append(hf.FlaxTopPLogitsWarper(top_p))
+
+        @jax.jit
+        def run(logits: jax.Array, key: jax.Array) -> jax.Array:
+            scores = logits.astype(jnp.float32)
+            if temperature == 0:
+                return jnp.argmax(scores, axis=-1)
+            for warper in warpers:
+                scores = warper(None, scores, 0)
+            return jax.random.categorical(key, scores, axis=-1)
+
+        return run
+
+    def run(inp: WorkloadInputs) -> jax.Array:
+        p = inp.params
+        setting = tuple(float(np.asarray(v).reshape(-1)[0]) for v in (p.temperature, p.top_k, p.top_p))
+        if setting not in cache:
+            cache[setting] = build(setting[0], int(setting[1]), setting[2])
+        return cache[setting](inp.logits, inp.key)
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------- checking
+
+
+@dataclasses.dataclass
+class Check:
+    """Verification of one implementation's tokens on one workload."""
+
+    rows: int
+    agree: int  # rows whose token equals the reference's for the same key
+    in_kept_set: int  # rows whose token the reference keeps
+    greedy_ok: bool  # greedy rows equal the penalised argmax
+
+    @property
+    def ok(self) -> bool:
+        return self.agree == self.rows and self.in_kept_set == self.rows and self.greedy_ok
+
+
+def check_tokens(w: Workload, inp: WorkloadInputs, tokens: jax.Array, reference_tokens: jax.Array) -> Check:
+    """Compares `tokens` with the reference's on the same inputs and key."""
+    warped = np.asarray(sampling.process_logits(inp.logits, inp.params, history=inp.history, prompt_len=inp.prompt_len))
+    tokens = np.asarray(tokens)
+    rows = np.arange(w.batch)
+    in_range = (tokens >= 0) & (tokens < w.vocab)
+    kept = in_range & (warped[rows, np.clip(tokens, 0, w.vocab - 1)] > -np.inf)
+    greedy = np.asarray(jnp.broadcast_to(jnp.asarray(inp.params.temperature), (w.batch,))) == 0
+    greedy_ok = bool(np.all(tokens[greedy] == np.argmax(warped[greedy], axis=1))) if greedy.any() else True
+    return Check(
+        rows=w.batch,
+        agree=int(np.sum(tokens == np.asarray(reference_tokens))),
+        in_kept_set=int(kept.sum()),
+        greedy_ok=greedy_ok,
+    )

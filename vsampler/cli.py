@@ -1,0 +1,297 @@
+"""The `vsampler` command line: benchmark and verification reports.
+
+  vsampler bench [--quick] [--json PATH] ...   time every implementation and peer on the embedded grid,
+                                              check each implementation's tokens against the reference
+
+Exit codes: 0 success; 1 a verification failed; 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _choice_list(choices: Sequence[str]) -> Any:
+    def parse(text: str) -> tuple[str, ...]:
+        values = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in values if v not in choices]
+        if bad or not values:
+            raise argparse.ArgumentTypeError(f"unknown value(s) {bad or text!r}; choose from {', '.join(choices)}")
+        return values
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vsampler import workloads
+
+    parser = argparse.ArgumentParser(
+        prog="vsampler",
+        description="vsampler: a fast, verified LLM token sampler for JAX. Benchmark and verification reports.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = sub.add_parser(
+        "bench",
+        help="time the implementations and their peers on the embedded workload grid, verified",
+        description=(
+            "Times every vsampler implementation that can run here and the samplers a user would otherwise "
+            "pick (HF transformers' Flax warpers + jax.random.categorical; full-vocabulary "
+            "jax.random.categorical) on an embedded grid of workloads. Reports the median time per call, "
+            "the speedup over each peer, the ratio to one sum(exp(x - max)) pass measured in the same run "
+            "(the floor), and whether each implementation's tokens were checked against the reference "
+            "on the same inputs and key."
+        ),
+    )
+    bench.add_argument("--quick", action="store_true", help="a short run: B in {1, 8}, V=32000, float32")
+    bench.add_argument(
+        "--configs",
+        type=_choice_list(tuple(workloads.CONFIGS)),
+        default=tuple(workloads.CONFIGS),
+        help=f"comma-separated configs (default: all of {', '.join(workloads.CONFIGS)})",
+    )
+    bench.add_argument("--batch", type=_int_list, default=None, help="comma-separated batch sizes (default 1,8,64)")
+    bench.add_argument(
+        "--vocab", type=_int_list, default=None, help="comma-separated vocabulary sizes (default 32000,128256)"
+    )
+    bench.add_argument(
+        "--dtype",
+        type=_choice_list(("float32", "bfloat16")),
+        default=None,
+        help="comma-separated logits dtypes (default float32,bfloat16)",
+    )
+    bench.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median is kept")
+    bench.add_argument("--no-peers", action="store_true", help="time vsampler's implementations only")
+    bench.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    return parser
+
+
+def _environment() -> dict[str, str]:
+    import jax
+
+    import vsampler
+
+    return {
+        "vsampler": vsampler.__version__,
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0].device_kind),
+        "devices": str(jax.device_count()),
+        "python": platform.python_version(),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "implementations": ", ".join(vsampler.available_impls()),
+    }
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from vsampler import benchmarking as bm
+    from vsampler import sampling, workloads
+
+    if args.repeats < 1:
+        print("vsampler bench: --repeats must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
+    batches = args.batch or ((1, 8) if args.quick else workloads.DEFAULT_BATCHES)
+    vocabs = args.vocab or ((32000,) if args.quick else workloads.DEFAULT_VOCABS)
+    dtypes = args.dtype or (("float32",) if args.quick else workloads.DEFAULT_DTYPES)
+    cases = list(workloads.grid(args.configs, batches, vocabs, dtypes))
+    repeats = min(args.repeats, 3) if args.quick else args.repeats
+
+    runners: dict[str, bm.Runner] = {impl: bm.impl_runner(impl) for impl in sampling.available_impls()}
+    peers: dict[str, bm.Runner] = {}
+    notes: list[str] = []
+    if not args.no_peers:
+        hf = bm.hf_flax_runner()
+        if hf is None:
+            notes.append("hf_flax skipped: transformers is not installed (pip install 'vsampler[test]')")
+        else:
+            peers["hf_flax"] = hf
+            notes.append("hf_flax has no min-p or repetition penalty: on 'full' it runs temperature + top-k + top-p")
+        peers["categorical"] = bm.categorical_runner
+        notes.append("categorical: full-vocabulary jax.random.categorical after temperature, no filtering")
+
+    ui = _ui()
+    env = _environment()
+    ui.header("vsampler bench", env)
+    results: list[dict[str, Any]] = []
+    failures = 0
+    with ui.progress(len(cases)) as advance:
+        for w in cases:
+            inp = workloads.make_inputs(w)
+            floor_s = bm.time_call(lambda inp=inp: bm.floor_runner(inp), repeats)
+            reference_tokens = runners["reference"](inp)
+            peer_s = {name: bm.time_call(lambda r=r, inp=inp: r(inp), repeats) for name, r in peers.items()}
+            for impl, run in runners.items():
+                seconds = bm.time_call(lambda run=run, inp=inp: run(inp), repeats)
+                check = bm.check_tokens(w, inp, run(inp), reference_tokens)
+                failures += not check.ok
+                results.append(
+                    {
+                        "config": w.config,
+                        "batch": w.batch,
+                        "vocab": w.vocab,
+                        "dtype": w.dtype,
+                        "impl": impl,
+                        "median_ms": seconds * 1e3,
+                        "floor_ms": floor_s * 1e3,
+                        "x_floor": seconds / floor_s,
+                        **{f"speedup_vs_{name}": s / seconds for name, s in peer_s.items()},
+                        **{f"{name}_ms": s * 1e3 for name, s in peer_s.items()},
+                        "verified": check.ok,
+                        "agree_rows": check.agree,
+                        "kept_rows": check.in_kept_set,
+                        "rows": check.rows,
+                    }
+                )
+            advance(w.label)
+    ui.table(results, list(peers))
+    for note in notes:
+        ui.note(note)
+    summary = f"{len(results)} measurements, {failures} failed verification"
+    ui.note(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": env, "notes": notes, "results": results}, f, indent=2)
+        ui.note(f"results written to {args.json}")
+    return EXIT_MISMATCH if failures else EXIT_OK
+
+
+class _PlainUI:
+    """Text output for when rich (the `bench` extra) is not installed."""
+
+    def header(self, title: str, env: dict[str, str]) -> None:
+        print(title)
+        for k, v in env.items():
+            print(f"  {k}: {v}")
+
+    def progress(self, total: int) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def bar() -> Any:
+            done = [0]
+
+            def advance(label: str) -> None:
+                done[0] += 1
+                print(f"[{done[0]}/{total}] {label}", file=sys.stderr, flush=True)
+
+            yield advance
+
+        return bar()
+
+    def table(self, results: list[dict[str, Any]], peers: list[str]) -> None:
+        cols = ["config", "B", "V", "dtype", "impl", "ms", "x floor", *[f"vs {p}" for p in peers], "verified"]
+        print("  ".join(f"{c:>12}" for c in cols))
+        for r in results:
+            cells = [
+                r["config"],
+                r["batch"],
+                r["vocab"],
+                r["dtype"],
+                r["impl"],
+                f"{r['median_ms']:.2f}",
+                f"{r['x_floor']:.1f}",
+                *[f"{r[f'speedup_vs_{p}']:.1f}x" for p in peers],
+                "yes" if r["verified"] else f"NO {r['agree_rows']}/{r['rows']}",
+            ]
+            print("  ".join(f"{c!s:>12}" for c in cells))
+
+    def note(self, text: str) -> None:
+        print(text)
+
+
+class _RichUI(_PlainUI):
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(width=None if sys.stdout.isatty() else 110)
+
+    def header(self, title: str, env: dict[str, str]) -> None:
+        self.console.rule(f"[bold]{title}")
+        self.console.print("  ".join(f"[dim]{k}[/dim] {v}" for k, v in env.items()))
+
+    def progress(self, total: int) -> Any:
+        import contextlib
+
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        @contextlib.contextmanager
+        def bar() -> Any:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+            ) as progress:
+                task = progress.add_task("benchmarking", total=total)
+
+                def advance(label: str) -> None:
+                    progress.update(task, advance=1, description=label)
+
+                yield advance
+
+        return bar()
+
+    def table(self, results: list[dict[str, Any]], peers: list[str]) -> None:
+        from rich.table import Table
+
+        table = Table(
+            caption="ms: median per call. x floor: impl / one sum(exp(x - max)) pass. "
+            "vs PEER: peer time / impl time (>1: vsampler faster)."
+        )
+        for col in ["config", "B", "V", "dtype", "impl", "ms", "x floor", *[f"vs {p}" for p in peers], "verified"]:
+            left = col in ("config", "dtype", "impl", "verified")
+            table.add_column(col, justify="left" if left else "right", no_wrap=True)
+        for r in results:
+            verified = "[green]yes" if r["verified"] else f"[red]NO {r['agree_rows']}/{r['rows']}"
+            table.add_row(
+                r["config"],
+                str(r["batch"]),
+                str(r["vocab"]),
+                r["dtype"].replace("float", "f"),
+                r["impl"],
+                f"{r['median_ms']:.2f}",
+                f"{r['x_floor']:.1f}",
+                *[f"{r[f'speedup_vs_{p}']:.2f}x" for p in peers],
+                verified,
+            )
+        self.console.print(table)
+
+    def note(self, text: str) -> None:
+        self.console.print(text)
+
+
+def _ui() -> _PlainUI:
+    try:
+        return _RichUI()
+    except ImportError:
+        return _PlainUI()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        return _run_bench(args)
+    return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":
+    sys.exit(main())
