@@ -26,7 +26,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from vsampler import reference
+from vsampler import reference, xla
 from vsampler.inputs import EosIds, SamplerInputs, prepare
 from vsampler.params import SamplingParams
 
@@ -34,7 +34,11 @@ Impl = Literal["auto", "reference", "xla", "pallas"]
 IMPL_NAMES: tuple[str, ...] = ("auto", "reference", "xla", "pallas")
 
 # name -> sampler on prepared inputs. The fast paths register themselves here as they land.
-_SAMPLERS: dict[str, Callable[[SamplerInputs], jax.Array]] = {"reference": reference.sample}
+_SAMPLERS: dict[str, Callable[[SamplerInputs], jax.Array]] = {"reference": reference.sample, "xla": xla.sample}
+_PROCESSORS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
+    "reference": reference.process_logits,
+    "xla": xla.process_logits,
+}
 
 
 def available_impls() -> tuple[str, ...]:
@@ -87,8 +91,8 @@ def _sample_jit(logits, params, key, history, prompt_len, eos_dynamic, *, eos_st
     return _SAMPLERS[impl](inp)
 
 
-@functools.partial(jax.jit, static_argnames=("eos_static",))
-def _process_jit(logits, params, history, prompt_len, eos_dynamic, *, eos_static):
+@functools.partial(jax.jit, static_argnames=("eos_static", "impl"))
+def _process_jit(logits, params, history, prompt_len, eos_dynamic, *, eos_static, impl):
     inp = prepare(
         logits,
         params,
@@ -98,7 +102,7 @@ def _process_jit(logits, params, history, prompt_len, eos_dynamic, *, eos_static
         eos_token_id=_eos(eos_static, eos_dynamic),
         draw=False,
     )
-    return reference.process_logits(inp)
+    return _PROCESSORS.get(impl, reference.process_logits)(inp)
 
 
 def sample(
@@ -132,6 +136,7 @@ def process_logits(
     history: jax.Array | None = None,
     prompt_len: jax.Array | int | None = None,
     eos_token_id: EosIds = None,
+    impl: Impl = "auto",
 ) -> jax.Array:
     """The warped logits, `(B, V)` float32: dropped tokens are -inf, kept ones carry
     `penalised_logit / temperature`; a greedy row keeps only its argmax (lowest index on ties), carrying
@@ -139,4 +144,6 @@ def process_logits(
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id)
     _check_prompt_len(prompt_len, history)
-    return _process_jit(logits, params, history, prompt_len, eos_dynamic, eos_static=eos_static)
+    return _process_jit(
+        logits, params, history, prompt_len, eos_dynamic, eos_static=eos_static, impl=resolve_impl(impl)
+    )

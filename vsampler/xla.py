@@ -1,0 +1,310 @@
+"""The sort-free XLA sampler: the CPU fast path and the fallback everywhere. Same spec as
+`vsampler.reference`, never sorting the vocabulary and drawing one uniform per row.
+
+How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUNK`):
+
+* penalties: gather the logits at the history's L ids, update them, scatter them back (duplicates
+  write the same value); per-slot counts come from an (L, L) comparison, never a (B, V) table.
+* greedy: one `max` pass, then the first index equal to it (`jnp.argmax` is ~13x slower on CPU).
+* top-k, k <= `K_CANDIDATES`: exact top values from the chunks with the largest maxima (the top-K
+  values of a row all lie in the K chunks whose maxima are largest); the k-th value is the threshold,
+  ties at the boundary are kept by the `>=` compare. Larger k: `largest_value_with` on counts.
+* top-p: the kept set is `{s >= v*}` where v* is the largest token value whose inclusive mass
+  `A(v) = sum(e_j for s_j >= v)` still reaches `top_p * total`. When top-k is small, v* comes from the
+  sorted candidates (ties at the k-th value that fell outside the candidates are counted in). Else
+  `largest_value_with` bisects on values between a proven lower bound and the maximum: each pass
+  also measures both halves of the bracket, and it stops as soon as the half that holds v* holds one
+  distinct value, so it takes about log2(#tokens in the bracket) passes, not 32.
+* min-p: `exp(s - max) >= min_p`, one compare.
+* draw: per-chunk sums of the kept mass, the chunk where the cumulative sum crosses `u * total`, then
+  the prefix inside that chunk: the spec's inverse-CDF rule in two passes.
+
+The arithmetic that decides membership (`x / T`, `exp(s - max)`, the compares) is the reference's,
+operation for operation; only sums are taken in another order, so kept sets and tokens can differ
+only where a sum lies within rounding of a threshold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from vsampler.inputs import SamplerInputs, history_masks
+from vsampler.params import Stages
+
+NEG_INF = float("-inf")
+K_CANDIDATES = 64  # static width of the exact top-k candidate path
+CHUNK = 128  # vocabulary chunk for candidate selection and the two-pass draw
+MAX_BISECTION_PASSES = 96  # a safety bound; the band test stops far sooner (see largest_value_with)
+
+
+# ------------------------------------------------------------------------------ stages 1-5, sparse
+
+
+def penalised_logits(inp: SamplerInputs) -> jax.Array:
+    """Stages 1-5 as in the reference, but touching only the history's and the EOS ids' positions."""
+    x = inp.logits.astype(jnp.float32)
+    batch, vocab = x.shape
+    p = inp.params
+    rows = jnp.arange(batch)[:, None]
+    if inp.bias_dense is not None:
+        x = x + inp.bias_dense
+    if inp.bias_ids is not None:
+        x = x.at[:, inp.bias_ids].add(inp.bias_values[None, :])
+
+    if inp.history is not None and (inp.stages.penalties or inp.stages.min_tokens):
+        valid, generated = history_masks(inp.history, inp.prompt_len, vocab)
+    if inp.history is not None and inp.stages.penalties:
+        ids = jnp.where(valid, inp.history, 0)
+        same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :]  # (B, L, L)
+        count = jnp.sum(same & generated[:, None, :], axis=2).astype(jnp.float32)  # generated occurrences
+        v = x[rows, ids]
+        if inp.stages.repetition:
+            r = p.repetition_penalty[:, None]
+            v = jnp.where(v > 0, v / r, v * r)
+        if inp.stages.presence:
+            v = v - p.presence_penalty[:, None] * (count > 0)
+        if inp.stages.frequency:
+            v = v - p.frequency_penalty[:, None] * count
+        x = x.at[rows, jnp.where(valid, ids, vocab)].set(v, mode="drop")
+
+    if inp.stages.min_tokens and inp.eos_ids is not None:
+        n_generated = generated.sum(axis=1) if inp.history is not None else jnp.zeros((batch,), jnp.int32)
+        too_early = (n_generated < p.min_tokens)[:, None]
+        eos = jnp.where(inp.eos_ids >= 0, inp.eos_ids, vocab)[None, :]
+        x = x.at[rows, eos].set(jnp.where(too_early, NEG_INF, x[rows, jnp.minimum(eos, vocab - 1)]), mode="drop")
+
+    x = jnp.where(jnp.isnan(x), NEG_INF, x)
+    has_pos_inf = jnp.max(x, axis=1, keepdims=True) == jnp.inf
+    return jnp.where(has_pos_inf, jnp.where(x == jnp.inf, 0.0, NEG_INF), x)
+
+
+# ---------------------------------------------------------------- one row: threshold searches, draw
+#
+# Everything below works on ONE row, mapped over the batch with `lax.map`: a row (<= 1 MiB for
+# V = 256000) stays in cache across the passes, XLA fuses each pass into one loop, and `lax.cond`
+# lets each row run only the searches it needs.
+
+
+def _chunked(row: jax.Array, fill: float) -> jax.Array:
+    pad = (-row.shape[0]) % CHUNK
+    return jnp.pad(row, (0, pad), constant_values=fill).reshape(-1, CHUNK)
+
+
+def top_values(s: jax.Array, k: int) -> jax.Array:
+    """The row's k largest values, sorted descending (exact), without sorting the row: the top-k
+    values all lie in the k chunks whose maxima are largest."""
+    chunks = _chunked(s, NEG_INF)
+    if k >= chunks.shape[0]:
+        return lax.top_k(s, min(k, s.shape[0]))[0]
+    _, best = lax.top_k(jnp.max(chunks, axis=1), k)
+    return lax.top_k(chunks[best].reshape(-1), k)[0]
+
+
+def first_index_of_max(x: jax.Array, row_max: jax.Array) -> jax.Array:
+    """The lowest index holding the row's maximum (0 for an all -inf row): chunk maxima, then one chunk."""
+    chunks = _chunked(x, NEG_INF)
+    chunk = jnp.argmax(jnp.max(chunks, axis=1) == row_max)
+    offset = jnp.argmax(chunks[chunk] == row_max)
+    return jnp.where(row_max > NEG_INF, chunk * CHUNK + offset, 0).astype(jnp.int32)
+
+
+def largest_value_with(
+    statistic: Callable[[jax.Array], jax.Array], target: jax.Array, s: jax.Array, lo: jax.Array, hi: jax.Array
+) -> jax.Array:
+    """The largest value v of the row `s` with `statistic(v) >= target`.
+
+    `statistic(t)` must be non-increasing in t (a count or a mass of the values >= t) with
+    `statistic(lo) >= target > statistic(hi)`, so the answer lies in `[lo, hi)`. Each pass splits the
+    bracket at its midpoint and also measures the max and min value of both halves; it stops when the
+    half holding the answer holds one distinct value (its max). So it takes about log2 of the number of
+    values in the bracket passes, not 32.
+    """
+
+    def band(lo_: jax.Array, hi_: jax.Array) -> tuple[jax.Array, jax.Array]:
+        inside = (s >= lo_) & (s < hi_)
+        return jnp.max(jnp.where(inside, s, NEG_INF)), jnp.min(jnp.where(inside, s, jnp.inf))
+
+    def body(state: tuple) -> tuple:
+        lo_, hi_, _, _, passes = state
+        mid = lo_ + (hi_ - lo_) * 0.5
+        mid = jnp.where((mid <= lo_) | (mid >= hi_), lo_, mid)  # no float strictly between: split at lo
+        go_up = statistic(mid) >= target
+        low_max, low_min = band(lo_, mid)
+        high_max, high_min = band(mid, hi_)
+        half_max = jnp.where(go_up, high_max, low_max)
+        half_min = jnp.where(go_up, high_min, low_min)
+        return (jnp.where(go_up, mid, lo_), jnp.where(go_up, hi_, mid), half_max == half_min, half_max, passes + 1)
+
+    band_max, band_min = band(lo, hi)
+    state = (lo, hi, band_max == band_min, band_max, jnp.int32(0))
+    state = lax.while_loop(lambda st: ~st[2] & (st[4] < MAX_BISECTION_PASSES), body, state)
+    return state[3]
+
+
+class _Row(NamedTuple):
+    s: jax.Array  # (V,) scaled logits
+    k: jax.Array  # top_k, 0 = off
+    top_p: jax.Array
+    min_p: jax.Array
+    u: jax.Array
+
+
+def _top_k_threshold(r: _Row, s_max: jax.Array, top: jax.Array | None) -> jax.Array:
+    """The k-th largest value (or -inf when top-k is off or keeps every finite value)."""
+    if top is None:
+        return jnp.float32(NEG_INF)
+    width = top.shape[0]
+    small = jnp.where((r.k > 0) & (r.k <= width), top[jnp.clip(r.k - 1, 0, width - 1)], NEG_INF)
+
+    def search() -> jax.Array:
+        def count_ge(t: jax.Array) -> jax.Array:
+            return jnp.sum(jnp.where(r.s >= t, 1.0, 0.0))
+
+        n_finite = count_ge(jnp.float32(-jnp.finfo(jnp.float32).max))
+        lowest = jnp.min(jnp.where(r.s > NEG_INF, r.s, jnp.inf))
+        k = r.k.astype(jnp.float32)
+
+        def find() -> jax.Array:
+            return lax.cond(
+                count_ge(s_max) >= k, lambda: s_max, lambda: largest_value_with(count_ge, k, r.s, lowest, s_max)
+            )
+
+        return lax.cond(n_finite > k, find, lambda: jnp.float32(NEG_INF))
+
+    return lax.cond((r.k > width) & (s_max > NEG_INF), search, lambda: small)
+
+
+def _top_p_threshold(r: _Row, e: jax.Array, s_max: jax.Array, kth: jax.Array, top: jax.Array | None) -> jax.Array:
+    """v*: the largest value whose inclusive kept mass `A(v)` reaches `top_p * total` (-inf: off)."""
+    vocab = r.s.shape[0]
+
+    def on_candidates() -> jax.Array:
+        # the top-k set is the candidates >= kth plus values tied at kth outside them
+        e_top = jnp.exp(top - s_max)  # the same arithmetic as e
+        in_k = top >= kth
+        extra = jnp.sum(jnp.where(r.s >= kth, 1.0, 0.0)) - jnp.sum(in_k)
+        e_kth = jnp.exp(kth - s_max)
+        e_kept = jnp.where(in_k, e_top, 0.0)
+        total = jnp.sum(e_kept) + extra * e_kth
+        inclusive = jnp.sum(jnp.where(top[None, :] >= top[:, None], e_kept[None, :], 0.0), axis=1)
+        inclusive = inclusive + jnp.where(top <= kth, extra * e_kth, 0.0)
+        return jnp.max(jnp.where(in_k & (inclusive >= r.top_p * total), top, NEG_INF))
+
+    def on_vocabulary() -> jax.Array:
+        kept_e = jnp.where(r.s >= kth, e, 0.0)
+        target = r.top_p * jnp.sum(kept_e)
+
+        def mass_ge(t: jax.Array) -> jax.Array:
+            return jnp.sum(jnp.where(r.s >= t, kept_e, 0.0))
+
+        # each kept token below `bound` has e < (1 - p) / (2V): together < (1 - p) * total (total >= 1)
+        bound = s_max + jnp.log((1.0 - r.top_p) / (2.0 * vocab))
+        lo = jnp.maximum(kth, bound)
+        return lax.cond(
+            mass_ge(s_max) >= target, lambda: s_max, lambda: largest_value_with(mass_ge, target, r.s, lo, s_max)
+        )
+
+    off = (r.top_p >= 1.0) | (s_max == NEG_INF)
+    if top is None:
+        return lax.cond(off, lambda: jnp.float32(NEG_INF), on_vocabulary)
+    use_candidates = (r.k > 0) & (r.k <= top.shape[0])
+    return lax.cond(off, lambda: jnp.float32(NEG_INF), lambda: lax.cond(use_candidates, on_candidates, on_vocabulary))
+
+
+def draw(kept: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
+    """Smallest index whose cumulative kept mass exceeds `u * total`: chunk sums, then one chunk."""
+    vocab = e.shape[0]
+    mass = _chunked(jnp.where(kept, e, 0.0), 0.0)  # (NC, C)
+    cumulative = jnp.cumsum(jnp.sum(mass, axis=1))
+    target = u * cumulative[-1]
+    chunk = jnp.minimum(jnp.sum(cumulative <= target), mass.shape[0] - 1)
+    before = jnp.where(chunk > 0, cumulative[jnp.maximum(chunk - 1, 0)], 0.0)
+    inside = mass[chunk]
+    kept_inside = inside > 0
+    crossed = (before + jnp.cumsum(inside) > target) & kept_inside
+    last_inside = CHUNK - 1 - jnp.argmax(kept_inside[::-1])
+    token = chunk * CHUNK + jnp.where(jnp.any(crossed), jnp.argmax(crossed), last_inside)
+    last_kept = vocab - 1 - jnp.argmax(kept[::-1])
+    token = jnp.where(jnp.any(kept_inside), token, last_kept)
+    return jnp.where(jnp.any(kept), jnp.clip(token, 0, vocab - 1), 0).astype(jnp.int32)
+
+
+def _kept_row(r: _Row, stages: Stages) -> tuple[jax.Array, jax.Array]:
+    """(kept (V,) bool, e (V,)) for a sampled row."""
+    s_max = jnp.max(r.s)
+    e = jnp.exp(r.s - s_max)
+    top = top_values(r.s, min(K_CANDIDATES, r.s.shape[0])) if stages.top_k else None
+    threshold = _top_k_threshold(r, s_max, top)
+    if stages.top_p:
+        threshold = jnp.maximum(threshold, _top_p_threshold(r, e, s_max, threshold, top))
+    kept = (r.s > NEG_INF) & (r.s >= threshold)
+    if stages.min_p:
+        kept &= e >= r.min_p
+    return kept, e
+
+
+# -------------------------------------------------------------------------------------- public API
+
+
+def _rows(inp: SamplerInputs, x: jax.Array) -> _Row:
+    p = inp.params
+    s = x / jnp.where(p.temperature == 0.0, 1.0, p.temperature)[:, None]
+    u = inp.u if inp.u is not None else jnp.zeros_like(p.temperature)
+    return _Row(s=s, k=p.top_k, top_p=p.top_p, min_p=p.min_p, u=u)
+
+
+def sample(inp: SamplerInputs) -> jax.Array:
+    """The token per row, `(B,)` int32: `vsampler.reference.sample` without a sort (module docstring)."""
+    x = penalised_logits(inp)
+    greedy = inp.params.temperature == 0.0
+    stages = inp.stages
+
+    def one(args: tuple[jax.Array, _Row, jax.Array]) -> jax.Array:
+        x_row, r, is_greedy = args
+
+        def greedy_token() -> jax.Array:
+            return first_index_of_max(x_row, jnp.max(x_row))
+
+        def sampled_token() -> jax.Array:
+            kept, e = _kept_row(r, stages)
+            return draw(kept, e, r.u)
+
+        if not stages.random:
+            return greedy_token()
+        if not stages.greedy:
+            return sampled_token()
+        return lax.cond(is_greedy, greedy_token, sampled_token)
+
+    return lax.map(one, (x, _rows(inp, x), greedy))
+
+
+def process_logits(inp: SamplerInputs) -> jax.Array:
+    """The warped logits, as `vsampler.reference.process_logits`."""
+    x = penalised_logits(inp)
+    greedy = inp.params.temperature == 0.0
+    stages = inp.stages
+
+    def one(args: tuple[jax.Array, _Row, jax.Array]) -> jax.Array:
+        x_row, r, is_greedy = args
+
+        def greedy_row() -> jax.Array:
+            first = first_index_of_max(x_row, jnp.max(x_row))
+            keep = (jnp.arange(x_row.shape[0]) == first) & (x_row > NEG_INF)
+            return jnp.where(keep, x_row, NEG_INF)
+
+        def sampled_row() -> jax.Array:
+            kept, _ = _kept_row(r, stages)
+            return jnp.where(kept, r.s, NEG_INF)
+
+        if not stages.random:
+            return greedy_row()
+        if not stages.greedy:
+            return sampled_row()
+        return lax.cond(is_greedy, greedy_row, sampled_row)
+
+    return lax.map(one, (x, _rows(inp, x), greedy))
