@@ -33,7 +33,7 @@ def kept(x, temperature, top_k, top_p, min_p):
         if np.isfinite(x).any():
             keep[int(np.argmax(x))] = True
         return keep, ambiguous
-    s = x / F32(temperature)
+    s = x * (F32(1) / F32(temperature))
     keep = s > -np.inf
     # top-k: fewer than k tokens are strictly larger
     if 0 < top_k < vocab:

@@ -11,7 +11,8 @@ For logits `(B, V)` (math in float32) and per-row parameters, each row goes thro
     real history slots at positions >= prompt_len).
  5. sanitising (run-time facts, no error possible): NaN -> -inf. If a row holds +inf, its +inf tokens
     share all the mass equally (they become 0, every other token -inf).
- 6. temperature: `x /= T`. A row with `T == 0` is greedy: its token is the lowest index of its maximum,
+ 6. temperature: `x *= 1 / T` (the reciprocal, then one multiply: one rounding, the same in every
+    implementation and under every XLA lowering). A row with `T == 0` is greedy: its token is the lowest index of its maximum,
     and stages 7-9 do not apply to it.
  7. top-k: keep tokens whose value is >= the k-th largest value (ties at the boundary all kept);
     `k == 0` or `k >= V` keeps everything.
@@ -94,12 +95,12 @@ def first_argmax(x: jax.Array) -> jax.Array:
 def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Stages 6-9 on penalised logits `x`: `(kept (B, V) bool, scaled (B, V) float32)`.
 
-    `scaled` is `x / T` for sampled rows and `x` itself for greedy rows.
+    `scaled` is `x * (1 / T)` for sampled rows and `x` itself for greedy rows.
     """
     vocab = x.shape[1]
     p = inp.params
     greedy = p.temperature == 0.0
-    scaled = x / jnp.where(greedy, 1.0, p.temperature)[:, None]
+    scaled = x * (1.0 / jnp.where(greedy, 1.0, p.temperature))[:, None]
     kept = scaled > NEG_INF
 
     # 7. top-k: values >= the k-th largest
@@ -155,7 +156,7 @@ def draw(kept: jax.Array, scaled: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def process_logits(inp: SamplerInputs) -> jax.Array:
-    """The warped logits: dropped tokens -inf, kept ones `x / T` (greedy rows: the penalised argmax)."""
+    """The warped logits: dropped tokens -inf, kept ones `x * (1 / T)` (greedy rows: the penalised argmax)."""
     kept, scaled = kept_mask(inp, penalised_logits(inp))
     return jnp.where(kept, scaled, NEG_INF)
 

@@ -19,7 +19,7 @@ How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUN
 * draw: per-chunk sums of the kept mass, the chunk where the cumulative sum crosses `u * total`, then
   the prefix inside that chunk: the spec's inverse-CDF rule in two passes.
 
-The arithmetic that decides membership (`x / T`, `exp(s - max)`, the compares) is the reference's,
+The arithmetic that decides membership (`x * (1 / T)`, `exp(s - max)`, the compares) is the reference's,
 operation for operation; only sums are taken in another order, so kept sets and tokens can differ
 only where a sum lies within rounding of a threshold.
 """
@@ -46,7 +46,18 @@ MAX_BISECTION_PASSES = 96  # a safety bound; the band test stops far sooner (see
 
 
 def penalised_logits(inp: SamplerInputs) -> jax.Array:
-    """Stages 1-5 as in the reference, but touching only the history's and the EOS ids' positions."""
+    """Stages 1-4 as in the reference, touching only the history's and the EOS ids' positions.
+
+    Returns the logits as given (bfloat16 stays bfloat16: rows are widened one at a time) when no stage
+    1-4 is active; stage 5 (sanitising) is `sanitise_row`, applied per row.
+    """
+    if not (
+        inp.bias_dense is not None
+        or inp.bias_ids is not None
+        or inp.stages.min_tokens
+        or (inp.history is not None and inp.stages.penalties)
+    ):
+        return inp.logits
     x = inp.logits.astype(jnp.float32)
     batch, vocab = x.shape
     p = inp.params
@@ -78,9 +89,20 @@ def penalised_logits(inp: SamplerInputs) -> jax.Array:
         eos = jnp.where(inp.eos_ids >= 0, inp.eos_ids, vocab)[None, :]
         x = x.at[rows, eos].set(jnp.where(too_early, NEG_INF, x[rows, jnp.minimum(eos, vocab - 1)]), mode="drop")
 
+    return x
+
+
+def sanitise_row(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Stage 5 on one row, as float32: NaN -> -inf; a row holding +inf keeps its +inf tokens as 0 and
+    drops the rest. Returns the row and its maximum."""
+    x = x.astype(jnp.float32)
     x = jnp.where(jnp.isnan(x), NEG_INF, x)
-    has_pos_inf = jnp.max(x, axis=1, keepdims=True) == jnp.inf
-    return jnp.where(has_pos_inf, jnp.where(x == jnp.inf, 0.0, NEG_INF), x)
+    row_max = jnp.max(x)
+    return lax.cond(
+        row_max == jnp.inf,
+        lambda: (jnp.where(x == jnp.inf, 0.0, NEG_INF), jnp.float32(0.0)),
+        lambda: (x, row_max),
+    )
 
 
 # ---------------------------------------------------------------- one row: threshold searches, draw
@@ -234,9 +256,8 @@ def draw(kept: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.where(jnp.any(kept), jnp.clip(token, 0, vocab - 1), 0).astype(jnp.int32)
 
 
-def _kept_row(r: _Row, stages: Stages) -> tuple[jax.Array, jax.Array]:
-    """(kept (V,) bool, e (V,)) for a sampled row."""
-    s_max = jnp.max(r.s)
+def _kept_row(r: _Row, s_max: jax.Array, stages: Stages) -> tuple[jax.Array, jax.Array]:
+    """(kept (V,) bool, e (V,)) for a sampled row; `s_max` is the row's maximum."""
     e = jnp.exp(r.s - s_max)
     top = top_values(r.s, min(K_CANDIDATES, r.s.shape[0])) if stages.top_k else None
     threshold = _top_k_threshold(r, s_max, top)
@@ -251,60 +272,63 @@ def _kept_row(r: _Row, stages: Stages) -> tuple[jax.Array, jax.Array]:
 # -------------------------------------------------------------------------------------- public API
 
 
-def _rows(inp: SamplerInputs, x: jax.Array) -> _Row:
+class _RowInputs(NamedTuple):
+    x: jax.Array  # (V,) penalised logits, before sanitising
+    temperature: jax.Array
+    k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    u: jax.Array
+
+
+def _row_inputs(inp: SamplerInputs) -> _RowInputs:
     p = inp.params
-    s = x / jnp.where(p.temperature == 0.0, 1.0, p.temperature)[:, None]
     u = inp.u if inp.u is not None else jnp.zeros_like(p.temperature)
-    return _Row(s=s, k=p.top_k, top_p=p.top_p, min_p=p.min_p, u=u)
+    return _RowInputs(penalised_logits(inp), p.temperature, p.top_k, p.top_p, p.min_p, u)
+
+
+def _map_rows(inp: SamplerInputs, greedy_fn: Callable, sampled_fn: Callable) -> jax.Array:
+    """Maps over rows: sanitise, then the greedy or the sampled branch (only those the stages allow)."""
+    stages = inp.stages
+
+    def one(ri: _RowInputs) -> jax.Array:
+        x, x_max = sanitise_row(ri.x)
+
+        def sampled() -> jax.Array:
+            inverse_t = 1.0 / ri.temperature
+            s = x * inverse_t
+            return sampled_fn(_Row(s=s, k=ri.k, top_p=ri.top_p, min_p=ri.min_p, u=ri.u), x_max * inverse_t)
+
+        if not stages.random:
+            return greedy_fn(x, x_max)
+        if not stages.greedy:
+            return sampled()
+        return lax.cond(ri.temperature == 0.0, lambda: greedy_fn(x, x_max), sampled)
+
+    return lax.map(one, _row_inputs(inp))
 
 
 def sample(inp: SamplerInputs) -> jax.Array:
     """The token per row, `(B,)` int32: `vsampler.reference.sample` without a sort (module docstring)."""
-    x = penalised_logits(inp)
-    greedy = inp.params.temperature == 0.0
     stages = inp.stages
 
-    def one(args: tuple[jax.Array, _Row, jax.Array]) -> jax.Array:
-        x_row, r, is_greedy = args
+    def sampled(r: _Row, s_max: jax.Array) -> jax.Array:
+        kept, e = _kept_row(r, s_max, stages)
+        return draw(kept, e, r.u)
 
-        def greedy_token() -> jax.Array:
-            return first_index_of_max(x_row, jnp.max(x_row))
-
-        def sampled_token() -> jax.Array:
-            kept, e = _kept_row(r, stages)
-            return draw(kept, e, r.u)
-
-        if not stages.random:
-            return greedy_token()
-        if not stages.greedy:
-            return sampled_token()
-        return lax.cond(is_greedy, greedy_token, sampled_token)
-
-    return lax.map(one, (x, _rows(inp, x), greedy))
+    return _map_rows(inp, first_index_of_max, sampled)
 
 
 def process_logits(inp: SamplerInputs) -> jax.Array:
     """The warped logits, as `vsampler.reference.process_logits`."""
-    x = penalised_logits(inp)
-    greedy = inp.params.temperature == 0.0
     stages = inp.stages
 
-    def one(args: tuple[jax.Array, _Row, jax.Array]) -> jax.Array:
-        x_row, r, is_greedy = args
+    def greedy(x: jax.Array, x_max: jax.Array) -> jax.Array:
+        keep = (jnp.arange(x.shape[0]) == first_index_of_max(x, x_max)) & (x > NEG_INF)
+        return jnp.where(keep, x, NEG_INF)
 
-        def greedy_row() -> jax.Array:
-            first = first_index_of_max(x_row, jnp.max(x_row))
-            keep = (jnp.arange(x_row.shape[0]) == first) & (x_row > NEG_INF)
-            return jnp.where(keep, x_row, NEG_INF)
+    def sampled(r: _Row, s_max: jax.Array) -> jax.Array:
+        kept, _ = _kept_row(r, s_max, stages)
+        return jnp.where(kept, r.s, NEG_INF)
 
-        def sampled_row() -> jax.Array:
-            kept, _ = _kept_row(r, stages)
-            return jnp.where(kept, r.s, NEG_INF)
-
-        if not stages.random:
-            return greedy_row()
-        if not stages.greedy:
-            return sampled_row()
-        return lax.cond(is_greedy, greedy_row, sampled_row)
-
-    return lax.map(one, (x, _rows(inp, x), greedy))
+    return _map_rows(inp, greedy, sampled)
