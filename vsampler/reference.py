@@ -1,19 +1,20 @@
 """The executable spec: plain jnp, sort-based, written to be obviously correct rather than fast.
 
-For logits `(B, V)` (math in float32) and per-row parameters, each row goes through, in order:
+For logits `(B, V)` (math in float32) and per-row parameters, each row goes through, in order
+(stages 1-4 live in `vsampler.penalties`, shared by every implementation):
 
  1. logit bias: `x += bias` (a mapping adds at its ids; an array adds elementwise; -inf bans).
  2. repetition penalty `r`, once per distinct token in the row's history (prompt + generated):
-    `x = x / r` where `x > 0`, else `x * r`.
+    `x = x * (1 / r)` where `x > 0`, else `x * r`.
  3. presence penalty: `x -= presence` once per distinct *generated* token (history positions
     >= prompt_len); frequency penalty: `x -= frequency * count` per occurrence of a generated token.
  4. min_tokens: EOS ids get -inf while the row has generated fewer than `min_tokens` tokens (its count of
     real history slots at positions >= prompt_len).
  5. sanitising (run-time facts, no error possible): NaN -> -inf. If a row holds +inf, its +inf tokens
     share all the mass equally (they become 0, every other token -inf).
- 6. temperature: `x *= 1 / T` (the reciprocal, then one multiply: one rounding, the same in every
-    implementation and under every XLA lowering). A row with `T == 0` is greedy: its token is the lowest index of its maximum,
-    and stages 7-9 do not apply to it.
+ 6. temperature: `x *= 1 / T` (the reciprocal, then one multiply: the same rounding in every
+    implementation and under every XLA lowering). A row with `T == 0` is greedy: its token is the
+    lowest index of its maximum, and stages 7-9 do not apply to it.
  7. top-k: keep tokens whose value is >= the k-th largest value (ties at the boundary all kept);
     `k == 0` or `k >= V` keeps everything.
  8. top-p over what top-k kept: with `e_i = exp(x_i - max)` over the kept tokens, keep token i when the
@@ -33,7 +34,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vsampler.inputs import SamplerInputs, history_masks
+from vsampler import penalties
+from vsampler.inputs import SamplerInputs
 
 NEG_INF = float("-inf")
 
@@ -42,42 +44,9 @@ NEG_INF = float("-inf")
 
 
 def penalised_logits(inp: SamplerInputs) -> jax.Array:
-    """Stages 1-5: bias, penalties, min_tokens and sanitising, as float32 `(B, V)`."""
-    x = inp.logits.astype(jnp.float32)
-    batch, vocab = x.shape
-    p = inp.params
-    rows = jnp.arange(batch)[:, None]
-
-    # 1. logit bias
-    if inp.bias_dense is not None:
-        x = x + inp.bias_dense
-    if inp.bias_ids is not None:
-        x = x.at[:, inp.bias_ids].add(inp.bias_values[None, :])
-
-    # 2-3. penalties over the history: dense (B, V) presence and count tables (fine for a spec)
-    if inp.history is not None and inp.stages.penalties:
-        valid, generated = history_masks(inp.history, inp.prompt_len, vocab)
-        ids = jnp.where(valid, inp.history, 0)
-        seen = jnp.zeros((batch, vocab), jnp.int32).at[rows, ids].add(valid.astype(jnp.int32)) > 0
-        counts = jnp.zeros((batch, vocab), jnp.float32).at[rows, ids].add(generated.astype(jnp.float32))
-        if inp.stages.repetition:
-            r = p.repetition_penalty[:, None]
-            x = jnp.where(seen, jnp.where(x > 0, x / r, x * r), x)
-        if inp.stages.presence:
-            x = x - p.presence_penalty[:, None] * (counts > 0)
-        if inp.stages.frequency:
-            x = x - p.frequency_penalty[:, None] * counts
-
-    # 4. min_tokens: EOS ids masked until the row has generated enough tokens
-    if inp.stages.min_tokens and inp.eos_ids is not None:
-        if inp.history is None:
-            n_generated = jnp.zeros((batch,), jnp.int32)
-        else:
-            n_generated = history_masks(inp.history, inp.prompt_len, vocab)[1].sum(axis=1)
-        too_early = n_generated < p.min_tokens
-        is_eos = jnp.zeros((vocab,), bool).at[jnp.where(inp.eos_ids >= 0, inp.eos_ids, vocab)].set(True, mode="drop")
-        x = jnp.where(too_early[:, None] & is_eos[None, :], NEG_INF, x)
-
+    """Stages 1-5 as float32 `(B, V)`: stages 1-4 are `vsampler.penalties` (shared by every
+    implementation, see there), then sanitising."""
+    x = penalties.penalised_logits(inp).astype(jnp.float32)
     # 5. sanitising: NaN never wins; +inf tokens share the row's mass
     x = jnp.where(jnp.isnan(x), NEG_INF, x)
     has_pos_inf = jnp.any(x == jnp.inf, axis=1, keepdims=True)

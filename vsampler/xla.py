@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vsampler.inputs import SamplerInputs, history_masks
+from vsampler import penalties
+from vsampler.inputs import SamplerInputs
 from vsampler.params import Stages
 
 NEG_INF = float("-inf")
@@ -42,54 +43,7 @@ CHUNK = 128  # vocabulary chunk for candidate selection and the two-pass draw
 MAX_BISECTION_PASSES = 96  # a safety bound; the band test stops far sooner (see largest_value_with)
 
 
-# ------------------------------------------------------------------------------ stages 1-5, sparse
-
-
-def penalised_logits(inp: SamplerInputs) -> jax.Array:
-    """Stages 1-4 as in the reference, touching only the history's and the EOS ids' positions.
-
-    Returns the logits as given (bfloat16 stays bfloat16: rows are widened one at a time) when no stage
-    1-4 is active; stage 5 (sanitising) is `sanitise_row`, applied per row.
-    """
-    if not (
-        inp.bias_dense is not None
-        or inp.bias_ids is not None
-        or inp.stages.min_tokens
-        or (inp.history is not None and inp.stages.penalties)
-    ):
-        return inp.logits
-    x = inp.logits.astype(jnp.float32)
-    batch, vocab = x.shape
-    p = inp.params
-    rows = jnp.arange(batch)[:, None]
-    if inp.bias_dense is not None:
-        x = x + inp.bias_dense
-    if inp.bias_ids is not None:
-        x = x.at[:, inp.bias_ids].add(inp.bias_values[None, :])
-
-    if inp.history is not None and (inp.stages.penalties or inp.stages.min_tokens):
-        valid, generated = history_masks(inp.history, inp.prompt_len, vocab)
-    if inp.history is not None and inp.stages.penalties:
-        ids = jnp.where(valid, inp.history, 0)
-        same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :]  # (B, L, L)
-        count = jnp.sum(same & generated[:, None, :], axis=2).astype(jnp.float32)  # generated occurrences
-        v = x[rows, ids]
-        if inp.stages.repetition:
-            r = p.repetition_penalty[:, None]
-            v = jnp.where(v > 0, v / r, v * r)
-        if inp.stages.presence:
-            v = v - p.presence_penalty[:, None] * (count > 0)
-        if inp.stages.frequency:
-            v = v - p.frequency_penalty[:, None] * count
-        x = x.at[rows, jnp.where(valid, ids, vocab)].set(v, mode="drop")
-
-    if inp.stages.min_tokens and inp.eos_ids is not None:
-        n_generated = generated.sum(axis=1) if inp.history is not None else jnp.zeros((batch,), jnp.int32)
-        too_early = (n_generated < p.min_tokens)[:, None]
-        eos = jnp.where(inp.eos_ids >= 0, inp.eos_ids, vocab)[None, :]
-        x = x.at[rows, eos].set(jnp.where(too_early, NEG_INF, x[rows, jnp.minimum(eos, vocab - 1)]), mode="drop")
-
-    return x
+# ------------------------------------------------------------------------------- stage 5, per row
 
 
 def sanitise_row(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -284,7 +238,7 @@ class _RowInputs(NamedTuple):
 def _row_inputs(inp: SamplerInputs) -> _RowInputs:
     p = inp.params
     u = inp.u if inp.u is not None else jnp.zeros_like(p.temperature)
-    return _RowInputs(penalised_logits(inp), p.temperature, p.top_k, p.top_p, p.min_p, u)
+    return _RowInputs(penalties.penalised_logits(inp), p.temperature, p.top_k, p.top_p, p.min_p, u)
 
 
 def _map_rows(inp: SamplerInputs, greedy_fn: Callable, sampled_fn: Callable) -> jax.Array:
