@@ -1,6 +1,7 @@
 """Property tests of the reference against a plain numpy statement of the definitions, an HF Flax
 cross-check, and a distribution test."""
 
+import functools
 import math
 
 import jax
@@ -17,14 +18,19 @@ VOCABS = (1, 7, 64, 129)
 HISTORY_LEN = 6
 
 
-@jax.jit
-def _run(x, history, prompt_len, t, k, p, mp, r, pres, freq, key):
+@functools.partial(jax.jit, static_argnames="impl")
+def _run(x, history, prompt_len, t, k, p, mp, r, pres, freq, key, impl="reference"):
     # traced parameters: every stage is active, so one compile per shape serves every example
     params = SamplingParams(
         temperature=t, top_k=k, top_p=p, min_p=mp, repetition_penalty=r, presence_penalty=pres, frequency_penalty=freq
     )
     kwargs = {"history": history, "prompt_len": prompt_len}
-    return process_logits(x, params, **kwargs), sample(x, params, key, impl="reference", **kwargs)
+    return process_logits(x, params, impl=impl, **kwargs), sample(x, params, key, impl=impl, **kwargs)
+
+
+def _args(c):
+    keys = ("x", "history", "prompt_len", "t", "k", "p", "mp", "r", "pres", "freq")
+    return (*(c[k] for k in keys), jax.random.key(c["seed"]))
 
 
 @st.composite
@@ -59,19 +65,7 @@ def cases(draw):
 @given(cases())
 def test_reference_matches_the_numpy_definition(case):
     c = case
-    out, tokens = _run(
-        c["x"],
-        c["history"],
-        c["prompt_len"],
-        c["t"],
-        c["k"],
-        c["p"],
-        c["mp"],
-        c["r"],
-        c["pres"],
-        c["freq"],
-        jax.random.key(c["seed"]),
-    )
+    out, tokens = _run(*_args(c))
     out, tokens = np.asarray(out), np.asarray(tokens)
     batch, vocab = c["x"].shape
     for i in range(batch):
@@ -94,6 +88,14 @@ def test_reference_matches_the_numpy_definition(case):
                 assert out[i, tokens[i]] == x[tokens[i]]
         elif got.any():
             np.testing.assert_allclose(out[i][got], (x / c["t"][i])[got], rtol=1e-6)
+
+
+@given(cases())
+def test_xla_equals_the_reference_on_random_inputs(case):
+    want, want_tokens = _run(*_args(case))
+    got, tokens = _run(*_args(case), impl="xla")
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
 
 
 # ------------------------------------------------------------------------------- HF Flax cross-check
@@ -142,12 +144,13 @@ def tv_bound(n_draws: int, support: int, failure: float = 1e-6) -> float:
     ],
     ids=["topk-topp", "minp-penalties", "plain"],
 )
-def test_empirical_frequencies_match_the_renormalised_distribution(params):
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_empirical_frequencies_match_the_renormalised_distribution(params, impl):
     n_draws, vocab = 40000, 12
     row = jax.random.normal(jax.random.key(11), (1, vocab)) * 1.5
     history = jnp.asarray([[0, 3, 3, 7, -1]])
     logits = jnp.repeat(row, n_draws, axis=0)
-    tokens = sample(logits, params, jax.random.key(12), history=jnp.repeat(history, n_draws, axis=0))
+    tokens = sample(logits, params, jax.random.key(12), history=jnp.repeat(history, n_draws, axis=0), impl=impl)
     probs = np.asarray(jax.nn.softmax(process_logits(row, params, history=history)[0]))
     freq = np.bincount(np.asarray(tokens), minlength=vocab) / n_draws
     assert freq[probs == 0].sum() == 0
