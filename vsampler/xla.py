@@ -71,14 +71,15 @@ def _chunked(row: jax.Array, fill: float) -> jax.Array:
     return jnp.pad(row, (0, pad), constant_values=fill).reshape(-1, CHUNK)
 
 
-def top_values(s: jax.Array, k: int) -> jax.Array:
-    """The row's k largest values, sorted descending (exact), without sorting the row: the top-k
-    values all lie in the k chunks whose maxima are largest."""
+def top_values(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The row's k largest values, sorted descending (exact), and their vocabulary indices, without
+    sorting the row: the top-k values all lie in the k chunks whose maxima are largest."""
     chunks = _chunked(s, NEG_INF)
     if k >= chunks.shape[0]:
-        return lax.top_k(s, min(k, s.shape[0]))[0]
+        return lax.top_k(s, min(k, s.shape[0]))
     _, best = lax.top_k(jnp.max(chunks, axis=1), k)
-    return lax.top_k(chunks[best].reshape(-1), k)[0]
+    values, where = lax.top_k(chunks[best].reshape(-1), k)
+    return values, best[where // CHUNK] * CHUNK + where % CHUNK
 
 
 def first_index_of_max(x: jax.Array, row_max: jax.Array) -> jax.Array:
@@ -155,21 +156,26 @@ def _top_k_threshold(r: _Row, s_max: jax.Array, top: jax.Array | None) -> jax.Ar
     return lax.cond((r.k > width) & (s_max > NEG_INF), search, lambda: small)
 
 
+def candidate_top_p(top: jax.Array, kth: jax.Array, s_max: jax.Array, top_p: jax.Array, extra: jax.Array) -> jax.Array:
+    """v* when the top-k set is the candidates `top` >= kth plus `extra` values tied at kth outside them."""
+    e_top = jnp.exp(top - s_max)  # the same arithmetic as e
+    in_k = top >= kth
+    e_kth = jnp.exp(kth - s_max)
+    e_kept = jnp.where(in_k, e_top, 0.0)
+    total = jnp.sum(e_kept) + extra * e_kth
+    # inclusive mass A(v) at each candidate: everything >= its value (all ties), plus the extras at kth
+    inclusive = jnp.sum(jnp.where(top[None, :] >= top[:, None], e_kept[None, :], 0.0), axis=1)
+    inclusive = inclusive + jnp.where(top <= kth, extra * e_kth, 0.0)
+    return jnp.max(jnp.where(in_k & (inclusive >= top_p * total), top, NEG_INF))
+
+
 def _top_p_threshold(r: _Row, e: jax.Array, s_max: jax.Array, kth: jax.Array, top: jax.Array | None) -> jax.Array:
     """v*: the largest value whose inclusive kept mass `A(v)` reaches `top_p * total` (-inf: off)."""
     vocab = r.s.shape[0]
 
     def on_candidates() -> jax.Array:
-        # the top-k set is the candidates >= kth plus values tied at kth outside them
-        e_top = jnp.exp(top - s_max)  # the same arithmetic as e
-        in_k = top >= kth
-        extra = jnp.sum(jnp.where(r.s >= kth, 1.0, 0.0)) - jnp.sum(in_k)
-        e_kth = jnp.exp(kth - s_max)
-        e_kept = jnp.where(in_k, e_top, 0.0)
-        total = jnp.sum(e_kept) + extra * e_kth
-        inclusive = jnp.sum(jnp.where(top[None, :] >= top[:, None], e_kept[None, :], 0.0), axis=1)
-        inclusive = inclusive + jnp.where(top <= kth, extra * e_kth, 0.0)
-        return jnp.max(jnp.where(in_k & (inclusive >= r.top_p * total), top, NEG_INF))
+        extra = jnp.sum(jnp.where(r.s >= kth, 1.0, 0.0)) - jnp.sum(top >= kth)
+        return candidate_top_p(top, kth, s_max, r.top_p, extra)
 
     def on_vocabulary() -> jax.Array:
         kept_e = jnp.where(r.s >= kth, e, 0.0)
@@ -210,10 +216,10 @@ def draw(kept: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.where(jnp.any(kept), jnp.clip(token, 0, vocab - 1), 0).astype(jnp.int32)
 
 
-def _kept_row(r: _Row, s_max: jax.Array, stages: Stages) -> tuple[jax.Array, jax.Array]:
-    """(kept (V,) bool, e (V,)) for a sampled row; `s_max` is the row's maximum."""
+def _kept_row(r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """(kept (V,) bool, e (V,)) for a sampled row; `s_max` is the row's maximum, `top` its top-k
+    candidates (when the top-k stage is on)."""
     e = jnp.exp(r.s - s_max)
-    top = top_values(r.s, min(K_CANDIDATES, r.s.shape[0])) if stages.top_k else None
     threshold = _top_k_threshold(r, s_max, top)
     if stages.top_p:
         threshold = jnp.maximum(threshold, _top_p_threshold(r, e, s_max, threshold, top))
@@ -262,13 +268,48 @@ def _map_rows(inp: SamplerInputs, greedy_fn: Callable, sampled_fn: Callable) -> 
     return lax.map(one, _row_inputs(inp))
 
 
+def _candidate_token(r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array, index: jax.Array) -> jax.Array:
+    """The token of a row whose whole kept set lies among its top-k candidates (1 <= k <= K and no
+    value tied at the k-th one outside them): every stage and the draw on K values, no vocabulary pass."""
+    kth = top[r.k - 1]
+    threshold = kth
+    if stages.top_p:
+        v_star = candidate_top_p(top, kth, s_max, r.top_p, jnp.float32(0.0))
+        threshold = jnp.where(r.top_p < 1.0, jnp.maximum(kth, v_star), kth)
+    e = jnp.exp(top - s_max)
+    kept = (top > NEG_INF) & (top >= threshold)
+    if stages.min_p:
+        kept &= e >= r.min_p
+    order = jnp.argsort(index)  # the draw runs in vocabulary order
+    index, kept = index[order], kept[order]
+    cumulative = jnp.cumsum(jnp.where(kept, e[order], 0.0))
+    crossed = kept & (cumulative > r.u * cumulative[-1])
+    last_kept = kept.shape[0] - 1 - jnp.argmax(kept[::-1])
+    return jnp.where(jnp.any(kept), index[jnp.where(jnp.any(crossed), jnp.argmax(crossed), last_kept)], 0)
+
+
 def sample(inp: SamplerInputs) -> jax.Array:
     """The token per row, `(B,)` int32: `vsampler.reference.sample` without a sort (module docstring)."""
     stages = inp.stages
 
     def sampled(r: _Row, s_max: jax.Array) -> jax.Array:
-        kept, e = _kept_row(r, s_max, stages)
-        return draw(kept, e, r.u)
+        if not stages.top_k:
+            kept, e = _kept_row(r, s_max, stages, None)
+            return draw(kept, e, r.u)
+        top, index = top_values(r.s, min(K_CANDIDATES, r.s.shape[0]))
+
+        def full() -> jax.Array:
+            kept, e = _kept_row(r, s_max, stages, top)
+            return draw(kept, e, r.u)
+
+        small_k = (r.k >= 1) & (r.k <= top.shape[0])
+        kth = top[jnp.clip(r.k - 1, 0, top.shape[0] - 1)]
+
+        def no_ties_outside() -> jax.Array:  # a value above the last candidate cannot lie outside them
+            return (kth > top[-1]) | (jnp.sum(jnp.where(r.s >= kth, 1.0, 0.0)) == jnp.sum(top >= kth))
+
+        on_candidates = lax.cond(small_k, no_ties_outside, lambda: jnp.bool_(False))
+        return lax.cond(on_candidates, lambda: _candidate_token(r, s_max, stages, top, index), full)
 
     return _map_rows(inp, first_index_of_max, sampled)
 
@@ -282,7 +323,8 @@ def process_logits(inp: SamplerInputs) -> jax.Array:
         return jnp.where(keep, x, NEG_INF)
 
     def sampled(r: _Row, s_max: jax.Array) -> jax.Array:
-        kept, _ = _kept_row(r, s_max, stages)
+        top = top_values(r.s, min(K_CANDIDATES, r.s.shape[0]))[0] if stages.top_k else None
+        kept, _ = _kept_row(r, s_max, stages, top)
         return jnp.where(kept, r.s, NEG_INF)
 
     return _map_rows(inp, greedy, sampled)
