@@ -11,13 +11,17 @@ How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUN
   ties at the boundary are kept by the `>=` compare. Larger k: `largest_value_with` on counts.
 * top-p: the kept set is `{s >= v*}` where v* is the largest token value whose inclusive mass
   `A(v) = sum(e_j for s_j >= v)` still reaches `top_p * total`. When top-k is small, v* comes from the
-  sorted candidates (ties at the k-th value that fell outside the candidates are counted in). Else
-  `largest_value_with` bisects on values between a proven lower bound and the maximum: each pass
-  also measures both halves of the bracket, and it stops as soon as the half that holds v* holds one
-  distinct value, so it takes about log2(#tokens in the bracket) passes, not 32.
+  sorted candidates (ties at the k-th value that fell outside the candidates are counted in), and
+  when the whole kept set lies among the candidates the draw runs on them too: no vocabulary pass
+  after the candidate search. Else `largest_value_with` bisects on values between a proven lower bound
+  and the maximum, snapping both ends to the row's own values in the same pass, so it takes about
+  log2(#distinct values in the bracket) passes, not 32.
 * min-p: `exp(s - max) >= min_p`, one compare.
 * draw: per-chunk sums of the kept mass, the chunk where the cumulative sum crosses `u * total`, then
-  the prefix inside that chunk: the spec's inverse-CDF rule in two passes.
+  the prefix inside that chunk: the spec's inverse-CDF rule in one pass plus one chunk.
+
+Rows are mapped one at a time (`lax.map`): a row stays in cache across its passes, each pass is one
+fused loop, and `lax.cond` runs only the searches a row needs.
 
 The arithmetic that decides membership (`x * (1 / T)`, `exp(s - max)`, the compares) is the reference's,
 operation for operation; only sums are taken in another order, so kept sets and tokens can differ
@@ -40,6 +44,8 @@ from vsampler.params import Stages
 NEG_INF = float("-inf")
 K_CANDIDATES = 64  # static width of the exact top-k candidate path
 CHUNK = 128  # vocabulary chunk for candidate selection and the two-pass draw
+GROUP = 32  # chunks per group in the draw's prefix search
+PLAIN_PASSES = 6  # bisection passes before the value-snapping ones (see largest_value_with)
 MAX_BISECTION_PASSES = 96  # a safety bound; the band test stops far sooner (see largest_value_with)
 
 
@@ -95,32 +101,38 @@ def largest_value_with(
 ) -> jax.Array:
     """The largest value v of the row `s` with `statistic(v) >= target`.
 
-    `statistic(t)` must be non-increasing in t (a count or a mass of the values >= t) with
-    `statistic(lo) >= target > statistic(hi)`, so the answer lies in `[lo, hi)`. Each pass splits the
-    bracket at its midpoint and also measures the max and min value of both halves; it stops when the
-    half holding the answer holds one distinct value (its max). So it takes about log2 of the number of
-    values in the bracket passes, not 32.
+    `statistic(t)` must be non-increasing in t and change only at the row's values (a count or a mass
+    of the values >= t), with `statistic(lo) >= target`; `hi` (the row's maximum) bounds the answer.
+
+    `PLAIN_PASSES` plain bisection passes (one reduction each) narrow the bracket first; then each
+    pass also snaps both ends to the row's own values (the smallest value >= the split, the largest
+    below it) in the same fused loop, and the search ends when the ends meet: about log2 of the number
+    of distinct values in the bracket passes in all, never 32 regardless of the data.
     """
 
-    def band(lo_: jax.Array, hi_: jax.Array) -> tuple[jax.Array, jax.Array]:
-        inside = (s >= lo_) & (s < hi_)
-        return jnp.max(jnp.where(inside, s, NEG_INF)), jnp.min(jnp.where(inside, s, jnp.inf))
+    def plain(_: int, bracket: tuple) -> tuple:
+        lo_, hi_ = bracket
+        mid = lo_ + (hi_ - lo_) * 0.5
+        reaches = statistic(mid) >= target
+        return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
+
+    def snap_up(t: jax.Array) -> jax.Array:
+        return jnp.min(jnp.where(s >= t, s, jnp.inf))
 
     def body(state: tuple) -> tuple:
-        lo_, hi_, _, _, passes = state
+        lo_, hi_, passes = state
         mid = lo_ + (hi_ - lo_) * 0.5
-        mid = jnp.where((mid <= lo_) | (mid >= hi_), lo_, mid)  # no float strictly between: split at lo
-        go_up = statistic(mid) >= target
-        low_max, low_min = band(lo_, mid)
-        high_max, high_min = band(mid, hi_)
-        half_max = jnp.where(go_up, high_max, low_max)
-        half_min = jnp.where(go_up, high_min, low_min)
-        return (jnp.where(go_up, mid, lo_), jnp.where(go_up, hi_, mid), half_max == half_min, half_max, passes + 1)
+        mid = jnp.where(mid <= lo_, hi_, mid)  # no float strictly between the ends
+        reaches = statistic(mid) >= target
+        above = snap_up(mid)  # the answer is >= this when the split reaches the target
+        below = jnp.max(jnp.where(s < mid, s, NEG_INF))  # ... and <= this when it does not
+        return jnp.where(reaches, above, lo_), jnp.where(reaches, hi_, below), passes + 1
 
-    band_max, band_min = band(lo, hi)
-    state = (lo, hi, band_max == band_min, band_max, jnp.int32(0))
-    state = lax.while_loop(lambda st: ~st[2] & (st[4] < MAX_BISECTION_PASSES), body, state)
-    return state[3]
+    lo, hi_open = lax.fori_loop(0, PLAIN_PASSES, plain, (lo, hi))
+    # statistic(lo) >= target still; the answer is below hi_open unless hi_open is the maximum itself
+    hi = jnp.where(hi_open < hi, jnp.max(jnp.where(s < hi_open, s, NEG_INF)), hi)
+    state = lax.while_loop(lambda st: (st[0] < st[1]) & (st[2] < MAX_BISECTION_PASSES), body, (snap_up(lo), hi, 0))
+    return state[0]
 
 
 class _Row(NamedTuple):
@@ -148,7 +160,9 @@ def _top_k_threshold(r: _Row, s_max: jax.Array, top: jax.Array | None) -> jax.Ar
 
         def find() -> jax.Array:
             return lax.cond(
-                count_ge(s_max) >= k, lambda: s_max, lambda: largest_value_with(count_ge, k, r.s, lowest, s_max)
+                count_ge(s_max) >= k,
+                lambda: s_max,
+                lambda: largest_value_with(count_ge, k, r.s, lowest, s_max),
             )
 
         return lax.cond(n_finite > k, find, lambda: jnp.float32(NEG_INF))
@@ -188,7 +202,9 @@ def _top_p_threshold(r: _Row, e: jax.Array, s_max: jax.Array, kth: jax.Array, to
         bound = s_max + jnp.log((1.0 - r.top_p) / (2.0 * vocab))
         lo = jnp.maximum(kth, bound)
         return lax.cond(
-            mass_ge(s_max) >= target, lambda: s_max, lambda: largest_value_with(mass_ge, target, r.s, lo, s_max)
+            mass_ge(s_max) >= target,
+            lambda: s_max,
+            lambda: largest_value_with(mass_ge, target, r.s, lo, s_max),
         )
 
     off = (r.top_p >= 1.0) | (s_max == NEG_INF)
@@ -198,14 +214,29 @@ def _top_p_threshold(r: _Row, e: jax.Array, s_max: jax.Array, kth: jax.Array, to
     return lax.cond(off, lambda: jnp.float32(NEG_INF), lambda: lax.cond(use_candidates, on_candidates, on_vocabulary))
 
 
+def _first_crossing(sums: jax.Array, start: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(position of the first prefix sum `start + cumsum(sums)` above target (clipped to the last),
+    the prefix before it)."""
+    prefix = start + jnp.cumsum(sums)
+    position = jnp.minimum(jnp.sum(prefix <= target), sums.shape[0] - 1)
+    before = jnp.where(position > 0, prefix[jnp.maximum(position - 1, 0)], start)
+    return position, before
+
+
 def draw(kept: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
-    """Smallest index whose cumulative kept mass exceeds `u * total`: chunk sums, then one chunk."""
+    """Smallest index whose cumulative kept mass exceeds `u * total`: sums per chunk and per group of
+    `GROUP` chunks, then the group, the chunk and the index where the prefix crosses (short cumsums
+    only: XLA's CPU cumsum is quadratic in its length)."""
     vocab = e.shape[0]
     mass = _chunked(jnp.where(kept, e, 0.0), 0.0)  # (NC, C)
-    cumulative = jnp.cumsum(jnp.sum(mass, axis=1))
-    target = u * cumulative[-1]
-    chunk = jnp.minimum(jnp.sum(cumulative <= target), mass.shape[0] - 1)
-    before = jnp.where(chunk > 0, cumulative[jnp.maximum(chunk - 1, 0)], 0.0)
+    chunk_sums = jnp.sum(mass, axis=1)
+    n_chunks = chunk_sums.shape[0]
+    groups = jnp.pad(chunk_sums, (0, (-n_chunks) % GROUP)).reshape(-1, GROUP)
+    group_sums = jnp.sum(groups, axis=1)
+    target = u * jnp.sum(group_sums)
+    group, before = _first_crossing(group_sums, jnp.float32(0.0), target)
+    local, before = _first_crossing(groups[group], before, target)
+    chunk = jnp.minimum(group * GROUP + local, n_chunks - 1)
     inside = mass[chunk]
     kept_inside = inside > 0
     crossed = (before + jnp.cumsum(inside) > target) & kept_inside
