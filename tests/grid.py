@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler import SamplingParams
+from vsampler import SamplingParams, process_logits, sample
 
 HISTORY_LEN = 600  # longer than the 512-token workloads
 EOS = (2, 7)
@@ -103,3 +103,22 @@ STAGE_CASES = (
     "combined",
     "heterogeneous",
 )
+
+
+def compare(impl: str, kind: str, case: str, batch: int, vocab: int, dtype: str, seed: int = 0) -> None:
+    """Asserts that `impl` keeps exactly the reference's tokens (values included) and draws the
+    reference's token on every row for the same per-row keys."""
+    x = logits(kind, batch, vocab, dtype, seed)
+    sampling = params(case, batch, vocab)
+    hist, prompt = history(batch, vocab, seed)
+    kw = {"history": hist, "prompt_len": prompt, "eos_token_id": EOS}
+    want = np.asarray(process_logits(x, sampling, impl="reference", **kw))
+    got = np.asarray(process_logits(x, sampling, impl=impl, **kw))
+    np.testing.assert_array_equal(got > -np.inf, want > -np.inf, err_msg="kept sets differ")
+    np.testing.assert_array_equal(got, want, err_msg="kept values differ")
+    key = jax.random.split(jax.random.key(seed), batch)
+    ref_tokens = np.asarray(sample(x, sampling, key, impl="reference", **kw))
+    tokens = np.asarray(sample(x, sampling, key, impl=impl, **kw))
+    assert ((tokens >= 0) & (tokens < vocab)).all()
+    agreement = np.mean(tokens == ref_tokens)
+    assert agreement == 1.0, f"token agreement {agreement:.4f}: rows {np.flatnonzero(tokens != ref_tokens)}"

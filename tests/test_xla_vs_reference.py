@@ -2,28 +2,8 @@
 exactly (process_logits), tokens equal for the same key, on every row."""
 
 import grid
-import jax
-import numpy as np
 import pytest
-
-from vsampler import process_logits, sample
-
-
-def compare(impl: str, kind: str, case: str, batch: int, vocab: int, dtype: str, seed: int = 0) -> None:
-    x = grid.logits(kind, batch, vocab, dtype, seed)
-    params = grid.params(case, batch, vocab)
-    hist, prompt = grid.history(batch, vocab, seed)
-    kw = {"history": hist, "prompt_len": prompt, "eos_token_id": grid.EOS}
-    want = np.asarray(process_logits(x, params, impl="reference", **kw))
-    got = np.asarray(process_logits(x, params, impl=impl, **kw))
-    np.testing.assert_array_equal(got > -np.inf, want > -np.inf, err_msg="kept sets differ")
-    np.testing.assert_array_equal(got, want, err_msg="kept values differ")
-    key = jax.random.split(jax.random.key(seed), batch)
-    ref_tokens = np.asarray(sample(x, params, key, impl="reference", **kw))
-    tokens = np.asarray(sample(x, params, key, impl=impl, **kw))
-    assert ((tokens >= 0) & (tokens < vocab)).all()
-    agreement = np.mean(tokens == ref_tokens)
-    assert agreement == 1.0, f"token agreement {agreement:.4f}: rows {np.flatnonzero(tokens != ref_tokens)}"
+from grid import compare
 
 
 @pytest.mark.parametrize("case", grid.STAGE_CASES)

@@ -26,7 +26,7 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-from vsampler import reference, xla
+from vsampler import pallas, reference, xla
 from vsampler.inputs import EosIds, SamplerInputs, prepare
 from vsampler.params import SamplingParams
 
@@ -34,10 +34,15 @@ Impl = Literal["auto", "reference", "xla", "pallas"]
 IMPL_NAMES: tuple[str, ...] = ("auto", "reference", "xla", "pallas")
 
 # name -> sampler on prepared inputs. The fast paths register themselves here as they land.
-_SAMPLERS: dict[str, Callable[[SamplerInputs], jax.Array]] = {"reference": reference.sample, "xla": xla.sample}
+_SAMPLERS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
+    "reference": reference.sample,
+    "xla": xla.sample,
+    "pallas": pallas.sample,
+}
 _PROCESSORS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
     "reference": reference.process_logits,
     "xla": xla.process_logits,
+    "pallas": pallas.process_logits,
 }
 
 
@@ -52,7 +57,9 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
         raise ValueError(f"impl must be one of {IMPL_NAMES}, got {impl!r}")
     if impl == "auto":
         backend = backend or jax.default_backend()
-        preferred = ("pallas", "xla") if backend in ("tpu", "gpu", "cuda", "rocm") else ("xla",)
+        # pallas on TPU; on GPU xla until the kernel's Triton variant exists; xla on CPU (the kernel runs
+        # there in interpret mode, for verification only)
+        preferred = ("pallas", "xla") if backend == "tpu" else ("xla",)
         return next((name for name in preferred if name in _SAMPLERS), "reference")
     if impl not in _SAMPLERS:
         raise ValueError(f"impl={impl!r} is not available in this version of vsampler; available: {available_impls()}")

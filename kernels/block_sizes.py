@@ -1,0 +1,82 @@
+"""Block-size policy for the fused sampling kernel: rows per grid step and the VMEM limit, per backend
+and TPU generation.
+
+The kernel keeps a block of R rows of the logits resident in VMEM across all of its passes. Its working
+set is the double-buffered input block plus the float32 temporaries the passes keep alive (the scaled
+logits, exp(s - max), the kept mass and an index iota, about `TEMPORARIES` blocks of R x V x 4 bytes).
+R is the sublane tile (8 rows; 16 for 2-byte dtypes, which pack two rows per sublane) unless the batch
+is smaller, in which case one block holds the whole batch. The VMEM limit is set deliberately: the
+working set plus a quarter (and 4 MiB), within the generation's physical VMEM less an eighth for
+Mosaic's own scratch. A configuration that does not fit is refused here with the numbers, before any
+compile: on v4 (16 MiB of VMEM) that is every vocabulary above ~50k, which needs a vocabulary-tiled
+variant of the kernel that does not exist yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+MiB = 1 << 20
+TEMPORARIES = 5  # f32 blocks alive at once besides the input: s, e, kept mass, iota, a mask/select temp
+# (measured: Mosaic reported 6.19 MB of scoped VMEM for an 8 x 32000 float32 block, 24 bytes per
+# element against the 28 this estimate charges)
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuGeneration:
+    name: str
+    vmem_bytes: int  # physical VMEM per TensorCore
+    hbm_bytes_per_s: float  # HBM bandwidth per chip, for the estimate `compile-check` prints
+
+    @property
+    def vmem_budget(self) -> int:
+        """What the kernel may ask for: physical VMEM less an eighth for Mosaic's internal scratch."""
+        return self.vmem_bytes - self.vmem_bytes // 8
+
+
+# the figures jax's own Pallas TPU backend uses (jax._src.pallas.mosaic.tpu_info)
+TPU_GENERATIONS: dict[str, TpuGeneration] = {
+    "v4": TpuGeneration("v4", 16 * MiB, 1.23e12),
+    "v5e": TpuGeneration("v5e", 128 * MiB, 8.20e11),
+    "v5p": TpuGeneration("v5p", 64 * MiB, 2.46e12),
+    "v6e": TpuGeneration("v6e", 128 * MiB, 1.64e12),
+}
+TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockPlan:
+    block_rows: int  # R
+    padded_batch: int  # B rounded up to a multiple of R
+    working_set_bytes: int
+    vmem_limit_bytes: int | None  # None: leave the backend default (interpret mode)
+
+
+def sublane_rows(dtype: np.dtype | str) -> int:
+    return 16 if np.dtype(dtype).itemsize == 2 else 8
+
+
+def working_set(block_rows: int, vocab: int, dtype: np.dtype | str) -> int:
+    lanes = -(-vocab // 128) * 128  # Mosaic pads the lane dimension to 128
+    return block_rows * lanes * (2 * np.dtype(dtype).itemsize + TEMPORARIES * 4)
+
+
+def plan(batch: int, vocab: int, dtype: np.dtype | str, generation: str | None) -> BlockPlan:
+    """The rows per block and VMEM limit for `generation` ("v4", "v5e", "v5p", "v6e"; None: interpret)."""
+    rows = sublane_rows(dtype)
+    block_rows = batch if batch <= rows else rows
+    padded = -(-batch // block_rows) * block_rows
+    needed = working_set(block_rows, vocab, dtype)
+    if generation is None:
+        return BlockPlan(block_rows, padded, needed, None)
+    if generation not in TPU_GENERATIONS:
+        raise ValueError(f"unknown TPU generation {generation!r}; known: {sorted(TPU_GENERATIONS)}")
+    budget = TPU_GENERATIONS[generation].vmem_budget
+    if needed > budget:
+        raise ValueError(
+            f"the fused sampler's block ({block_rows} x {vocab} {np.dtype(dtype).name}) needs "
+            f"{needed / MiB:.1f} MiB of VMEM, over {generation}'s {budget / MiB:.0f} MiB budget"
+        )
+    return BlockPlan(block_rows, padded, needed, min(budget, int(needed * 1.25) + 4 * MiB))

@@ -1,0 +1,262 @@
+"""The fused sampling kernel (Pallas; TPU Mosaic, interpret mode on CPU).
+
+One launch per call; each grid step owns a block of R rows of the logits, resident in VMEM for every
+pass, and computes, vectorised over its rows (per-row values are (R, 1) columns):
+
+  stage 5   NaN -> -inf; a row holding +inf keeps its +inf tokens (as 0), drops the rest
+  stage 6   greedy rows: the first index of the maximum; others: s = x * (1 / T), e = exp(s - max s)
+  stage 7   top-k: the k-th largest value by a count search (`largest_value_with`)
+  stage 8   top-p: the largest value whose inclusive kept mass reaches p * total, by a mass search
+  stage 9   min-p: e >= min_p
+  stage 10  the draw: the smallest index whose prefix of kept mass exceeds u * total, by bisection on
+            the index (masked sums over the resident block; Mosaic has no cumsum)
+  EOS       finished rows emit the pad id; a row that samples an EOS id becomes finished
+
+It writes per row only the token, the new finished flag and three floats (the kept threshold in
+scaled-logit units, the row's scaled maximum, the kept mass), never a (B, V) array: `process_logits`
+and log-probabilities are rebuilt from those. Stages 1-4 (bias, penalties, min_tokens) are the shared
+sparse `vsampler.penalties` pass that runs before the kernel.
+
+The searches are the same as the XLA path's (`vsampler.xla`): value bisection whose ends snap to the
+row's own values, so thresholds are exact token values and the kept sets equal the reference's.
+Reference: `vsampler.reference`. Block sizes: `vsampler.kernels.block_sizes`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+NEG_INF = float("-inf")
+PLAIN_PASSES = 6  # plain bisection passes before the snapping ones
+MAX_PASSES = 64  # a bound on the snapping passes (the ends meet long before on real data)
+
+# columns of the packed per-row parameter block
+T, TOP_K, TOP_P, MIN_P, U, FINISHED = range(6)
+ROW_COLUMNS = 8
+# columns of the per-row statistics output
+THRESHOLD, S_MAX, KEPT_MASS = range(3)
+STAT_COLUMNS = 4
+
+
+def _column_max(a: jax.Array) -> jax.Array:
+    return jnp.max(a, axis=1, keepdims=True)
+
+
+def _column_min(a: jax.Array) -> jax.Array:
+    return jnp.min(a, axis=1, keepdims=True)
+
+
+def _column_sum(a: jax.Array) -> jax.Array:
+    return jnp.sum(a, axis=1, keepdims=True)
+
+
+def largest_value_with(
+    statistic: Callable[[jax.Array], jax.Array],
+    target: jax.Array,
+    s: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    active: jax.Array,
+) -> jax.Array:
+    """Per row: the largest value v of `s` with `statistic(v) >= target` (see `vsampler.xla`).
+
+    Needs `statistic(lo) >= target` on active rows; `hi` is the row maximum. Inactive rows return lo.
+    """
+
+    def plain(_: int, bracket: tuple) -> tuple:
+        lo_, hi_ = bracket
+        mid = lo_ + (hi_ - lo_) * 0.5
+        reaches = statistic(mid) >= target
+        return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
+
+    def snap_up(t: jax.Array) -> jax.Array:
+        return _column_min(jnp.where(s >= t, s, jnp.inf))
+
+    lo, hi_open = lax.fori_loop(0, PLAIN_PASSES, plain, (lo, hi))
+    hi = jnp.where(hi_open < hi, _column_max(jnp.where(s < hi_open, s, NEG_INF)), hi)
+    lo = jnp.where(active, snap_up(lo), lo)
+
+    def searching(state: tuple) -> jax.Array:
+        lo_, hi_, passes = state
+        return jnp.any(active & (lo_ < hi_)) & (passes < MAX_PASSES)
+
+    def body(state: tuple) -> tuple:
+        lo_, hi_, passes = state
+        mid = lo_ + (hi_ - lo_) * 0.5
+        mid = jnp.where(mid <= lo_, hi_, mid)
+        reaches = statistic(mid) >= target
+        above = snap_up(mid)
+        below = _column_max(jnp.where(s < mid, s, NEG_INF))
+        moving = active & (lo_ < hi_)
+        return (
+            jnp.where(moving & reaches, above, lo_),
+            jnp.where(moving & ~reaches, below, hi_),
+            passes + 1,
+        )
+
+    lo, _, _ = lax.while_loop(searching, body, (lo, hi, jnp.int32(0)))
+    return lo
+
+
+def fused_sampler_kernel(
+    x_ref: jax.Array,
+    rows_ref: jax.Array,
+    eos_ref: jax.Array,
+    token_ref: jax.Array,
+    finished_ref: jax.Array,
+    stats_ref: jax.Array,
+    *,
+    vocab: int,
+    pad_id: int,
+    top_k: bool,
+    top_p: bool,
+    min_p: bool,
+    random: bool,
+) -> None:
+    """One block of rows: x (R, V), rows (R, 8) packed parameters, eos (1, E) -> token (R, 1),
+    finished (R, 1), stats (R, 4)."""
+    x = x_ref[...].astype(jnp.float32)
+    rows = rows_ref[...]
+    temperature = rows[:, T : T + 1]
+    finished = rows[:, FINISHED : FINISHED + 1] > 0
+
+    # stage 5: sanitising
+    x = jnp.where(jnp.isnan(x), NEG_INF, x)
+    x_max = _column_max(x)
+    pos_inf = x_max == jnp.inf
+    x = jnp.where(pos_inf, jnp.where(x == jnp.inf, 0.0, NEG_INF), x)
+    x_max = jnp.where(pos_inf, 0.0, x_max)
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    first_max = _column_min(jnp.where(x == x_max, iota, vocab))
+    first_max = jnp.where(first_max == vocab, 0, first_max)
+
+    threshold = jnp.full_like(x_max, NEG_INF)
+    s_max = x_max
+    kept_mass = jnp.zeros_like(x_max)
+    token = first_max
+    if random:
+        greedy = temperature == 0.0
+        inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+        s = x * inverse_t
+        s_max = x_max * inverse_t
+        e = jnp.exp(s - s_max)
+        has_values = s_max > NEG_INF
+
+        if top_k:  # stage 7
+            k = rows[:, TOP_K : TOP_K + 1]
+
+            def count_ge(t: jax.Array) -> jax.Array:
+                return _column_sum(jnp.where(s >= t, 1.0, 0.0))
+
+            lowest = _column_min(jnp.where(s > NEG_INF, s, jnp.inf))
+            on = (k > 0) & has_values & (count_ge(lowest) > k)
+            kth = largest_value_with(count_ge, k, s, jnp.where(on, lowest, s_max), s_max, on)
+            threshold = jnp.where(on, kth, threshold)
+
+        if top_p:  # stage 8
+            p = rows[:, TOP_P : TOP_P + 1]
+            kept_e = jnp.where(s >= threshold, e, 0.0)
+            target = p * _column_sum(kept_e)
+
+            def mass_ge(t: jax.Array) -> jax.Array:
+                return _column_sum(jnp.where(s >= t, kept_e, 0.0))
+
+            on = (p < 1.0) & has_values
+            bound = s_max + jnp.log(jnp.maximum(1.0 - p, 0.0) / (2.0 * vocab))
+            lo = jnp.where(on, jnp.maximum(threshold, bound), s_max)
+            v_star = largest_value_with(mass_ge, target, s, lo, s_max, on)
+            threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
+
+        kept = (s > NEG_INF) & (s >= threshold)
+        if min_p:  # stage 9
+            kept &= e >= rows[:, MIN_P : MIN_P + 1]
+
+        # stage 10: smallest index whose prefix of kept mass exceeds u * total
+        kept_e = jnp.where(kept, e, 0.0)
+        kept_mass = _column_sum(kept_e)
+        target = rows[:, U : U + 1] * kept_mass
+
+        def prefix_search(state: tuple) -> tuple:
+            lo_, hi_ = state  # prefix(lo) <= target < prefix(hi)
+            mid = (lo_ + hi_) // 2
+            over = _column_sum(jnp.where(iota <= mid, kept_e, 0.0)) > target
+            narrowing = hi_ - lo_ > 1
+            return jnp.where(narrowing & ~over, mid, lo_), jnp.where(narrowing & over, mid, hi_)
+
+        bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))
+        _, crossing = lax.while_loop(lambda st: jnp.any(st[1] - st[0] > 1), prefix_search, bracket)
+        any_kept = kept_mass > 0
+        is_kept = _column_max(jnp.where((iota == crossing) & kept, 1, 0)) > 0
+        next_kept = _column_min(jnp.where(kept & (iota > crossing), iota, vocab))
+        last_kept = _column_max(jnp.where(kept, iota, -1))
+        sampled = jnp.where(is_kept, crossing, jnp.where(next_kept < vocab, next_kept, last_kept))
+        sampled = jnp.where(kept_mass > target, sampled, last_kept)
+        sampled = jnp.where(any_kept, sampled, 0)
+        token = jnp.where(greedy, first_max, sampled)
+
+    # EOS: finished rows emit the pad id; sampling an EOS id finishes a row
+    eos = eos_ref[...]  # (1, E), -1 = none
+    is_eos = _column_max(jnp.where(token == eos, 1, 0)) > 0
+    token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
+    finished_ref[...] = (finished | is_eos).astype(jnp.int32)
+    stats_ref[...] = jnp.concatenate([threshold, s_max, kept_mass, jnp.zeros_like(kept_mass)], axis=1)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("pad_id", "top_k", "top_p", "min_p", "random", "block_rows", "vmem_limit_bytes", "interpret"),
+)
+def fused_sample(
+    logits: jax.Array,
+    rows: jax.Array,
+    eos: jax.Array,
+    *,
+    pad_id: int,
+    top_k: bool,
+    top_p: bool,
+    min_p: bool,
+    random: bool,
+    block_rows: int,
+    vmem_limit_bytes: int | None,
+    interpret: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Launches the kernel over row blocks: logits (B, V) with B a multiple of `block_rows` (or equal
+    to it), rows (B, 8) float32 packed parameters, eos (1, E) int32.
+    Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 4) float32."""
+    batch, vocab = logits.shape
+    kernel = functools.partial(
+        fused_sampler_kernel, vocab=vocab, pad_id=pad_id, top_k=top_k, top_p=top_p, min_p=min_p, random=random
+    )
+    row_block = lambda i: (i, 0)  # noqa: E731
+    compiler_params = None
+    if not interpret:
+        from jax.experimental.pallas import tpu as pltpu
+
+        compiler_params = pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=vmem_limit_bytes)
+    return pl.pallas_call(
+        kernel,
+        grid=(batch // block_rows,),
+        in_specs=[
+            pl.BlockSpec((block_rows, vocab), row_block),
+            pl.BlockSpec((block_rows, ROW_COLUMNS), row_block),
+            pl.BlockSpec(eos.shape, lambda i: (0, 0)),
+        ],
+        out_specs=[
+            pl.BlockSpec((block_rows, 1), row_block),
+            pl.BlockSpec((block_rows, 1), row_block),
+            pl.BlockSpec((block_rows, STAT_COLUMNS), row_block),
+        ],
+        out_shape=[
+            jax.ShapeDtypeStruct((batch, 1), jnp.int32),
+            jax.ShapeDtypeStruct((batch, 1), jnp.int32),
+            jax.ShapeDtypeStruct((batch, STAT_COLUMNS), jnp.float32),
+        ],
+        compiler_params=compiler_params,
+        interpret=interpret,
+    )(logits, rows, eos)

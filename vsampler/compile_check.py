@@ -1,0 +1,124 @@
+"""Compiling the fused kernel for TPU without a TPU: libtpu's deviceless AOT (the `tpu` extra).
+
+`compile_tpu(...)` lowers and compiles the kernel for one configuration on a TPU topology description
+(`jax.experimental.topologies`), through the whole Mosaic + XLA:TPU compiler, and reports what the
+executable says about its memory; the compiler's own error when it refuses. Used by the tests and by
+`vsampler compile-check`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+
+from vsampler.kernels import block_sizes
+from vsampler.kernels import sampler as kernel
+
+
+class TpuCompilerUnavailable(RuntimeError):
+    """libtpu (the `tpu` extra: pip install 'vsampler[tpu]') is not installed or not usable."""
+
+
+@dataclasses.dataclass
+class CompileResult:
+    generation: str
+    batch: int
+    vocab: int
+    dtype: str
+    ok: bool
+    error: str = ""
+    block_rows: int = 0
+    vmem_limit_bytes: int = 0
+    working_set_bytes: int = 0  # the policy's estimate
+    vmem_used_bytes: int = 0  # scoped VMEM the compiled kernel uses, read from the executable
+    argument_bytes: int = 0  # HBM bytes the call reads (logits + parameters)
+    output_bytes: int = 0
+    logits_bytes: int = 0  # one read of the logits: the physical floor
+
+    @property
+    def hbm_bytes(self) -> int:
+        return self.argument_bytes + self.output_bytes
+
+    def estimated_seconds(self) -> float:
+        """HBM bytes moved / the generation's bandwidth: an estimate, not a measurement."""
+        return self.hbm_bytes / block_sizes.TPU_GENERATIONS[self.generation].hbm_bytes_per_s
+
+
+_USED_VMEM = re.compile(r'"used_scoped_memory_configs":\[\{"memory_space":"1","offset":"\d+","size":"(\d+)"')
+
+
+def vmem_used(hlo_text: str) -> int:
+    """The largest scoped VMEM allocation any op of a compiled TPU executable uses (the kernel's)."""
+    return max((int(size) for size in _USED_VMEM.findall(hlo_text)), default=0)
+
+
+@functools.cache
+def tpu_device(generation: str) -> jax.Device:
+    try:
+        from jax.experimental import topologies
+
+        topology = topologies.get_topology_desc(platform="tpu", topology_name=block_sizes.TOPOLOGIES[generation])
+    except Exception as err:
+        raise TpuCompilerUnavailable(
+            f"cannot describe a {generation} TPU without libtpu: install the tpu extra "
+            f"(pip install 'vsampler[tpu]'); the error was: {err}"
+        ) from err
+    return topology.devices[0]
+
+
+def compile_tpu(
+    generation: str,
+    batch: int,
+    vocab: int,
+    dtype: str = "float32",
+    *,
+    top_k: bool = True,
+    top_p: bool = True,
+    min_p: bool = True,
+) -> CompileResult:
+    """Compiles the kernel (all stages on by default) for one configuration on `generation`."""
+    result = CompileResult(generation, batch, vocab, dtype, ok=False)
+    try:
+        plan = block_sizes.plan(batch, vocab, dtype, generation)
+    except ValueError as err:
+        result.error = str(err)
+        return result
+    result.block_rows, result.working_set_bytes = plan.block_rows, plan.working_set_bytes
+    result.vmem_limit_bytes = plan.vmem_limit_bytes or 0
+    device = tpu_device(generation)
+    sharding = jax.sharding.SingleDeviceSharding(device)
+    batch_p = plan.padded_batch
+    args = (
+        jax.ShapeDtypeStruct((batch_p, vocab), jnp.dtype(dtype), sharding=sharding),
+        jax.ShapeDtypeStruct((batch_p, kernel.ROW_COLUMNS), jnp.float32, sharding=sharding),
+        jax.ShapeDtypeStruct((1, 2), jnp.int32, sharding=sharding),
+    )
+    fn = functools.partial(
+        kernel.fused_sample,
+        pad_id=0,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        random=True,
+        block_rows=plan.block_rows,
+        vmem_limit_bytes=plan.vmem_limit_bytes,
+        interpret=False,
+    )
+    try:
+        # Mosaic asks the default device which chip it lowers for: make it the described TPU
+        with jax.default_device(device):
+            compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).compile()
+    except Exception as err:
+        result.error = str(err).strip().splitlines()[0][:500]
+        return result
+    stats = compiled.memory_analysis()
+    result.vmem_used_bytes = vmem_used(compiled.as_text())
+    result.ok = True
+    result.argument_bytes = int(stats.argument_size_in_bytes)
+    result.output_bytes = int(stats.output_size_in_bytes)
+    result.logits_bytes = batch * vocab * jnp.dtype(dtype).itemsize
+    return result
