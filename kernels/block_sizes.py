@@ -58,9 +58,16 @@ def sublane_rows(dtype: np.dtype | str) -> int:
     return 16 if np.dtype(dtype).itemsize == 2 else 8
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
 def working_set(block_rows: int, vocab: int, dtype: np.dtype | str) -> int:
-    lanes = -(-vocab // 128) * 128  # Mosaic pads the lane dimension to 128
-    return block_rows * lanes * (2 * np.dtype(dtype).itemsize + TEMPORARIES * 4)
+    """Estimated VMEM bytes: Mosaic pads lanes to 128 and rows to the sublane tile of each dtype."""
+    lanes = _round_up(vocab, 128)
+    input_rows = _round_up(block_rows, sublane_rows(dtype))
+    f32_rows = _round_up(block_rows, 8)
+    return lanes * (2 * input_rows * np.dtype(dtype).itemsize + TEMPORARIES * f32_rows * 4)
 
 
 def plan(batch: int, vocab: int, dtype: np.dtype | str, generation: str | None) -> BlockPlan:

@@ -113,9 +113,17 @@ def _run_bench(args: argparse.Namespace) -> int:
     cases = list(workloads.grid(args.configs, batches, vocabs, dtypes))
     repeats = min(args.repeats, 3) if args.quick else args.repeats
 
-    runners: dict[str, bm.Runner] = {impl: bm.impl_runner(impl) for impl in sampling.available_impls()}
+    import jax
+
+    native = [impl for impl in sampling.available_impls() if impl != "pallas" or jax.default_backend() == "tpu"]
+    runners: dict[str, bm.Runner] = {impl: bm.impl_runner(impl) for impl in native}
     peers: dict[str, bm.Runner] = {}
     notes: list[str] = []
+    if "pallas" not in native:
+        notes.append(
+            "pallas not timed: off TPU the kernel runs in Pallas interpret mode (verification only); "
+            "its equality with the reference is what the test suite checks"
+        )
     if not args.no_peers:
         hf = bm.hf_flax_runner()
         if hf is None:
@@ -286,7 +294,27 @@ def _ui() -> _PlainUI:
         return _PlainUI()
 
 
+def _skip_absent_tpu() -> None:
+    """With libtpu installed (the tpu or test extra) but no TPU attached, JAX would probe for one at
+    start-up, slowly and noisily: unless the user chose platforms, use the CPU (or a GPU plugin's)."""
+    import glob
+    import importlib.util
+
+    if "JAX_PLATFORMS" in os.environ or importlib.util.find_spec("libtpu") is None:
+        return
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):
+        return
+    gpu_plugins = [
+        name
+        for name in ("jax_cuda13_plugin", "jax_cuda12_plugin", "jax_rocm7_plugin")
+        if importlib.util.find_spec(name) is not None
+    ]
+    if not gpu_plugins:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    _skip_absent_tpu()
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return _run_bench(args)

@@ -1,0 +1,45 @@
+"""The fused kernel compiles for real TPUs through libtpu's deviceless AOT (the `tpu` extra), with
+the VMEM it uses read from the compiled executable and within the limit the policy set."""
+
+import pytest
+from vsampler.kernels import block_sizes
+
+compile_check = pytest.importorskip("vsampler.compile_check")
+
+REPRESENTATIVE = [  # (batch, vocab, dtype)
+    (1, 32000, "float32"),
+    (8, 50257, "bfloat16"),
+    (64, 128256, "float32"),
+    (64, 152064, "bfloat16"),
+    (256, 256000, "bfloat16"),
+]
+
+
+@pytest.fixture(scope="module")
+def libtpu():
+    try:
+        compile_check.tpu_device("v5e")
+    except compile_check.TpuCompilerUnavailable as err:
+        pytest.skip(str(err))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+@pytest.mark.parametrize(("batch", "vocab", "dtype"), REPRESENTATIVE)
+def test_kernel_compiles_for_tpu(libtpu, generation, batch, vocab, dtype):
+    result = compile_check.compile_tpu(generation, batch, vocab, dtype)
+    assert result.ok, result.error
+    assert 0 < result.vmem_used_bytes <= result.vmem_limit_bytes
+    # one call moves the logits once (lane and sublane padding aside), plus a few bytes per row
+    assert result.logits_bytes <= result.hbm_bytes <= 1.02 * result.logits_bytes + 64 * 1024
+
+
+def test_policy_refuses_what_does_not_fit_with_the_numbers():
+    with pytest.raises(ValueError, match=r"needs \d+\.\d MiB of VMEM, over v4's 14 MiB budget"):
+        block_sizes.plan(64, 128256, "float32", "v4")
+    with pytest.raises(ValueError, match="unknown TPU generation"):
+        block_sizes.plan(8, 1000, "float32", "v9")
+    small = block_sizes.plan(3, 1000, "bfloat16", "v5e")
+    assert (small.block_rows, small.padded_batch) == (3, 3)
+    big = block_sizes.plan(20, 1000, "bfloat16", "v5e")
+    assert (big.block_rows, big.padded_batch) == (16, 32)
