@@ -45,3 +45,24 @@ def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2
+
+
+def test_verify_reports_agreement_and_exits_0(capsys):
+    code = main(["verify", "--impl", "all", "--batch", "2", "--vocab", "300", "--dtype", "float32"])
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    assert "4 cases, 0 disagree; token agreement 8/8 rows (100.00%); distribution checks: 0 failed" in out
+
+
+def test_verify_exits_1_on_a_disagreement(monkeypatch):
+    from vsampler import sampling, xla
+
+    def off_by_one(inp):
+        return (xla.sample(inp) + 1) % inp.logits.shape[1]
+
+    monkeypatch.setitem(sampling._SAMPLERS, "xla", off_by_one)
+    sampling._sample_jit.clear_cache()
+    try:
+        assert main(["verify", "--impl", "xla", "--batch", "2", "--vocab", "300", "--dtype", "float32"]) == 1
+    finally:
+        sampling._sample_jit.clear_cache()

@@ -2,17 +2,15 @@
 cross-check, and a distribution test."""
 
 import functools
-import math
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import spec_numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vsampler import SamplingParams, process_logits, sample
+from vsampler import SamplingParams, process_logits, sample, verification
 
 VOCABS = (1, 7, 64, 129)
 HISTORY_LEN = 6
@@ -130,29 +128,9 @@ def test_kept_sets_agree_with_hf_flax_warpers(hf_warpers, vocab, temperature, to
 # ---------------------------------------------------------------------------------- distribution test
 
 
-def tv_bound(n_draws: int, support: int, failure: float = 1e-6) -> float:
-    """E[TV] <= 0.5 * sqrt(K / N); McDiarmid (one draw moves TV by <= 1/N) adds sqrt(ln(1/f) / 2N)."""
-    return 0.5 * math.sqrt(support / n_draws) + math.sqrt(math.log(1 / failure) / (2 * n_draws))
-
-
-@pytest.mark.parametrize(
-    "params",
-    [
-        SamplingParams(temperature=0.8, top_k=6, top_p=0.9),
-        SamplingParams(temperature=1.2, min_p=0.05, repetition_penalty=1.3, frequency_penalty=0.4),
-        SamplingParams(temperature=1.0),
-    ],
-    ids=["topk-topp", "minp-penalties", "plain"],
-)
-@pytest.mark.parametrize("impl", ["reference", "xla"])
-def test_empirical_frequencies_match_the_renormalised_distribution(params, impl):
-    n_draws, vocab = 40000, 12
-    row = jax.random.normal(jax.random.key(11), (1, vocab)) * 1.5
-    history = jnp.asarray([[0, 3, 3, 7, -1]])
-    logits = jnp.repeat(row, n_draws, axis=0)
-    tokens = sample(logits, params, jax.random.key(12), history=jnp.repeat(history, n_draws, axis=0), impl=impl)
-    probs = np.asarray(jax.nn.softmax(process_logits(row, params, history=history)[0]))
-    freq = np.bincount(np.asarray(tokens), minlength=vocab) / n_draws
-    assert freq[probs == 0].sum() == 0
-    tv = 0.5 * np.abs(freq - probs).sum()
-    assert tv < tv_bound(n_draws, int((probs > 0).sum())), (tv, freq, probs)
+@pytest.mark.parametrize("name", list(verification.DISTRIBUTION_PARAMS))
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+def test_empirical_frequencies_match_the_renormalised_distribution(name, impl):
+    tv, bound, dropped_drawn = verification.distribution(impl, name)
+    assert not dropped_drawn
+    assert tv < bound, (tv, bound)
