@@ -66,3 +66,16 @@ def test_verify_exits_1_on_a_disagreement(monkeypatch):
         assert main(["verify", "--impl", "xla", "--batch", "2", "--vocab", "300", "--dtype", "float32"]) == 1
     finally:
         sampling._sample_jit.clear_cache()
+
+
+def test_compile_check_compiles_or_reports_not_claimed(capsys):
+    pytest.importorskip("libtpu")
+    code = main(["compile-check", "--tpu", "v4,v5e", "--batch", "8", "--vocab", "1000,128256", "--dtype", "float32"])
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    assert "4 configurations: 3 compiled, 0 failed, 1 not claimed" in out
+
+
+def test_compile_check_gpu_is_a_clear_usage_error(capsys):
+    assert main(["compile-check", "--gpu"]) == 2
+    assert "no GPU (Triton) variant yet" in capsys.readouterr().err

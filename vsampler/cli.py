@@ -3,6 +3,7 @@
   vsampler bench [--quick] [--json PATH] ...   time every implementation and peer on the embedded grid,
                                               check each implementation's tokens against the reference
   vsampler verify [--impl xla|pallas|all] ...  the reference-vs-implementation grid and distribution check
+  vsampler compile-check [--tpu v4,v5e,...]    compile the kernel for TPU generations without a TPU
 
 Exit codes: 0 success; 1 a verification failed; 2 bad arguments.
 """
@@ -106,6 +107,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--vocab", type=_int_list, default=None, help="vocabulary sizes (default 1000,32000,50257,128256,152064,256000)"
     )
     verify.add_argument(
+        "--dtype",
+        type=_choice_list(("float32", "bfloat16")),
+        default=None,
+        help="logits dtypes (default float32,bfloat16)",
+    )
+
+    cc = sub.add_parser(
+        "compile-check",
+        help="compile the fused kernel for TPU generations without a TPU (needs the tpu extra)",
+        description=(
+            "Compiles every kernel configuration of the grid for each named TPU generation through "
+            "libtpu's deviceless AOT (the whole Mosaic + XLA:TPU compiler; pip install 'vsampler[tpu]'). "
+            "Per configuration: compiled, or the compiler's own error; the VMEM the executable uses against "
+            "the limit the block-size policy set; the HBM bytes one call moves against one read of the "
+            "logits, and the time that implies at the generation's HBM bandwidth (an estimate, not a "
+            "measurement). Configurations the policy does not claim (too large for the generation's VMEM) "
+            "are listed as such. Exits 1 if a claimed configuration fails to compile."
+        ),
+    )
+    cc.add_argument(
+        "--tpu",
+        type=_choice_list(("v4", "v5e", "v5p", "v6e")),
+        default=("v4", "v5e", "v5p", "v6e"),
+        help="comma-separated TPU generations (default v4,v5e,v5p,v6e)",
+    )
+    cc.add_argument("--gpu", action="store_true", help="also lower the GPU (Triton) variant for CUDA")
+    cc.add_argument("--quick", action="store_true", help="B=8, V in {32000, 128256}")
+    cc.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 1,8,64,256)")
+    cc.add_argument(
+        "--vocab", type=_int_list, default=None, help="vocabulary sizes (default 1000,32000,50257,128256,152064,256000)"
+    )
+    cc.add_argument(
         "--dtype",
         type=_choice_list(("float32", "bfloat16")),
         default=None,
@@ -258,6 +291,73 @@ def _run_verify(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if failures or dist_failures else EXIT_OK
 
 
+def _run_compile_check(args: argparse.Namespace) -> int:
+    import itertools
+
+    from vsampler import compile_check
+    from vsampler.kernels import block_sizes
+
+    if args.gpu:
+        print(
+            "vsampler compile-check: --gpu: the kernel has no GPU (Triton) variant yet; nothing to lower",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    batches = args.batch or ((8,) if args.quick else (1, 8, 64, 256))
+    vocabs = args.vocab or ((32000, 128256) if args.quick else (1000, 32000, 50257, 128256, 152064, 256000))
+    dtypes = args.dtype or ("float32", "bfloat16")
+    try:
+        compile_check.tpu_device(args.tpu[0])
+    except compile_check.TpuCompilerUnavailable as err:
+        print(f"vsampler compile-check: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    configs = list(itertools.product(args.tpu, vocabs, dtypes, batches))
+    ui = _ui()
+    ui.header("vsampler compile-check", _environment())
+    rows, failures, unclaimed = [], 0, 0
+    mib = 1 << 20
+    with ui.progress(len(configs)) as advance:
+        for gen, vocab, dtype, batch in configs:
+            r = compile_check.compile_tpu(gen, batch, vocab, dtype)
+            label = [gen, str(batch), str(vocab), dtype]
+            if r.ok:
+                bw = block_sizes.TPU_GENERATIONS[gen].hbm_bytes_per_s
+                rows.append(
+                    [
+                        *label,
+                        "compiled",
+                        f"{r.vmem_used_bytes / mib:.1f} / {r.vmem_limit_bytes / mib:.0f}",
+                        f"{r.hbm_bytes / r.logits_bytes:.3f}x of {r.logits_bytes / mib:.1f} MiB",
+                        f"~{r.estimated_seconds() * 1e6:.0f} us (floor ~{r.logits_bytes / bw * 1e6:.0f} us)",
+                    ]
+                )
+            elif r.block_rows == 0:  # refused by the policy: not a claimed configuration
+                unclaimed += 1
+                rows.append([*label, "not claimed", r.error.split(") needs ")[-1], "", ""])
+            else:
+                failures += 1
+                rows.append([*label, "FAILED", r.error, "", ""])
+            advance(f"{gen} B={batch} V={vocab} {dtype}")
+    ui.rows(
+        [
+            "gen",
+            "B",
+            "V",
+            "dtype",
+            "result",
+            "VMEM used / limit (MiB)",
+            "HBM moved per call",
+            "implied time (estimate)",
+        ],
+        rows,
+    )
+    ui.note(
+        f"{len(configs)} configurations: {len(configs) - failures - unclaimed} compiled, {failures} failed, "
+        f"{unclaimed} not claimed (over the generation's VMEM: a vocabulary-tiled kernel is future work)"
+    )
+    return EXIT_MISMATCH if failures else EXIT_OK
+
+
 def _yes(flag: bool) -> str:
     return "equal" if flag else "DIFFERENT"
 
@@ -375,9 +475,9 @@ class _RichUI(_PlainUI):
 
         table = Table()
         for col in columns:
-            table.add_column(col, no_wrap=True)
+            table.add_column(col, overflow="fold")
         for row in rows:
-            table.add_row(*[f"[red]{c}" if c in ("MISMATCH", "DIFFERENT") else c for c in row])
+            table.add_row(*[f"[red]{c}" if c in ("MISMATCH", "DIFFERENT", "FAILED") else c for c in row])
         self.console.print(table)
 
     def note(self, text: str) -> None:
@@ -407,7 +507,9 @@ def _skip_absent_tpu() -> None:
         if importlib.util.find_spec(name) is not None
     ]
     if not gpu_plugins:
-        os.environ["JAX_PLATFORMS"] = "cpu"
+        import jax  # imported already with the package; backends start later, on first use
+
+        jax.config.update("jax_platforms", "cpu")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -417,6 +519,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_bench(args)
     if args.command == "verify":
         return _run_verify(args)
+    if args.command == "compile-check":
+        return _run_compile_check(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
 
 

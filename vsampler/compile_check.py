@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 
 import jax
@@ -58,6 +59,8 @@ def vmem_used(hlo_text: str) -> int:
 
 @functools.cache
 def tpu_device(generation: str) -> jax.Device:
+    # deviceless compilation touches no TPU: it need not hold libtpu's one-process-per-host lock
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         from jax.experimental import topologies
 
