@@ -87,3 +87,18 @@ def plan(batch: int, vocab: int, dtype: np.dtype | str, generation: str | None) 
             f"{needed / MiB:.1f} MiB of VMEM, over {generation}'s {budget / MiB:.0f} MiB budget"
         )
     return BlockPlan(block_rows, padded, needed, min(budget, int(needed * 1.25) + 4 * MiB))
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuPlan:
+    chunk: int  # values per masked load: a power of two (Triton arrays must be)
+    num_warps: int
+
+
+def gpu_plan(vocab: int) -> GpuPlan:
+    """Chunk and warps for the Triton variant: one program per row loops over the row in chunks; a chunk of
+    2048 float32 values is 16 per thread at 4 warps, large enough to hide load latency, small enough to
+    stay in registers with the few temporaries a pass keeps."""
+    if vocab <= 4096:
+        return GpuPlan(chunk=max(128, 1 << (vocab - 1).bit_length()) if vocab < 2048 else 2048, num_warps=4)
+    return GpuPlan(chunk=2048 if vocab < 65536 else 4096, num_warps=4 if vocab < 65536 else 8)

@@ -48,7 +48,7 @@ def test_bad_arguments_exit_2(argv):
 
 
 def test_verify_reports_agreement_and_exits_0(capsys):
-    code = main(["verify", "--impl", "all", "--batch", "2", "--vocab", "300", "--dtype", "float32"])
+    code = main(["verify", "--impl", "xla,pallas-triton", "--batch", "2", "--vocab", "300", "--dtype", "float32"])
     assert code == EXIT_OK
     out = capsys.readouterr().out
     assert "4 cases, 0 disagree; token agreement 8/8 rows (100.00%); distribution checks: 0 failed" in out
@@ -76,6 +76,8 @@ def test_compile_check_compiles_or_reports_not_claimed(capsys):
     assert "4 configurations: 3 compiled, 0 failed, 1 not claimed" in out
 
 
-def test_compile_check_gpu_is_a_clear_usage_error(capsys):
-    assert main(["compile-check", "--gpu"]) == 2
-    assert "no GPU (Triton) variant yet" in capsys.readouterr().err
+def test_compile_check_lowers_the_triton_variant(capsys):
+    pytest.importorskip("libtpu")
+    code = main(["compile-check", "--tpu", "v5e", "--gpu", "--batch", "4", "--vocab", "1000", "--dtype", "float32"])
+    assert code == EXIT_OK
+    assert "GPU: 1/1 configurations lowered to Triton" in capsys.readouterr().out

@@ -49,22 +49,41 @@ def test_each_stage_bfloat16_odd_vocab(case):
     compare("pallas", "ties", case, 8, 50257, "bfloat16")
 
 
-def test_finished_rows_emit_pad_and_eos_finishes_a_row():
+@pytest.mark.parametrize("case", ["combined", "heterogeneous", "top_k_large", "greedy", "min_p"])
+def test_triton_variant_each_stage(case):
+    compare("pallas-triton", "normal", case, 8, 1000, "float32")
+
+
+@pytest.mark.parametrize("kind", ["ties", "one_finite", "nan"])
+def test_triton_variant_hard_logits(kind):
+    compare("pallas-triton", kind, "heterogeneous", 3, 5000, "bfloat16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("vocab", [32000, 50257, 128256, 256000])
+def test_triton_variant_grid(vocab, dtype):
+    compare("pallas-triton", "normal", "heterogeneous", 8, vocab, dtype)
+
+
+@pytest.mark.parametrize("variant", ["tpu", "triton"])
+def test_finished_rows_emit_pad_and_eos_finishes_a_row(variant):
     logits = jnp.full((4, 10), -5.0).at[:, 3].set(5.0).at[1, 7].set(9.0)  # row 1's argmax is 7
     params = SamplingParams(temperature=0.0)
     inp = prepare(logits, params, None, eos_token_id=[7, 9])
     finished = jnp.asarray([False, False, True, False])
-    tokens, new_finished, _ = pallas_impl.launch(inp, finished=finished, pad_token_id=0)
+    tokens, new_finished, _ = pallas_impl.launch(inp, finished=finished, pad_token_id=0, variant=variant)
     np.testing.assert_array_equal(tokens, [3, 7, 0, 3])
     np.testing.assert_array_equal(new_finished, [False, True, True, False])
 
 
-def test_kernel_stats_rebuild_the_normaliser():
+@pytest.mark.parametrize("variant", ["tpu", "triton"])
+def test_kernel_stats_rebuild_the_normaliser(variant):
     x = jax.random.normal(jax.random.key(3), (8, 2000)) * 3
     params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9)
     inp = prepare(x, params, jax.random.key(0))
-    _, _, stats = pallas_impl.launch(inp)
-    warped = np.asarray(pallas_impl.process_logits(inp))
+    _, _, stats = pallas_impl.launch(inp, variant=variant)
+    warped = np.asarray(pallas_impl.process_logits(inp, variant=variant))
     kept = warped > -np.inf
     s_max = np.asarray(stats[:, 1])
     mass = np.where(kept, np.exp(warped - s_max[:, None]), 0.0).sum(axis=1)

@@ -1,5 +1,6 @@
 """The fused kernel compiles for real TPUs through libtpu's deviceless AOT (the `tpu` extra), with
-the VMEM it uses read from the compiled executable and within the limit the policy set."""
+the VMEM it uses read from the compiled executable and within the limit the policy set; its GPU
+variant lowers to Triton for CUDA (jax.export, no GPU needed)."""
 
 import pytest
 from vsampler.kernels import block_sizes
@@ -43,3 +44,14 @@ def test_policy_refuses_what_does_not_fit_with_the_numbers():
     assert (small.block_rows, small.padded_batch) == (3, 3)
     big = block_sizes.plan(20, 1000, "bfloat16", "v5e")
     assert (big.block_rows, big.padded_batch) == (16, 32)
+
+
+@pytest.mark.parametrize(
+    ("batch", "vocab", "dtype"),
+    [(1, 1000, "float32"), (8, 50257, "bfloat16"), (64, 128256, "float32"), (256, 256000, "bfloat16")],
+)
+def test_triton_variant_lowers_for_cuda(batch, vocab, dtype):
+    result = compile_check.lower_triton(batch, vocab, dtype)
+    assert result.ok, result.error
+    assert result.kernels == 1  # one fused launch
+    assert result.chunk & (result.chunk - 1) == 0  # power-of-two chunks

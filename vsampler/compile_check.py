@@ -125,3 +125,56 @@ def compile_tpu(
     result.output_bytes = int(stats.output_size_in_bytes)
     result.logits_bytes = batch * vocab * jnp.dtype(dtype).itemsize
     return result
+
+
+@dataclasses.dataclass
+class TritonLowering:
+    batch: int
+    vocab: int
+    dtype: str
+    ok: bool
+    error: str = ""
+    chunk: int = 0
+    num_warps: int = 0
+    kernels: int = 0  # Triton custom calls in the exported module
+
+
+def lower_triton(batch: int, vocab: int, dtype: str = "float32") -> TritonLowering:
+    """Lowers the kernel's GPU variant to Triton for CUDA with `jax.export`, without a GPU (the Triton
+    custom call's compatibility check is disabled: only the lowering is being checked)."""
+    from jax import export
+
+    from vsampler.kernels import sampler_triton
+
+    plan = block_sizes.gpu_plan(vocab)
+    result = TritonLowering(batch, vocab, dtype, ok=False, chunk=plan.chunk, num_warps=plan.num_warps)
+    fn = functools.partial(
+        sampler_triton.fused_sample_triton,
+        pad_id=0,
+        top_k=True,
+        top_p=True,
+        min_p=True,
+        random=True,
+        chunk=plan.chunk,
+        num_warps=plan.num_warps,
+        interpret=False,
+    )
+    args = (
+        jax.ShapeDtypeStruct((batch, vocab), jnp.dtype(dtype)),
+        jax.ShapeDtypeStruct((batch, kernel.ROW_COLUMNS), jnp.float32),
+        jax.ShapeDtypeStruct((2,), jnp.int32),
+    )
+    try:
+        exported = export.export(
+            jax.jit(fn),
+            platforms=["cuda"],
+            disabled_checks=[export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*args)
+    except Exception as err:
+        result.error = str(err).strip().splitlines()[0][:500]
+        return result
+    result.kernels = exported.mlir_module().count("__gpu$xla.gpu.triton")
+    result.ok = result.kernels > 0
+    if not result.ok:
+        result.error = "the exported module holds no Triton kernel"
+    return result

@@ -1,8 +1,9 @@
 """impl="pallas": the fused Pallas kernel (`vsampler.kernels.sampler`) behind the common input contract.
 
-On TPU the kernel is compiled by Mosaic with the block-size policy of `vsampler.kernels.block_sizes`;
-on CPU it runs in Pallas interpret mode (for verification only: slow, but the same kernel code). The
-GPU (Triton) variant is not written yet: on GPU this impl raises, and impl="auto" picks xla.
+Two variants of one kernel: "tpu" (`vsampler.kernels.sampler`: a block of rows resident in VMEM, compiled
+by Mosaic with the policy of `vsampler.kernels.block_sizes`) and "triton" (`vsampler.kernels.sampler_triton`:
+one program per row over power-of-two chunks). The backend picks the variant; on CPU both run in Pallas
+interpret mode (for verification only: slow, but the same kernel code), the TPU variant by default.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 
 from vsampler import penalties, reference
 from vsampler.inputs import SamplerInputs
-from vsampler.kernels import block_sizes
+from vsampler.kernels import block_sizes, sampler_triton
 from vsampler.kernels import sampler as kernel
 
 NEG_INF = float("-inf")
@@ -43,58 +44,83 @@ def launch(
     pad_token_id: int = 0,
     generation: str | None = None,
     interpret: bool | None = None,
+    variant: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Runs the kernel: (tokens (B,) int32, finished (B,) bool, stats (B, 4) float32).
 
     `finished` rows emit `pad_token_id`; a row whose token is one of `inp.eos_ids` comes back finished.
-    `generation` picks the TPU block-size policy (default: the device's); `interpret` defaults to
-    "not on TPU".
+    `generation` picks the TPU block-size policy (default: the device's); `variant` is "tpu" or "triton"
+    (default: "triton" on GPU, else "tpu"); `interpret` defaults to "on neither TPU nor GPU".
     """
-    if jax.default_backend() == "gpu" and not interpret:
-        raise ValueError(
-            "impl='pallas' has no GPU (Triton) variant yet; use impl='xla' (what impl='auto' picks on GPU)"
-        )
+    backend = jax.default_backend()
+    variant = variant or ("triton" if backend == "gpu" else "tpu")
+    if variant not in ("tpu", "triton"):
+        raise ValueError(f"variant must be 'tpu' or 'triton', got {variant!r}")
+    if interpret is None:
+        interpret = backend not in ("tpu", "gpu")
     x = penalties.penalised_logits(inp)
     batch, vocab = x.shape
-    if interpret is None:
-        interpret = jax.default_backend() != "tpu"
+    rows = _packed_rows(inp, finished)
+    eos = inp.eos_ids if inp.eos_ids is not None else jnp.full((1,), -1, jnp.int32)
+    stages = {
+        "top_k": inp.stages.top_k,
+        "top_p": inp.stages.top_p,
+        "min_p": inp.stages.min_p,
+        "random": inp.stages.random,
+    }
+    if variant == "triton":
+        width = 1 << (eos.shape[0] - 1).bit_length()  # Triton arrays: power-of-two shapes
+        eos = jnp.pad(eos.astype(jnp.int32), (0, width - eos.shape[0]), constant_values=-1)
+        gpu = block_sizes.gpu_plan(vocab)
+        tokens, new_finished, stats = sampler_triton.fused_sample_triton(
+            x,
+            rows,
+            eos,
+            pad_id=pad_token_id,
+            chunk=gpu.chunk,
+            num_warps=gpu.num_warps,
+            interpret=interpret,
+            **stages,
+        )
+        return tokens[:, 0], new_finished[:, 0] > 0, stats
     if generation is None and not interpret:
         generation = tpu_generation()
     plan = block_sizes.plan(batch, vocab, x.dtype, None if interpret else generation)
-    p = inp.params
-    u = inp.u if inp.u is not None else jnp.zeros((batch,), jnp.float32)
-    done = jnp.zeros((batch,), jnp.float32) if finished is None else finished.astype(jnp.float32)
-    zeros = jnp.zeros((batch,), jnp.float32)
-    rows = jnp.stack([p.temperature, p.top_k.astype(jnp.float32), p.top_p, p.min_p, u, done, zeros, zeros], axis=1)
     pad = plan.padded_batch - batch
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
         rows = jnp.pad(rows, ((0, pad), (0, 0)))
-    eos = inp.eos_ids if inp.eos_ids is not None else jnp.full((1,), -1, jnp.int32)
     tokens, new_finished, stats = kernel.fused_sample(
         x,
         rows,
         eos.reshape(1, -1).astype(jnp.int32),
         pad_id=pad_token_id,
-        top_k=inp.stages.top_k,
-        top_p=inp.stages.top_p,
-        min_p=inp.stages.min_p,
-        random=inp.stages.random,
         block_rows=plan.block_rows,
         vmem_limit_bytes=plan.vmem_limit_bytes,
         interpret=interpret,
+        **stages,
     )
     return tokens[:batch, 0], new_finished[:batch, 0] > 0, stats[:batch]
 
 
-def sample(inp: SamplerInputs) -> jax.Array:
+def _packed_rows(inp: SamplerInputs, finished: jax.Array | None) -> jax.Array:
+    """The per-row parameters as the kernels read them: (B, 8) float32, columns as in `kernel`."""
+    p = inp.params
+    batch = p.temperature.shape[0]
+    u = inp.u if inp.u is not None else jnp.zeros((batch,), jnp.float32)
+    done = jnp.zeros((batch,), jnp.float32) if finished is None else finished.astype(jnp.float32)
+    zeros = jnp.zeros((batch,), jnp.float32)
+    return jnp.stack([p.temperature, p.top_k.astype(jnp.float32), p.top_p, p.min_p, u, done, zeros, zeros], axis=1)
+
+
+def sample(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
     """The token per row, `(B,)` int32, from one kernel launch."""
-    return launch(inp)[0]
+    return launch(inp, variant=variant)[0]
 
 
-def process_logits(inp: SamplerInputs) -> jax.Array:
+def process_logits(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
     """The warped logits rebuilt from the kernel's per-row values (threshold, maximum, token)."""
-    tokens, _, stats = launch(inp)
+    tokens, _, stats = launch(inp, variant=variant)
     x = reference.penalised_logits(inp)
     p = inp.params
     greedy = (p.temperature == 0.0)[:, None]

@@ -38,11 +38,14 @@ _SAMPLERS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
     "reference": reference.sample,
     "xla": xla.sample,
     "pallas": pallas.sample,
+    # the kernel's GPU (Triton) variant by name, to verify it off GPU (interpret mode)
+    "pallas-triton": functools.partial(pallas.sample, variant="triton"),
 }
 _PROCESSORS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
     "reference": reference.process_logits,
     "xla": xla.process_logits,
     "pallas": pallas.process_logits,
+    "pallas-triton": functools.partial(pallas.process_logits, variant="triton"),
 }
 
 
@@ -53,13 +56,12 @@ def available_impls() -> tuple[str, ...]:
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:
     """Maps `impl` to a concrete implementation: "auto" is pallas on TPU/GPU, xla on CPU, when present."""
-    if impl not in IMPL_NAMES:
+    if impl not in IMPL_NAMES and impl not in _SAMPLERS:
         raise ValueError(f"impl must be one of {IMPL_NAMES}, got {impl!r}")
     if impl == "auto":
         backend = backend or jax.default_backend()
-        # pallas on TPU; on GPU xla until the kernel's Triton variant exists; xla on CPU (the kernel runs
-        # there in interpret mode, for verification only)
-        preferred = ("pallas", "xla") if backend == "tpu" else ("xla",)
+        # pallas on TPU and GPU; xla on CPU (the kernel runs there in interpret mode, for verification only)
+        preferred = ("pallas", "xla") if backend in ("tpu", "gpu") else ("xla",)
         return next((name for name in preferred if name in _SAMPLERS), "reference")
     if impl not in _SAMPLERS:
         raise ValueError(f"impl={impl!r} is not available in this version of vsampler; available: {available_impls()}")
