@@ -88,10 +88,11 @@ def test_reference_matches_the_numpy_definition(case):
             np.testing.assert_allclose(out[i][got], (x / c["t"][i])[got], rtol=1e-6)
 
 
-@given(cases())
-def test_xla_equals_the_reference_on_random_inputs(case):
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton"])
+@given(case=cases())
+def test_fast_paths_equal_the_reference_on_random_inputs(impl, case):
     want, want_tokens = _run(*_args(case))
-    got, tokens = _run(*_args(case), impl="xla")
+    got, tokens = _run(*_args(case), impl=impl)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
 
