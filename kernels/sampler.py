@@ -45,15 +45,15 @@ STAT_COLUMNS = 4
 
 
 def _column_max(a: jax.Array) -> jax.Array:
-    return jnp.max(a, axis=1, keepdims=True)
+    return jnp.max(a, axis=-1, keepdims=True)
 
 
 def _column_min(a: jax.Array) -> jax.Array:
-    return jnp.min(a, axis=1, keepdims=True)
+    return jnp.min(a, axis=-1, keepdims=True)
 
 
 def _column_sum(a: jax.Array) -> jax.Array:
-    return jnp.sum(a, axis=1, keepdims=True)
+    return jnp.sum(a, axis=-1, keepdims=True)
 
 
 def largest_value_with(
@@ -64,9 +64,15 @@ def largest_value_with(
     hi: jax.Array,
     active: jax.Array,
 ) -> jax.Array:
-    """Per row: the largest value v of `s` with `statistic(v) >= target` (see `vsampler.xla`).
+    """Per row of `s` ((R, V) with (R, 1) columns, or one (V,) row with (1,) values): the largest value v
+    of the row with `statistic(v) >= target`. The one search every sampler here uses (the XLA path too).
 
-    Needs `statistic(lo) >= target` on active rows; `hi` is the row maximum. Inactive rows return lo.
+    `statistic(t)` must be non-increasing in t and change only at the row's values (a count or a mass of
+    the values >= t), with `statistic(lo) >= target` on active rows; `hi` is the row maximum. Inactive
+    rows return lo. `PLAIN_PASSES` plain bisection passes (one reduction each) narrow the bracket; then
+    each pass also snaps both ends to the row's own values (the smallest value >= the split, the largest
+    below it) in the same fused loop, and the search ends when the ends meet: about log2 of the number
+    of distinct values in the bracket passes in all, never 32 regardless of the data.
     """
 
     def plain(_: int, bracket: tuple) -> tuple:

@@ -39,14 +39,13 @@ from jax import lax
 
 from vsampler import penalties
 from vsampler.inputs import SamplerInputs
+from vsampler.kernels import sampler as kernel
 from vsampler.params import Stages
 
 NEG_INF = float("-inf")
 K_CANDIDATES = 64  # static width of the exact top-k candidate path
 CHUNK = 128  # vocabulary chunk for candidate selection and the two-pass draw
 GROUP = 32  # chunks per group in the draw's prefix search
-PLAIN_PASSES = 6  # bisection passes before the value-snapping ones (see largest_value_with)
-MAX_BISECTION_PASSES = 96  # a safety bound; the band test stops far sooner (see largest_value_with)
 
 
 # ------------------------------------------------------------------------------- stage 5, per row
@@ -99,40 +98,13 @@ def first_index_of_max(x: jax.Array, row_max: jax.Array) -> jax.Array:
 def largest_value_with(
     statistic: Callable[[jax.Array], jax.Array], target: jax.Array, s: jax.Array, lo: jax.Array, hi: jax.Array
 ) -> jax.Array:
-    """The largest value v of the row `s` with `statistic(v) >= target`.
-
-    `statistic(t)` must be non-increasing in t and change only at the row's values (a count or a mass
-    of the values >= t), with `statistic(lo) >= target`; `hi` (the row's maximum) bounds the answer.
-
-    `PLAIN_PASSES` plain bisection passes (one reduction each) narrow the bracket first; then each
-    pass also snaps both ends to the row's own values (the smallest value >= the split, the largest
-    below it) in the same fused loop, and the search ends when the ends meet: about log2 of the number
-    of distinct values in the bracket passes in all, never 32 regardless of the data.
-    """
-
-    def plain(_: int, bracket: tuple) -> tuple:
-        lo_, hi_ = bracket
-        mid = lo_ + (hi_ - lo_) * 0.5
-        reaches = statistic(mid) >= target
-        return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
-
-    def snap_up(t: jax.Array) -> jax.Array:
-        return jnp.min(jnp.where(s >= t, s, jnp.inf))
-
-    def body(state: tuple) -> tuple:
-        lo_, hi_, passes = state
-        mid = lo_ + (hi_ - lo_) * 0.5
-        mid = jnp.where(mid <= lo_, hi_, mid)  # no float strictly between the ends
-        reaches = statistic(mid) >= target
-        above = snap_up(mid)  # the answer is >= this when the split reaches the target
-        below = jnp.max(jnp.where(s < mid, s, NEG_INF))  # ... and <= this when it does not
-        return jnp.where(reaches, above, lo_), jnp.where(reaches, hi_, below), passes + 1
-
-    lo, hi_open = lax.fori_loop(0, PLAIN_PASSES, plain, (lo, hi))
-    # statistic(lo) >= target still; the answer is below hi_open unless hi_open is the maximum itself
-    hi = jnp.where(hi_open < hi, jnp.max(jnp.where(s < hi_open, s, NEG_INF)), hi)
-    state = lax.while_loop(lambda st: (st[0] < st[1]) & (st[2] < MAX_BISECTION_PASSES), body, (snap_up(lo), hi, 0))
-    return state[0]
+    """The largest value v of the row `s` with `statistic(v) >= target`, given `statistic(lo) >= target`
+    and `hi` the row's maximum: the kernel's search (`vsampler.kernels.sampler.largest_value_with`)
+    on one row."""
+    found = kernel.largest_value_with(
+        statistic, target, s, jnp.reshape(lo, (1,)), jnp.reshape(hi, (1,)), jnp.ones((1,), bool)
+    )
+    return found[0]
 
 
 class _Row(NamedTuple):
