@@ -7,8 +7,9 @@ import pytest
 from vsampler.cli import EXIT_OK, main
 
 
-def test_bench_runs_checks_and_writes_json(tmp_path, capsys):
+def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys):
     out = tmp_path / "bench.json"
+    png = tmp_path / "bench.png"
     code = main(
         [
             "bench",
@@ -24,6 +25,8 @@ def test_bench_runs_checks_and_writes_json(tmp_path, capsys):
             "1",
             "--json",
             str(out),
+            "--plot",
+            str(png),
         ]
     )
     assert code == EXIT_OK
@@ -35,6 +38,7 @@ def test_bench_runs_checks_and_writes_json(tmp_path, capsys):
         assert r["verified"] and r["agree_rows"] == r["rows"] == 2
         assert r["median_ms"] > 0 and r["x_floor"] > 0 and r["speedup_vs_categorical"] > 0
     assert "measurements, 0 failed verification" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.parametrize(

@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median is kept")
     bench.add_argument("--no-peers", action="store_true", help="time vsampler's implementations only")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    bench.add_argument("--plot", metavar="PATH", help="also draw the speedups per workload as a PNG at PATH")
 
     verify = sub.add_parser(
         "verify",
@@ -97,9 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument(
         "--impl",
-        type=_choice_list(("xla", "pallas", "all")),
+        type=_choice_list(("xla", "pallas", "pallas-triton", "all")),
         default=("xla",),
-        help="implementation(s) to check: xla, pallas or all (default xla)",
+        help="implementation(s) to check: xla, pallas (the kernel's variant for this backend), pallas-triton "
+        "(its GPU variant, wherever it runs) or all (default xla)",
     )
     verify.add_argument("--quick", action="store_true", help="a short grid: B in {1, 8}, V in {1000, 32000}")
     verify.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 1,3,8,64)")
@@ -175,6 +177,11 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1:
         print("vsampler bench: --repeats must be >= 1", file=sys.stderr)
         return EXIT_USAGE
+    if args.plot and args.no_peers:
+        print(
+            "vsampler bench: --plot draws speedups over the peers; it cannot be used with --no-peers", file=sys.stderr
+        )
+        return EXIT_USAGE
     batches = args.batch or ((1, 8) if args.quick else workloads.DEFAULT_BATCHES)
     vocabs = args.vocab or ((32000,) if args.quick else workloads.DEFAULT_VOCABS)
     dtypes = args.dtype or (("float32",) if args.quick else workloads.DEFAULT_DTYPES)
@@ -183,7 +190,9 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     import jax
 
-    native = [impl for impl in sampling.available_impls() if impl != "pallas" or jax.default_backend() == "tpu"]
+    # the kernel is timed only where it runs compiled (on GPU "pallas" is its Triton variant already)
+    on_accelerator = jax.default_backend() in ("tpu", "gpu")
+    native = [i for i in sampling.available_impls() if not i.startswith("pallas") or (i == "pallas" and on_accelerator)]
     runners: dict[str, bm.Runner] = {impl: bm.impl_runner(impl) for impl in native}
     peers: dict[str, bm.Runner] = {}
     notes: list[str] = []
@@ -241,6 +250,13 @@ def _run_bench(args: argparse.Namespace) -> int:
         ui.note(note)
     summary = f"{len(results)} measurements, {failures} failed verification"
     ui.note(summary)
+    if args.plot:
+        from vsampler.plotting import plot_speedups
+
+        plot_speedups(
+            results, list(peers), args.plot, f"vsampler bench on {env['device']} ({env['machine']}), jax {env['jax']}"
+        )
+        ui.note(f"plot written to {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"environment": env, "notes": notes, "results": results}, f, indent=2)
