@@ -6,3 +6,15 @@ import hypothesis
 
 hypothesis.settings.register_profile("vsampler", deadline=None, max_examples=60, print_blob=True)
 hypothesis.settings.load_profile("vsampler")
+
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Each test module compiles its own shapes: drop them afterwards so one long CI process does not
+    accumulate every executable of the suite."""
+    yield
+    jax.clear_caches()
