@@ -3,8 +3,8 @@
 
 How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUNK`):
 
-* penalties: gather the logits at the history's L ids, update them, scatter them back (duplicates
-  write the same value); per-slot counts come from an (L, L) comparison, never a (B, V) table.
+* penalties: `vsampler.penalties`, shared with every implementation: gather the logits at the
+  history's L ids, update them, scatter them back; never a (B, V) table.
 * greedy: one `max` pass, then the first index equal to it (`jnp.argmax` is ~13x slower on CPU).
 * top-k, k <= `K_CANDIDATES`: exact top values from the chunks with the largest maxima (the top-K
   values of a row all lie in the K chunks whose maxima are largest); the k-th value is the threshold,
