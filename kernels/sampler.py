@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 NEG_INF = float("-inf")
-PLAIN_PASSES = 6  # plain bisection passes before the snapping ones
+PLAIN_PASSES = 12  # plain bisection passes before the snapping ones
 MAX_PASSES = 64  # a bound on the snapping passes (the ends meet long before on real data)
 
 # columns of the packed per-row parameter block
