@@ -3,6 +3,7 @@
 One launch per call; each grid step owns a block of R rows of the logits, resident in VMEM for every
 pass, and computes, vectorised over its rows (per-row values are (R, 1) columns):
 
+  stage 4   the min_tokens EOS mask (the row's "too early" flag is computed from its history outside)
   stage 5   NaN -> -inf; a row holding +inf keeps its +inf tokens (as 0), drops the rest
   stage 6   greedy rows: the first index of the maximum; others: s = x * (1 / T), e = exp(s - max s)
   stage 7   top-k: the k-th largest value by a count search (`largest_value_with`)
@@ -14,8 +15,8 @@ pass, and computes, vectorised over its rows (per-row values are (R, 1) columns)
 
 It writes per row only the token, the new finished flag and three floats (the kept threshold in
 scaled-logit units, the row's scaled maximum, the kept mass), never a (B, V) array: `process_logits`
-and log-probabilities are rebuilt from those. Stages 1-4 (bias, penalties, min_tokens) are the shared
-sparse `vsampler.penalties` pass that runs before the kernel.
+and log-probabilities are rebuilt from those. Stages 1-3 (bias and penalties) are the shared sparse
+`vsampler.penalties` pass that runs before the kernel (an O(B * L) scatter: it reads no logits).
 
 The searches are the same as the XLA path's (`vsampler.xla`): value bisection whose ends snap to the
 row's own values, so thresholds are exact token values and the kept sets equal the reference's.
@@ -37,7 +38,7 @@ PLAIN_PASSES = 12  # plain bisection passes before the snapping ones
 MAX_PASSES = 64  # a bound on the snapping passes (the ends meet long before on real data)
 
 # columns of the packed per-row parameter block
-T, TOP_K, TOP_P, MIN_P, U, FINISHED = range(6)
+T, TOP_K, TOP_P, MIN_P, U, FINISHED, EOS_TOO_EARLY = range(7)
 ROW_COLUMNS = 8
 # columns of the per-row statistics output
 THRESHOLD, S_MAX, KEPT_MASS = range(3)
@@ -124,6 +125,7 @@ def fused_sampler_kernel(
     top_p: bool,
     min_p: bool,
     random: bool,
+    min_tokens: bool,
 ) -> None:
     """One block of rows: x (R, V), rows (R, 8) packed parameters, eos (1, E) -> token (R, 1),
     finished (R, 1), stats (R, 4)."""
@@ -131,6 +133,13 @@ def fused_sampler_kernel(
     rows = rows_ref[...]
     temperature = rows[:, T : T + 1]
     finished = rows[:, FINISHED : FINISHED + 1] > 0
+    eos = eos_ref[...]  # (1, E), -1 = none
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+
+    # stage 4: EOS ids are -inf while the row has generated fewer than min_tokens tokens
+    if min_tokens:
+        is_eos_id = functools.reduce(jnp.logical_or, [iota == eos[:, e : e + 1] for e in range(eos.shape[1])])
+        x = jnp.where((rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0) & is_eos_id, NEG_INF, x)
 
     # stage 5: sanitising
     x = jnp.where(jnp.isnan(x), NEG_INF, x)
@@ -138,7 +147,6 @@ def fused_sampler_kernel(
     pos_inf = x_max == jnp.inf
     x = jnp.where(pos_inf, jnp.where(x == jnp.inf, 0.0, NEG_INF), x)
     x_max = jnp.where(pos_inf, 0.0, x_max)
-    iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
     first_max = _column_min(jnp.where(x == x_max, iota, vocab))
     first_max = jnp.where(first_max == vocab, 0, first_max)
 
@@ -207,7 +215,6 @@ def fused_sampler_kernel(
         token = jnp.where(greedy, first_max, sampled)
 
     # EOS: finished rows emit the pad id; sampling an EOS id finishes a row
-    eos = eos_ref[...]  # (1, E), -1 = none
     is_eos = _column_max(jnp.where(token == eos, 1, 0)) > 0
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
@@ -216,7 +223,17 @@ def fused_sampler_kernel(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("pad_id", "top_k", "top_p", "min_p", "random", "block_rows", "vmem_limit_bytes", "interpret"),
+    static_argnames=(
+        "pad_id",
+        "top_k",
+        "top_p",
+        "min_p",
+        "random",
+        "min_tokens",
+        "block_rows",
+        "vmem_limit_bytes",
+        "interpret",
+    ),
 )
 def fused_sample(
     logits: jax.Array,
@@ -229,6 +246,7 @@ def fused_sample(
     min_p: bool,
     random: bool,
     block_rows: int,
+    min_tokens: bool = False,
     vmem_limit_bytes: int | None,
     interpret: bool,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -237,7 +255,14 @@ def fused_sample(
     Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 4) float32."""
     batch, vocab = logits.shape
     kernel = functools.partial(
-        fused_sampler_kernel, vocab=vocab, pad_id=pad_id, top_k=top_k, top_p=top_p, min_p=min_p, random=random
+        fused_sampler_kernel,
+        vocab=vocab,
+        pad_id=pad_id,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        random=random,
+        min_tokens=min_tokens,
     )
     row_block = lambda i: (i, 0)  # noqa: E731
     compiler_params = None

@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from vsampler.kernels.sampler import (
+    EOS_TOO_EARLY,
     FINISHED,
     KEPT_MASS,
     MAX_PASSES,
@@ -58,15 +59,21 @@ def triton_sampler_kernel(
     top_p: bool,
     min_p: bool,
     random: bool,
+    min_tokens: bool,
 ) -> None:
     """One row: x (V,), rows (8,) packed parameters, eos (E,) -> token (1,), finished (1,), stats (4,)."""
     n_chunks = pl.cdiv(vocab, chunk)
     lane = jnp.arange(chunk, dtype=jnp.int32)
+    eos_ids = [eos_ref[e] for e in range(eos_ref.shape[0])] if min_tokens else []
+    too_early = rows_ref[EOS_TOO_EARLY] > 0 if min_tokens else False
 
     def raw_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
         index = c * chunk + lane
         v = plgpu.load(x_ref.at[pl.ds(c * chunk, chunk)], mask=index < vocab, other=NEG_INF)
         v = v.astype(jnp.float32)
+        if min_tokens:  # stage 4: the min_tokens EOS mask
+            is_eos_id = functools.reduce(jnp.logical_or, [index == e for e in eos_ids])
+            v = jnp.where(too_early & is_eos_id, NEG_INF, v)
         return index, jnp.where(jnp.isnan(v), NEG_INF, v)
 
     def reduce(step: Callable, init: tuple, load: Callable) -> tuple:
@@ -237,7 +244,7 @@ def triton_sampler_kernel(
 
 @functools.partial(
     jax.jit,
-    static_argnames=("pad_id", "top_k", "top_p", "min_p", "random", "chunk", "num_warps", "interpret"),
+    static_argnames=("pad_id", "top_k", "top_p", "min_p", "random", "min_tokens", "chunk", "num_warps", "interpret"),
 )
 def fused_sample_triton(
     logits: jax.Array,
@@ -252,6 +259,7 @@ def fused_sample_triton(
     chunk: int,
     num_warps: int,
     interpret: bool,
+    min_tokens: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """One program per row: logits (B, V), rows (B, 8) float32, eos (E,) int32 with E a power of two.
     Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 4) float32."""
@@ -265,6 +273,7 @@ def fused_sample_triton(
         top_p=top_p,
         min_p=min_p,
         random=random,
+        min_tokens=min_tokens,
     )
     row = lambda i: (i, 0)  # noqa: E731
     return pl.pallas_call(

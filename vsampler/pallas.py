@@ -58,7 +58,7 @@ def launch(
         raise ValueError(f"variant must be 'tpu' or 'triton', got {variant!r}")
     if interpret is None:
         interpret = backend not in ("tpu", "gpu")
-    x = penalties.penalised_logits(inp)
+    x = penalties.penalised_logits(inp, eos_mask=False)  # the kernels apply the min_tokens EOS mask
     batch, vocab = x.shape
     rows = _packed_rows(inp, finished)
     eos = inp.eos_ids if inp.eos_ids is not None else jnp.full((1,), -1, jnp.int32)
@@ -67,6 +67,7 @@ def launch(
         "top_p": inp.stages.top_p,
         "min_p": inp.stages.min_p,
         "random": inp.stages.random,
+        "min_tokens": penalties.masks_eos(inp),
     }
     if variant == "triton":
         width = 1 << (eos.shape[0] - 1).bit_length()  # Triton arrays: power-of-two shapes
@@ -109,8 +110,9 @@ def _packed_rows(inp: SamplerInputs, finished: jax.Array | None) -> jax.Array:
     batch = p.temperature.shape[0]
     u = inp.u if inp.u is not None else jnp.zeros((batch,), jnp.float32)
     done = jnp.zeros((batch,), jnp.float32) if finished is None else finished.astype(jnp.float32)
+    early = penalties.too_early_for_eos(inp).astype(jnp.float32) if penalties.masks_eos(inp) else jnp.zeros_like(u)
     zeros = jnp.zeros((batch,), jnp.float32)
-    return jnp.stack([p.temperature, p.top_k.astype(jnp.float32), p.top_p, p.min_p, u, done, zeros, zeros], axis=1)
+    return jnp.stack([p.temperature, p.top_k.astype(jnp.float32), p.top_p, p.min_p, u, done, early, zeros], axis=1)
 
 
 def sample(inp: SamplerInputs, variant: str | None = None) -> jax.Array:

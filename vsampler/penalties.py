@@ -20,18 +20,35 @@ from vsampler.inputs import SamplerInputs, history_masks
 NEG_INF = float("-inf")
 
 
-def active(inp: SamplerInputs) -> bool:
-    """Whether any of stages 1-4 can change the logits (static)."""
+def masks_eos(inp: SamplerInputs) -> bool:
+    """Whether stage 4 (the min_tokens EOS mask) can be active (static)."""
+    return inp.stages.min_tokens and inp.eos_ids is not None
+
+
+def active(inp: SamplerInputs, *, eos_mask: bool = True) -> bool:
+    """Whether any of stages 1-4 (stage 4 only with `eos_mask`) can change the logits (static)."""
     return (
         inp.bias_dense is not None
         or inp.bias_ids is not None
-        or inp.stages.min_tokens
+        or (eos_mask and masks_eos(inp))
         or (inp.history is not None and inp.stages.penalties)
     )
 
 
-def penalised_logits(inp: SamplerInputs) -> jax.Array:
+def too_early_for_eos(inp: SamplerInputs) -> jax.Array:
+    """(B,) bool: rows whose generated count (real history slots at positions >= prompt_len) is still
+    below min_tokens, whose EOS ids stage 4 masks."""
+    batch, vocab = inp.logits.shape
+    if inp.history is None:
+        n_generated = jnp.zeros((batch,), jnp.int32)
+    else:
+        n_generated = history_masks(inp.history, inp.prompt_len, vocab)[1].sum(axis=1)
+    return n_generated < inp.params.min_tokens
+
+
+def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
     """Stages 1-4, as float32 (B, V); the logits as given (dtype included) when none is active.
+    `eos_mask=False` leaves stage 4 to the caller (the fused kernels apply it themselves).
 
     1. bias: `x += bias` (a mapping adds at its ids; an array elementwise).
     2. repetition `r`, once per distinct token among the history's real slots (prompt + generated):
@@ -41,7 +58,7 @@ def penalised_logits(inp: SamplerInputs) -> jax.Array:
     4. min_tokens: EOS ids get -inf while the row's generated count (its real slots at positions
        >= prompt_len) is below min_tokens.
     """
-    if not active(inp):
+    if not active(inp, eos_mask=eos_mask):
         return inp.logits
     x = inp.logits.astype(jnp.float32)
     batch, vocab = x.shape
@@ -52,9 +69,8 @@ def penalised_logits(inp: SamplerInputs) -> jax.Array:
     if inp.bias_ids is not None:
         x = x.at[:, inp.bias_ids].add(inp.bias_values[None, :])
 
-    if inp.history is not None and (inp.stages.penalties or inp.stages.min_tokens):
-        valid, generated = history_masks(inp.history, inp.prompt_len, vocab)
     if inp.history is not None and inp.stages.penalties:
+        valid, generated = history_masks(inp.history, inp.prompt_len, vocab)
         ids = jnp.where(valid, inp.history, 0)
         same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :]  # (B, L, L)
         count = jnp.sum(same & generated[:, None, :], axis=2).astype(jnp.float32)  # generated occurrences
@@ -68,9 +84,8 @@ def penalised_logits(inp: SamplerInputs) -> jax.Array:
             v = v - rounded(p.frequency_penalty[:, None] * count)
         x = x.at[rows, jnp.where(valid, ids, vocab)].set(v, mode="drop")
 
-    if inp.stages.min_tokens and inp.eos_ids is not None:
-        n_generated = generated.sum(axis=1) if inp.history is not None else jnp.zeros((batch,), jnp.int32)
-        too_early = (n_generated < p.min_tokens)[:, None]
+    if eos_mask and masks_eos(inp):
+        too_early = too_early_for_eos(inp)[:, None]
         eos = jnp.where(inp.eos_ids >= 0, inp.eos_ids, vocab)[None, :]
         x = x.at[rows, eos].set(jnp.where(too_early, NEG_INF, x[rows, jnp.minimum(eos, vocab - 1)]), mode="drop")
 
