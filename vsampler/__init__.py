@@ -5,10 +5,32 @@ EasyDeL `vinference` names `SampleState`, `vInferenceConfig`, `vInferencePreComp
 `PartitionAxis`.
 """
 
-from vsampler.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig
-from vsampler.params import SamplingParams, Stages
-from vsampler.sampling import available_impls, process_logits, resolve_impl, sample
-from vsampler.state import SampleState
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
+
+def _kernels_from_source_checkout() -> None:
+    """Installed, `kernels/` is `vsampler.kernels`; run from a source checkout (PYTHONPATH=. on a machine
+    that can install nothing) it sits beside this package: register it under the same name."""
+    if _importlib_util.find_spec(__name__ + ".kernels") is not None:
+        return
+    path = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    init = _os.path.join(path, "__init__.py")
+    if not _os.path.isfile(init):
+        return
+    spec = _importlib_util.spec_from_file_location(__name__ + ".kernels", init, submodule_search_locations=[path])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_kernels_from_source_checkout()
+
+from vsampler.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig  # noqa: E402
+from vsampler.params import SamplingParams, Stages  # noqa: E402
+from vsampler.sampling import available_impls, process_logits, resolve_impl, sample  # noqa: E402
+from vsampler.state import SampleState  # noqa: E402
 
 __version__ = "0.1.0"
 
