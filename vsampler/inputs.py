@@ -144,11 +144,18 @@ def _check_history(history: Any, prompt_len: Any, batch: int) -> tuple[Any, jax.
         raise ValueError(
             f"prompt_len must be an integer scalar or a (B,) = ({batch},) integer array, got {pl.shape} {pl.dtype}"
         )
-    if not isinstance(prompt_len, jax.core.Tracer):
-        npl = np.asarray(prompt_len)
-        if np.any(npl < 0) or np.any(npl > history.shape[1]):
-            raise ValueError(f"prompt_len must lie in [0, L={history.shape[1]}], got {prompt_len!r}")
+    check_prompt_len_range(prompt_len, history.shape[1])
     return history, jnp.broadcast_to(pl.astype(jnp.int32), (batch,))
+
+
+def check_prompt_len_range(prompt_len: Any, history_len: int) -> None:
+    """Concrete integer prompt lengths must lie in [0, L]; traced ones cannot be checked (the masks then
+    count positions >= prompt_len as generated, whatever its value)."""
+    if prompt_len is None or isinstance(prompt_len, jax.core.Tracer):
+        return
+    npl = np.asarray(prompt_len)
+    if np.issubdtype(npl.dtype, np.integer) and (np.any(npl < 0) or np.any(npl > history_len)):
+        raise ValueError(f"prompt_len must lie in [0, L={history_len}], got {prompt_len!r}")
 
 
 def normalise_eos(eos_token_id: EosIds, vocab: int) -> jax.Array | None:

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from vsampler import pallas, reference, xla
-from vsampler.inputs import EosIds, SamplerInputs, prepare
+from vsampler.inputs import EosIds, SamplerInputs, check_prompt_len_range, prepare
 from vsampler.params import SamplingParams
 
 Impl = Literal["auto", "reference", "xla", "pallas"]
@@ -80,13 +80,9 @@ def _static_eos(eos_token_id: EosIds) -> tuple[tuple[int, ...] | None, Any]:
 
 
 def _check_prompt_len(prompt_len: Any, history: Any) -> None:
-    if prompt_len is None or history is None or isinstance(prompt_len, jax.core.Tracer):
-        return
-    if isinstance(history, jax.core.Tracer) or np.ndim(history) != 2:
-        return
-    npl = np.asarray(prompt_len)
-    if np.issubdtype(npl.dtype, np.integer) and (np.any(npl < 0) or np.any(npl > np.shape(history)[1])):
-        raise ValueError(f"prompt_len must lie in [0, L={np.shape(history)[1]}], got {prompt_len!r}")
+    """Checks concrete prompt lengths before jit turns them into tracers (shape errors come later)."""
+    if history is not None and np.ndim(history) == 2:
+        check_prompt_len_range(prompt_len, np.shape(history)[1])
 
 
 def _eos(static: tuple[int, ...] | None, dynamic: Any) -> Any:
