@@ -45,6 +45,16 @@ THRESHOLD, S_MAX, KEPT_MASS = range(3)
 STAT_COLUMNS = 4
 
 
+def output_shapes(batch: int) -> list[jax.ShapeDtypeStruct]:
+    """What both kernel variants write per call: tokens (B, 1) int32, finished flags (B, 1) int32 and
+    the per-row statistics (B, STAT_COLUMNS) float32."""
+    return [
+        jax.ShapeDtypeStruct((batch, 1), jnp.int32),
+        jax.ShapeDtypeStruct((batch, 1), jnp.int32),
+        jax.ShapeDtypeStruct((batch, STAT_COLUMNS), jnp.float32),
+    ]
+
+
 def _column_max(a: jax.Array) -> jax.Array:
     return jnp.max(a, axis=-1, keepdims=True)
 
@@ -283,11 +293,7 @@ def fused_sample(
             pl.BlockSpec((block_rows, 1), row_block),
             pl.BlockSpec((block_rows, STAT_COLUMNS), row_block),
         ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, 1), jnp.int32),
-            jax.ShapeDtypeStruct((batch, 1), jnp.int32),
-            jax.ShapeDtypeStruct((batch, STAT_COLUMNS), jnp.float32),
-        ],
+        out_shape=output_shapes(batch),
         compiler_params=compiler_params,
         interpret=interpret,
     )(logits, rows, eos)

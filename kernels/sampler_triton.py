@@ -39,6 +39,7 @@ from vsampler.kernels.sampler import (
     TOP_P,
     T,
     U,
+    output_shapes,
 )
 
 NEG_INF = float("-inf")
@@ -289,11 +290,7 @@ def fused_sample_triton(
             pl.BlockSpec((None, 1), row),
             pl.BlockSpec((None, STAT_COLUMNS), row),
         ],
-        out_shape=[
-            jax.ShapeDtypeStruct((batch, 1), jnp.int32),
-            jax.ShapeDtypeStruct((batch, 1), jnp.int32),
-            jax.ShapeDtypeStruct((batch, STAT_COLUMNS), jnp.float32),
-        ],
+        out_shape=output_shapes(batch),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
     )(logits, rows, eos)
