@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vsampler import pallas, reference, xla
@@ -109,6 +110,66 @@ def _process_jit(logits, params, history, prompt_len, eos_dynamic, *, eos_static
         draw=False,
     )
     return _PROCESSORS.get(impl, reference.process_logits)(inp)
+
+
+@functools.partial(jax.jit, static_argnames=("eos_static", "impl", "pad_token_id"))
+def _sample_step_jit(
+    logits, params, key, history, prompt_len, eos_dynamic, finished, *, eos_static, impl, pad_token_id
+):
+    inp = prepare(
+        logits, params, key, history=history, prompt_len=prompt_len, eos_token_id=_eos(eos_static, eos_dynamic)
+    )
+    finished = jnp.asarray(finished, bool)
+    if finished.shape != (logits.shape[0],):
+        raise ValueError(f"finished must be a ({logits.shape[0]},) bool array (one flag per row), got {finished.shape}")
+    if impl in ("pallas", "pallas-triton"):
+        tokens, new_finished, _ = pallas.launch(
+            inp, finished=finished, pad_token_id=pad_token_id, variant="triton" if impl == "pallas-triton" else None
+        )
+        return tokens, new_finished
+    tokens = _SAMPLERS[impl](inp)
+    if inp.eos_ids is not None:
+        finished_now = jnp.any(tokens[:, None] == inp.eos_ids[None, :], axis=1)
+    else:
+        finished_now = jnp.zeros_like(finished)
+    return jnp.where(finished, jnp.int32(pad_token_id), tokens), finished | finished_now
+
+
+def sample_step(
+    logits: jax.Array,
+    params: SamplingParams,
+    key: jax.Array,
+    *,
+    finished: jax.Array,
+    pad_token_id: int,
+    history: jax.Array | None = None,
+    prompt_len: jax.Array | int | None = None,
+    eos_token_id: EosIds = None,
+    impl: Impl = "auto",
+) -> tuple[jax.Array, jax.Array]:
+    """`sample` plus the EOS rule (spec stage 8), as a decode step needs it: `(tokens, finished)`.
+
+    `finished` (B,) bool: rows already done; they emit `pad_token_id` and stay finished. A row that
+    samples one of `eos_token_id` comes back finished (its EOS token is returned). On impl="pallas" this
+    is the kernel's own entry (one launch); the other implementations apply the rule after sampling.
+    `max_tokens` is the caller's: only it knows how many tokens each row has generated.
+    """
+    eos_static, eos_dynamic = _static_eos(eos_token_id)
+    _check_prompt_len(prompt_len, history)
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id must be a token id (an integer >= 0), got {pad_token_id!r}")
+    return _sample_step_jit(
+        logits,
+        params,
+        key,
+        history,
+        prompt_len,
+        eos_dynamic,
+        finished,
+        eos_static=eos_static,
+        impl=resolve_impl(impl),
+        pad_token_id=int(pad_token_id),
+    )
 
 
 def sample(
