@@ -1,8 +1,8 @@
 """vsampler: a fast, verified LLM token sampler for JAX.
 
-The public API: `SamplingParams`, `sample`, `process_logits` (usable inside any jitted step), and the
-EasyDeL `vinference` names `SampleState`, `vInferenceConfig`, `vInferencePreCompileConfig`,
-`PartitionAxis`.
+The public API: `SamplingParams`, `sample`, `process_logits`, `sample_step` (usable inside any jitted
+step), and the EasyDeL `vinference` names `SampleState`, `vInferenceConfig`, `vInferencePreCompileConfig`,
+`PartitionAxis`, `create_sampling_step`, `vInference`. `vsampler.models` holds the tiny NNX decoder.
 """
 
 import importlib.util as _importlib_util
@@ -28,8 +28,10 @@ def _kernels_from_source_checkout() -> None:
 _kernels_from_source_checkout()
 
 from vsampler.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig  # noqa: E402
+from vsampler.generation import create_sampling_step  # noqa: E402
+from vsampler.inference import vInference  # noqa: E402
 from vsampler.params import SamplingParams, Stages  # noqa: E402
-from vsampler.sampling import available_impls, process_logits, resolve_impl, sample  # noqa: E402
+from vsampler.sampling import available_impls, process_logits, resolve_impl, sample, sample_step  # noqa: E402
 from vsampler.state import SampleState  # noqa: E402
 
 __version__ = "0.1.0"
@@ -41,9 +43,12 @@ __all__ = [
     "Stages",
     "__version__",
     "available_impls",
+    "create_sampling_step",
     "process_logits",
     "resolve_impl",
     "sample",
+    "sample_step",
+    "vInference",
     "vInferenceConfig",
     "vInferencePreCompileConfig",
 ]

@@ -1,0 +1,434 @@
+"""`vInference`: the chunked decode loop around `create_sampling_step`, precompiled per input bucket.
+
+    engine = vInference(model, vInferenceConfig(max_new_tokens=64, streaming_chunks=16, eos_token_id=2,
+                                                pad_token_id=0))
+    engine.precompile(vInferencePreCompileConfig(batch_size=[1, 8], prefill_length=[32, 128]))
+    for state in engine.generate(input_ids, attention_mask, sampling_params=params, key=key):
+        ...  # state.sequences grows chunk by chunk
+
+* Prefill is one compiled call: the prompts (left-padded to the bucket) go through the model and the
+  first token is sampled. Then decode runs in chunks of `streaming_chunks` steps, each chunk ONE compiled
+  call (`jax.lax.scan` over the step); the state is yielded after prefill and after every chunk. No chunk
+  is launched once every row is finished, and at most `_loop_rows` chunks run.
+* Buckets: each standalone of a `vInferencePreCompileConfig` is one (batch_size, prefill_length) bucket;
+  `batch_size` counts prompts, and the compiled batch is `batch_size * num_return_sequences` rows
+  (copies of a prompt adjacent). Inputs go to the smallest bucket that fits; rows added to fill the
+  bucket start finished and stay pad. With nothing precompiled, `generate` compiles the bucket
+  (batch, next power of two >= the longest prompt) it needs; once anything is precompiled, inputs that
+  fit no bucket are an error.
+* Compiled calls are specialised on the sampling *stages* that can be active (`SamplingParams.stages`),
+  never on values: new temperatures, k, p, penalties, prompts and keys reuse the executables. The loop's
+  stage set is the config's `sampling_params` stages with greedy and sampled rows both allowed; a call
+  whose params need a stage outside it compiles once more, for the union, and keeps that too.
+* Donation: each decode chunk donates the incoming `model_kwargs` (the attention cache: nearly all the
+  state's bytes). A yielded state's `sequences` and flags stay valid; its `model_kwargs` are consumed by
+  the next chunk (copy them first if you need them).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vsampler.config import vInferenceConfig, vInferencePreCompileConfig
+from vsampler.generation import StepSampler, create_sampling_step
+from vsampler.params import NUMERIC_FIELDS, SamplingParams, Stages
+from vsampler.sampling import Impl, resolve_impl
+from vsampler.state import SampleState
+
+logger = logging.getLogger("vsampler")
+
+_INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
+_NEUTRAL = SamplingParams(max_tokens=1)  # values for the rows that only fill a bucket
+
+
+@dataclasses.dataclass(frozen=True)
+class _Executables:
+    prefill: Any
+    decode: Any
+    rows: int
+    vocab: int
+
+
+def _union(a: Stages, b: Stages) -> Stages:
+    return Stages(**{f.name: getattr(a, f.name) or getattr(b, f.name) for f in dataclasses.fields(Stages)})
+
+
+def _covers(have: Stages, need: Stages) -> bool:
+    return all(getattr(have, f.name) or not getattr(need, f.name) for f in dataclasses.fields(Stages))
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+class vInference:
+    """The generation loop for an NNX model that follows `vsampler.generation`'s contract."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        generation_config: vInferenceConfig,
+        *,
+        mesh: jax.sharding.Mesh | None = None,
+        impl: Impl | StepSampler = "auto",
+    ) -> None:
+        if not isinstance(generation_config, vInferenceConfig):
+            raise ValueError(f"generation_config must be a vInferenceConfig, got {type(generation_config).__name__}")
+        if mesh is not None:
+            raise NotImplementedError(
+                "vInference(mesh=...) is not supported yet: sharding the loop over a mesh comes with the "
+                "partition-rule matcher; run without mesh on one device"
+            )
+        self.config = generation_config
+        self.impl = impl if callable(impl) else resolve_impl(impl)
+        self.graphdef, self.graphstate, self.graphother = nnx.split(model, nnx.Param, ...)
+        self.vocab_size: int | None = getattr(model, "vocab_size", None)
+        eos = generation_config.eos_token_id
+        eos_list = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
+        self.eos_token_ids: tuple[int, ...] = tuple(int(e) for e in eos_list)
+        pad = generation_config.pad_token_id
+        if pad is None:
+            if not self.eos_token_ids:
+                raise ValueError("vInferenceConfig needs pad_token_id (or an eos_token_id to pad with)")
+            pad = self.eos_token_ids[0]
+        self.pad_token_id = int(pad)
+        if self.vocab_size is not None:
+            self._check_ids_in_vocab(self.vocab_size)
+        self._executables: dict[tuple[int, Stages], _Executables] = {}
+        self._buckets: list[vInferencePreCompileConfig] = []
+        self._precompiled = False  # once True, inputs must fit a bucket
+
+    # -- configuration checks -------------------------------------------------------------------------
+    def _check_ids_in_vocab(self, vocab: int) -> None:
+        for name, ids in (("eos_token_id", self.eos_token_ids), ("pad_token_id", (self.pad_token_id,))):
+            bad = [i for i in ids if i >= vocab]
+            if bad:
+                raise ValueError(f"vInferenceConfig.{name} {bad} outside the model's vocabulary [0, {vocab})")
+
+    def _return_sequences(self, bucket: vInferencePreCompileConfig) -> int:
+        n = self.config.num_return_sequences
+        if isinstance(n, Mapping):
+            return int(n.get(bucket.get_default_hash(), 1))
+        return 1 if n is None else int(n)
+
+    def _loop_stages(self, params: SamplingParams | None = None) -> Stages:
+        stages = _union(self.config.sampling_params.stages, Stages(greedy=True, random=True))
+        return stages if params is None else _union(stages, params.stages)
+
+    # -- compilation ----------------------------------------------------------------------------------
+    def precompile(
+        self, config: vInferencePreCompileConfig, sampling_params: SamplingParams | None = None
+    ) -> list[vInferencePreCompileConfig]:
+        """AOT-compiles prefill and the decode chunk for every standalone of `config` (cached by
+        `get_default_hash()`), for the loop's stages widened by `sampling_params`' when given.
+        Returns the standalones compiled."""
+        if not isinstance(config, vInferencePreCompileConfig):
+            raise ValueError(f"precompile needs a vInferencePreCompileConfig, got {type(config).__name__}")
+        stages = self._loop_stages(sampling_params)
+        standalones = config.get_standalones()
+        for bucket in standalones:
+            if bucket.vision_included:
+                raise ValueError("vInferencePreCompileConfig.vision_included: vision inputs are not supported")
+            if bucket.prefill_length is None:
+                raise ValueError("vInferencePreCompileConfig.prefill_length must be set to precompile the loop")
+            self._compile(bucket, stages)
+        self._precompiled = True
+        return standalones
+
+    def _compile(self, bucket: vInferencePreCompileConfig, stages: Stages) -> _Executables:
+        key = (bucket.get_default_hash(), stages)
+        if key in self._executables:
+            return self._executables[key]
+        rows = bucket.batch_size * self._return_sequences(bucket)
+        prompt_len = bucket.prefill_length
+        total = prompt_len + self.config.max_new_tokens
+        logits_shape = self._logits_shape(rows, prompt_len)
+        vocab = logits_shape[-1]
+        if self.vocab_size is None:
+            self._check_ids_in_vocab(vocab)
+        params = _abstract_params(stages, rows, vocab)
+        i32 = jnp.int32
+        base_key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+        prefill_args = (
+            jax.ShapeDtypeStruct((rows, prompt_len), i32),  # prompt ids, left-padded
+            jax.ShapeDtypeStruct((rows, prompt_len), i32),  # prompt mask
+            jax.ShapeDtypeStruct((rows,), i32),  # row ids
+            jax.ShapeDtypeStruct((rows,), jnp.bool_),  # rows that only fill the bucket
+            base_key,
+        )
+        prefill = (
+            jax.jit(self._prefill_fn(bucket, total))
+            .lower(self.graphstate, self.graphother, params, *prefill_args)
+            .compile()
+        )
+        state_shape = jax.eval_shape(
+            self._prefill_fn(bucket, total), self.graphstate, self.graphother, params, *prefill_args
+        )
+        kwargs_shape = state_shape.model_kwargs
+        head_shape = dataclasses.replace(state_shape, model_kwargs={})
+        decode = (
+            jax.jit(self._decode_fn(), donate_argnums=(4,))
+            .lower(self.graphstate, self.graphother, params, head_shape, kwargs_shape)
+            .compile()
+        )
+        self._executables[key] = _Executables(prefill=prefill, decode=decode, rows=rows, vocab=vocab)
+        if bucket not in self._buckets:
+            self._buckets.append(bucket)
+        logger.info("vsampler: compiled bucket %s for stages %s", bucket.extract(), stages)
+        return self._executables[key]
+
+    def _logits_shape(self, rows: int, prompt_len: int) -> tuple[int, ...]:
+        model = nnx.merge(self.graphdef, self.graphstate, self.graphother)
+        cache = model.init_cache(rows, prompt_len + self.config.max_new_tokens)
+
+        def run(ids: jax.Array) -> jax.Array:
+            mask = jnp.ones((rows, prompt_len + self.config.max_new_tokens), jnp.int32)
+            return model(ids, attention_mask=mask, position_ids=ids, past_key_values=cache, cache_index=0).logits
+
+        return jax.eval_shape(run, jax.ShapeDtypeStruct((rows, 1), jnp.int32)).shape
+
+    def _prefill_fn(self, bucket: vInferencePreCompileConfig, total: int):
+        prompt_len = bucket.prefill_length
+        eos, pad, impl = self.eos_token_ids or None, self.pad_token_id, self.impl
+        graphdef = self.graphdef
+
+        def prefill(graphstate, graphother, params, prompt_ids, prompt_mask, row_ids, filler, base_key):
+            model = nnx.merge(graphdef, graphstate, graphother)
+            rows = prompt_ids.shape[0]
+            sequences = jnp.full((rows, total), pad, jnp.int32).at[:, :prompt_len].set(prompt_ids)
+            mask = jnp.zeros((rows, total), jnp.int32).at[:, :prompt_len].set(prompt_mask)
+            positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+            state = SampleState(
+                current_length=jnp.full((rows,), prompt_len, jnp.int32),
+                sequences=sequences,
+                running_token=prompt_ids,
+                is_sequence_finished=filler,
+                prng_key=jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids),
+                model_kwargs={
+                    "attention_mask": mask,
+                    "position_ids": positions,
+                    "past_key_values": model.init_cache(rows, total),
+                    "cache_index": jnp.int32(0),
+                },
+                tokens_per_second=jnp.float32(-jnp.inf),
+                generated_tokens=jnp.int32(0),
+                padded_length=prompt_len,
+                _time_spent_computing=jnp.float32(0.0),
+                _compile_config=bucket,
+            )
+            step = create_sampling_step(params, eos, pad, impl=impl)
+            return step(graphdef, graphstate, graphother, state)
+
+        return prefill
+
+    def _decode_fn(self):
+        chunk = self.config.streaming_chunks
+        eos, pad, impl = self.eos_token_ids or None, self.pad_token_id, self.impl
+        graphdef = self.graphdef
+
+        def decode(graphstate, graphother, params, head, model_kwargs):
+            step = create_sampling_step(params, eos, pad, impl=impl)
+
+            def body(state: SampleState, _: None) -> tuple[SampleState, None]:
+                return step(graphdef, graphstate, graphother, state), None
+
+            state = dataclasses.replace(head, model_kwargs=model_kwargs)
+            state, _ = jax.lax.scan(body, state, None, length=chunk)
+            return state
+
+        return decode
+
+    # -- generation -----------------------------------------------------------------------------------
+    def _pick_bucket(self, batch: int, longest: int) -> vInferencePreCompileConfig:
+        fits = [b for b in self._buckets if b.batch_size >= batch and b.prefill_length >= longest]
+        if fits:
+            return min(fits, key=lambda b: (b.batch_size * b.prefill_length, b.prefill_length))
+        if not self._precompiled:
+            return vInferencePreCompileConfig(batch_size=batch, prefill_length=_next_power_of_two(longest))
+        largest_len = max(b.prefill_length for b in self._buckets)
+        largest_batch = max(b.batch_size for b in self._buckets)
+        if longest > largest_len:
+            raise ValueError(
+                f"a prompt has {longest} tokens, longer than the largest precompiled prefill_length "
+                f"({largest_len}); precompile a longer bucket (prompts are never truncated)"
+            )
+        raise ValueError(
+            f"no precompiled bucket fits batch {batch} with prompts of up to {longest} tokens "
+            f"(largest batch_size: {largest_batch}); precompile one that does"
+        )
+
+    def generate(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        *,
+        sampling_params: SamplingParams | None = None,
+        key: jax.Array | None = None,
+    ) -> Iterator[SampleState]:
+        """Generates for a batch of prompts, yielding the state after prefill and after each chunk.
+
+        `input_ids` (B, L) integer token ids; `attention_mask` (B, L) marks the real ones (default: all;
+        padding may sit on either side). `sampling_params` (default: the config's) holds scalars or (B,)
+        / (B * num_return_sequences,) per-row values. `key` (default `jax.random.key(0)`): the base key;
+        row r draws from `fold_in(key, r)`. Errors (checked before anything runs): shapes, empty prompts,
+        ids outside the vocabulary, prompts longer than every bucket, `max_tokens > max_new_tokens`.
+        """
+        ids, mask = _check_prompts(input_ids, attention_mask)
+        batch = ids.shape[0]
+        lengths = mask.sum(axis=1)
+        if (lengths == 0).any():
+            raise ValueError(f"attention_mask row {int(np.argmin(lengths))} has no real token: every prompt needs one")
+        params = self.config.sampling_params if sampling_params is None else sampling_params
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        over = np.asarray(params.max_tokens) > self.config.max_new_tokens
+        if np.any(over):
+            raise ValueError(
+                f"SamplingParams.max_tokens ({params.max_tokens!r}) exceeds vInferenceConfig.max_new_tokens "
+                f"({self.config.max_new_tokens}), the loop's length"
+            )
+        bucket = self._pick_bucket(batch, int(lengths.max()))
+        stages = self._loop_stages()
+        for (h, have), _ in self._executables.items():
+            if h == bucket.get_default_hash() and _covers(have, params.stages):
+                stages = have
+                break
+        else:
+            stages = _union(stages, params.stages)
+        exe = self._compile(bucket, stages)
+        n = exe.rows // bucket.batch_size
+        vocab = exe.vocab
+        if ((ids < 0) | (ids >= vocab))[mask].any():
+            raise ValueError(f"input_ids hold token ids outside the model's vocabulary [0, {vocab})")
+        prompt_ids, prompt_mask = _left_pad(ids, mask, bucket.prefill_length, self.pad_token_id)
+        rows = exe.rows
+        prompt_ids = np.repeat(_pad_rows(prompt_ids, bucket.batch_size, self.pad_token_id), n, axis=0)
+        prompt_mask = np.repeat(_pad_rows(prompt_mask, bucket.batch_size, 0), n, axis=0)
+        filler = np.arange(rows) >= batch * n
+        row_params = _row_params(params, stages, batch, n, rows, vocab)
+        base_key = jax.random.key(0) if key is None else key
+        if not jnp.issubdtype(base_key.dtype, jax.dtypes.prng_key):
+            base_key = jax.random.wrap_key_data(base_key)
+
+        state = exe.prefill(
+            self.graphstate,
+            self.graphother,
+            row_params,
+            prompt_ids.astype(np.int32),
+            prompt_mask.astype(np.int32),
+            np.arange(rows, dtype=np.int32),
+            filler,
+            base_key,
+        )
+        yield state
+        first_tokens = int(state.generated_tokens)
+        spent = 0.0
+        for _ in range(self.config._loop_rows):
+            if bool(np.all(np.asarray(state.is_sequence_finished))):
+                return
+            head = dataclasses.replace(state, model_kwargs={})
+            start = time.perf_counter()
+            state = exe.decode(self.graphstate, self.graphother, row_params, head, state.model_kwargs)
+            jax.block_until_ready(state.sequences)
+            spent += time.perf_counter() - start
+            made = int(state.generated_tokens) - first_tokens
+            state = dataclasses.replace(
+                state,
+                _time_spent_computing=np.float32(spent),
+                tokens_per_second=np.float32(made / spent if spent > 0 else float("-inf")),
+            )
+            yield state
+
+    def generate_all(self, *args: Any, **kwargs: Any) -> SampleState:
+        """Runs `generate` to the end and returns the last state."""
+        (last,) = collections.deque(self.generate(*args, **kwargs), maxlen=1)
+        return last
+
+
+def _check_prompts(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be a (batch, length) integer array, got shape {ids.shape} dtype {ids.dtype}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape {ids.shape}")
+    if attention_mask is None:
+        return ids, np.ones(ids.shape, bool)
+    mask = np.asarray(attention_mask)
+    if mask.shape != ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}")
+    if not (mask.dtype == np.bool_ or np.isin(mask, (0, 1)).all()):
+        raise ValueError("attention_mask must hold only 0/1 (or booleans)")
+    return ids, mask.astype(bool)
+
+
+def _left_pad(ids: np.ndarray, mask: np.ndarray, length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's real tokens, in order, right-aligned in `length` slots."""
+    out = np.full((ids.shape[0], length), pad, np.int64)
+    out_mask = np.zeros((ids.shape[0], length), np.int32)
+    for r in range(ids.shape[0]):
+        real = ids[r][mask[r]]
+        out[r, length - real.size :] = real
+        out_mask[r, length - real.size :] = 1
+    return out, out_mask
+
+
+def _pad_rows(a: np.ndarray, rows: int, value: int) -> np.ndarray:
+    return np.concatenate([a, np.full((rows - a.shape[0], *a.shape[1:]), value, a.dtype)]) if rows > a.shape[0] else a
+
+
+def _abstract_params(stages: Stages, rows: int, vocab: int) -> SamplingParams:
+    leaves = [jax.ShapeDtypeStruct((rows,), jnp.int32 if n in _INT_FIELDS else jnp.float32) for n in NUMERIC_FIELDS]
+    bias = jax.ShapeDtypeStruct((rows, vocab), jnp.float32) if stages.logit_bias else None
+    return SamplingParams.tree_unflatten(stages, (*leaves, bias))
+
+
+def _per_row(name: str, value: Any, batch: int, n: int, rows: int, neutral: Any) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.ndim == 0:
+        out = np.full((batch * n,), arr)
+    elif arr.shape[0] == batch:
+        out = np.repeat(arr, n, axis=0)
+    elif arr.shape[0] == batch * n:
+        out = arr
+    else:
+        raise ValueError(
+            f"SamplingParams.{name} has {arr.shape[0]} rows; the batch has {batch} prompts "
+            f"({batch * n} rows with num_return_sequences={n})"
+        )
+    return _pad_rows(out, rows, neutral)
+
+
+def _row_params(params: SamplingParams, stages: Stages, batch: int, n: int, rows: int, vocab: int) -> SamplingParams:
+    """The params as the compiled loop takes them: (rows,) arrays of fixed dtypes, `stages` as aux data."""
+    leaves = [
+        _per_row(name, getattr(params, name), batch, n, rows, getattr(_NEUTRAL, name)).astype(
+            np.int32 if name in _INT_FIELDS else np.float32
+        )
+        for name in NUMERIC_FIELDS
+    ]
+    bias = None
+    if stages.logit_bias:
+        dense = np.zeros((rows, vocab), np.float32)
+        lb = params.logit_bias
+        if isinstance(lb, Mapping):
+            for token, value in lb.items():
+                if token >= vocab:
+                    raise ValueError(f"SamplingParams.logit_bias token {token} outside the vocabulary [0, {vocab})")
+                dense[: batch * n, token] = value
+        elif lb is not None:
+            arr = np.asarray(lb, np.float32)
+            if arr.shape[-1] != vocab:
+                raise ValueError(f"SamplingParams.logit_bias has {arr.shape[-1]} columns, the vocabulary {vocab}")
+            dense[: batch * n] = arr if arr.ndim == 1 else _per_row("logit_bias", arr, batch, n, batch * n, 0)
+        bias = dense
+    return SamplingParams.tree_unflatten(stages, (*leaves, bias))
