@@ -85,3 +85,35 @@ def test_compile_check_lowers_the_triton_variant(capsys):
     code = main(["compile-check", "--tpu", "v5e", "--gpu", "--batch", "4", "--vocab", "1000", "--dtype", "float32"])
     assert code == EXIT_OK
     assert "GPU: 1/1 configurations lowered to Triton" in capsys.readouterr().out
+
+
+def test_generate_streams_chunks_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    argv = ["generate", "--prompt", "5,6,7", "--prompt", "9", "--max-new-tokens", "6", "--chunks", "2"]
+    argv += ["--vocab", "300", "--eos", "250", "--temperature", "1.5", "--top-k", "40", "--json", str(out)]
+    assert main(argv) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "prefill row 0:" in text and "chunk 1 row 1:" in text and "tokens/s" in text
+    data = json.loads(out.read_text())
+    assert data["prompts"] == [[5, 6, 7], [9]]
+    for row, finished in zip(data["generated"], data["finished"], strict=True):
+        assert finished and 1 <= len(row) <= 6 and all(0 <= t < 300 for t in row)
+        assert len(row) == 6 or row[-1] == 250  # stopped by max tokens or by the EOS id
+    assert data["generated_tokens"] == sum(len(r) for r in data["generated"])
+    # the same seed gives the same tokens
+    assert main([*argv[:-2], "--json", str(tmp_path / "again.json")]) == EXIT_OK
+    assert json.loads((tmp_path / "again.json").read_text())["generated"] == data["generated"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--top-p", "0"], "SamplingParams.top_p must be a float in (0, 1]"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--eos", "400"], "eos_token_id [400] outside the model's vocabulary"),
+        (["--prompt", "1,2,999"], "outside the model's vocabulary [0, 300)"),
+    ],
+)
+def test_generate_bad_arguments_exit_2_with_the_reason(argv, message, capsys):
+    assert main(["generate", "--vocab", "300", "--max-new-tokens", "3", *argv]) == 2
+    assert message in capsys.readouterr().err

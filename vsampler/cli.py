@@ -4,6 +4,7 @@
                                               check each implementation's tokens against the reference
   vsampler verify [--impl xla|pallas|all] ...  the reference-vs-implementation grid and distribution check
   vsampler compile-check [--tpu v4,v5e,...]    compile the kernel for TPU generations without a TPU
+  vsampler generate [--prompt 5,6,7] ...       stream tokens from the tiny decoder through the decode loop
 
 Exit codes: 0 success; 1 a verification failed; 2 bad arguments.
 """
@@ -150,6 +151,47 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="logits dtypes (default float32,bfloat16)",
     )
+
+    gen = sub.add_parser(
+        "generate",
+        help="stream tokens from the tiny NNX decoder through the chunked decode loop",
+        description=(
+            "Builds vsampler's tiny Llama-style decoder (random weights from --model-seed: it has no "
+            "tokenizer, prompts and outputs are token ids), precompiles the loop for the prompts' bucket, "
+            "and streams the generated ids chunk by chunk (one compiled call of --chunks steps each), then "
+            "reports decode tokens per second. Sampling options are SamplingParams fields; bad values are "
+            "reported with the allowed range (exit 2)."
+        ),
+    )
+    gen.add_argument(
+        "--prompt",
+        type=_int_list,
+        action="append",
+        default=None,
+        help="a prompt as comma-separated token ids; repeat for a batch (default: --batch random prompts)",
+    )
+    gen.add_argument("--batch", type=int, default=4, help="random prompts when no --prompt is given (default 4)")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per row (default 32)")
+    gen.add_argument("--chunks", type=int, default=8, help="decode steps per compiled call (default 8)")
+    gen.add_argument("--vocab", type=int, default=32000, help="the tiny decoder's vocabulary size (default 32000)")
+    gen.add_argument("--model-seed", type=int, default=0, help="seed of the decoder's random weights")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (row r draws from fold_in(key, r))")
+    gen.add_argument("--eos", type=_int_list, default=None, help="comma-separated EOS ids (default: none)")
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=float, default=0.95)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0)
+    gen.add_argument("--frequency-penalty", type=float, default=0.0)
+    gen.add_argument("--min-tokens", type=int, default=0)
+    gen.add_argument(
+        "--impl",
+        choices=("auto", "reference", "xla", "pallas"),
+        default="auto",
+        help="sampler implementation (default auto: pallas on TPU, xla elsewhere)",
+    )
+    gen.add_argument("--json", metavar="PATH", help="also write the generated ids and timings as JSON to PATH")
     return parser
 
 
@@ -393,6 +435,91 @@ def _run_compile_check(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if failures else EXIT_OK
 
 
+def _run_generate(args: argparse.Namespace) -> int:
+    import jax
+    import numpy as np
+
+    from vsampler import SamplingParams, vInference, vInferenceConfig, vInferencePreCompileConfig
+    from vsampler.loop_benchmark import tiny_model
+
+    for name in ("batch", "max_new_tokens", "chunks", "vocab"):
+        if getattr(args, name) < 1:
+            print(f"vsampler generate: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return EXIT_USAGE
+    try:
+        params = SamplingParams(
+            max_tokens=args.max_new_tokens,
+            min_tokens=args.min_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            presence_penalty=args.presence_penalty,
+            frequency_penalty=args.frequency_penalty,
+        )
+        model = tiny_model(args.vocab, seed=args.model_seed)
+        config = vInferenceConfig(
+            max_new_tokens=args.max_new_tokens,
+            streaming_chunks=args.chunks,
+            eos_token_id=list(args.eos) if args.eos else None,
+            pad_token_id=0,
+            sampling_params=params,
+        )
+        engine = vInference(model, config, impl=args.impl)
+        if args.prompt:
+            width = max(len(p) for p in args.prompt)
+            ids = np.zeros((len(args.prompt), width), np.int32)
+            mask = np.zeros_like(ids)
+            for r, p in enumerate(args.prompt):
+                ids[r, : len(p)], mask[r, : len(p)] = p, 1
+        else:
+            ids = np.random.default_rng(args.seed).integers(1, args.vocab, (args.batch, 16), dtype=np.int32)
+            mask = np.ones_like(ids)
+        lengths = mask.sum(axis=1)
+        bucket = 1 << int(lengths.max() - 1).bit_length()
+        engine.precompile(vInferencePreCompileConfig(batch_size=ids.shape[0], prefill_length=bucket))
+        stream = engine.generate(ids, mask, key=jax.random.key(args.seed))
+        ui = _ui()
+        ui.header("vsampler generate", _environment())
+        ui.note(f"tiny decoder, vocabulary {args.vocab}; {ids.shape[0]} prompts, bucket {bucket}; {params}")
+        shown = [0] * ids.shape[0]
+        state = None
+        for chunk, state in enumerate(stream):
+            seq, length = np.asarray(state.sequences), np.asarray(state.current_length)
+            for r in range(ids.shape[0]):
+                new = seq[r, bucket + shown[r] : length[r]].tolist()
+                shown[r] = int(length[r]) - bucket
+                if new:
+                    ui.note(f"{'prefill' if chunk == 0 else f'chunk {chunk}'} row {r}: {new}")
+    except ValueError as err:
+        print(f"vsampler generate: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    assert state is not None
+    seq, length = np.asarray(state.sequences), np.asarray(state.current_length)
+    rows = [seq[r, bucket : length[r]].tolist() for r in range(ids.shape[0])]
+    tps = float(state.tokens_per_second)
+    ui.note(
+        f"{int(state.generated_tokens)} tokens generated; decode {tps:.0f} tokens/s over "
+        f"{float(state._time_spent_computing) * 1e3:.1f} ms of decode calls"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {
+                    "environment": _environment(),
+                    "prompts": [ids[r][mask[r] > 0].tolist() for r in range(ids.shape[0])],
+                    "generated": rows,
+                    "finished": np.asarray(state.is_sequence_finished)[: ids.shape[0]].tolist(),
+                    "generated_tokens": int(state.generated_tokens),
+                    "decode_tokens_per_second": tps,
+                },
+                f,
+                indent=2,
+            )
+    return EXIT_OK
+
+
 def _yes(flag: bool) -> str:
     return "equal" if flag else "DIFFERENT"
 
@@ -556,6 +683,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_verify(args)
     if args.command == "compile-check":
         return _run_compile_check(args)
+    if args.command == "generate":
+        return _run_generate(args)
     return EXIT_USAGE  # pragma: no cover - argparse rejects unknown commands
 
 
