@@ -236,3 +236,28 @@ def test_bad_inputs_get_specific_errors(model, chunked_engines):
         vInferenceConfig(max_new_tokens=0)
     with pytest.raises(ValueError, match="needs pad_token_id"):
         vInference(model, vInferenceConfig())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["pallas", "xla", "reference"])
+def test_loop_on_each_impl_equals_recomputation(model, impl):
+    """The loop with each sampler implementation (the kernel in interpret mode, through its own
+    finished/EOS/pad entry) gives the recomputation's tokens."""
+    rows = [
+        SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.5),
+        SamplingParams(max_tokens=MAX_NEW, temperature=1.2, top_k=30, top_p=0.8, min_tokens=3),
+        SamplingParams(max_tokens=MAX_NEW, temperature=0.9, min_p=0.1, presence_penalty=1.0),
+    ]
+    params = stacked(rows)
+    greedy = expected(model, [SamplingParams(max_tokens=MAX_NEW, temperature=0.0)] * 3)
+    eos = [greedy[1][4]]  # a token row 1 is likely to meet
+    e = vInference(
+        model,
+        vInferenceConfig(
+            max_new_tokens=MAX_NEW, streaming_chunks=4, eos_token_id=eos, pad_token_id=PAD, sampling_params=params
+        ),
+        impl=impl,
+    )
+    ids, mask = padded(PROMPTS)
+    state = e.generate_all(ids, mask, key=KEY)
+    assert [generated(state, r) for r in range(3)] == expected(model, rows, eos=eos)
