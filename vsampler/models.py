@@ -22,8 +22,10 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
-from vsampler.kv_cache import KVCache
+from vsampler.config import PartitionAxis
+from vsampler.kv_cache import CACHE_MODES, KVCache, check_nf4_dim
 
 # Scores of masked slots: finite, so a query with no visible slot (a left-pad position) averages
 # harmlessly instead of producing NaN.
@@ -43,7 +45,8 @@ class TinyDecoderConfig:
     intermediate_size: int = 128
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
-    cache_dtype: str = "float32"
+    cache_dtype: str = "float32"  # the "fp" cache's storage type
+    cache_mode: str = "fp"  # "fp", "int8" or "nf4": see vsampler.kv_cache
 
     def __post_init__(self) -> None:
         for name in (
@@ -65,6 +68,10 @@ class TinyDecoderConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"TinyDecoderConfig.head_dim must be even (rotary pairs), got {self.head_dim}")
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(f"TinyDecoderConfig.cache_mode must be one of {CACHE_MODES}, got {self.cache_mode!r}")
+        if self.cache_mode == "nf4":
+            check_nf4_dim(self.head_dim)
 
 
 class DecoderOutput(NamedTuple):
@@ -157,6 +164,22 @@ class TinyDecoder(nnx.Module):
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    def partition_rules(self, axis: PartitionAxis | None = None) -> tuple[tuple[str, PartitionSpec], ...]:
+        """How to shard the parameters (`vsampler.partitioning` rules over `nnx.split` paths): Megatron-style
+        tensor parallelism (heads, MLP width and vocabulary over `tensor_parallel_axis`) with the hidden
+        dimension over `fully_sharded_data_parallel_axis`; norms replicated."""
+        axis = axis or PartitionAxis()
+        fsdp, tp = axis.fully_sharded_data_parallel_axis, axis.tensor_parallel_axis
+        return (
+            ("embed/embedding", PartitionSpec(tp, fsdp)),
+            ("attn/(q|k|v)/kernel", PartitionSpec(fsdp, tp)),
+            ("attn/o/kernel", PartitionSpec(tp, fsdp)),
+            ("mlp/(gate|up)/kernel", PartitionSpec(fsdp, tp)),
+            ("mlp/down/kernel", PartitionSpec(tp, fsdp)),
+            ("lm_head/kernel", PartitionSpec(fsdp, tp)),
+            (".*", PartitionSpec()),
+        )
+
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty cache of `length` slots per row for this model."""
         c = self.config
@@ -167,6 +190,7 @@ class TinyDecoder(nnx.Module):
             num_kv_heads=c.num_kv_heads,
             head_dim=c.head_dim,
             dtype=jnp.dtype(c.cache_dtype),
+            mode=c.cache_mode,
         )
 
     def __call__(
