@@ -38,10 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
-from vsampler.config import vInferenceConfig, vInferencePreCompileConfig
+from vsampler.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig
 from vsampler.generation import StepSampler, create_sampling_step
 from vsampler.params import NUMERIC_FIELDS, SamplingParams, Stages
+from vsampler.partitioning import named_shardings
 from vsampler.sampling import Impl, resolve_impl
 from vsampler.state import SampleState
 
@@ -84,14 +86,12 @@ class vInference:
     ) -> None:
         if not isinstance(generation_config, vInferenceConfig):
             raise ValueError(f"generation_config must be a vInferenceConfig, got {type(generation_config).__name__}")
-        if mesh is not None:
-            raise NotImplementedError(
-                "vInference(mesh=...) is not supported yet: sharding the loop over a mesh comes with the "
-                "partition-rule matcher; run without mesh on one device"
-            )
         self.config = generation_config
         self.impl = impl if callable(impl) else resolve_impl(impl)
         self.graphdef, self.graphstate, self.graphother = nnx.split(model, nnx.Param, ...)
+        self.mesh = mesh
+        if mesh is not None:
+            self._shard_model(model, mesh)
         self.vocab_size: int | None = getattr(model, "vocab_size", None)
         eos = generation_config.eos_token_id
         eos_list = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
@@ -107,6 +107,48 @@ class vInference:
         self._executables: dict[tuple[int, Stages], _Executables] = {}
         self._buckets: list[vInferencePreCompileConfig] = []
         self._precompiled = False  # once True, inputs must fit a bucket
+
+    def _shard_model(self, model: nnx.Module, mesh: jax.sharding.Mesh) -> None:
+        """Places the parameters by the model's rules (`model.partition_rules(partition_axis)`, when it has
+        them; replicated otherwise) and keeps the state's rules (`vInferenceConfig.get_partition_rules`,
+        with a default `PartitionAxis` when the config names neither rules nor axes)."""
+        config = self.config
+        if config.partition_rules is None and config.partition_axis is None:
+            config = dataclasses.replace(config, partition_axis=PartitionAxis())
+        axis = config.partition_axis or PartitionAxis()
+        self.state_rules = config.get_partition_rules()
+        rules = model.partition_rules(axis) if hasattr(model, "partition_rules") else ((".*", PartitionSpec()),)
+        self.graphstate = jax.device_put(self.graphstate, named_shardings(rules, self.graphstate, mesh))
+        self.graphother = jax.device_put(self.graphother, NamedSharding(mesh, PartitionSpec()))
+
+    def _jit(
+        self, fn: Any, args: tuple[Any, ...], kinds: tuple[str, ...], out: Any, donate: tuple[int, ...] = ()
+    ) -> Any:
+        """AOT-compiles `fn` for `args` (shapes). On a mesh, each argument is placed by its kind: "model"
+        (the parameters' own shardings), "prompts" (as `sequences`), "state" / "cache" (the state's rules)
+        or "replicated"; the output (shape `out`) by the state's rules."""
+        if self.mesh is None:
+            return jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+        mesh, rules = self.mesh, self.state_rules
+
+        def sharding(kind: str, arg: Any) -> Any:
+            if kind == "model":
+                return jax.tree.map(lambda x: x.sharding, arg)
+            if kind == "prompts":
+                return named_shardings(rules, {"sequences": arg}, mesh)["sequences"]
+            if kind == "state":
+                return named_shardings(rules, arg, mesh)
+            if kind == "cache":
+                return named_shardings(rules, {"model_kwargs": arg}, mesh)["model_kwargs"]
+            return NamedSharding(mesh, PartitionSpec())
+
+        in_shardings = tuple(sharding(k, a) for k, a in zip(kinds, args, strict=True))
+        out_shardings = named_shardings(rules, out, mesh)
+        return (
+            jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=donate)
+            .lower(*args)
+            .compile()
+        )
 
     # -- configuration checks -------------------------------------------------------------------------
     def _check_ids_in_vocab(self, vocab: int) -> None:
@@ -166,20 +208,22 @@ class vInference:
             jax.ShapeDtypeStruct((rows,), jnp.bool_),  # rows that only fill the bucket
             base_key,
         )
-        prefill = (
-            jax.jit(self._prefill_fn(bucket, total))
-            .lower(self.graphstate, self.graphother, params, *prefill_args)
-            .compile()
-        )
-        state_shape = jax.eval_shape(
-            self._prefill_fn(bucket, total), self.graphstate, self.graphother, params, *prefill_args
+        prefill_fn = self._prefill_fn(bucket, total)
+        state_shape = jax.eval_shape(prefill_fn, self.graphstate, self.graphother, params, *prefill_args)
+        prefill = self._jit(
+            prefill_fn,
+            (self.graphstate, self.graphother, params, *prefill_args),
+            ("model", "model", "replicated", "prompts", "prompts", "replicated", "replicated", "replicated"),
+            state_shape,
         )
         kwargs_shape = state_shape.model_kwargs
         head_shape = dataclasses.replace(state_shape, model_kwargs={})
-        decode = (
-            jax.jit(self._decode_fn(), donate_argnums=(4,))
-            .lower(self.graphstate, self.graphother, params, head_shape, kwargs_shape)
-            .compile()
+        decode = self._jit(
+            self._decode_fn(),
+            (self.graphstate, self.graphother, params, head_shape, kwargs_shape),
+            ("model", "model", "replicated", "state", "cache"),
+            state_shape,
+            donate=(4,),
         )
         self._executables[key] = _Executables(prefill=prefill, decode=decode, rows=rows, vocab=vocab)
         if bucket not in self._buckets:
@@ -331,17 +375,17 @@ class vInference:
             base_key,
         )
         yield state
-        first_tokens = int(state.generated_tokens)
+        first_tokens = int(_replicated_value(state.generated_tokens))
         spent = 0.0
         for _ in range(self.config._loop_rows):
-            if bool(np.all(np.asarray(state.is_sequence_finished))):
+            if bool(np.all(_replicated_value(state.is_sequence_finished))):
                 return
             head = dataclasses.replace(state, model_kwargs={})
             start = time.perf_counter()
             state = exe.decode(self.graphstate, self.graphother, row_params, head, state.model_kwargs)
             jax.block_until_ready(state.sequences)
             spent += time.perf_counter() - start
-            made = int(state.generated_tokens) - first_tokens
+            made = int(_replicated_value(state.generated_tokens)) - first_tokens
             state = dataclasses.replace(
                 state,
                 _time_spent_computing=np.float32(spent),
@@ -353,6 +397,11 @@ class vInference:
         """Runs `generate` to the end and returns the last state."""
         (last,) = collections.deque(self.generate(*args, **kwargs), maxlen=1)
         return last
+
+
+def _replicated_value(x: jax.Array) -> np.ndarray:
+    """A replicated array's value from this process's own copy (works across hosts too)."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
 
 
 def _check_prompts(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
