@@ -118,8 +118,10 @@ class vInference:
         axis = config.partition_axis or PartitionAxis()
         self.state_rules = config.get_partition_rules()
         rules = model.partition_rules(axis) if hasattr(model, "partition_rules") else ((".*", PartitionSpec()),)
-        self.graphstate = jax.device_put(self.graphstate, named_shardings(rules, self.graphstate, mesh))
-        self.graphother = jax.device_put(self.graphother, NamedSharding(mesh, PartitionSpec()))
+        host = jax.device_get(self.graphstate)  # host values: each process cuts its own shards
+        self.graphstate = _place(host, named_shardings(rules, host, mesh))
+        self._replicated = NamedSharding(mesh, PartitionSpec())
+        self.graphother = _place(self.graphother, self._replicated)
 
     def _jit(
         self, fn: Any, args: tuple[Any, ...], kinds: tuple[str, ...], out: Any, donate: tuple[int, ...] = ()
@@ -200,7 +202,7 @@ class vInference:
             self._check_ids_in_vocab(vocab)
         params = _abstract_params(stages, rows, vocab)
         i32 = jnp.int32
-        base_key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+        base_key = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32)
         prefill_args = (
             jax.ShapeDtypeStruct((rows, prompt_len), i32),  # prompt ids, left-padded
             jax.ShapeDtypeStruct((rows, prompt_len), i32),  # prompt mask
@@ -246,7 +248,8 @@ class vInference:
         eos, pad, impl = self.eos_token_ids or None, self.pad_token_id, self.impl
         graphdef = self.graphdef
 
-        def prefill(graphstate, graphother, params, prompt_ids, prompt_mask, row_ids, filler, base_key):
+        def prefill(graphstate, graphother, params, prompt_ids, prompt_mask, row_ids, filler, base_key_data):
+            base_key = jax.random.wrap_key_data(base_key_data)
             model = nnx.merge(graphdef, graphstate, graphother)
             rows = prompt_ids.shape[0]
             sequences = jnp.full((rows, total), pad, jnp.int32).at[:, :prompt_len].set(prompt_ids)
@@ -360,13 +363,8 @@ class vInference:
         prompt_mask = np.repeat(_pad_rows(prompt_mask, bucket.batch_size, 0), n, axis=0)
         filler = np.arange(rows) >= batch * n
         row_params = _row_params(params, stages, batch, n, rows, vocab)
-        base_key = jax.random.key(0) if key is None else key
-        if not jnp.issubdtype(base_key.dtype, jax.dtypes.prng_key):
-            base_key = jax.random.wrap_key_data(base_key)
-
-        state = exe.prefill(
-            self.graphstate,
-            self.graphother,
+        base_key = _key_data(key)
+        inputs = (
             row_params,
             prompt_ids.astype(np.int32),
             prompt_mask.astype(np.int32),
@@ -374,6 +372,10 @@ class vInference:
             filler,
             base_key,
         )
+        if self.mesh is not None:  # global arrays from the host values every process holds alike
+            inputs = _place(inputs, exe.prefill.input_shardings[0][2:], self._replicated)
+            row_params = inputs[0]
+        state = exe.prefill(self.graphstate, self.graphother, *inputs)
         yield state
         first_tokens = int(_replicated_value(state.generated_tokens))
         spent = 0.0
@@ -381,6 +383,8 @@ class vInference:
             if bool(np.all(_replicated_value(state.is_sequence_finished))):
                 return
             head = dataclasses.replace(state, model_kwargs={})
+            if self.mesh is not None:
+                head = _place(head, exe.decode.input_shardings[0][3], self._replicated)
             start = time.perf_counter()
             state = exe.decode(self.graphstate, self.graphother, row_params, head, state.model_kwargs)
             jax.block_until_ready(state.sequences)
@@ -397,6 +401,44 @@ class vInference:
         """Runs `generate` to the end and returns the last state."""
         (last,) = collections.deque(self.generate(*args, **kwargs), maxlen=1)
         return last
+
+
+def _key_data(key: Any) -> np.ndarray:
+    """The raw data of a PRNG key of the default implementation (a typed key or a raw uint32 key)."""
+    default = jax.random.key(0)
+    if key is None:
+        key = default
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if jax.random.key_impl(key) != jax.random.key_impl(default):
+            raise ValueError(
+                f"key must use the default PRNG implementation ({jax.random.key_impl(default)}), "
+                f"got {jax.random.key_impl(key)}"
+            )
+        key = jax.random.key_data(key)
+    data = np.asarray(key)
+    want = jax.random.key_data(default).shape
+    if data.shape != want or data.dtype != np.uint32:
+        raise ValueError(f"key must be one PRNG key (jax.random.key(seed)), got shape {data.shape} {data.dtype}")
+    return data
+
+
+def _place(tree: Any, shardings: Any, fallback: jax.sharding.Sharding | None = None) -> Any:
+    """`tree` with every leaf as a global array of its sharding: arrays already placed stay as they are,
+    host values (the same on every process) are cut into this process's shards. A None sharding (an input
+    the compiled program does not read) takes `fallback`."""
+
+    def place(value: Any, sharding: Any) -> Any:
+        sharding = sharding or fallback
+        if isinstance(value, jax.Array):
+            if value.sharding.is_equivalent_to(sharding, value.ndim):
+                return value
+            return jax.device_put(value, sharding)
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda v: place(v, shardings), tree)
+    return jax.tree.map(place, tree, shardings)
 
 
 def _replicated_value(x: jax.Array) -> np.ndarray:

@@ -1,0 +1,56 @@
+"""One process of the 2-process test (tests/test_multihost.py): 4 CPU devices of its own, gloo collectives.
+
+    python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_JSON
+
+Runs, on a mesh over every process's devices, a short generation (dp=2 x tp=4) and writes the tokens
+(gathered to every process) to OUT_JSON. With NUM_PROCESSES=1 it is the single-process run to compare
+against (8 local devices, the same mesh shape).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+process_id, num_processes, port, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
+
+import jax  # noqa: E402
+
+if num_processes > 1:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=f"localhost:{port}", num_processes=num_processes, process_id=process_id
+    )
+
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+
+from vsampler import SamplingParams, vInference, vInferenceConfig, vInferencePreCompileConfig  # noqa: E402
+from vsampler.models import TinyDecoder, TinyDecoderConfig  # noqa: E402
+from vsampler.partitioning import create_mesh  # noqa: E402
+
+assert jax.device_count() == 8, jax.devices()
+mesh = create_mesh(dp=2, tp=4)
+model = TinyDecoder(TinyDecoderConfig(num_heads=8, num_kv_heads=4), rngs=nnx.Rngs(0))
+params = SamplingParams(
+    max_tokens=8,
+    temperature=np.array([0.0, 1.0, 0.8, 1.2], np.float32),
+    top_k=np.array([0, 30, 0, 0]),
+    top_p=np.array([1.0, 1.0, 0.9, 1.0], np.float32),
+)
+engine = vInference(
+    model,
+    vInferenceConfig(max_new_tokens=8, streaming_chunks=4, eos_token_id=[3], pad_token_id=0, sampling_params=params),
+    mesh=mesh,
+)
+engine.precompile(vInferencePreCompileConfig(batch_size=4, prefill_length=8))
+prompts = np.random.default_rng(0).integers(1, 512, (4, 5)).astype(np.int32)
+state = engine.generate_all(prompts, key=jax.random.key(11))
+sequences = multihost_utils.process_allgather(state.sequences, tiled=True)
+result = {"process_count": jax.process_count(), "sequences": np.asarray(sequences).tolist()}
+with open(out_path, "w") as f:
+    json.dump(result, f)
