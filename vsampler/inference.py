@@ -23,6 +23,11 @@
 * Donation: each decode chunk donates the incoming `model_kwargs` (the attention cache: nearly all the
   state's bytes). A yielded state's `sequences` and flags stay valid; its `model_kwargs` are consumed by
   the next chunk (copy them first if you need them).
+* Mesh (`mesh=`): the parameters are placed by the model's `partition_rules(partition_axis)` (replicated
+  when it has none), the state and cache by `vInferenceConfig.get_partition_rules()` (EasyDeL's defaults
+  with a default `PartitionAxis` when the config names neither), and both executables are compiled with
+  those shardings. Host inputs become global arrays, each process cutting its own shards, so the same
+  program runs on every host after `jax.distributed.initialize()`.
 """
 
 from __future__ import annotations
