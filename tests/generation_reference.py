@@ -1,6 +1,7 @@
 """Generation the slow, obvious way: no cache, no loop, one row at a time, the reference sampler.
 
-Row r of a `vInference.generate` call draws its k-th token from `fold_in(fold_in(key, r), k)` and its
+Copy j of prompt i of a `vInference.generate` call draws its k-th token from
+`fold_in(fold_in(fold_in(key, i), j), k)` (with per-request keys, `fold_in(fold_in(key[i], j), k)`) and its
 penalties see the row's real tokens only; this decoder does the same by recomputing the whole sequence
 for every token, so the loop (cache, positions, masks, bookkeeping, chunking) is checked against it.
 """
@@ -23,11 +24,14 @@ def decode_row(
     *,
     row: int,
     key: jax.Array,
+    copies: int = 1,
+    per_request_key: bool = False,
     max_new_tokens: int,
     eos: Sequence[int] | None,
     width: int = 64,
 ) -> list[int]:
-    """The tokens row `row` generates (EOS included, no padding), by full recomputation."""
+    """The tokens row `row` (copy `row % copies` of its prompt) generates (EOS included, no padding), by
+    full recomputation. `key` is the call's key, or with `per_request_key` the request's own."""
 
     @jax.jit
     def last_logits(ids, length):
@@ -37,7 +41,9 @@ def decode_row(
 
     seq = list(prompt)
     out: list[int] = []
-    row_key = jax.random.fold_in(key, row)
+    request, copy = divmod(row, copies)
+    request_key = key if per_request_key else jax.random.fold_in(key, request)
+    row_key = jax.random.fold_in(request_key, copy)
     limit = min(int(np.asarray(params.max_tokens)), max_new_tokens)
     for k in range(limit):
         ids = np.full((1, width), 0, np.int32)

@@ -56,7 +56,7 @@ def generated(state, row: int) -> list[int]:
 
 def expected(model, params_per_row, *, eos=None, key=KEY, prompts=PROMPTS, n=1) -> list[list[int]]:
     return [
-        decode_row(model, prompts[r // n], params_per_row[r], row=r, key=key, max_new_tokens=MAX_NEW, eos=eos)
+        decode_row(model, prompts[r // n], params_per_row[r], row=r, key=key, copies=n, max_new_tokens=MAX_NEW, eos=eos)
         for r in range(len(prompts) * n)
     ]
 
@@ -261,3 +261,27 @@ def test_loop_on_each_impl_equals_recomputation(model, impl):
     ids, mask = padded(PROMPTS)
     state = e.generate_all(ids, mask, key=KEY)
     assert [generated(state, r) for r in range(3)] == expected(model, rows, eos=eos)
+
+
+def test_per_request_keys_make_a_request_independent_of_its_batch(model):
+    """With one key per request, a request's tokens do not depend on its neighbours, its place in the batch
+    or the bucket size (rows that only fill the bucket included)."""
+    params = SamplingParams(max_tokens=6, temperature=1.2, top_p=0.9)
+    e = engine(model, 3, sampling=params, precompile=False)
+    e.precompile(vInferencePreCompileConfig(batch_size=[1, 8, 64], prefill_length=8))
+    request, key = [4, 8, 15, 16], jax.random.key(42)
+    alone = e.generate_all(np.array([request], np.int32), key=key[None])
+    others = np.random.default_rng(3).integers(1, 500, (7, 4)).astype(np.int32)
+    batch = np.insert(others, 5, request, axis=0)  # the request at row 5 of 8
+    keys = jax.random.split(jax.random.key(0), 8).at[5].set(key)
+    crowded = e.generate_all(batch, key=keys)
+    assert generated(alone, 0) == generated(crowded, 5)
+    many = np.random.default_rng(4).integers(1, 500, (50, 4)).astype(np.int32)  # 50 prompts: bucket 64
+    many[37] = request
+    keys = jax.random.split(jax.random.key(1), 50).at[37].set(key)
+    assert generated(alone, 0) == generated(e.generate_all(many, key=keys), 37)
+    assert alone.sequences.shape[0] == 1 and crowded.sequences.shape[0] == 8
+    want = decode_row(model, request, params, row=0, key=key, per_request_key=True, max_new_tokens=MAX_NEW, eos=None)
+    assert generated(alone, 0) == want
+    with pytest.raises(ValueError, match="one per prompt"):
+        e.generate_all(batch, key=jax.random.split(key, 3))

@@ -28,7 +28,7 @@ the reference implementation of this contract.
 * `current_length` (B,): the slot the row's next token goes to (P + tokens the row has generated).
 * `running_token` (B, 1): the last sampled token (pad for finished rows).
 * `is_sequence_finished` (B,): sampled an EOS id, or generated `min(max_tokens, max_new_tokens)` tokens.
-* `prng_key` (B,): one key per row (the loop derives it from the base key and the row's index); the
+* `prng_key` (B,): one key per row (the loop derives it from the request's key and the copy index); the
   token with generation index k is drawn from `fold_in(prng_key[row], k)`, so tokens never depend on how
   the decode is split into chunks.
 * `model_kwargs`: `attention_mask`, `position_ids` (B, 1) of the next input, `past_key_values`,

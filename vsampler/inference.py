@@ -207,20 +207,22 @@ class vInference:
             self._check_ids_in_vocab(vocab)
         params = _abstract_params(stages, rows, vocab)
         i32 = jnp.int32
-        base_key = jax.ShapeDtypeStruct(jax.random.key_data(jax.random.key(0)).shape, jnp.uint32)
+        key_shape = jax.random.key_data(jax.random.key(0)).shape
         prefill_args = (
             jax.ShapeDtypeStruct((rows, prompt_len), i32),  # prompt ids, left-padded
             jax.ShapeDtypeStruct((rows, prompt_len), i32),  # prompt mask
-            jax.ShapeDtypeStruct((rows,), i32),  # row ids
+            jax.ShapeDtypeStruct((rows,), i32),  # request (prompt) index of each row
+            jax.ShapeDtypeStruct((rows,), i32),  # copy index of each row (num_return_sequences)
             jax.ShapeDtypeStruct((rows,), jnp.bool_),  # rows that only fill the bucket
-            base_key,
+            jax.ShapeDtypeStruct((rows, *key_shape), jnp.uint32),  # each row's request key (raw data)
+            jax.ShapeDtypeStruct((), jnp.bool_),  # one base key: fold in the request index first
         )
         prefill_fn = self._prefill_fn(bucket, total)
         state_shape = jax.eval_shape(prefill_fn, self.graphstate, self.graphother, params, *prefill_args)
         prefill = self._jit(
             prefill_fn,
             (self.graphstate, self.graphother, params, *prefill_args),
-            ("model", "model", "replicated", "prompts", "prompts", "replicated", "replicated", "replicated"),
+            ("model", "model", "replicated", "prompts", "prompts", *["replicated"] * 5),
             state_shape,
         )
         kwargs_shape = state_shape.model_kwargs
@@ -253,8 +255,13 @@ class vInference:
         eos, pad, impl = self.eos_token_ids or None, self.pad_token_id, self.impl
         graphdef = self.graphdef
 
-        def prefill(graphstate, graphother, params, prompt_ids, prompt_mask, row_ids, filler, base_key_data):
-            base_key = jax.random.wrap_key_data(base_key_data)
+        def prefill(
+            graphstate, graphother, params, prompt_ids, prompt_mask, request_ids, copy_ids, filler, keys, derive
+        ):
+            fold = jax.vmap(jax.random.fold_in)
+            request_keys = jax.random.wrap_key_data(keys)
+            derived = jax.random.key_data(fold(request_keys, request_ids))
+            request_keys = jax.random.wrap_key_data(jnp.where(derive, derived, keys))
             model = nnx.merge(graphdef, graphstate, graphother)
             rows = prompt_ids.shape[0]
             sequences = jnp.full((rows, total), pad, jnp.int32).at[:, :prompt_len].set(prompt_ids)
@@ -265,7 +272,7 @@ class vInference:
                 sequences=sequences,
                 running_token=prompt_ids,
                 is_sequence_finished=filler,
-                prng_key=jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base_key, row_ids),
+                prng_key=fold(request_keys, copy_ids),
                 model_kwargs={
                     "attention_mask": mask,
                     "position_ids": positions,
@@ -331,9 +338,12 @@ class vInference:
 
         `input_ids` (B, L) integer token ids; `attention_mask` (B, L) marks the real ones (default: all;
         padding may sit on either side). `sampling_params` (default: the config's) holds scalars or (B,)
-        / (B * num_return_sequences,) per-row values. `key` (default `jax.random.key(0)`): the base key;
-        row r draws from `fold_in(key, r)`. Errors (checked before anything runs): shapes, empty prompts,
-        ids outside the vocabulary, prompts longer than every bucket, `max_tokens > max_new_tokens`.
+        / (B * num_return_sequences,) per-row values. `key` (default `jax.random.key(0)`): one key, which
+        gives prompt i the key `fold_in(key, i)`, or B keys (per-request seeds: prompt i's tokens then
+        depend on `key[i]` alone, not on its place in the batch or the batch size). Copy j of prompt i
+        draws from `fold_in(request_key, j)`, then `fold_in(., generation index)`. Errors (checked before
+        anything runs): shapes, empty prompts, ids outside the vocabulary, prompts longer than every bucket,
+        `max_tokens > max_new_tokens`, keys of the wrong shape or PRNG implementation.
         """
         ids, mask = _check_prompts(input_ids, attention_mask)
         batch = ids.shape[0]
@@ -368,14 +378,16 @@ class vInference:
         prompt_mask = np.repeat(_pad_rows(prompt_mask, bucket.batch_size, 0), n, axis=0)
         filler = np.arange(rows) >= batch * n
         row_params = _row_params(params, stages, batch, n, rows, vocab)
-        base_key = _key_data(key)
+        keys, derive = _request_keys(key, batch)
         inputs = (
             row_params,
             prompt_ids.astype(np.int32),
             prompt_mask.astype(np.int32),
-            np.arange(rows, dtype=np.int32),
+            np.arange(rows, dtype=np.int32) // n,
+            np.arange(rows, dtype=np.int32) % n,
             filler,
-            base_key,
+            _pad_rows(np.repeat(keys, n, axis=0), rows, 0),
+            np.bool_(derive),
         )
         if self.mesh is not None:  # global arrays from the host values every process holds alike
             inputs = _place(inputs, exe.prefill.input_shardings[0][2:], self._replicated)
@@ -408,8 +420,10 @@ class vInference:
         return last
 
 
-def _key_data(key: Any) -> np.ndarray:
-    """The raw data of a PRNG key of the default implementation (a typed key or a raw uint32 key)."""
+def _request_keys(key: Any, batch: int) -> tuple[np.ndarray, bool]:
+    """Each request's key as raw data, `(batch, *key_shape)` uint32, and whether they still need the request
+    index folded in: one key (typed, or raw uint32) serves every request as `fold_in(key, i)`; a batch of
+    `batch` keys gives request i `key[i]` itself (per-request seeds)."""
     default = jax.random.key(0)
     if key is None:
         key = default
@@ -421,10 +435,15 @@ def _key_data(key: Any) -> np.ndarray:
             )
         key = jax.random.key_data(key)
     data = np.asarray(key)
-    want = jax.random.key_data(default).shape
-    if data.shape != want or data.dtype != np.uint32:
-        raise ValueError(f"key must be one PRNG key (jax.random.key(seed)), got shape {data.shape} {data.dtype}")
-    return data
+    one = jax.random.key_data(default).shape
+    if data.dtype == np.uint32 and data.shape == one:
+        return np.broadcast_to(data, (batch, *one)).copy(), True
+    if data.dtype == np.uint32 and data.shape == (batch, *one):
+        return data, False
+    raise ValueError(
+        f"key must be one PRNG key or one per prompt ({batch} keys, e.g. jax.random.split(key, {batch})), "
+        f"got raw data of shape {data.shape} and dtype {data.dtype}"
+    )
 
 
 def _place(tree: Any, shardings: Any, fallback: jax.sharding.Sharding | None = None) -> Any:
