@@ -59,6 +59,12 @@ def _column_max(a: jax.Array) -> jax.Array:
     return jnp.max(a, axis=-1, keepdims=True)
 
 
+def relative_weight(s: jax.Array, s_max: jax.Array) -> jax.Array:
+    """`exp(s - s_max)`, exactly 1 at the maximum (as `vsampler.reference.weight`: a fused multiply-add
+    would otherwise leave the product's rounding error there, and `min_p = 1` must keep the maximum)."""
+    return jnp.where(s >= s_max, 1.0, jnp.exp(s - s_max))
+
+
 def _column_min(a: jax.Array) -> jax.Array:
     return jnp.min(a, axis=-1, keepdims=True)
 
@@ -74,9 +80,13 @@ def largest_value_with(
     lo: jax.Array,
     hi: jax.Array,
     active: jax.Array,
+    *,
+    column_min: Callable[[jax.Array], jax.Array] = _column_min,
+    column_max: Callable[[jax.Array], jax.Array] = _column_max,
 ) -> jax.Array:
     """Per row of `s` ((R, V) with (R, 1) columns, or one (V,) row with (1,) values): the largest value v
-    of the row with `statistic(v) >= target`. The one search every sampler here uses (the XLA path too).
+    of the row with `statistic(v) >= target`. The one search every sampler here uses (the XLA path and
+    the vocabulary-parallel sampler too).
 
     `statistic(t)` must be non-increasing in t and change only at the row's values (a count or a mass of
     the values >= t), with `statistic(lo) >= target` on active rows; `hi` is the row maximum. Inactive
@@ -84,6 +94,10 @@ def largest_value_with(
     each pass also snaps both ends to the row's own values (the smallest value >= the split, the largest
     below it) in the same fused loop, and the search ends when the ends meet: about log2 of the number
     of distinct values in the bracket passes in all, never 32 regardless of the data.
+
+    `column_min` / `column_max` are the row reductions the snapping uses (default: over the last axis of
+    `s`). When `s` is one shard of a row split over devices, pass reductions that also reduce across the
+    shards (and a `statistic` that does), so every shard sees the same bracket and runs the same passes.
     """
 
     def plain(_: int, bracket: tuple) -> tuple:
@@ -93,10 +107,10 @@ def largest_value_with(
         return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
 
     def snap_up(t: jax.Array) -> jax.Array:
-        return _column_min(jnp.where(s >= t, s, jnp.inf))
+        return column_min(jnp.where(s >= t, s, jnp.inf))
 
     lo, hi_open = lax.fori_loop(0, PLAIN_PASSES, plain, (lo, hi))
-    hi = jnp.where(hi_open < hi, _column_max(jnp.where(s < hi_open, s, NEG_INF)), hi)
+    hi = jnp.where(hi_open < hi, column_max(jnp.where(s < hi_open, s, NEG_INF)), hi)
     lo = jnp.where(active, snap_up(lo), lo)
 
     def searching(state: tuple) -> jax.Array:
@@ -109,7 +123,7 @@ def largest_value_with(
         mid = jnp.where(mid <= lo_, hi_, mid)
         reaches = statistic(mid) >= target
         above = snap_up(mid)
-        below = _column_max(jnp.where(s < mid, s, NEG_INF))
+        below = column_max(jnp.where(s < mid, s, NEG_INF))
         moving = active & (lo_ < hi_)
         return (
             jnp.where(moving & reaches, above, lo_),
@@ -169,7 +183,7 @@ def fused_sampler_kernel(
         inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
         s = x * inverse_t
         s_max = x_max * inverse_t
-        e = jnp.exp(s - s_max)
+        e = relative_weight(s, s_max)
         has_values = s_max > NEG_INF
 
         if top_k:  # stage 7

@@ -40,6 +40,7 @@ from vsampler.kernels.sampler import (
     T,
     U,
     output_shapes,
+    relative_weight,
 )
 
 NEG_INF = float("-inf")
@@ -108,7 +109,7 @@ def triton_sampler_kernel(
         def scaled_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
             index, v = clean_chunk(c)
             s = v * inverse_t
-            return index, s, jnp.exp(s - s_max)
+            return index, s, relative_weight(s, s_max)
 
         def search(statistic: Callable[[jax.Array, jax.Array, jax.Array], jax.Array], target, lo, active):
             """The largest value v with statistic(v) >= target (see `vsampler.xla.largest_value_with`)."""

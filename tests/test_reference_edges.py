@@ -121,3 +121,19 @@ def test_bad_arguments_get_specific_errors(call, message):
 
 def test_greedy_needs_no_key():
     assert sample(jnp.asarray([[0.0, 1.0]]), SamplingParams(temperature=0.0), None).tolist() == [1]
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "pallas-triton"])
+@pytest.mark.parametrize("top_k", [0, 5])
+def test_min_p_one_keeps_exactly_the_maximum_on_every_impl(impl, top_k):
+    """min_p = 1 keeps the tokens whose probability equals the largest: the maximum's relative weight must
+    be exactly 1 (a fused multiply-add in `x / T - max` once left its rounding error there, and the
+    maximum was dropped on about half the rows)."""
+    logits = jax.random.normal(jax.random.key(0), (64, 1000)) * 3
+    logits = logits.at[0, 7].set(logits[0].max())  # a tie at the maximum: both kept, either drawn
+    params = SamplingParams(temperature=0.7, min_p=1.0, top_k=top_k)
+    tokens = np.asarray(sample(logits, params, jax.random.key(1), impl=impl))
+    is_max = np.asarray(logits)[np.arange(64), tokens] == np.asarray(logits).max(axis=1)
+    assert is_max.all()
+    kept = np.asarray(process_logits(logits, params, impl=impl)) > NEG
+    assert (kept.sum(axis=1) == [2] + [1] * 63).all()

@@ -56,6 +56,13 @@ def penalised_logits(inp: SamplerInputs) -> jax.Array:
 # ----------------------------------------------------------------------------- stages 6-9: warping
 
 
+def weight(s: jax.Array, s_max: jax.Array) -> jax.Array:
+    """`exp(s - s_max)`, a token's probability relative to the row's largest, pinned to exactly 1 at the
+    maximum: compilers may fuse `x * (1 / T) - s_max` into one multiply-add whose result at the maximum is
+    the product's rounding error, not 0, and `min_p = 1` must keep the maximum."""
+    return jnp.where(s >= s_max, 1.0, jnp.exp(s - s_max))
+
+
 def first_argmax(x: jax.Array) -> jax.Array:
     """The lowest index of each row's maximum (0 for a row that is all -inf)."""
     return jnp.argmax(x, axis=1).astype(jnp.int32)
@@ -82,7 +89,7 @@ def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     # 8. top-p: mass strictly above the token < top_p * total, over what top-k kept
     if inp.stages.top_p:
         row_max = jnp.max(jnp.where(kept, scaled, NEG_INF), axis=1, keepdims=True)
-        e = jnp.where(kept, jnp.exp(scaled - row_max), 0.0)
+        e = jnp.where(kept, weight(scaled, row_max), 0.0)
         e_desc = -jnp.sort(-e, axis=1)
         exclusive = jnp.cumsum(e_desc, axis=1) - e_desc
         # the mass strictly above a value is the exclusive sum at the first position holding that value
@@ -96,7 +103,7 @@ def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     # 9. min-p: p_i >= min_p * p_max  <=>  exp(x_i - max) >= min_p
     if inp.stages.min_p:
         row_max = jnp.max(jnp.where(kept, scaled, NEG_INF), axis=1, keepdims=True)
-        kept &= jnp.exp(scaled - row_max) >= p.min_p[:, None]
+        kept &= weight(scaled, row_max) >= p.min_p[:, None]
 
     # 6. greedy rows keep only their first maximum
     if inp.stages.greedy:
@@ -112,7 +119,7 @@ def draw(kept: jax.Array, scaled: jax.Array, u: jax.Array) -> jax.Array:
     """Inverse-CDF draw in vocabulary order: smallest index with cumulative mass > u * total."""
     vocab = kept.shape[1]
     row_max = jnp.max(jnp.where(kept, scaled, NEG_INF), axis=1, keepdims=True)
-    e = jnp.where(kept, jnp.exp(scaled - row_max), 0.0)
+    e = jnp.where(kept, weight(scaled, row_max), 0.0)
     cumulative = jnp.cumsum(e, axis=1)
     total = cumulative[:, -1:]
     crossed = cumulative > u[:, None] * total

@@ -41,6 +41,7 @@ from vsampler import penalties
 from vsampler.inputs import SamplerInputs
 from vsampler.kernels import sampler as kernel
 from vsampler.params import Stages
+from vsampler.reference import weight
 
 NEG_INF = float("-inf")
 K_CANDIDATES = 64  # static width of the exact top-k candidate path
@@ -144,9 +145,9 @@ def _top_k_threshold(r: _Row, s_max: jax.Array, top: jax.Array | None) -> jax.Ar
 
 def candidate_top_p(top: jax.Array, kth: jax.Array, s_max: jax.Array, top_p: jax.Array, extra: jax.Array) -> jax.Array:
     """v* when the top-k set is the candidates `top` >= kth plus `extra` values tied at kth outside them."""
-    e_top = jnp.exp(top - s_max)  # the same arithmetic as e
+    e_top = weight(top, s_max)  # the same arithmetic as e
     in_k = top >= kth
-    e_kth = jnp.exp(kth - s_max)
+    e_kth = weight(kth, s_max)
     e_kept = jnp.where(in_k, e_top, 0.0)
     total = jnp.sum(e_kept) + extra * e_kth
     # inclusive mass A(v) at each candidate: everything >= its value (all ties), plus the extras at kth
@@ -222,7 +223,7 @@ def draw(kept: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
 def _kept_row(r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     """(kept (V,) bool, e (V,)) for a sampled row; `s_max` is the row's maximum, `top` its top-k
     candidates (when the top-k stage is on)."""
-    e = jnp.exp(r.s - s_max)
+    e = weight(r.s, s_max)
     threshold = _top_k_threshold(r, s_max, top)
     if stages.top_p:
         threshold = jnp.maximum(threshold, _top_p_threshold(r, e, s_max, threshold, top))
@@ -279,7 +280,7 @@ def _candidate_token(r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array, 
     if stages.top_p:
         v_star = candidate_top_p(top, kth, s_max, r.top_p, jnp.float32(0.0))
         threshold = jnp.where(r.top_p < 1.0, jnp.maximum(kth, v_star), kth)
-    e = jnp.exp(top - s_max)
+    e = weight(top, s_max)
     kept = (top > NEG_INF) & (top >= threshold)
     if stages.min_p:
         kept &= e >= r.min_p
