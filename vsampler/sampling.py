@@ -10,6 +10,8 @@ Shapes and dtypes:
                 (presence / frequency penalties and `min_tokens` count only those). Default 0.
   eos_token_id: one id or several (int, sequence or 1-D array); needed when `min_tokens > 0`.
   impl:         "auto" | "reference" | "xla" | "pallas".
+  mesh, vocab_axis (`sample` only): logits sharded over the vocabulary on that mesh axis (a tensor-parallel
+                lm head's output) are sampled without gathering them: `vsampler.vocab_parallel`.
 
 Both functions are jitted (static: the implementation, the EOS ids when concrete, and the active
 stages, which `SamplingParams` carries as pytree aux data) and can be called inside a user's own
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler import pallas, reference, xla
+from vsampler import pallas, reference, vocab_parallel, xla
 from vsampler.inputs import EosIds, SamplerInputs, check_prompt_len_range, prepare
 from vsampler.params import SamplingParams
 
@@ -90,11 +92,13 @@ def _eos(static: tuple[int, ...] | None, dynamic: Any) -> Any:
     return list(static) if static is not None else dynamic
 
 
-@functools.partial(jax.jit, static_argnames=("eos_static", "impl"))
-def _sample_jit(logits, params, key, history, prompt_len, eos_dynamic, *, eos_static, impl):
+@functools.partial(jax.jit, static_argnames=("eos_static", "impl", "mesh", "vocab_axis"))
+def _sample_jit(logits, params, key, history, prompt_len, eos_dynamic, *, eos_static, impl, mesh=None, vocab_axis=None):
     inp = prepare(
         logits, params, key, history=history, prompt_len=prompt_len, eos_token_id=_eos(eos_static, eos_dynamic)
     )
+    if vocab_axis is not None:
+        return vocab_parallel.sample(inp, mesh=mesh, vocab_axis=vocab_axis)
     return _SAMPLERS[impl](inp)
 
 
@@ -181,6 +185,8 @@ def sample(
     prompt_len: jax.Array | int | None = None,
     eos_token_id: EosIds = None,
     impl: Impl = "auto",
+    mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
+    vocab_axis: str | None = None,
 ) -> jax.Array:
     """Samples one token per row: `(B,)` int32, always in `[0, V)`.
 
@@ -188,11 +194,37 @@ def sample(
     so implementations agree token for token except where float rounding moves a CDF boundary.
     Greedy rows (temperature 0) return the lowest index of their maximum penalised logit. A row with no
     finite logit left (all -inf / NaN after bias, penalties and the min_tokens mask) returns token 0.
+
+    `vocab_axis`: the logits are sharded over the vocabulary on this axis of `mesh` (default: the ambient
+    mesh of `jax.set_mesh`), as a tensor-parallel lm head leaves them; the vocabulary-parallel sampler
+    (`vsampler.vocab_parallel`) then samples them where they lie, communicating a few scalars per row
+    instead of gathering them, and returns the tokens replicated. It is its own implementation: `impl`
+    must stay "auto". A V the axis size does not divide is padded with -inf columns (never drawn).
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id)
     _check_prompt_len(prompt_len, history)
+    if vocab_axis is None:
+        if mesh is not None:
+            raise ValueError("mesh was given without vocab_axis: name the mesh axis the vocabulary is sharded on")
+        return _sample_jit(
+            logits, params, key, history, prompt_len, eos_dynamic, eos_static=eos_static, impl=resolve_impl(impl)
+        )
+    if impl != "auto":
+        raise ValueError(
+            f"impl={impl!r} cannot be combined with vocab_axis: the vocabulary-parallel sampler is its own "
+            "implementation (leave impl='auto')"
+        )
     return _sample_jit(
-        logits, params, key, history, prompt_len, eos_dynamic, eos_static=eos_static, impl=resolve_impl(impl)
+        logits,
+        params,
+        key,
+        history,
+        prompt_len,
+        eos_dynamic,
+        eos_static=eos_static,
+        impl="vocab_parallel",
+        mesh=vocab_parallel.resolve_mesh(mesh, vocab_axis),
+        vocab_axis=vocab_axis,
     )
 
 
