@@ -2,7 +2,8 @@
 
     python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_JSON
 
-Runs, on a mesh over every process's devices, a short generation (dp=2 x tp=4) and writes the tokens
+Runs, on meshes over every process's devices, the vocabulary-parallel sampler (the vocabulary split over
+all 8 devices, so across the processes) and a short generation (dp=2 x tp=4), and writes the tokens
 (gathered to every process) to OUT_JSON. With NUM_PROCESSES=1 it is the single-process run to compare
 against (8 local devices, the same mesh shape).
 """
@@ -28,12 +29,31 @@ if num_processes > 1:
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from vsampler import SamplingParams, vInference, vInferenceConfig, vInferencePreCompileConfig  # noqa: E402
+from vsampler import SamplingParams, sample, vInference, vInferenceConfig, vInferencePreCompileConfig  # noqa: E402
 from vsampler.models import TinyDecoder, TinyDecoderConfig  # noqa: E402
 from vsampler.partitioning import create_mesh  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
+
+# the vocabulary-parallel sampler, the vocabulary over all 8 devices of both processes
+vocab_mesh = create_mesh(tp=8)
+host_logits = np.random.default_rng(2).normal(size=(4, 32000)).astype(np.float32) * 3
+logits = jax.make_array_from_callback(
+    host_logits.shape, NamedSharding(vocab_mesh, P(None, "tp")), lambda index: host_logits[index]
+)
+sampler_params = SamplingParams(
+    temperature=np.array([0.0, 0.8, 1.0, 0.7], np.float32),
+    top_k=np.array([0, 50, 0, 0]),
+    top_p=np.array([1.0, 0.9, 0.95, 1.0], np.float32),
+    min_p=0.02,
+)
+tokens = sample(logits, sampler_params, jax.random.key(3), mesh=vocab_mesh, vocab_axis="tp")
+sampled = np.asarray(tokens.addressable_data(0)).tolist()
+reference = np.asarray(sample(host_logits, sampler_params, jax.random.key(3), impl="reference")).tolist()
+
 mesh = create_mesh(dp=2, tp=4)
 model = TinyDecoder(TinyDecoderConfig(num_heads=8, num_kv_heads=4), rngs=nnx.Rngs(0))
 params = SamplingParams(
@@ -51,6 +71,11 @@ engine.precompile(vInferencePreCompileConfig(batch_size=4, prefill_length=8))
 prompts = np.random.default_rng(0).integers(1, 512, (4, 5)).astype(np.int32)
 state = engine.generate_all(prompts, key=jax.random.key(11))
 sequences = multihost_utils.process_allgather(state.sequences, tiled=True)
-result = {"process_count": jax.process_count(), "sequences": np.asarray(sequences).tolist()}
+result = {
+    "process_count": jax.process_count(),
+    "sampled": sampled,
+    "reference": reference,
+    "sequences": np.asarray(sequences).tolist(),
+}
 with open(out_path, "w") as f:
     json.dump(result, f)

@@ -1,5 +1,5 @@
-"""Two processes on localhost (4 CPU devices each, gloo collectives) through `jax.distributed`: the sharded
-loop gives the single-process tokens."""
+"""Two processes on localhost (4 CPU devices each, gloo collectives) through `jax.distributed`: the
+vocabulary-parallel sampler and the sharded loop give the single-process tokens."""
 
 from __future__ import annotations
 
@@ -55,3 +55,5 @@ def test_two_processes_give_the_single_process_tokens(tmp_path):
     pair = run_workers(2, tmp_path)
     assert single["process_count"] == 1 and all(r["process_count"] == 2 for r in pair)
     assert pair[0]["sequences"] == pair[1]["sequences"] == single["sequences"]
+    assert pair[0]["sampled"] == pair[1]["sampled"] == single["sampled"] == single["reference"]
+    assert len(set(map(tuple, single["sequences"]))) == 4  # the rows really differ
