@@ -47,15 +47,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vsampler.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig
 from vsampler.generation import StepSampler, create_sampling_step
-from vsampler.params import NUMERIC_FIELDS, SamplingParams, Stages
-from vsampler.partitioning import named_shardings
+from vsampler.loop_inputs import abstract_params, check_prompts, left_pad, pad_rows, request_keys, row_params
+from vsampler.params import SamplingParams, Stages
+from vsampler.partitioning import named_shardings, place_global, replicated_value
 from vsampler.sampling import Impl, resolve_impl
 from vsampler.state import SampleState
 
 logger = logging.getLogger("vsampler")
-
-_INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
-_NEUTRAL = SamplingParams(max_tokens=1)  # values for the rows that only fill a bucket
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +122,9 @@ class vInference:
         self.state_rules = config.get_partition_rules()
         rules = model.partition_rules(axis) if hasattr(model, "partition_rules") else ((".*", PartitionSpec()),)
         host = jax.device_get(self.graphstate)  # host values: each process cuts its own shards
-        self.graphstate = _place(host, named_shardings(rules, host, mesh))
+        self.graphstate = place_global(host, named_shardings(rules, host, mesh))
         self._replicated = NamedSharding(mesh, PartitionSpec())
-        self.graphother = _place(self.graphother, self._replicated)
+        self.graphother = place_global(self.graphother, self._replicated)
 
     def _jit(
         self, fn: Any, args: tuple[Any, ...], kinds: tuple[str, ...], out: Any, donate: tuple[int, ...] = ()
@@ -205,7 +203,7 @@ class vInference:
         vocab = logits_shape[-1]
         if self.vocab_size is None:
             self._check_ids_in_vocab(vocab)
-        params = _abstract_params(stages, rows, vocab)
+        params = abstract_params(stages, rows, vocab)
         i32 = jnp.int32
         key_shape = jax.random.key_data(jax.random.key(0)).shape
         prefill_args = (
@@ -345,7 +343,7 @@ class vInference:
         anything runs): shapes, empty prompts, ids outside the vocabulary, prompts longer than every bucket,
         `max_tokens > max_new_tokens`, keys of the wrong shape or PRNG implementation.
         """
-        ids, mask = _check_prompts(input_ids, attention_mask)
+        ids, mask = check_prompts(input_ids, attention_mask)
         batch = ids.shape[0]
         lengths = mask.sum(axis=1)
         if (lengths == 0).any():
@@ -372,41 +370,41 @@ class vInference:
         vocab = exe.vocab
         if ((ids < 0) | (ids >= vocab))[mask].any():
             raise ValueError(f"input_ids hold token ids outside the model's vocabulary [0, {vocab})")
-        prompt_ids, prompt_mask = _left_pad(ids, mask, bucket.prefill_length, self.pad_token_id)
+        prompt_ids, prompt_mask = left_pad(ids, mask, bucket.prefill_length, self.pad_token_id)
         rows = exe.rows
-        prompt_ids = np.repeat(_pad_rows(prompt_ids, bucket.batch_size, self.pad_token_id), n, axis=0)
-        prompt_mask = np.repeat(_pad_rows(prompt_mask, bucket.batch_size, 0), n, axis=0)
+        prompt_ids = np.repeat(pad_rows(prompt_ids, bucket.batch_size, self.pad_token_id), n, axis=0)
+        prompt_mask = np.repeat(pad_rows(prompt_mask, bucket.batch_size, 0), n, axis=0)
         filler = np.arange(rows) >= batch * n
-        row_params = _row_params(params, stages, batch, n, rows, vocab)
-        keys, derive = _request_keys(key, batch)
+        loop_params = row_params(params, stages, batch, n, rows, vocab)
+        keys, derive = request_keys(key, batch)
         inputs = (
-            row_params,
+            loop_params,
             prompt_ids.astype(np.int32),
             prompt_mask.astype(np.int32),
             np.arange(rows, dtype=np.int32) // n,
             np.arange(rows, dtype=np.int32) % n,
             filler,
-            _pad_rows(np.repeat(keys, n, axis=0), rows, 0),
+            pad_rows(np.repeat(keys, n, axis=0), rows, 0),
             np.bool_(derive),
         )
         if self.mesh is not None:  # global arrays from the host values every process holds alike
-            inputs = _place(inputs, exe.prefill.input_shardings[0][2:], self._replicated)
-            row_params = inputs[0]
+            inputs = place_global(inputs, exe.prefill.input_shardings[0][2:], self._replicated)
+            loop_params = inputs[0]
         state = exe.prefill(self.graphstate, self.graphother, *inputs)
         yield state
-        first_tokens = int(_replicated_value(state.generated_tokens))
+        first_tokens = int(replicated_value(state.generated_tokens))
         spent = 0.0
         for _ in range(self.config._loop_rows):
-            if bool(np.all(_replicated_value(state.is_sequence_finished))):
+            if bool(np.all(replicated_value(state.is_sequence_finished))):
                 return
             head = dataclasses.replace(state, model_kwargs={})
             if self.mesh is not None:
-                head = _place(head, exe.decode.input_shardings[0][3], self._replicated)
+                head = place_global(head, exe.decode.input_shardings[0][3], self._replicated)
             start = time.perf_counter()
-            state = exe.decode(self.graphstate, self.graphother, row_params, head, state.model_kwargs)
+            state = exe.decode(self.graphstate, self.graphother, loop_params, head, state.model_kwargs)
             jax.block_until_ready(state.sequences)
             spent += time.perf_counter() - start
-            made = int(_replicated_value(state.generated_tokens)) - first_tokens
+            made = int(replicated_value(state.generated_tokens)) - first_tokens
             state = dataclasses.replace(
                 state,
                 _time_spent_computing=np.float32(spent),
@@ -418,132 +416,3 @@ class vInference:
         """Runs `generate` to the end and returns the last state."""
         (last,) = collections.deque(self.generate(*args, **kwargs), maxlen=1)
         return last
-
-
-def _request_keys(key: Any, batch: int) -> tuple[np.ndarray, bool]:
-    """Each request's key as raw data, `(batch, *key_shape)` uint32, and whether they still need the request
-    index folded in: one key (typed, or raw uint32) serves every request as `fold_in(key, i)`; a batch of
-    `batch` keys gives request i `key[i]` itself (per-request seeds)."""
-    default = jax.random.key(0)
-    if key is None:
-        key = default
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if jax.random.key_impl(key) != jax.random.key_impl(default):
-            raise ValueError(
-                f"key must use the default PRNG implementation ({jax.random.key_impl(default)}), "
-                f"got {jax.random.key_impl(key)}"
-            )
-        key = jax.random.key_data(key)
-    data = np.asarray(key)
-    one = jax.random.key_data(default).shape
-    if data.dtype == np.uint32 and data.shape == one:
-        return np.broadcast_to(data, (batch, *one)).copy(), True
-    if data.dtype == np.uint32 and data.shape == (batch, *one):
-        return data, False
-    raise ValueError(
-        f"key must be one PRNG key or one per prompt ({batch} keys, e.g. jax.random.split(key, {batch})), "
-        f"got raw data of shape {data.shape} and dtype {data.dtype}"
-    )
-
-
-def _place(tree: Any, shardings: Any, fallback: jax.sharding.Sharding | None = None) -> Any:
-    """`tree` with every leaf as a global array of its sharding: arrays already placed stay as they are,
-    host values (the same on every process) are cut into this process's shards. A None sharding (an input
-    the compiled program does not read) takes `fallback`."""
-
-    def place(value: Any, sharding: Any) -> Any:
-        sharding = sharding or fallback
-        if isinstance(value, jax.Array):
-            if value.sharding.is_equivalent_to(sharding, value.ndim):
-                return value
-            return jax.device_put(value, sharding)
-        host = np.asarray(value)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-
-    if isinstance(shardings, jax.sharding.Sharding):
-        return jax.tree.map(lambda v: place(v, shardings), tree)
-    return jax.tree.map(place, tree, shardings)
-
-
-def _replicated_value(x: jax.Array) -> np.ndarray:
-    """A replicated array's value from this process's own copy (works across hosts too)."""
-    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
-
-
-def _check_prompts(input_ids: Any, attention_mask: Any) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.asarray(input_ids)
-    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"input_ids must be a (batch, length) integer array, got shape {ids.shape} dtype {ids.dtype}")
-    if ids.shape[0] == 0 or ids.shape[1] == 0:
-        raise ValueError(f"input_ids must hold at least one prompt of at least one token, got shape {ids.shape}")
-    if attention_mask is None:
-        return ids, np.ones(ids.shape, bool)
-    mask = np.asarray(attention_mask)
-    if mask.shape != ids.shape:
-        raise ValueError(f"attention_mask shape {mask.shape} must equal input_ids shape {ids.shape}")
-    if not (mask.dtype == np.bool_ or np.isin(mask, (0, 1)).all()):
-        raise ValueError("attention_mask must hold only 0/1 (or booleans)")
-    return ids, mask.astype(bool)
-
-
-def _left_pad(ids: np.ndarray, mask: np.ndarray, length: int, pad: int) -> tuple[np.ndarray, np.ndarray]:
-    """Each row's real tokens, in order, right-aligned in `length` slots."""
-    out = np.full((ids.shape[0], length), pad, np.int64)
-    out_mask = np.zeros((ids.shape[0], length), np.int32)
-    for r in range(ids.shape[0]):
-        real = ids[r][mask[r]]
-        out[r, length - real.size :] = real
-        out_mask[r, length - real.size :] = 1
-    return out, out_mask
-
-
-def _pad_rows(a: np.ndarray, rows: int, value: int) -> np.ndarray:
-    return np.concatenate([a, np.full((rows - a.shape[0], *a.shape[1:]), value, a.dtype)]) if rows > a.shape[0] else a
-
-
-def _abstract_params(stages: Stages, rows: int, vocab: int) -> SamplingParams:
-    leaves = [jax.ShapeDtypeStruct((rows,), jnp.int32 if n in _INT_FIELDS else jnp.float32) for n in NUMERIC_FIELDS]
-    bias = jax.ShapeDtypeStruct((rows, vocab), jnp.float32) if stages.logit_bias else None
-    return SamplingParams.tree_unflatten(stages, (*leaves, bias))
-
-
-def _per_row(name: str, value: Any, batch: int, n: int, rows: int, neutral: Any) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.ndim == 0:
-        out = np.full((batch * n,), arr)
-    elif arr.shape[0] == batch:
-        out = np.repeat(arr, n, axis=0)
-    elif arr.shape[0] == batch * n:
-        out = arr
-    else:
-        raise ValueError(
-            f"SamplingParams.{name} has {arr.shape[0]} rows; the batch has {batch} prompts "
-            f"({batch * n} rows with num_return_sequences={n})"
-        )
-    return _pad_rows(out, rows, neutral)
-
-
-def _row_params(params: SamplingParams, stages: Stages, batch: int, n: int, rows: int, vocab: int) -> SamplingParams:
-    """The params as the compiled loop takes them: (rows,) arrays of fixed dtypes, `stages` as aux data."""
-    leaves = [
-        _per_row(name, getattr(params, name), batch, n, rows, getattr(_NEUTRAL, name)).astype(
-            np.int32 if name in _INT_FIELDS else np.float32
-        )
-        for name in NUMERIC_FIELDS
-    ]
-    bias = None
-    if stages.logit_bias:
-        dense = np.zeros((rows, vocab), np.float32)
-        lb = params.logit_bias
-        if isinstance(lb, Mapping):
-            for token, value in lb.items():
-                if token >= vocab:
-                    raise ValueError(f"SamplingParams.logit_bias token {token} outside the vocabulary [0, {vocab})")
-                dense[: batch * n, token] = value
-        elif lb is not None:
-            arr = np.asarray(lb, np.float32)
-            if arr.shape[-1] != vocab:
-                raise ValueError(f"SamplingParams.logit_bias has {arr.shape[-1]} columns, the vocabulary {vocab}")
-            dense[: batch * n] = arr if arr.ndim == 1 else _per_row("logit_bias", arr, batch, n, batch * n, 0)
-        bias = dense
-    return SamplingParams.tree_unflatten(stages, (*leaves, bias))

@@ -6,7 +6,9 @@ wins (EasyDeL's convention, so its rule sets work unchanged); its spec is trimme
 (a scalar is replicated). Every axis a spec names must exist in the mesh and the product of the mesh
 axes sharding a dimension must divide it: otherwise a `ValueError` names the leaf, the dimension and the
 axes. `create_mesh` builds a mesh with all of EasyDeL's axis names (size 1 where unused), so the
-default rules of `vInferenceConfig.get_partition_rules` apply to any layout.
+default rules of `vInferenceConfig.get_partition_rules` apply to any layout. `place_global` turns host
+values into global arrays of given shardings (each process cutting its own shards), the way inputs enter
+a program that spans several hosts.
 """
 
 from __future__ import annotations
@@ -110,3 +112,27 @@ def named_shardings(rules: Rules, tree: Any, mesh: Mesh) -> Any:
         return NamedSharding(mesh, spec)
 
     return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def place_global(tree: Any, shardings: Any, fallback: jax.sharding.Sharding | None = None) -> Any:
+    """`tree` with every leaf as a global array of its sharding: arrays already placed stay as they are,
+    host values (the same on every process) are cut into this process's shards. A None sharding (an input
+    the compiled program does not read) takes `fallback`."""
+
+    def place(value: Any, sharding: Any) -> Any:
+        sharding = sharding or fallback
+        if isinstance(value, jax.Array):
+            if value.sharding.is_equivalent_to(sharding, value.ndim):
+                return value
+            return jax.device_put(value, sharding)
+        host = np.asarray(value)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda v: place(v, shardings), tree)
+    return jax.tree.map(place, tree, shardings)
+
+
+def replicated_value(x: jax.Array) -> np.ndarray:
+    """A replicated array's value from this process's own copy (works across hosts too)."""
+    return np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else np.asarray(x)
