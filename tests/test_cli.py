@@ -51,6 +51,7 @@ def test_bad_arguments_exit_2(argv):
     assert exc.value.code == 2
 
 
+@pytest.mark.slow
 def test_verify_reports_agreement_and_exits_0(capsys):
     code = main(["verify", "--impl", "xla,pallas-triton", "--batch", "2", "--vocab", "300", "--dtype", "float32"])
     assert code == EXIT_OK

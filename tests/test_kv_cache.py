@@ -133,6 +133,7 @@ def greedy_runs():
     return runs, logps
 
 
+@pytest.mark.slow
 def test_int8_cache_keeps_every_logit_close_and_greedy_equal_wherever_the_choice_is_clear(greedy_runs):
     runs, logps = greedy_runs
     assert float(jnp.abs(logps["int8"] - logps["fp"]).max()) < INT8_LOGIT_BOUND
@@ -149,6 +150,7 @@ def test_int8_cache_keeps_every_logit_close_and_greedy_equal_wherever_the_choice
         assert (runs["int8"][r, :first_tie] == runs["fp"][r, :first_tie]).all()
 
 
+@pytest.mark.slow
 def test_nf4_cache_stays_within_the_stated_kl_of_the_fp_cache(greedy_runs):
     _, logps = greedy_runs
     p = jnp.exp(logps["fp"])

@@ -109,6 +109,7 @@ def single_device():
     return {mode: np.asarray(generate(None, mode).sequences) for mode in ("fp", "int8")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("layout", "mode"), [({"dp": 2, "tp": 4}, "fp"), ({"fsdp": 8}, "fp"), ({"dp": 2, "tp": 4}, "int8")]
 )
