@@ -15,14 +15,15 @@ from vsampler.serialization import Serializable, serializable
 @serializable
 @dataclasses.dataclass(eq=False)
 class SampleState(Serializable):
-    """The state of generation between steps (EasyDeL's fields and defaults).
+    """The state of generation between steps (EasyDeL's fields and defaults). How the loop fills it:
+    `vsampler.generation`'s module docstring.
 
     Attributes:
-      current_length: (B,) int32, each row's number of tokens in `sequences` so far.
+      current_length: (B,) int32, the slot of `sequences` each row's next token goes to.
       sequences: (B, max_sequence_length) int32 token ids, prompt then generated.
       running_token: (B, 1) int32, the last token of each row: the model's next input.
       is_sequence_finished: (B,) bool, rows that sampled an EOS id or reached their max_tokens.
-      prng_key: the base PRNG key of the run.
+      prng_key: (B,) PRNG keys, one per row; a row's k-th generated token draws from `fold_in(key, k)`.
       model_kwargs: the model's extra inputs and state (attention cache, positions, mask).
       tokens_per_second: generation speed measured over the decode calls so far (-inf before any).
       generated_tokens: real tokens generated so far, over all rows.
