@@ -32,6 +32,7 @@ from vsampler.generation import create_sampling_step  # noqa: E402
 from vsampler.inference import vInference  # noqa: E402
 from vsampler.params import SamplingParams, Stages  # noqa: E402
 from vsampler.sampling import available_impls, process_logits, resolve_impl, sample, sample_step  # noqa: E402
+from vsampler.speculative import verify_draft  # noqa: E402
 from vsampler.state import SampleState  # noqa: E402
 
 __version__ = "0.1.0"
@@ -51,4 +52,5 @@ __all__ = [
     "vInference",
     "vInferenceConfig",
     "vInferencePreCompileConfig",
+    "verify_draft",
 ]
