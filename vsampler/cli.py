@@ -1,4 +1,4 @@
-"""The `vsampler` command line: benchmark and verification reports.
+"""The `vsampler` command line: benchmark and verification reports, compile checks, a generation demo.
 
   vsampler bench [--quick] [--json PATH] ...   time every implementation and peer on the embedded grid,
                                               check each implementation's tokens against the reference
@@ -48,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="vsampler",
-        description="vsampler: a fast, verified LLM token sampler for JAX. Benchmark and verification reports.",
+        description=(
+            "vsampler: a fast, verified LLM token sampler for JAX. Benchmark and verification reports, "
+            "TPU/GPU compile checks and a generation demo."
+        ),
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = sub.add_parser(
