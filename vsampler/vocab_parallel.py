@@ -79,6 +79,7 @@ from vsampler import penalties
 from vsampler.inputs import RowParams, SamplerInputs
 from vsampler.kernels import sampler as kernel
 from vsampler.params import SamplingParams, Stages
+from vsampler.reference import weight
 
 NEG_INF = float("-inf")
 CHUNK = 128  # columns per chunk in the owner's draw search
@@ -271,10 +272,7 @@ def _sample_shard(
     inverse_t = 1.0 / jnp.where(greedy, 1.0, p.temperature[:, None])
     s = x * inverse_t
     s_max = x_max * inverse_t  # == max(s): rounding is monotone
-    # exp(s - s_max), the row maximum's pinned to exp(0) = 1: XLA's CPU backend may fuse the product
-    # into the subtraction as one fused multiply-add, which leaves the maximum a rounding error off 0
-    # (and min_p = 1 would then keep nothing); elsewhere it moves e by that rounding error at most
-    e = jnp.where(s == s_max, 1.0, jnp.exp(s - s_max))
+    e = weight(s, s_max)  # the reference's: exactly 1 at the maximum, whatever a fused multiply-add does
     sampled = ~greedy & (s_max > NEG_INF)
     kept = s > NEG_INF
     search = functools.partial(kernel.largest_value_with, column_min=sh.min, column_max=sh.max)
