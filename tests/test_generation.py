@@ -11,6 +11,7 @@ from generation_reference import decode_row
 from vsampler import SamplingParams, vInferenceConfig, vInferencePreCompileConfig
 from vsampler.inference import vInference
 from vsampler.models import TinyDecoder, TinyDecoderConfig
+from vsampler.params import NUMERIC_FIELDS
 
 MAX_NEW = 10
 PAD = 0
@@ -62,18 +63,7 @@ def expected(model, params_per_row, *, eos=None, key=KEY, prompts=PROMPTS, n=1) 
 
 
 def stacked(rows: list[SamplingParams]) -> SamplingParams:
-    fields = (
-        "max_tokens",
-        "min_tokens",
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repetition_penalty",
-        "presence_penalty",
-        "frequency_penalty",
-    )
-    return SamplingParams(**{f: np.asarray([np.asarray(getattr(p, f)) for p in rows]) for f in fields})
+    return SamplingParams(**{f: np.asarray([np.asarray(getattr(p, f)) for p in rows]) for f in NUMERIC_FIELDS})
 
 
 @pytest.fixture(scope="module")
