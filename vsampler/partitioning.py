@@ -70,14 +70,14 @@ def _trimmed(spec: PartitionSpec, rank: int) -> PartitionSpec:
     return PartitionSpec(*tuple(spec)[:rank])
 
 
+def _leaf_spec(rules: Rules, name: str, shape: Sequence[int]) -> PartitionSpec:
+    """The first matching rule's spec, trimmed to the leaf's rank."""
+    return _trimmed(rules[rule_index(rules, name)][1], len(shape))
+
+
 def match_partition_rules(rules: Rules, tree: Any) -> Any:
     """The tree of `PartitionSpec`s the rules give `tree`'s leaves (first match wins, trimmed to rank)."""
-
-    def spec(path: Sequence[Any], leaf: Any) -> PartitionSpec:
-        rank = len(np.shape(leaf))
-        return _trimmed(rules[rule_index(rules, leaf_name(path))][1], rank)
-
-    return jax.tree_util.tree_map_with_path(spec, tree)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: _leaf_spec(rules, leaf_name(path), np.shape(leaf)), tree)
 
 
 def _axes(entry: Any) -> tuple[str, ...]:
@@ -107,7 +107,7 @@ def named_shardings(rules: Rules, tree: Any, mesh: Mesh) -> Any:
     def sharding(path: Sequence[Any], leaf: Any) -> NamedSharding:
         name = leaf_name(path)
         shape = np.shape(leaf)
-        spec = _trimmed(rules[rule_index(rules, name)][1], len(shape))
+        spec = _leaf_spec(rules, name, shape)
         check_spec(name, shape, spec, mesh)
         return NamedSharding(mesh, spec)
 
