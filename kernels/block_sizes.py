@@ -22,6 +22,8 @@ MiB = 1 << 20
 TEMPORARIES = 5  # f32 blocks alive at once besides the input: s, e, kept mass, iota, a mask/select temp
 # (measured: Mosaic reported 6.19 MB of scoped VMEM for an 8 x 32000 float32 block, 24 bytes per
 # element against the 28 this estimate charges)
+MASK_TEMPORARIES = 2  # with an allowed-token mask: its words repeated to (R, V) int32, and the bits
+# (measured on v5e, 8 x 128256 float32: 19.6 MiB without the mask, 26.1 MiB with it and 8 log-prob entries)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,20 +64,22 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def working_set(block_rows: int, vocab: int, dtype: np.dtype | str) -> int:
+def working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allowed: bool = False) -> int:
     """Estimated VMEM bytes: Mosaic pads lanes to 128 and rows to the sublane tile of each dtype."""
     lanes = _round_up(vocab, 128)
     input_rows = _round_up(block_rows, sublane_rows(dtype))
     f32_rows = _round_up(block_rows, 8)
-    return lanes * (2 * input_rows * np.dtype(dtype).itemsize + TEMPORARIES * f32_rows * 4)
+    temporaries = TEMPORARIES + (MASK_TEMPORARIES if allowed else 0)
+    return lanes * (2 * input_rows * np.dtype(dtype).itemsize + temporaries * f32_rows * 4)
 
 
-def plan(batch: int, vocab: int, dtype: np.dtype | str, generation: str | None) -> BlockPlan:
-    """The rows per block and VMEM limit for `generation` ("v4", "v5e", "v5p", "v6e"; None: interpret)."""
+def plan(batch: int, vocab: int, dtype: np.dtype | str, generation: str | None, allowed: bool = False) -> BlockPlan:
+    """The rows per block and VMEM limit for `generation` ("v4", "v5e", "v5p", "v6e"; None: interpret);
+    `allowed`: the kernel also unpacks an allowed-token mask."""
     rows = sublane_rows(dtype)
     block_rows = batch if batch <= rows else rows
     padded = -(-batch // block_rows) * block_rows
-    needed = working_set(block_rows, vocab, dtype)
+    needed = working_set(block_rows, vocab, dtype, allowed)
     if generation is None:
         return BlockPlan(block_rows, padded, needed, None)
     if generation not in TPU_GENERATIONS:

@@ -3,6 +3,7 @@
 One launch per call; each grid step owns a block of R rows of the logits, resident in VMEM for every
 pass, and computes, vectorised over its rows (per-row values are (R, 1) columns):
 
+  stage 0   the allowed-token mask: the row's packed `ceil(V / 32)` int32 words, unpacked in VMEM
   stage 4   the min_tokens EOS mask (the row's "too early" flag is computed from its history outside)
   stage 5   NaN -> -inf; a row holding +inf keeps its +inf tokens (as 0), drops the rest
   stage 6   greedy rows: the first index of the maximum; others: s = x * (1 / T), e = exp(s - max s)
@@ -11,11 +12,15 @@ pass, and computes, vectorised over its rows (per-row values are (R, 1) columns)
   stage 9   min-p: e >= min_p
   stage 10  the draw: the smallest index whose prefix of kept mass exceeds u * total, by bisection on
             the index (masked sums over the resident block; Mosaic has no cumsum)
+  empty     a row with no finite value left gets its empty-row token (the first EOS id with a mask)
   EOS       finished rows emit the pad id; a row that samples an EOS id becomes finished
+  log-probs (when asked) the raw log-normaliser, the token's logit and the top-n logits with their ids,
+            n max-and-first-index reductions over the resident block (no further read of the logits)
 
-It writes per row only the token, the new finished flag and three floats (the kept threshold in
-scaled-logit units, the row's scaled maximum, the kept mass), never a (B, V) array: `process_logits`
-and log-probabilities are rebuilt from those. Stages 1-3 (bias and penalties) are the shared sparse
+It writes per row only the token, the new finished flag, a few floats (the kept threshold in
+scaled-logit units, the row's scaled maximum, the kept mass, the raw log-normaliser, the token's logit)
+and the (R, n) top entries, never a (B, V) array: `process_logits` and log-probabilities
+(`vsampler.logprobs`) are rebuilt from those. Stages 1-3 (bias and penalties) are the shared sparse
 `vsampler.penalties` pass that runs before the kernel (an O(B * L) scatter: it reads no logits).
 
 The searches are the same as the XLA path's (`vsampler.xla`): value bisection whose ends snap to the
@@ -38,21 +43,25 @@ PLAIN_PASSES = 12  # plain bisection passes before the snapping ones
 MAX_PASSES = 64  # a bound on the snapping passes (the ends meet long before on real data)
 
 # columns of the packed per-row parameter block
-T, TOP_K, TOP_P, MIN_P, U, FINISHED, EOS_TOO_EARLY = range(7)
+T, TOP_K, TOP_P, MIN_P, U, FINISHED, EOS_TOO_EARLY, EMPTY_TOKEN = range(8)
 ROW_COLUMNS = 8
 # columns of the per-row statistics output
-THRESHOLD, S_MAX, KEPT_MASS = range(3)
-STAT_COLUMNS = 4
+THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
+STAT_COLUMNS = 8
 
 
-def output_shapes(batch: int) -> list[jax.ShapeDtypeStruct]:
-    """What both kernel variants write per call: tokens (B, 1) int32, finished flags (B, 1) int32 and
-    the per-row statistics (B, STAT_COLUMNS) float32."""
-    return [
+def output_shapes(batch: int, top_n: int | None = None) -> list[jax.ShapeDtypeStruct]:
+    """What both kernel variants write per call: tokens (B, 1) int32, finished flags (B, 1) int32, the
+    per-row statistics (B, STAT_COLUMNS) float32 and, when `top_n` is given, the top-n logits (B, n)
+    float32 and their ids (B, n) int32."""
+    shapes = [
         jax.ShapeDtypeStruct((batch, 1), jnp.int32),
         jax.ShapeDtypeStruct((batch, 1), jnp.int32),
         jax.ShapeDtypeStruct((batch, STAT_COLUMNS), jnp.float32),
     ]
+    if top_n:
+        shapes += [jax.ShapeDtypeStruct((batch, top_n), jnp.float32), jax.ShapeDtypeStruct((batch, top_n), jnp.int32)]
+    return shapes
 
 
 def _column_max(a: jax.Array) -> jax.Array:
@@ -135,14 +144,31 @@ def largest_value_with(
     return lo
 
 
+def top_entries(x: jax.Array, iota: jax.Array, n: int) -> tuple[list[jax.Array], list[jax.Array]]:
+    """The n largest values of each row of `x` and their indices, ties lower index first (a stable
+    sort's order), as n (R, 1) columns each: entry j is the largest value after entry j-1 in that order,
+    one max and one first-index reduction per entry."""
+    values, ids = [], []
+    prev_v = jnp.full((*x.shape[:-1], 1), jnp.inf, x.dtype)
+    prev_i = jnp.full((*x.shape[:-1], 1), -1, jnp.int32)
+    for _ in range(n):
+        after = (x < prev_v) | ((x == prev_v) & (iota > prev_i))
+        prev_v = _column_max(jnp.where(after, x, NEG_INF))
+        prev_i = _column_min(jnp.where(after & (x == prev_v), iota, jnp.iinfo(jnp.int32).max))
+        values.append(prev_v)
+        ids.append(prev_i)
+    return values, ids
+
+
+def unpack_allowed_block(words: jax.Array, vocab: int) -> jax.Array:
+    """(R, ceil(V / 32)) int32 packed words -> (R, V) bool: token j is bit j % 32 of word j // 32."""
+    repeated = jnp.repeat(words, 32, axis=1)[:, :vocab]
+    bit = lax.broadcasted_iota(jnp.int32, repeated.shape, 1) % 32
+    return (lax.shift_right_logical(repeated, bit) & 1) > 0
+
+
 def fused_sampler_kernel(
-    x_ref: jax.Array,
-    rows_ref: jax.Array,
-    eos_ref: jax.Array,
-    token_ref: jax.Array,
-    finished_ref: jax.Array,
-    stats_ref: jax.Array,
-    *,
+    *refs: jax.Array,
     vocab: int,
     pad_id: int,
     top_k: bool,
@@ -150,15 +176,24 @@ def fused_sampler_kernel(
     min_p: bool,
     random: bool,
     min_tokens: bool,
+    allowed: bool = False,
+    top_n: int | None = None,
 ) -> None:
-    """One block of rows: x (R, V), rows (R, 8) packed parameters, eos (1, E) -> token (R, 1),
-    finished (R, 1), stats (R, 4)."""
+    """One block of rows: x (R, V), rows (R, 8) packed parameters, eos (1, E)[, allowed (R, ceil(V/32))]
+    -> token (R, 1), finished (R, 1), stats (R, 8)[, top_x (R, n), top_ids (R, n)]."""
+    x_ref, rows_ref, eos_ref, *refs = refs
+    allowed_ref = refs.pop(0) if allowed else None
+    token_ref, finished_ref, stats_ref, *top_refs = refs
     x = x_ref[...].astype(jnp.float32)
     rows = rows_ref[...]
     temperature = rows[:, T : T + 1]
     finished = rows[:, FINISHED : FINISHED + 1] > 0
     eos = eos_ref[...]  # (1, E), -1 = none
     iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+
+    # stage 0: tokens the packed mask does not allow are -inf
+    if allowed:
+        x = jnp.where(unpack_allowed_block(allowed_ref[...], vocab), x, NEG_INF)
 
     # stage 4: EOS ids are -inf while the row has generated fewer than min_tokens tokens
     if min_tokens:
@@ -238,11 +273,28 @@ def fused_sampler_kernel(
         sampled = jnp.where(any_kept, sampled, 0)
         token = jnp.where(greedy, first_max, sampled)
 
+    # a row with no finite value left: its empty-row token
+    token = jnp.where(x_max > NEG_INF, token, rows[:, EMPTY_TOKEN : EMPTY_TOKEN + 1].astype(jnp.int32))
+
+    # log-probs: the raw log-normaliser, the token's logit, the top-n entries
+    log_z_raw = token_x = jnp.zeros_like(x_max)
+    if top_n is not None:
+        finite = x_max > NEG_INF
+        shift = jnp.where(finite, x_max, 0.0)
+        log_z_raw = jnp.where(finite, shift + jnp.log(_column_sum(jnp.exp(x - shift))), NEG_INF)
+        token_x = _column_max(jnp.where(iota == token, x, NEG_INF))
+        if top_n:
+            values, ids = top_entries(x, iota, top_n)
+            top_x_ref, top_ids_ref = top_refs
+            top_x_ref[...] = jnp.concatenate(values, axis=1)
+            top_ids_ref[...] = jnp.concatenate(ids, axis=1)
+
     # EOS: finished rows emit the pad id; sampling an EOS id finishes a row
     is_eos = _column_max(jnp.where(token == eos, 1, 0)) > 0
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
-    stats_ref[...] = jnp.concatenate([threshold, s_max, kept_mass, jnp.zeros_like(kept_mass)], axis=1)
+    zero = jnp.zeros_like(kept_mass)
+    stats_ref[...] = jnp.concatenate([threshold, s_max, kept_mass, log_z_raw, token_x, zero, zero, zero], axis=1)
 
 
 @functools.partial(
@@ -257,12 +309,14 @@ def fused_sampler_kernel(
         "block_rows",
         "vmem_limit_bytes",
         "interpret",
+        "top_n",
     ),
 )
 def fused_sample(
     logits: jax.Array,
     rows: jax.Array,
     eos: jax.Array,
+    allowed: jax.Array | None = None,
     *,
     pad_id: int,
     top_k: bool,
@@ -273,10 +327,13 @@ def fused_sample(
     min_tokens: bool = False,
     vmem_limit_bytes: int | None,
     interpret: bool,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    top_n: int | None = None,
+) -> tuple[jax.Array, ...]:
     """Launches the kernel over row blocks: logits (B, V) with B a multiple of `block_rows` (or equal
-    to it), rows (B, 8) float32 packed parameters, eos (1, E) int32.
-    Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 4) float32."""
+    to it), rows (B, 8) float32 packed parameters, eos (1, E) int32, allowed (B, ceil(V / 32)) int32
+    packed mask words or None. `top_n`: None (no log-prob values), or the top entries to return.
+    Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 8) float32[, top_x (B, n) float32,
+    top_ids (B, n) int32]."""
     batch, vocab = logits.shape
     kernel = functools.partial(
         fused_sampler_kernel,
@@ -287,8 +344,26 @@ def fused_sample(
         min_p=min_p,
         random=random,
         min_tokens=min_tokens,
+        allowed=allowed is not None,
+        top_n=top_n,
     )
     row_block = lambda i: (i, 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((block_rows, vocab), row_block),
+        pl.BlockSpec((block_rows, ROW_COLUMNS), row_block),
+        pl.BlockSpec(eos.shape, lambda i: (0, 0)),
+    ]
+    inputs = [logits, rows, eos]
+    if allowed is not None:
+        in_specs.append(pl.BlockSpec((block_rows, allowed.shape[1]), row_block))
+        inputs.append(allowed)
+    out_specs = [
+        pl.BlockSpec((block_rows, 1), row_block),
+        pl.BlockSpec((block_rows, 1), row_block),
+        pl.BlockSpec((block_rows, STAT_COLUMNS), row_block),
+    ]
+    if top_n:
+        out_specs += [pl.BlockSpec((block_rows, top_n), row_block)] * 2
     compiler_params = None
     if not interpret:
         from jax.experimental.pallas import tpu as pltpu
@@ -297,17 +372,9 @@ def fused_sample(
     return pl.pallas_call(
         kernel,
         grid=(batch // block_rows,),
-        in_specs=[
-            pl.BlockSpec((block_rows, vocab), row_block),
-            pl.BlockSpec((block_rows, ROW_COLUMNS), row_block),
-            pl.BlockSpec(eos.shape, lambda i: (0, 0)),
-        ],
-        out_specs=[
-            pl.BlockSpec((block_rows, 1), row_block),
-            pl.BlockSpec((block_rows, 1), row_block),
-            pl.BlockSpec((block_rows, STAT_COLUMNS), row_block),
-        ],
-        out_shape=output_shapes(batch),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=output_shapes(batch, top_n),
         compiler_params=compiler_params,
         interpret=interpret,
-    )(logits, rows, eos)
+    )(*inputs)

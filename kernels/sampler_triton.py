@@ -7,7 +7,10 @@ TPU variant (`sampler.py`), laid out for Triton:
   (in practice L2) on each pass instead of staying resident, and values such as `s = x * (1 / T)` and
   `e = exp(s - max)` are recomputed per chunk rather than stored;
 * the draw finds the chunk where the prefix of kept mass crosses `u * total` (one pass), then the index
-  inside that chunk by bisection over masked sums of the one chunk.
+  inside that chunk by bisection over masked sums of the one chunk;
+* the allowed-token mask is read with each chunk (`CHUNK / 32` words, unpacked in registers);
+* log-probs (when asked): the raw log-normaliser and the token's logit in one pass, and one pass per
+  top-n entry (n is small; the row is in L2 by then).
 
 Thresholds are exact row values (value bisection that snaps to the row's values), so the kept sets equal
 the reference's, as on TPU. Runs in Pallas interpret mode on CPU (verification) and lowers to Triton for
@@ -25,9 +28,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from vsampler.kernels.sampler import (
+    EMPTY_TOKEN,
     EOS_TOO_EARLY,
     FINISHED,
     KEPT_MASS,
+    LOG_Z_RAW,
     MAX_PASSES,
     MIN_P,
     PLAIN_PASSES,
@@ -35,6 +40,7 @@ from vsampler.kernels.sampler import (
     S_MAX,
     STAT_COLUMNS,
     THRESHOLD,
+    TOKEN_X,
     TOP_K,
     TOP_P,
     T,
@@ -47,13 +53,7 @@ NEG_INF = float("-inf")
 
 
 def triton_sampler_kernel(
-    x_ref: jax.Array,
-    rows_ref: jax.Array,
-    eos_ref: jax.Array,
-    token_ref: jax.Array,
-    finished_ref: jax.Array,
-    stats_ref: jax.Array,
-    *,
+    *refs: jax.Array,
     vocab: int,
     chunk: int,
     pad_id: int,
@@ -62,17 +62,35 @@ def triton_sampler_kernel(
     min_p: bool,
     random: bool,
     min_tokens: bool,
+    allowed: bool = False,
+    top_n: int | None = None,
 ) -> None:
-    """One row: x (V,), rows (8,) packed parameters, eos (E,) -> token (1,), finished (1,), stats (4,)."""
+    """One row: x (V,), rows (8,) packed parameters, eos (E,)[, allowed (ceil(V/32),)] -> token (1,),
+    finished (1,), stats (8,)[, top_x (n',), top_ids (n',) with n' = n rounded up to a power of two]."""
+    x_ref, rows_ref, eos_ref, *refs = refs
+    allowed_ref = refs.pop(0) if allowed else None
+    token_ref, finished_ref, stats_ref, *top_refs = refs
     n_chunks = pl.cdiv(vocab, chunk)
     lane = jnp.arange(chunk, dtype=jnp.int32)
     eos_ids = [eos_ref[e] for e in range(eos_ref.shape[0])] if min_tokens else []
     too_early = rows_ref[EOS_TOO_EARLY] > 0 if min_tokens else False
+    words_per_chunk = chunk // 32
+    n_words = pl.cdiv(vocab, 32)
+
+    def allowed_in(c: jax.Array) -> jax.Array:
+        """The chunk's allowed flags: its `chunk / 32` mask words, one bit per token."""
+        word = c * words_per_chunk + jnp.arange(words_per_chunk, dtype=jnp.int32)
+        words = plgpu.load(allowed_ref.at[pl.ds(c * words_per_chunk, words_per_chunk)], mask=word < n_words, other=0)
+        bit = jnp.broadcast_to(jnp.arange(32, dtype=jnp.int32)[None, :], (words_per_chunk, 32))
+        bits = lax.shift_right_logical(jnp.broadcast_to(words[:, None], (words_per_chunk, 32)), bit) & 1
+        return bits.reshape(chunk) > 0
 
     def raw_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
         index = c * chunk + lane
         v = plgpu.load(x_ref.at[pl.ds(c * chunk, chunk)], mask=index < vocab, other=NEG_INF)
         v = v.astype(jnp.float32)
+        if allowed:  # stage 0: the allowed-token mask
+            v = jnp.where(allowed_in(c), v, NEG_INF)
         if min_tokens:  # stage 4: the min_tokens EOS mask
             is_eos_id = functools.reduce(jnp.logical_or, [index == e for e in eos_ids])
             v = jnp.where(too_early & is_eos_id, NEG_INF, v)
@@ -232,26 +250,76 @@ def triton_sampler_kernel(
         sampled = jnp.where(kept_mass > 0, sampled, 0)
         token = jnp.where(greedy, first_max, sampled)
 
+    # a row with no finite value left: its empty-row token
+    token = jnp.where(x_max > NEG_INF, token, rows_ref[EMPTY_TOKEN].astype(jnp.int32))
+
+    log_z_raw = token_x = jnp.float32(0.0)
+    if top_n is not None:  # log-probs: the raw log-normaliser and the token's logit in one pass
+        finite = x_max > NEG_INF
+        shift = jnp.where(finite, x_max, 0.0)
+        total, token_x = reduce(
+            lambda a, i, v: (
+                a[0] + jnp.sum(jnp.exp(v - shift)),
+                jnp.maximum(a[1], jnp.max(jnp.where(i == token, v, NEG_INF))),
+            ),
+            (jnp.float32(0.0), jnp.float32(NEG_INF)),
+            clean_chunk,
+        )
+        log_z_raw = jnp.where(finite, shift + jnp.log(total), NEG_INF)
+        if top_n:  # entry j: the largest value after entry j-1 (ties: lower index first), one pass each
+            top_x_ref, top_ids_ref = top_refs
+            slot = jnp.arange(top_x_ref.shape[0], dtype=jnp.int32)
+            top_x = jnp.full(slot.shape, NEG_INF, jnp.float32)
+            top_ids = jnp.zeros(slot.shape, jnp.int32)
+            prev_v, prev_i = jnp.float32(jnp.inf), jnp.int32(-1)
+            for j in range(top_n):
+
+                def best_after(a: tuple, i: jax.Array, v: jax.Array, pv=prev_v, pi=prev_i) -> tuple:
+                    after = (v < pv) | ((v == pv) & (i > pi))
+                    m = jnp.max(jnp.where(after, v, NEG_INF))
+                    first = jnp.min(jnp.where(after & (v == m), i, vocab))
+                    better = m > a[0]
+                    return jnp.where(better, m, a[0]), jnp.where(better, first, jnp.minimum(a[1], first))
+
+                prev_v, prev_i = reduce(
+                    lambda a, i, v, f=best_after: f(a, i, v), (jnp.float32(NEG_INF), jnp.int32(vocab)), clean_chunk
+                )
+                top_x = jnp.where(slot == j, prev_v, top_x)
+                top_ids = jnp.where(slot == j, prev_i, top_ids)
+            top_x_ref[...] = top_x
+            top_ids_ref[...] = top_ids
+
     finished = rows_ref[FINISHED] > 0
     is_eos = jnp.max(jnp.where(eos_ref[...] == token, 1, 0)) > 0
     token_ref[...] = jnp.full((1,), jnp.where(finished, pad_id, token), jnp.int32)
     finished_ref[...] = jnp.full((1,), jnp.where(finished | is_eos, 1, 0), jnp.int32)
     column = jnp.arange(STAT_COLUMNS)
-    stats_ref[...] = jnp.where(
-        column == THRESHOLD,
-        threshold,
-        jnp.where(column == S_MAX, s_max, jnp.where(column == KEPT_MASS, kept_mass, 0.0)),
-    )
+    stats = jnp.where(column == THRESHOLD, threshold, 0.0)
+    for where, value in ((S_MAX, s_max), (KEPT_MASS, kept_mass), (LOG_Z_RAW, log_z_raw), (TOKEN_X, token_x)):
+        stats = jnp.where(column == where, value, stats)
+    stats_ref[...] = stats
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("pad_id", "top_k", "top_p", "min_p", "random", "min_tokens", "chunk", "num_warps", "interpret"),
+    static_argnames=(
+        "pad_id",
+        "top_k",
+        "top_p",
+        "min_p",
+        "random",
+        "min_tokens",
+        "chunk",
+        "num_warps",
+        "interpret",
+        "top_n",
+    ),
 )
 def fused_sample_triton(
     logits: jax.Array,
     rows: jax.Array,
     eos: jax.Array,
+    allowed: jax.Array | None = None,
     *,
     pad_id: int,
     top_k: bool,
@@ -262,10 +330,14 @@ def fused_sample_triton(
     num_warps: int,
     interpret: bool,
     min_tokens: bool = False,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One program per row: logits (B, V), rows (B, 8) float32, eos (E,) int32 with E a power of two.
-    Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 4) float32."""
+    top_n: int | None = None,
+) -> tuple[jax.Array, ...]:
+    """One program per row: logits (B, V), rows (B, 8) float32, eos (E,) int32 with E a power of two,
+    allowed (B, ceil(V / 32)) int32 packed mask words or None; `top_n`: None (no log-prob values) or the
+    top entries to return. Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 8) float32
+    [, top_x (B, n') float32, top_ids (B, n') int32, n' = n rounded up to a power of two]."""
     batch, vocab = logits.shape
+    top_width = 1 << (top_n - 1).bit_length() if top_n else 0
     kernel = functools.partial(
         triton_sampler_kernel,
         vocab=vocab,
@@ -276,22 +348,32 @@ def fused_sample_triton(
         min_p=min_p,
         random=random,
         min_tokens=min_tokens,
+        allowed=allowed is not None,
+        top_n=top_n,
     )
     row = lambda i: (i, 0)  # noqa: E731
+    in_specs = [
+        pl.BlockSpec((None, vocab), row),
+        pl.BlockSpec((None, ROW_COLUMNS), row),
+        pl.BlockSpec(eos.shape, lambda i: (0,)),
+    ]
+    inputs = [logits, rows, eos]
+    if allowed is not None:
+        in_specs.append(pl.BlockSpec((None, allowed.shape[1]), row))
+        inputs.append(allowed)
+    out_specs = [
+        pl.BlockSpec((None, 1), row),
+        pl.BlockSpec((None, 1), row),
+        pl.BlockSpec((None, STAT_COLUMNS), row),
+    ]
+    if top_n:
+        out_specs += [pl.BlockSpec((None, top_width), row)] * 2
     return pl.pallas_call(
         kernel,
         grid=(batch,),
-        in_specs=[
-            pl.BlockSpec((None, vocab), row),
-            pl.BlockSpec((None, ROW_COLUMNS), row),
-            pl.BlockSpec(eos.shape, lambda i: (0,)),
-        ],
-        out_specs=[
-            pl.BlockSpec((None, 1), row),
-            pl.BlockSpec((None, 1), row),
-            pl.BlockSpec((None, STAT_COLUMNS), row),
-        ],
-        out_shape=output_shapes(batch),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=output_shapes(batch, top_width or None),
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
         interpret=interpret,
-    )(logits, rows, eos)
+    )(*inputs)

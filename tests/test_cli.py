@@ -62,8 +62,9 @@ def test_verify_reports_agreement_and_exits_0(capsys):
 def test_verify_exits_1_on_a_disagreement(monkeypatch):
     from vsampler import sampling, xla
 
-    def off_by_one(inp):
-        return (xla.sample(inp) + 1) % inp.logits.shape[1]
+    def off_by_one(inp, request):
+        tokens, values = xla.sample_with_logprobs(inp, request)
+        return (tokens + 1) % inp.logits.shape[1], values
 
     monkeypatch.setitem(sampling._SAMPLERS, "xla", off_by_one)
     sampling._sample_jit.clear_cache()

@@ -30,6 +30,8 @@ _kernels_from_source_checkout()
 from vsampler.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig  # noqa: E402
 from vsampler.generation import create_sampling_step  # noqa: E402
 from vsampler.inference import vInference  # noqa: E402
+from vsampler.inputs import pack_allowed, unpack_allowed  # noqa: E402
+from vsampler.logprobs import LogProbs  # noqa: E402
 from vsampler.params import SamplingParams, Stages  # noqa: E402
 from vsampler.sampling import available_impls, process_logits, resolve_impl, sample, sample_step  # noqa: E402
 from vsampler.speculative import verify_draft  # noqa: E402
@@ -38,6 +40,7 @@ from vsampler.state import SampleState  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "LogProbs",
     "PartitionAxis",
     "SampleState",
     "SamplingParams",
@@ -45,10 +48,12 @@ __all__ = [
     "__version__",
     "available_impls",
     "create_sampling_step",
+    "pack_allowed",
     "process_logits",
     "resolve_impl",
     "sample",
     "sample_step",
+    "unpack_allowed",
     "vInference",
     "vInferenceConfig",
     "vInferencePreCompileConfig",

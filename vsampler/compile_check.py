@@ -16,6 +16,7 @@ import re
 import jax
 import jax.numpy as jnp
 
+from vsampler.inputs import allowed_words
 from vsampler.kernels import block_sizes
 from vsampler.kernels import sampler as kernel
 
@@ -82,11 +83,14 @@ def compile_tpu(
     top_k: bool = True,
     top_p: bool = True,
     min_p: bool = True,
+    allowed: bool = False,
+    top_n: int | None = None,
 ) -> CompileResult:
-    """Compiles the kernel (all stages on by default) for one configuration on `generation`."""
+    """Compiles the kernel (all stages on by default) for one configuration on `generation`;
+    `allowed`: with the allowed-token mask input; `top_n`: with the log-prob outputs."""
     result = CompileResult(generation, batch, vocab, dtype, ok=False)
     try:
-        plan = block_sizes.plan(batch, vocab, dtype, generation)
+        plan = block_sizes.plan(batch, vocab, dtype, generation, allowed)
     except ValueError as err:
         result.error = str(err)
         return result
@@ -100,8 +104,11 @@ def compile_tpu(
         jax.ShapeDtypeStruct((batch_p, kernel.ROW_COLUMNS), jnp.float32, sharding=sharding),
         jax.ShapeDtypeStruct((1, 2), jnp.int32, sharding=sharding),
     )
+    if allowed:
+        args += (jax.ShapeDtypeStruct((batch_p, allowed_words(vocab)), jnp.int32, sharding=sharding),)
     fn = functools.partial(
         kernel.fused_sample,
+        top_n=top_n,
         pad_id=0,
         top_k=top_k,
         top_p=top_p,
@@ -140,9 +147,12 @@ class TritonLowering:
     kernels: int = 0  # Triton custom calls in the exported module
 
 
-def lower_triton(batch: int, vocab: int, dtype: str = "float32") -> TritonLowering:
+def lower_triton(
+    batch: int, vocab: int, dtype: str = "float32", *, allowed: bool = False, top_n: int | None = None
+) -> TritonLowering:
     """Lowers the kernel's GPU variant to Triton for CUDA with `jax.export`, without a GPU (the Triton
-    custom call's compatibility check is disabled: only the lowering is being checked)."""
+    custom call's compatibility check is disabled: only the lowering is being checked); `allowed` and
+    `top_n` as in `compile_tpu`."""
     from jax import export
 
     from vsampler.kernels import sampler_triton
@@ -160,12 +170,15 @@ def lower_triton(batch: int, vocab: int, dtype: str = "float32") -> TritonLoweri
         chunk=plan.chunk,
         num_warps=plan.num_warps,
         interpret=False,
+        top_n=top_n,
     )
     args = (
         jax.ShapeDtypeStruct((batch, vocab), jnp.dtype(dtype)),
         jax.ShapeDtypeStruct((batch, kernel.ROW_COLUMNS), jnp.float32),
         jax.ShapeDtypeStruct((2,), jnp.int32),
     )
+    if allowed:
+        args += (jax.ShapeDtypeStruct((batch, allowed_words(vocab)), jnp.int32),)
     try:
         exported = export.export(
             jax.jit(fn),

@@ -16,6 +16,11 @@ cannot raise; they are sanitised as follows, and the tests pin it:
 * min_tokens < 0 -> 0; max_tokens < 1 -> 1;
 * history ids < 0 are empty slots; ids >= V are ignored like empty slots; traced EOS ids outside
   [0, V) are ignored.
+
+`allowed_tokens` (structured output) is the packed bitmask grammar engines (xgrammar, llguidance) write:
+int32 `(B, ceil(V / 32))`, bit `j % 32` (least significant first) of word `j // 32` set when token `j` is
+allowed; bits past V are ignored. It needs `eos_token_id`: a row left with no allowed token that has a
+finite logit cannot continue, and samples the first EOS id (the request ends) instead of token 0.
 """
 
 from __future__ import annotations
@@ -59,6 +64,8 @@ class SamplerInputs(NamedTuple):
     prompt_len: jax.Array  # (B,) int32
     eos_ids: jax.Array | None  # (E,) int32
     u: jax.Array | None  # (B,) float32 in [0, 1): one uniform per row
+    allowed: jax.Array | None = None  # (B, ceil(V / 32)) int32 packed bitmask, 1 = allowed
+    empty_token: jax.Array | int = 0  # the token of a row with no finite logit left (int32 scalar)
 
 
 _INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
@@ -148,6 +155,46 @@ def _check_history(history: Any, prompt_len: Any, batch: int) -> tuple[Any, jax.
     return history, jnp.broadcast_to(pl.astype(jnp.int32), (batch,))
 
 
+def allowed_words(vocab: int) -> int:
+    """Words of the packed `allowed_tokens` bitmask for a vocabulary of V tokens: ceil(V / 32)."""
+    return -(-vocab // 32)
+
+
+def _check_allowed(allowed_tokens: Any, batch: int, vocab: int) -> jax.Array | None:
+    if allowed_tokens is None:
+        return None
+    if not hasattr(allowed_tokens, "dtype"):
+        allowed_tokens = np.asarray(allowed_tokens)
+    words = allowed_words(vocab)
+    if tuple(allowed_tokens.shape) != (batch, words):
+        raise ValueError(
+            f"allowed_tokens must be the packed bitmask (B, ceil(V / 32)) = ({batch}, {words}) for V={vocab}, "
+            f"got shape {tuple(allowed_tokens.shape)}"
+        )
+    if allowed_tokens.dtype not in (np.int32, np.uint32):
+        raise ValueError(f"allowed_tokens must be int32 (or uint32) packed words, got dtype {allowed_tokens.dtype}")
+    return jax.lax.bitcast_convert_type(jnp.asarray(allowed_tokens), jnp.int32)
+
+
+def unpack_allowed(words: jax.Array, vocab: int) -> jax.Array:
+    """The packed bitmask `(..., ceil(V / 32))` int32 as bool `(..., V)`: token j is bit j % 32 of word j // 32."""
+    words = jnp.asarray(words, jnp.int32)[..., None]
+    bit = jax.lax.broadcasted_iota(jnp.int32, (*words.shape[:-1], 32), words.ndim - 1)
+    bits = jax.lax.shift_right_logical(jnp.broadcast_to(words, bit.shape), bit) & 1
+    return bits.reshape(*words.shape[:-2], -1)[..., :vocab] > 0
+
+
+def pack_allowed(allowed: Any) -> np.ndarray:
+    """The inverse of `unpack_allowed` (numpy, for callers and tests): bool `(B, V)` -> int32 `(B, ceil(V / 32))`."""
+    allowed = np.asarray(allowed, bool)
+    batch, vocab = allowed.shape
+    padded = np.zeros((batch, allowed_words(vocab) * 32), bool)
+    padded[:, :vocab] = allowed
+    weights = (np.uint64(1) << np.arange(32, dtype=np.uint64)).astype(np.uint64)
+    words = (padded.reshape(batch, -1, 32).astype(np.uint64) * weights).sum(axis=2)
+    return words.astype(np.uint32).view(np.int32)
+
+
 def check_prompt_len_range(prompt_len: Any, history_len: int) -> None:
     """Concrete integer prompt lengths must lie in [0, L]; traced ones cannot be checked (the masks then
     count positions >= prompt_len as generated, whatever its value)."""
@@ -201,6 +248,7 @@ def prepare(
     history: Any = None,
     prompt_len: Any = None,
     eos_token_id: EosIds = None,
+    allowed_tokens: Any = None,
     draw: bool = True,
 ) -> SamplerInputs:
     """Checks the public arguments and builds the `SamplerInputs` all implementations share.
@@ -224,6 +272,15 @@ def prepare(
     eos_ids = normalise_eos(eos_token_id, vocab)
     if stages.min_tokens and eos_ids is None:
         raise ValueError("SamplingParams.min_tokens > 0 needs eos_token_id: the ids it keeps masked")
+    allowed = _check_allowed(allowed_tokens, batch, vocab)
+    empty_token: jax.Array | int = 0
+    if allowed is not None:
+        if eos_ids is None:
+            raise ValueError(
+                "allowed_tokens needs eos_token_id: a row whose mask leaves no token samples the first EOS id "
+                "(the request ends) instead of an arbitrary token"
+            )
+        empty_token = jnp.maximum(eos_ids[0], 0)
     u = None
     if draw and stages.random:
         if key is None:
@@ -240,6 +297,8 @@ def prepare(
         prompt_len=prompt_len_arr,
         eos_ids=eos_ids,
         u=u,
+        allowed=allowed,
+        empty_token=empty_token,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from vsampler import logprobs as lp
 from vsampler import penalties, reference
 from vsampler.inputs import SamplerInputs
 from vsampler.kernels import block_sizes, sampler_triton
@@ -45,8 +46,10 @@ def launch(
     generation: str | None = None,
     interpret: bool | None = None,
     variant: str | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Runs the kernel: (tokens (B,) int32, finished (B,) bool, stats (B, 4) float32).
+    top_n: int | None = None,
+) -> tuple[jax.Array, ...]:
+    """Runs the kernel: (tokens (B,) int32, finished (B,) bool, stats (B, 8) float32), plus
+    (top_x (B, n) float32, top_ids (B, n) int32) when `top_n` is given (None: no log-prob values).
 
     `finished` rows emit `pad_token_id`; a row whose token is one of `inp.eos_ids` comes back finished.
     `generation` picks the TPU block-size policy (default: the device's); `variant` is "tpu" or "triton"
@@ -68,40 +71,45 @@ def launch(
         "min_p": inp.stages.min_p,
         "random": inp.stages.random,
         "min_tokens": penalties.masks_eos(inp),
+        "top_n": top_n,
     }
+    allowed = inp.allowed
     if variant == "triton":
         width = 1 << (eos.shape[0] - 1).bit_length()  # Triton arrays: power-of-two shapes
         eos = jnp.pad(eos.astype(jnp.int32), (0, width - eos.shape[0]), constant_values=-1)
         gpu = block_sizes.gpu_plan(vocab)
-        tokens, new_finished, stats = sampler_triton.fused_sample_triton(
+        tokens, new_finished, stats, *top = sampler_triton.fused_sample_triton(
             x,
             rows,
             eos,
+            allowed,
             pad_id=pad_token_id,
             chunk=gpu.chunk,
             num_warps=gpu.num_warps,
             interpret=interpret,
             **stages,
         )
-        return tokens[:, 0], new_finished[:, 0] > 0, stats
+        return (tokens[:, 0], new_finished[:, 0] > 0, stats, *(t[:, :top_n] for t in top))
     if generation is None and not interpret:
         generation = tpu_generation()
-    plan = block_sizes.plan(batch, vocab, x.dtype, None if interpret else generation)
+    plan = block_sizes.plan(batch, vocab, x.dtype, None if interpret else generation, allowed is not None)
     pad = plan.padded_batch - batch
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
         rows = jnp.pad(rows, ((0, pad), (0, 0)))
-    tokens, new_finished, stats = kernel.fused_sample(
+        allowed = None if allowed is None else jnp.pad(allowed, ((0, pad), (0, 0)))
+    tokens, new_finished, stats, *top = kernel.fused_sample(
         x,
         rows,
         eos.reshape(1, -1).astype(jnp.int32),
+        allowed,
         pad_id=pad_token_id,
         block_rows=plan.block_rows,
         vmem_limit_bytes=plan.vmem_limit_bytes,
         interpret=interpret,
         **stages,
     )
-    return tokens[:batch, 0], new_finished[:batch, 0] > 0, stats[:batch]
+    return (tokens[:batch, 0], new_finished[:batch, 0] > 0, stats[:batch], *(t[:batch] for t in top))
 
 
 def _packed_rows(inp: SamplerInputs, finished: jax.Array | None) -> jax.Array:
@@ -111,8 +119,8 @@ def _packed_rows(inp: SamplerInputs, finished: jax.Array | None) -> jax.Array:
     u = inp.u if inp.u is not None else jnp.zeros((batch,), jnp.float32)
     done = jnp.zeros((batch,), jnp.float32) if finished is None else finished.astype(jnp.float32)
     early = penalties.too_early_for_eos(inp).astype(jnp.float32) if penalties.masks_eos(inp) else jnp.zeros_like(u)
-    zeros = jnp.zeros((batch,), jnp.float32)
-    return jnp.stack([p.temperature, p.top_k.astype(jnp.float32), p.top_p, p.min_p, u, done, early, zeros], axis=1)
+    empty = jnp.broadcast_to(jnp.asarray(inp.empty_token, jnp.float32), (batch,))
+    return jnp.stack([p.temperature, p.top_k.astype(jnp.float32), p.top_p, p.min_p, u, done, early, empty], axis=1)
 
 
 def sample(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
@@ -120,10 +128,42 @@ def sample(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
     return launch(inp, variant=variant)[0]
 
 
+def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple) -> lp.RowValues:
+    """The kernel's per-row outputs as `vsampler.logprobs.RowValues`."""
+    _, _, stats, *top = outputs
+    batch = stats.shape[0]
+    top_x, top_ids = top if request.n else (jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32))
+    return lp.RowValues(
+        token_x=stats[:, kernel.TOKEN_X],
+        top_x=top_x,
+        top_ids=top_ids,
+        log_z_raw=stats[:, kernel.LOG_Z_RAW],
+        threshold=stats[:, kernel.THRESHOLD],
+        s_max=stats[:, kernel.S_MAX],
+        kept_mass=stats[:, kernel.KEPT_MASS],
+    )
+
+
+def finish_logprobs(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, tokens: jax.Array) -> lp.LogProbs:
+    """The log-probabilities from one launch's outputs (`tokens`: before the pad of finished rows)."""
+    min_p = inp.params.min_p if inp.stages.min_p else None
+    return lp.from_row_values(row_values(inp, request, outputs), tokens, inp.params.temperature, min_p, request)
+
+
+def sample_with_logprobs(
+    inp: SamplerInputs, request: lp.LogprobsRequest | None, variant: str | None = None
+) -> tuple[jax.Array, lp.LogProbs | None]:
+    """The token per row and, when asked, its log-probabilities, from one kernel launch."""
+    outputs = launch(inp, variant=variant, top_n=None if request is None else request.n)
+    if request is None:
+        return outputs[0], None
+    return outputs[0], finish_logprobs(inp, request, outputs, outputs[0])
+
+
 def process_logits(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
     """The warped logits rebuilt from the kernel's per-row values (threshold, maximum, token)."""
     tokens, _, stats = launch(inp, variant=variant)
-    x = reference.penalised_logits(inp)
+    x = reference.penalised_logits(inp)  # stages 0-5
     p = inp.params
     greedy = (p.temperature == 0.0)[:, None]
     s = x * (1.0 / jnp.where(greedy[:, 0], 1.0, p.temperature))[:, None]

@@ -3,6 +3,9 @@
 For logits `(B, V)` (math in float32) and per-row parameters, each row goes through, in order
 (stages 1-4 live in `vsampler.penalties`, shared by every implementation):
 
+ 0. allowed tokens (structured output, optional): tokens the packed bitmask `allowed_tokens` does not
+    allow get -inf before anything else (no later stage can bring a -inf back: a +inf bias on it makes
+    NaN, which stage 5 turns into -inf; so implementations may apply the mask anywhere before stage 5).
  1. logit bias: `x += bias` (a mapping adds at its ids; an array adds elementwise; -inf bans).
  2. repetition penalty `r`, once per distinct token in the row's history (prompt + generated):
     `x = x * (1 / r)` where `x > 0`, else `x * r`.
@@ -25,8 +28,16 @@ For logits `(B, V)` (math in float32) and per-row parameters, each row goes thro
     index whose inclusive cumulative kept mass, summed in vocabulary order, exceeds `u * total`
     (where rounding leaves the total at or below `u * total`: the last kept token).
 
-Edge cases: a row with no finite value left after stages 1-5 ("empty") returns token 0 and its
+Edge cases: a row with no finite value left after stages 0-5 ("empty") returns token 0 (with
+`allowed_tokens`: the first EOS id, so a request its grammar has left without a token ends) and its
 `process_logits` row is all -inf. A token id outside `[0, V)` is never returned.
+
+Log-probabilities (`logprobs`), for the sampled token and for the n tokens with the largest penalised
+logits (stages 0-5; ties: lower id first), in one of two distributions:
+  "raw":       `log_softmax` of the penalised logits (after stages 0-5, before temperature and filtering);
+  "processed": `log_softmax` of `process_logits`: the distribution the token was drawn from (tokens the
+               filters dropped have -inf; a greedy row's argmax has 0).
+An empty row's log-probabilities are all -inf.
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ import jax
 import jax.numpy as jnp
 
 from vsampler import penalties
-from vsampler.inputs import SamplerInputs
+from vsampler.inputs import SamplerInputs, unpack_allowed
+from vsampler.logprobs import LogProbs, LogprobsRequest
 
 NEG_INF = float("-inf")
 
@@ -44,9 +56,13 @@ NEG_INF = float("-inf")
 
 
 def penalised_logits(inp: SamplerInputs) -> jax.Array:
-    """Stages 1-5 as float32 `(B, V)`: stages 1-4 are `vsampler.penalties` (shared by every
-    implementation, see there), then sanitising."""
+    """Stages 0-5 as float32 `(B, V)`: stages 1-4 (`vsampler.penalties`, shared by every implementation,
+    see there), the allowed-token mask, then sanitising. The mask comes after stages 1-4 so that they
+    run on exactly the arrays every implementation gives them (XLA fuses, and so rounds, a program
+    by its inputs); stage 0's "first" is a statement about results, and they are the same."""
     x = penalties.penalised_logits(inp).astype(jnp.float32)
+    if inp.allowed is not None:  # 0. allowed tokens (after stages 1-4 here: the same result, see above)
+        x = jnp.where(unpack_allowed(inp.allowed, x.shape[1]), x, NEG_INF)
     # 5. sanitising: NaN never wins; +inf tokens share the row's mass
     x = jnp.where(jnp.isnan(x), NEG_INF, x)
     has_pos_inf = jnp.any(x == jnp.inf, axis=1, keepdims=True)
@@ -66,6 +82,11 @@ def weight(s: jax.Array, s_max: jax.Array) -> jax.Array:
 def first_argmax(x: jax.Array) -> jax.Array:
     """The lowest index of each row's maximum (0 for a row that is all -inf)."""
     return jnp.argmax(x, axis=1).astype(jnp.int32)
+
+
+def empty_rows(x: jax.Array) -> jax.Array:
+    """(B,) bool: rows of penalised logits with no finite value left."""
+    return ~jnp.any(x > NEG_INF, axis=1)
 
 
 def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -139,10 +160,28 @@ def process_logits(inp: SamplerInputs) -> jax.Array:
 
 def sample(inp: SamplerInputs) -> jax.Array:
     """The token per row, `(B,)` int32."""
+    return sample_with_logprobs(inp, None)[0]
+
+
+def sample_with_logprobs(inp: SamplerInputs, logprobs: LogprobsRequest | None) -> tuple[jax.Array, LogProbs | None]:
+    """The token per row and, when asked, its log-probabilities (module docstring)."""
     x = penalised_logits(inp)
     kept, scaled = kept_mask(inp, x)
-    greedy_token = first_argmax(x)
-    if not inp.stages.random:
-        return greedy_token
-    sampled = draw(kept, scaled, inp.u)
-    return jnp.where(inp.params.temperature == 0.0, greedy_token, sampled)
+    token = first_argmax(x)
+    if inp.stages.random:
+        token = jnp.where(inp.params.temperature == 0.0, token, draw(kept, scaled, inp.u))
+    token = jnp.where(empty_rows(x), jnp.int32(inp.empty_token), token)
+    if logprobs is None:
+        return token, None
+    if logprobs.mode == "raw":
+        distribution = x
+    else:
+        distribution = jnp.where(kept, scaled, NEG_INF)
+    log_z = jax.nn.logsumexp(distribution, axis=1, keepdims=True)
+    logp = jnp.where(distribution > NEG_INF, distribution - log_z, NEG_INF)
+    top_ids = jnp.argsort(-x, axis=1, stable=True)[:, : logprobs.n].astype(jnp.int32)
+    return token, LogProbs(
+        token=jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0],
+        top_ids=top_ids,
+        top=jnp.take_along_axis(logp, top_ids, axis=1),
+    )

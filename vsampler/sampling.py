@@ -8,7 +8,15 @@ Shapes and dtypes:
   history:      (B, L) integer token ids seen by each row, prompt then generated; negative = empty slot.
   prompt_len:   scalar or (B,) integer: history positions >= prompt_len are the generated tokens
                 (presence / frequency penalties and `min_tokens` count only those). Default 0.
-  eos_token_id: one id or several (int, sequence or 1-D array); needed when `min_tokens > 0`.
+  eos_token_id: one id or several (int, sequence or 1-D array); needed when `min_tokens > 0` or with
+                `allowed_tokens`.
+  allowed_tokens: (B, ceil(V / 32)) int32, the packed bitmask grammar engines (xgrammar, llguidance) write:
+                bit j % 32 of word j // 32 set = token j allowed. Applied before every other stage (inside
+                the fused kernel on impl="pallas"); a row it leaves without a token samples the first EOS
+                id. `vsampler.inputs.pack_allowed` packs a (B, V) bool array.
+  logprobs, logprobs_mode (`sample`, `sample_step`): n in [0, 64] also returns a `LogProbs` (the token's
+                log-probability and the n most likely tokens with theirs) in the "raw" (default) or the
+                "processed" distribution: `vsampler.logprobs`.
   impl:         "auto" | "reference" | "xla" | "pallas".
   mesh, vocab_axis (`sample` only): logits sharded over the vocabulary on that mesh axis (a tensor-parallel
                 lm head's output) are sampled without gathering them: `vsampler.vocab_parallel`.
@@ -29,20 +37,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsampler import logprobs as lp
 from vsampler import pallas, reference, vocab_parallel, xla
 from vsampler.inputs import EosIds, SamplerInputs, check_prompt_len_range, prepare
+from vsampler.logprobs import LogProbs, LogprobsRequest
 from vsampler.params import SamplingParams
 
 Impl = Literal["auto", "reference", "xla", "pallas"]
 IMPL_NAMES: tuple[str, ...] = ("auto", "reference", "xla", "pallas")
 
-# name -> sampler on prepared inputs. The fast paths register themselves here as they land.
-_SAMPLERS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
-    "reference": reference.sample,
-    "xla": xla.sample,
-    "pallas": pallas.sample,
+# name -> sampler on prepared inputs: (inputs, log-prob request or None) -> (tokens, LogProbs or None)
+Sampler = Callable[[SamplerInputs, LogprobsRequest | None], tuple[jax.Array, LogProbs | None]]
+_SAMPLERS: dict[str, Sampler] = {
+    "reference": reference.sample_with_logprobs,
+    "xla": xla.sample_with_logprobs,
+    "pallas": pallas.sample_with_logprobs,
     # the kernel's GPU (Triton) variant by name, to verify it off GPU (interpret mode)
-    "pallas-triton": functools.partial(pallas.sample, variant="triton"),
+    "pallas-triton": functools.partial(pallas.sample_with_logprobs, variant="triton"),
 }
 _PROCESSORS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
     "reference": reference.process_logits,
@@ -88,55 +99,102 @@ def _check_prompt_len(prompt_len: Any, history: Any) -> None:
         check_prompt_len_range(prompt_len, np.shape(history)[1])
 
 
-def _eos(static: tuple[int, ...] | None, dynamic: Any) -> Any:
-    return list(static) if static is not None else dynamic
-
-
-@functools.partial(jax.jit, static_argnames=("eos_static", "impl", "mesh", "vocab_axis"))
-def _sample_jit(logits, params, key, history, prompt_len, eos_dynamic, *, eos_static, impl, mesh=None, vocab_axis=None):
-    inp = prepare(
-        logits, params, key, history=history, prompt_len=prompt_len, eos_token_id=_eos(eos_static, eos_dynamic)
+def _prepare(logits, params, key, history, prompt_len, eos_static, eos_dynamic, allowed, draw=True) -> SamplerInputs:
+    """`vsampler.inputs.prepare` on the jitted functions' arguments (static EOS ids or traced ones)."""
+    return prepare(
+        logits,
+        params,
+        key,
+        history=history,
+        prompt_len=prompt_len,
+        eos_token_id=list(eos_static) if eos_static is not None else eos_dynamic,
+        allowed_tokens=allowed,
+        draw=draw,
     )
+
+
+@functools.partial(jax.jit, static_argnames=("eos_static", "impl", "mesh", "vocab_axis", "logprobs"))
+def _sample_jit(
+    logits,
+    params,
+    key,
+    history,
+    prompt_len,
+    eos_dynamic,
+    allowed,
+    *,
+    eos_static,
+    impl,
+    mesh=None,
+    vocab_axis=None,
+    logprobs=None,
+):
+    inp = _prepare(logits, params, key, history, prompt_len, eos_static, eos_dynamic, allowed)
     if vocab_axis is not None:
         return vocab_parallel.sample(inp, mesh=mesh, vocab_axis=vocab_axis)
-    return _SAMPLERS[impl](inp)
+    tokens, logprob_values = _SAMPLERS[impl](inp, logprobs)
+    return tokens if logprobs is None else (tokens, logprob_values)
 
 
 @functools.partial(jax.jit, static_argnames=("eos_static", "impl"))
-def _process_jit(logits, params, history, prompt_len, eos_dynamic, *, eos_static, impl):
-    inp = prepare(
-        logits,
-        params,
-        None,
-        history=history,
-        prompt_len=prompt_len,
-        eos_token_id=_eos(eos_static, eos_dynamic),
-        draw=False,
-    )
+def _process_jit(logits, params, history, prompt_len, eos_dynamic, allowed, *, eos_static, impl):
+    inp = _prepare(logits, params, None, history, prompt_len, eos_static, eos_dynamic, allowed, draw=False)
     return _PROCESSORS.get(impl, reference.process_logits)(inp)
 
 
-@functools.partial(jax.jit, static_argnames=("eos_static", "impl", "pad_token_id"))
+@functools.partial(jax.jit, static_argnames=("eos_static", "impl", "pad_token_id", "logprobs"))
 def _sample_step_jit(
-    logits, params, key, history, prompt_len, eos_dynamic, finished, *, eos_static, impl, pad_token_id
+    logits,
+    params,
+    key,
+    history,
+    prompt_len,
+    eos_dynamic,
+    finished,
+    allowed,
+    *,
+    eos_static,
+    impl,
+    pad_token_id,
+    logprobs=None,
 ):
-    inp = prepare(
-        logits, params, key, history=history, prompt_len=prompt_len, eos_token_id=_eos(eos_static, eos_dynamic)
-    )
+    inp = _prepare(logits, params, key, history, prompt_len, eos_static, eos_dynamic, allowed)
     finished = jnp.asarray(finished, bool)
     if finished.shape != (logits.shape[0],):
         raise ValueError(f"finished must be a ({logits.shape[0]},) bool array (one flag per row), got {finished.shape}")
     if impl in ("pallas", "pallas-triton"):
-        tokens, new_finished, _ = pallas.launch(
-            inp, finished=finished, pad_token_id=pad_token_id, variant="triton" if impl == "pallas-triton" else None
+        outputs = pallas.launch(
+            inp,
+            finished=finished,
+            pad_token_id=pad_token_id,
+            variant="triton" if impl == "pallas-triton" else None,
+            top_n=None if logprobs is None else logprobs.n,
         )
-        return tokens, new_finished
-    tokens = _SAMPLERS[impl](inp)
+        tokens, new_finished = outputs[0], outputs[1]
+        if logprobs is None:
+            return tokens, new_finished
+        values = pallas.finish_logprobs(inp, logprobs, outputs, tokens)  # finished rows: replaced below
+        return tokens, new_finished, lp.for_finished_rows(values, finished, pad_token_id)
+    tokens, values = _SAMPLERS[impl](inp, logprobs)
     if inp.eos_ids is not None:
         finished_now = jnp.any(tokens[:, None] == inp.eos_ids[None, :], axis=1)
     else:
         finished_now = jnp.zeros_like(finished)
-    return jnp.where(finished, jnp.int32(pad_token_id), tokens), finished | finished_now
+    out = jnp.where(finished, jnp.int32(pad_token_id), tokens), finished | finished_now
+    if logprobs is None:
+        return out
+    return (*out, lp.for_finished_rows(values, finished, pad_token_id))
+
+
+def _check_pad(pad_token_id: Any) -> int:
+    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
+        raise ValueError(f"pad_token_id must be a token id (an integer >= 0), got {pad_token_id!r}")
+    return int(pad_token_id)
+
+
+def _vocab(logits: Any) -> int | None:
+    shape = getattr(logits, "shape", None)
+    return int(shape[-1]) if shape is not None and len(shape) == 2 else None
 
 
 def sample_step(
@@ -149,19 +207,22 @@ def sample_step(
     history: jax.Array | None = None,
     prompt_len: jax.Array | int | None = None,
     eos_token_id: EosIds = None,
+    allowed_tokens: jax.Array | None = None,
+    logprobs: int | None = None,
+    logprobs_mode: lp.Mode = "raw",
     impl: Impl = "auto",
-) -> tuple[jax.Array, jax.Array]:
-    """`sample` plus the EOS rule (spec stage 8), as a decode step needs it: `(tokens, finished)`.
+) -> tuple[jax.Array, jax.Array] | tuple[jax.Array, jax.Array, LogProbs]:
+    """`sample` plus the EOS rule (spec stage 8), as a decode step needs it: `(tokens, finished)`, and
+    `(tokens, finished, LogProbs)` with `logprobs=n`.
 
-    `finished` (B,) bool: rows already done; they emit `pad_token_id` and stay finished. A row that
-    samples one of `eos_token_id` comes back finished (its EOS token is returned). On impl="pallas" this
-    is the kernel's own entry (one launch); the other implementations apply the rule after sampling.
-    `max_tokens` is the caller's: only it knows how many tokens each row has generated.
+    `finished` (B,) bool: rows already done; they emit `pad_token_id` and stay finished (their log-probs:
+    `vsampler.logprobs`). A row that samples one of `eos_token_id` comes back finished (its EOS token is
+    returned). On impl="pallas" this is the kernel's own entry (one launch); the other implementations
+    apply the rule after sampling. `max_tokens` is the caller's: only it knows how many tokens each row
+    has generated.
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id)
     _check_prompt_len(prompt_len, history)
-    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
-        raise ValueError(f"pad_token_id must be a token id (an integer >= 0), got {pad_token_id!r}")
     return _sample_step_jit(
         logits,
         params,
@@ -170,9 +231,11 @@ def sample_step(
         prompt_len,
         eos_dynamic,
         finished,
+        allowed_tokens,
         eos_static=eos_static,
         impl=resolve_impl(impl),
-        pad_token_id=int(pad_token_id),
+        pad_token_id=_check_pad(pad_token_id),
+        logprobs=lp.request(logprobs, logprobs_mode, _vocab(logits)),
     )
 
 
@@ -184,16 +247,26 @@ def sample(
     history: jax.Array | None = None,
     prompt_len: jax.Array | int | None = None,
     eos_token_id: EosIds = None,
+    allowed_tokens: jax.Array | None = None,
+    logprobs: int | None = None,
+    logprobs_mode: lp.Mode = "raw",
     impl: Impl = "auto",
     mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None,
     vocab_axis: str | None = None,
-) -> jax.Array:
-    """Samples one token per row: `(B,)` int32, always in `[0, V)`.
+) -> jax.Array | tuple[jax.Array, LogProbs]:
+    """Samples one token per row: `(B,)` int32, always in `[0, V)`; with `logprobs=n`, `(tokens, LogProbs)`.
 
     Every implementation follows `vsampler.reference` and maps the same key to the same uniform per row,
     so implementations agree token for token except where float rounding moves a CDF boundary.
     Greedy rows (temperature 0) return the lowest index of their maximum penalised logit. A row with no
-    finite logit left (all -inf / NaN after bias, penalties and the min_tokens mask) returns token 0.
+    finite logit left (all -inf / NaN after the mask, bias, penalties and the min_tokens mask) returns
+    token 0, or the first EOS id when `allowed_tokens` is given.
+
+    `logprobs=n` (0 <= n <= 64): also the sampled token's log-probability and the n tokens with the
+    largest penalised logits with theirs, in the `logprobs_mode` distribution: "raw" (after penalties,
+    before temperature and filtering) or "processed" (what the token was drawn from). The fast paths
+    get them from per-row values the sampling computes anyway plus n reductions over the row
+    (`vsampler.logprobs`), never from a (B, V) log-softmax.
 
     `vocab_axis`: the logits are sharded over the vocabulary on this axis of `mesh` (default: the ambient
     mesh of `jax.set_mesh`), as a tensor-parallel lm head leaves them; the vocabulary-parallel sampler
@@ -203,17 +276,25 @@ def sample(
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id)
     _check_prompt_len(prompt_len, history)
+    request = lp.request(logprobs, logprobs_mode, _vocab(logits))
+    sharded: dict[str, Any] = {}
     if vocab_axis is None:
         if mesh is not None:
             raise ValueError("mesh was given without vocab_axis: name the mesh axis the vocabulary is sharded on")
-        return _sample_jit(
-            logits, params, key, history, prompt_len, eos_dynamic, eos_static=eos_static, impl=resolve_impl(impl)
-        )
-    if impl != "auto":
-        raise ValueError(
-            f"impl={impl!r} cannot be combined with vocab_axis: the vocabulary-parallel sampler is its own "
-            "implementation (leave impl='auto')"
-        )
+        impl = resolve_impl(impl)
+    else:
+        if impl != "auto":
+            raise ValueError(
+                f"impl={impl!r} cannot be combined with vocab_axis: the vocabulary-parallel sampler is its own "
+                "implementation (leave impl='auto')"
+            )
+        if request is not None:
+            raise ValueError(
+                "logprobs cannot be combined with vocab_axis yet: the vocabulary-parallel sampler returns "
+                "tokens only (gather the logits, or sample without vocab_axis, to get log-probabilities)"
+            )
+        impl = "vocab_parallel"
+        sharded = {"mesh": vocab_parallel.resolve_mesh(mesh, vocab_axis), "vocab_axis": vocab_axis}
     return _sample_jit(
         logits,
         params,
@@ -221,10 +302,11 @@ def sample(
         history,
         prompt_len,
         eos_dynamic,
+        allowed_tokens,
         eos_static=eos_static,
-        impl="vocab_parallel",
-        mesh=vocab_parallel.resolve_mesh(mesh, vocab_axis),
-        vocab_axis=vocab_axis,
+        impl=impl,
+        logprobs=request,
+        **sharded,
     )
 
 
@@ -235,6 +317,7 @@ def process_logits(
     history: jax.Array | None = None,
     prompt_len: jax.Array | int | None = None,
     eos_token_id: EosIds = None,
+    allowed_tokens: jax.Array | None = None,
     impl: Impl = "auto",
 ) -> jax.Array:
     """The warped logits, `(B, V)` float32: dropped tokens are -inf, kept ones carry
@@ -244,5 +327,12 @@ def process_logits(
     eos_static, eos_dynamic = _static_eos(eos_token_id)
     _check_prompt_len(prompt_len, history)
     return _process_jit(
-        logits, params, history, prompt_len, eos_dynamic, eos_static=eos_static, impl=resolve_impl(impl)
+        logits,
+        params,
+        history,
+        prompt_len,
+        eos_dynamic,
+        allowed_tokens,
+        eos_static=eos_static,
+        impl=resolve_impl(impl),
     )

@@ -14,11 +14,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsampler.inputs import pack_allowed
+from vsampler.logprobs import MODES
 from vsampler.params import SamplingParams
 from vsampler.sampling import process_logits, sample
 
 HISTORY_LEN = 600  # longer than the 512-token workloads
 EOS = (2, 7)
+LOGPROBS_N = 5  # top entries each case checks, in both modes
+LOGPROBS_TOLERANCE = 1e-4  # |log-prob - reference| (sums taken in another order round differently)
 
 
 def logits(kind: str, batch: int, vocab: int, dtype: str, seed: int = 0) -> jax.Array:
@@ -44,6 +48,16 @@ def history(batch: int, vocab: int, seed: int = 0) -> tuple[jax.Array, jax.Array
     ids = jnp.where(jnp.arange(HISTORY_LEN)[None, :] < real, ids, -1)
     prompt = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, HISTORY_LEN // 2)
     return ids, prompt
+
+
+def allowed_mask(batch: int, vocab: int, seed: int = 0) -> np.ndarray:
+    """A structured-output mask, packed (B, ceil(V / 32)) int32: each row allows a random quarter of the
+    vocabulary; with more than one row, the last row allows nothing (it must end with EOS[0])."""
+    rng = np.random.default_rng(seed * 31 + vocab)
+    allowed = rng.random((batch, vocab)) < 0.25
+    if batch > 1:
+        allowed[-1] = False
+    return pack_allowed(allowed)
 
 
 def _rows(batch: int, values: list) -> np.ndarray:
@@ -123,10 +137,12 @@ class Case:
     batch: int
     vocab: int
     dtype: str
+    masked: bool = False  # with an `allowed_tokens` mask (`allowed_mask`)
 
     @property
     def label(self) -> str:
-        return f"{self.config} {self.kind} B={self.batch} V={self.vocab} {self.dtype}"
+        mask = " masked" if self.masked else ""
+        return f"{self.config}{mask} {self.kind} B={self.batch} V={self.vocab} {self.dtype}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +153,8 @@ class CaseResult:
     values_equal: bool  # ... with bit-identical values
     agreeing_rows: int  # rows whose token equals the reference's for the same key
     in_range: bool  # every token id in [0, V)
+    logprobs_equal: bool = True  # both modes: the same top ids, log-probs within LOGPROBS_TOLERANCE
+    mask_respected: bool = True  # no token the mask disallows (a row it empties: EOS[0])
 
     @property
     def agreement(self) -> float:
@@ -144,27 +162,67 @@ class CaseResult:
 
     @property
     def ok(self) -> bool:
-        return self.kept_equal and self.values_equal and self.in_range and self.agreeing_rows == self.case.batch
+        return (
+            self.kept_equal
+            and self.values_equal
+            and self.in_range
+            and self.agreeing_rows == self.case.batch
+            and self.logprobs_equal
+            and self.mask_respected
+        )
 
 
-def check(impl: str, case: Case, seed: int = 0) -> CaseResult:
-    """Runs `impl` and the reference on one case with the same per-row keys."""
+def logprobs_close(got: np.ndarray, want: np.ndarray) -> bool:
+    """-inf exactly where the reference has it, finite values within LOGPROBS_TOLERANCE."""
+    got, want = np.asarray(got), np.asarray(want)
+    same_inf = np.array_equal(np.isneginf(got), np.isneginf(want)) and not np.isnan(got).any()
+    finite = np.isfinite(want)
+    return bool(same_inf and np.all(np.abs(got[finite] - want[finite]) <= LOGPROBS_TOLERANCE))
+
+
+def _mask_respected(tokens: np.ndarray, allowed: np.ndarray, warped: np.ndarray) -> bool:
+    """Every token is one the mask allows, except on rows the reference leaves empty (the mask allows
+    nothing, or nothing finite), which must sample EOS[0]."""
+    bits = (allowed[np.arange(len(tokens)), tokens // 32].view(np.uint32) >> (tokens % 32).astype(np.uint32)) & 1
+    empty = ~(warped > -np.inf).any(axis=1)
+    return bool(np.all(np.where(empty, tokens == EOS[0], bits == 1)))
+
+
+def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] = MODES) -> CaseResult:
+    """Runs `impl` and the reference on one case with the same per-row keys: warped logits, tokens, and
+    log-probs in `logprobs_modes` (their tokens must be the plain call's)."""
     x = logits(case.kind, case.batch, case.vocab, case.dtype, seed)
     sampling = params(case.config, case.batch, case.vocab)
     hist, prompt = history(case.batch, case.vocab, seed)
     kw = {"history": hist, "prompt_len": prompt, "eos_token_id": EOS}
+    allowed = allowed_mask(case.batch, case.vocab, seed) if case.masked else None
+    if allowed is not None:
+        kw["allowed_tokens"] = allowed
     want = np.asarray(process_logits(x, sampling, impl="reference", **kw))
     got = np.asarray(process_logits(x, sampling, impl=impl, **kw))
     key = jax.random.split(jax.random.key(seed), case.batch)
     ref_tokens = np.asarray(sample(x, sampling, key, impl="reference", **kw))
     tokens = np.asarray(sample(x, sampling, key, impl=impl, **kw))
+    logprobs_equal = True
+    for mode in logprobs_modes:
+        _, want_lp = sample(x, sampling, key, impl="reference", logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
+        got_tokens, got_lp = sample(x, sampling, key, impl=impl, logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
+        logprobs_equal &= (
+            np.array_equal(np.asarray(got_tokens), tokens)
+            and np.array_equal(np.asarray(got_lp.top_ids), np.asarray(want_lp.top_ids))
+            and logprobs_close(got_lp.top, want_lp.top)
+            and logprobs_close(got_lp.token, want_lp.token)
+        )
+    in_range = bool(((tokens >= 0) & (tokens < case.vocab)).all())
     return CaseResult(
         case=case,
         impl=impl,
         kept_equal=bool(np.array_equal(got > -np.inf, want > -np.inf)),
         values_equal=bool(np.array_equal(got, want)),
         agreeing_rows=int(np.sum(tokens == ref_tokens)),
-        in_range=bool(((tokens >= 0) & (tokens < case.vocab)).all()),
+        in_range=in_range,
+        logprobs_equal=bool(logprobs_equal),
+        mask_respected=allowed is None or (in_range and _mask_respected(tokens, allowed, want)),
     )
 
 
@@ -174,9 +232,10 @@ def grid(
     dtypes: tuple[str, ...] = ("float32", "bfloat16"),
     configs: tuple[str, ...] = ("combined", "heterogeneous"),
     kinds: tuple[str, ...] = ("normal",),
+    masked: tuple[bool, ...] = (False,),
 ) -> Iterator[Case]:
-    for config, kind, vocab, batch, dtype in itertools.product(configs, kinds, vocabs, batches, dtypes):
-        yield Case(kind, config, batch, vocab, dtype)
+    for config, mask, kind, vocab, batch, dtype in itertools.product(configs, masked, kinds, vocabs, batches, dtypes):
+        yield Case(kind, config, batch, vocab, dtype, mask)
 
 
 # ---------------------------------------------------------------------------------- distribution

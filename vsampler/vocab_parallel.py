@@ -76,7 +76,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vsampler import penalties
-from vsampler.inputs import RowParams, SamplerInputs
+from vsampler.inputs import RowParams, SamplerInputs, unpack_allowed
 from vsampler.kernels import sampler as kernel
 from vsampler.params import SamplingParams, Stages
 from vsampler.reference import weight
@@ -159,6 +159,7 @@ class _Replicated(NamedTuple):
     eos_ids: jax.Array | None  # (E,) int32 global ids
     bias_ids: jax.Array | None  # (N,) int32 global ids
     bias_values: jax.Array | None  # (N,) float32
+    empty_token: jax.Array  # () int32: the token of a row with no finite logit left
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -265,8 +266,9 @@ def _sample_shard(
     # 6. greedy: the lowest index of the maximum (0 for a row that is all -inf: every index holds it)
     ids = sh.offset + lax.broadcasted_iota(jnp.int32, x.shape, 1)
     first_max = sh.min(jnp.where(x == x_max, ids, jnp.iinfo(jnp.int32).max))
+    empty = x_max[:, 0] == NEG_INF
     if not stages.random:
-        return first_max[:, 0]
+        return jnp.where(empty, r.empty_token, first_max[:, 0])
 
     greedy = (p.temperature == 0.0)[:, None]
     inverse_t = 1.0 / jnp.where(greedy, 1.0, p.temperature[:, None])
@@ -313,7 +315,7 @@ def _sample_shard(
     # 10. the draw
     kept &= sampled
     token = _draw(kept, jnp.where(kept, e, 0.0), r.u, sh)
-    return jnp.where(greedy, first_max, token)[:, 0]
+    return jnp.where(empty, r.empty_token, jnp.where(greedy, first_max, token)[:, 0])
 
 
 # -------------------------------------------------------------------------------------- public API
@@ -327,6 +329,8 @@ def sample(inp: SamplerInputs, *, mesh: AnyMesh, vocab_axis: str) -> jax.Array:
     shards = mesh.shape[vocab_axis]
     pad = (-vocab) % shards  # -inf columns up to a multiple of the shard count: never kept, never drawn
     logits = inp.logits
+    if inp.allowed is not None:  # stage 0, elementwise on the sharded logits (each device its columns)
+        logits = jnp.where(unpack_allowed(inp.allowed, vocab), logits, NEG_INF)
     if pad:
         logits = jnp.pad(logits, ((0, 0), (0, pad)), constant_values=NEG_INF)
     sharded, specs = [logits], [P(None, vocab_axis)]
@@ -345,6 +349,7 @@ def sample(inp: SamplerInputs, *, mesh: AnyMesh, vocab_axis: str) -> jax.Array:
         eos_ids=inp.eos_ids,
         bias_ids=inp.bias_ids,
         bias_values=inp.bias_values,
+        empty_token=jnp.asarray(inp.empty_token, jnp.int32),
     )
     stages = inp.stages
 

@@ -5,6 +5,7 @@ How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUN
 
 * penalties: `vsampler.penalties`, shared with every implementation: gather the logits at the
   history's L ids, update them, scatter them back; never a (B, V) table.
+* allowed tokens: each row unpacks its own `ceil(V / 32)` mask words inside its first pass.
 * greedy: one `max` pass, then the first index equal to it (`jnp.argmax` is ~13x slower on CPU).
 * top-k, k <= `K_CANDIDATES`: exact top values from the chunks with the largest maxima (the top-K
   values of a row all lie in the K chunks whose maxima are largest); the k-th value is the threshold,
@@ -19,6 +20,8 @@ How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUN
 * min-p: `exp(s - max) >= min_p`, one compare.
 * draw: per-chunk sums of the kept mass, the chunk where the cumulative sum crosses `u * total`, then
   the prefix inside that chunk: the spec's inverse-CDF rule in one pass plus one chunk.
+* log-probs: the top-n entries by the same chunk-maxima rule as top-k candidates, the raw
+  log-normaliser in one more fused pass, and the kept mass the draw sums anyway (`vsampler.logprobs`).
 
 Rows are mapped one at a time (`lax.map`): a row stays in cache across its passes, each pass is one
 fused loop, and `lax.cond` runs only the searches a row needs.
@@ -37,8 +40,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vsampler import logprobs as lp
 from vsampler import penalties
-from vsampler.inputs import SamplerInputs
+from vsampler.inputs import SamplerInputs, unpack_allowed
 from vsampler.kernels import sampler as kernel
 from vsampler.params import Stages
 from vsampler.reference import weight
@@ -86,6 +90,28 @@ def top_values(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     _, best = lax.top_k(jnp.max(chunks, axis=1), k)
     values, where = lax.top_k(chunks[best].reshape(-1), k)
     return values, best[where // CHUNK] * CHUNK + where % CHUNK
+
+
+def top_entries(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+    """The row's n largest values and their indices, ties lower index first (the order of a stable sort),
+    without sorting the row: the candidates are the n chunks with the largest maxima (ties: lower chunk
+    first), taken in vocabulary order so that `lax.top_k`'s lower-index-first rule orders ties."""
+    if n == 0:
+        return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
+    chunks = _chunked(x, NEG_INF)
+    if n >= chunks.shape[0]:
+        values, index = lax.top_k(x, n)
+        return values, index.astype(jnp.int32)
+    _, best = lax.top_k(jnp.max(chunks, axis=1), n)
+    best = jnp.sort(best)
+    values, where = lax.top_k(chunks[best].reshape(-1), n)
+    return values, (best[where // CHUNK] * CHUNK + where % CHUNK).astype(jnp.int32)
+
+
+def log_normaliser(x: jax.Array, x_max: jax.Array) -> jax.Array:
+    """`log(sum(exp(x)))` of a sanitised row whose maximum is `x_max` (-inf for an empty row)."""
+    total = jnp.sum(jnp.exp(x - jnp.where(x_max > NEG_INF, x_max, 0.0)))
+    return jnp.where(x_max > NEG_INF, x_max + jnp.log(total), NEG_INF)
 
 
 def first_index_of_max(x: jax.Array, row_max: jax.Array) -> jax.Array:
@@ -220,9 +246,11 @@ def draw(kept: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.where(jnp.any(kept), jnp.clip(token, 0, vocab - 1), 0).astype(jnp.int32)
 
 
-def _kept_row(r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-    """(kept (V,) bool, e (V,)) for a sampled row; `s_max` is the row's maximum, `top` its top-k
-    candidates (when the top-k stage is on)."""
+def _kept_row(
+    r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(kept (V,) bool, e (V,), threshold) for a sampled row; `s_max` is the row's maximum, `top` its
+    top-k candidates (when the top-k stage is on); kept = `s >= threshold` and the min-p test."""
     e = weight(r.s, s_max)
     threshold = _top_k_threshold(r, s_max, top)
     if stages.top_p:
@@ -230,14 +258,15 @@ def _kept_row(r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array | None) 
     kept = (r.s > NEG_INF) & (r.s >= threshold)
     if stages.min_p:
         kept &= e >= r.min_p
-    return kept, e
+    return kept, e, threshold
 
 
 # -------------------------------------------------------------------------------------- public API
 
 
 class _RowInputs(NamedTuple):
-    x: jax.Array  # (V,) penalised logits, before sanitising
+    x: jax.Array  # (V,) penalised logits, before the allowed-token mask and sanitising
+    allowed: jax.Array | None  # (ceil(V / 32),) int32 packed mask words
     temperature: jax.Array
     k: jax.Array
     top_p: jax.Array
@@ -245,34 +274,53 @@ class _RowInputs(NamedTuple):
     u: jax.Array
 
 
+class _Drawn(NamedTuple):
+    """A row's token and what `vsampler.logprobs` needs of its sampling (scaled units)."""
+
+    token: jax.Array
+    threshold: jax.Array
+    s_max: jax.Array
+    kept_mass: jax.Array
+
+
 def _row_inputs(inp: SamplerInputs) -> _RowInputs:
     p = inp.params
     u = inp.u if inp.u is not None else jnp.zeros_like(p.temperature)
-    return _RowInputs(penalties.penalised_logits(inp), p.temperature, p.top_k, p.top_p, p.min_p, u)
+    return _RowInputs(penalties.penalised_logits(inp), inp.allowed, p.temperature, p.top_k, p.top_p, p.min_p, u)
 
 
-def _map_rows(inp: SamplerInputs, greedy_fn: Callable, sampled_fn: Callable) -> jax.Array:
-    """Maps over rows: sanitise, then the greedy or the sampled branch (only those the stages allow)."""
+def _map_rows(
+    inp: SamplerInputs,
+    greedy_fn: Callable,
+    sampled_fn: Callable,
+    finish: Callable[[jax.Array, jax.Array, jax.Array], object] | None = None,
+) -> object:
+    """Maps over rows: the allowed-token mask, sanitising, then the greedy or the sampled branch (only
+    those the stages allow); `finish(x, x_max, result)` post-processes a row's result."""
     stages = inp.stages
+    vocab = inp.logits.shape[1]
 
-    def one(ri: _RowInputs) -> jax.Array:
-        x, x_max = sanitise_row(ri.x)
+    def one(ri: _RowInputs) -> object:
+        raw = ri.x if ri.allowed is None else jnp.where(unpack_allowed(ri.allowed, vocab), ri.x, NEG_INF)
+        x, x_max = sanitise_row(raw)
 
-        def sampled() -> jax.Array:
+        def sampled() -> object:
             inverse_t = 1.0 / ri.temperature
             s = x * inverse_t
             return sampled_fn(_Row(s=s, k=ri.k, top_p=ri.top_p, min_p=ri.min_p, u=ri.u), x_max * inverse_t)
 
         if not stages.random:
-            return greedy_fn(x, x_max)
-        if not stages.greedy:
-            return sampled()
-        return lax.cond(ri.temperature == 0.0, lambda: greedy_fn(x, x_max), sampled)
+            result = greedy_fn(x, x_max)
+        elif not stages.greedy:
+            result = sampled()
+        else:
+            result = lax.cond(ri.temperature == 0.0, lambda: greedy_fn(x, x_max), sampled)
+        return result if finish is None else finish(x, x_max, result)
 
     return lax.map(one, _row_inputs(inp))
 
 
-def _candidate_token(r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array, index: jax.Array) -> jax.Array:
+def _candidate_token(r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array, index: jax.Array) -> _Drawn:
     """The token of a row whose whole kept set lies among its top-k candidates (1 <= k <= K and no
     value tied at the k-th one outside them): every stage and the draw on K values, no vocabulary pass."""
     kth = top[r.k - 1]
@@ -289,22 +337,27 @@ def _candidate_token(r: _Row, s_max: jax.Array, stages: Stages, top: jax.Array, 
     cumulative = jnp.cumsum(jnp.where(kept, e[order], 0.0))
     crossed = kept & (cumulative > r.u * cumulative[-1])
     last_kept = kept.shape[0] - 1 - jnp.argmax(kept[::-1])
-    return jnp.where(jnp.any(kept), index[jnp.where(jnp.any(crossed), jnp.argmax(crossed), last_kept)], 0)
+    token = jnp.where(jnp.any(kept), index[jnp.where(jnp.any(crossed), jnp.argmax(crossed), last_kept)], 0)
+    return _Drawn(token.astype(jnp.int32), threshold, s_max, cumulative[-1])
 
 
-def sample(inp: SamplerInputs) -> jax.Array:
-    """The token per row, `(B,)` int32: `vsampler.reference.sample` without a sort (module docstring)."""
-    stages = inp.stages
+def _sampled_row(stages: Stages, kept_mass: bool) -> Callable[[_Row, jax.Array], _Drawn]:
+    """A sampled row's token (and the values log-probs need; the kept mass only when `kept_mass`): the
+    candidate path when the whole top-k set lies among the K candidates, else the vocabulary searches."""
 
-    def sampled(r: _Row, s_max: jax.Array) -> jax.Array:
+    def _drawn(kept: jax.Array, e: jax.Array, threshold: jax.Array, s_max: jax.Array, u: jax.Array) -> _Drawn:
+        mass = jnp.sum(jnp.where(kept, e, 0.0)) if kept_mass else jnp.float32(1.0)
+        return _Drawn(draw(kept, e, u), threshold, s_max, mass)
+
+    def sampled(r: _Row, s_max: jax.Array) -> _Drawn:
         if not stages.top_k:
-            kept, e = _kept_row(r, s_max, stages, None)
-            return draw(kept, e, r.u)
+            kept, e, threshold = _kept_row(r, s_max, stages, None)
+            return _drawn(kept, e, threshold, s_max, r.u)
         top, index = top_values(r.s, min(K_CANDIDATES, r.s.shape[0]))
 
-        def full() -> jax.Array:
-            kept, e = _kept_row(r, s_max, stages, top)
-            return draw(kept, e, r.u)
+        def full() -> _Drawn:
+            kept, e, threshold = _kept_row(r, s_max, stages, top)
+            return _drawn(kept, e, threshold, s_max, r.u)
 
         small_k = (r.k >= 1) & (r.k <= top.shape[0])
         kth = top[jnp.clip(r.k - 1, 0, top.shape[0] - 1)]
@@ -315,7 +368,48 @@ def sample(inp: SamplerInputs) -> jax.Array:
         on_candidates = lax.cond(small_k, no_ties_outside, lambda: jnp.bool_(False))
         return lax.cond(on_candidates, lambda: _candidate_token(r, s_max, stages, top, index), full)
 
-    return _map_rows(inp, first_index_of_max, sampled)
+    return sampled
+
+
+def _greedy_row(x: jax.Array, x_max: jax.Array) -> _Drawn:
+    one = jnp.float32(1.0)
+    return _Drawn(first_index_of_max(x, x_max), jnp.float32(NEG_INF), x_max, one)
+
+
+def sample_with_logprobs(
+    inp: SamplerInputs, request: lp.LogprobsRequest | None
+) -> tuple[jax.Array, lp.LogProbs | None]:
+    """The token per row, `(B,)` int32 (`vsampler.reference.sample` without a sort, module docstring),
+    and its log-probabilities when `request` asks for them."""
+    empty_token = jnp.int32(inp.empty_token)
+
+    def finish(x: jax.Array, x_max: jax.Array, d: _Drawn) -> tuple:
+        token = jnp.where(x_max > NEG_INF, d.token, empty_token).astype(jnp.int32)
+        if request is None:
+            return token, None
+        top_x, top_ids = top_entries(x, request.n)
+        values = lp.RowValues(
+            token_x=x[token],
+            top_x=top_x,
+            top_ids=top_ids,
+            log_z_raw=log_normaliser(x, x_max),
+            threshold=d.threshold,
+            s_max=d.s_max,
+            kept_mass=d.kept_mass,
+        )
+        return token, values
+
+    needs_mass = request is not None and request.mode == "processed"
+    token, values = _map_rows(inp, _greedy_row, _sampled_row(inp.stages, needs_mass), finish)
+    if request is None:
+        return token, None
+    min_p = inp.params.min_p if inp.stages.min_p else None
+    return token, lp.from_row_values(values, token, inp.params.temperature, min_p, request)
+
+
+def sample(inp: SamplerInputs) -> jax.Array:
+    """The token per row, `(B,)` int32: `vsampler.reference.sample` without a sort (module docstring)."""
+    return sample_with_logprobs(inp, None)[0]
 
 
 def process_logits(inp: SamplerInputs) -> jax.Array:
@@ -328,7 +422,7 @@ def process_logits(inp: SamplerInputs) -> jax.Array:
 
     def sampled(r: _Row, s_max: jax.Array) -> jax.Array:
         top = top_values(r.s, min(K_CANDIDATES, r.s.shape[0]))[0] if stages.top_k else None
-        kept, _ = _kept_row(r, s_max, stages, top)
+        kept, _, _ = _kept_row(r, s_max, stages, None if top is None else top)
         return jnp.where(kept, r.s, NEG_INF)
 
     return _map_rows(inp, greedy, sampled)
