@@ -29,9 +29,13 @@ def decode_row(
     max_new_tokens: int,
     eos: Sequence[int] | None,
     width: int = 64,
-) -> list[int]:
+    allowed: np.ndarray | None = None,
+    logprobs: int | None = None,
+    logprobs_mode: str = "raw",
+) -> list[int] | tuple[list[int], list]:
     """The tokens row `row` (copy `row % copies` of its prompt) generates (EOS included, no padding), by
-    full recomputation. `key` is the call's key, or with `per_request_key` the request's own."""
+    full recomputation. `key` is the call's key, or with `per_request_key` the request's own. `allowed`:
+    the row's packed (1, ceil(V / 32)) mask; with `logprobs=n`, also each step's `LogProbs`."""
 
     @jax.jit
     def last_logits(ids, length):
@@ -41,6 +45,10 @@ def decode_row(
 
     seq = list(prompt)
     out: list[int] = []
+    steps = []
+    serving = {} if allowed is None else {"allowed_tokens": allowed}
+    if logprobs is not None:
+        serving.update(logprobs=logprobs, logprobs_mode=logprobs_mode)
     request, copy = divmod(row, copies)
     request_key = key if per_request_key else jax.random.fold_in(key, request)
     row_key = jax.random.fold_in(request_key, copy)
@@ -58,10 +66,14 @@ def decode_row(
             prompt_len=len(prompt),
             eos_token_id=eos,
             impl="reference",
+            **serving,
         )
+        if logprobs is not None:
+            token, step = token
+            steps.append(step)
         token = int(token[0])
         out.append(token)
         seq.append(token)
         if eos is not None and token in eos:
             break
-    return out
+    return out if logprobs is None else (out, steps)

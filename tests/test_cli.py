@@ -1,6 +1,7 @@
 """The `vsampler` command line: a real (tiny) benchmark run, its JSON, and argument errors."""
 
 import json
+import re
 
 import pytest
 
@@ -37,7 +38,15 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys):
     for r in rows:
         assert r["verified"] and r["agree_rows"] == r["rows"] == 2
         assert r["median_ms"] > 0 and r["x_floor"] > 0 and r["speedup_vs_categorical"] > 0
-    assert "measurements, 0 failed verification" in capsys.readouterr().out
+    features = data["features"]  # timed on the "full" workload only, by each fast path
+    assert {(f["impl"], f["feature"]) for f in features} == {
+        ("xla", "logprobs raw"),
+        ("xla", "logprobs processed"),
+        ("xla", "allowed_tokens"),
+    }
+    for f in features:
+        assert f["verified"] and f["workload"].startswith("full") and f["cost_ratio"] > 0
+    assert "measurements, 0 failed verification (logprobs raw" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -107,9 +116,30 @@ def test_generate_streams_chunks_and_writes_json(tmp_path, capsys):
     assert json.loads((tmp_path / "again.json").read_text())["generated"] == data["generated"]
 
 
+def test_generate_with_a_mask_and_logprobs(tmp_path, capsys):
+    out = tmp_path / "gen.json"
+    argv = ["generate", "--prompt", "5,6,7", "--prompt", "9", "--max-new-tokens", "5", "--chunks", "2"]
+    argv += ["--vocab", "300", "--allowed-ids", "100-119,250", "--eos", "250"]
+    argv += ["--logprobs", "3", "--logprobs-mode", "processed"]
+    assert main([*argv, "--json", str(out)]) == EXIT_OK
+    data = json.loads(out.read_text())
+    assert data["logprobs_mode"] == "processed"
+    for row, steps in zip(data["generated"], data["logprobs"], strict=True):
+        assert all(100 <= t < 120 or t == 250 for t in row)
+        assert [s["token"] for s in steps] == row
+        for s in steps:
+            assert s["logprob"] <= 0.0 and len(s["top"]) == 3
+            assert s["top"][0][1] >= s["top"][1][1] >= s["top"][2][1]
+            assert s["logprob"] in [v for _, v in s["top"]] or s["logprob"] < s["top"][2][1]
+    printed = capsys.readouterr().out
+    assert re.search(r"row 0: \d+ \(-?\d+\.\d{3}\)", printed)  # tokens are printed with their log-probabilities
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
+        (["--allowed-ids", "100-400"], "--allowed-ids names ids outside the vocabulary [0, 300)"),
+        (["--logprobs", "65"], "logprobs must be an int in [0, 64]"),
         (["--top-p", "0"], "SamplingParams.top_p must be a float in (0, 1]"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--eos", "400"], "eos_token_id [400] outside the model's vocabulary"),

@@ -52,6 +52,60 @@ def impl_runner(impl: str) -> Runner:
     return run
 
 
+# ------------------------------------------------------------------------------ serving features
+
+LOGPROBS_N = 5  # top entries the log-prob features ask for (OpenAI's API allows up to 20)
+FEATURES: dict[str, str] = {
+    "logprobs raw": f"sample(..., logprobs={LOGPROBS_N}, logprobs_mode='raw')",
+    "logprobs processed": f"sample(..., logprobs={LOGPROBS_N}, logprobs_mode='processed')",
+    "allowed_tokens": "sample(..., allowed_tokens=mask): a packed mask allowing a random half of the vocabulary",
+}
+FEATURE_EOS = 0  # the EOS id the masked runs name (a row the mask empties would end on it)
+
+
+def feature_kwargs(feature: str, batch: int, vocab: int) -> dict[str, Any]:
+    """The extra `sample` arguments of a serving feature (the mask is seeded: the same every run)."""
+    if feature.startswith("logprobs"):
+        return {"logprobs": LOGPROBS_N, "logprobs_mode": feature.split()[1]}
+    if feature == "allowed_tokens":
+        from vsampler.inputs import pack_allowed
+
+        allowed = np.random.default_rng(batch * 7 + vocab).random((batch, vocab)) < 0.5
+        return {"allowed_tokens": jnp.asarray(pack_allowed(allowed)), "eos_token_id": FEATURE_EOS}
+    raise ValueError(f"unknown feature {feature!r}; known: {sorted(FEATURES)}")
+
+
+def feature_runner(impl: str, feature: str, batch: int, vocab: int) -> Runner:
+    """`impl` with one serving feature on; returns the tokens (log-probs are computed and discarded
+    after the wait, as a server would read them)."""
+    kwargs = feature_kwargs(feature, batch, vocab)
+
+    def run(inp: WorkloadInputs) -> Any:
+        return sampling.sample(
+            inp.logits, inp.params, inp.key, history=inp.history, prompt_len=inp.prompt_len, impl=impl, **kwargs
+        )
+
+    return run
+
+
+def check_feature(inp: WorkloadInputs, impl: str, feature: str, batch: int, vocab: int) -> bool:
+    """The feature's output equals the reference's on the same inputs and key: tokens, and log-probs
+    (ids exactly, values within `vsampler.verification.LOGPROBS_TOLERANCE`)."""
+    from vsampler.verification import logprobs_close
+
+    got = feature_runner(impl, feature, batch, vocab)(inp)
+    want = feature_runner("reference", feature, batch, vocab)(inp)
+    if not feature.startswith("logprobs"):
+        return bool(np.array_equal(np.asarray(got), np.asarray(want)))
+    (tokens, lp), (want_tokens, want_lp) = got, want
+    return bool(
+        np.array_equal(np.asarray(tokens), np.asarray(want_tokens))
+        and np.array_equal(np.asarray(lp.top_ids), np.asarray(want_lp.top_ids))
+        and logprobs_close(lp.top, want_lp.top)
+        and logprobs_close(lp.token, want_lp.token)
+    )
+
+
 # ------------------------------------------------------------------------------------------- peers
 
 

@@ -32,6 +32,21 @@ def _int_list(text: str) -> tuple[int, ...]:
     return values
 
 
+def _id_ranges(text: str) -> tuple[tuple[int, int], ...]:
+    """ "100-199,2" -> ((100, 200), (2, 3)): token ids and inclusive ranges, as half-open intervals."""
+    ranges = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi) if sep else int(lo)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected ids and ranges like 100-199,2, got {text!r}") from None
+        if first < 0 or last < first:
+            raise argparse.ArgumentTypeError(f"expected ids >= 0 and ranges low-high with low <= high, got {part!r}")
+        ranges.append((first, last + 1))
+    return tuple(ranges)
+
+
 def _choice_list(choices: Sequence[str]) -> Any:
     def parse(text: str) -> tuple[str, ...]:
         values = tuple(v.strip() for v in text.split(",") if v.strip())
@@ -85,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median is kept")
     bench.add_argument("--no-peers", action="store_true", help="time vsampler's implementations only")
+    bench.add_argument(
+        "--no-features",
+        action="store_true",
+        help="skip the serving features (log-probs, allowed-token mask) timed on the 'full' workloads",
+    )
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     bench.add_argument("--plot", metavar="PATH", help="also draw the speedups per workload as a PNG at PATH")
 
@@ -194,6 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="sampler implementation (default auto: pallas on TPU, xla elsewhere)",
     )
+    gen.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also report each token's log-probability and the N most likely tokens (0-64)",
+    )
+    gen.add_argument(
+        "--logprobs-mode",
+        choices=("raw", "processed"),
+        default="raw",
+        help="raw: after penalties, before temperature and filters (default); processed: what was sampled from",
+    )
+    gen.add_argument(
+        "--allowed-ids",
+        type=_id_ranges,
+        default=None,
+        metavar="IDS",
+        help="structured output: only these token ids (and ranges, e.g. 100-199,2) may be generated; "
+        "applied as a packed allowed_tokens mask at every step (add the EOS ids to let rows end early)",
+    )
     gen.add_argument("--json", metavar="PATH", help="also write the generated ids and timings as JSON to PATH")
     return parser
 
@@ -291,9 +332,13 @@ def _run_bench(args: argparse.Namespace) -> int:
                 )
             advance(w.label)
     ui.table(results, list(peers))
+    feature_rows, feature_failures = _bench_features(args, cases, runners, results, repeats, ui)
+    failures += feature_failures
     for note in notes:
         ui.note(note)
-    summary = f"{len(results)} measurements, {failures} failed verification"
+    summary = f"{len(results) + len(feature_rows)} measurements, {failures} failed verification"
+    if feature_rows:
+        summary += " (" + ", ".join(_feature_summary(feature_rows)) + ")"
     ui.note(summary)
     if args.plot:
         from vsampler.plotting import plot_speedups
@@ -304,9 +349,76 @@ def _run_bench(args: argparse.Namespace) -> int:
         ui.note(f"plot written to {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "notes": notes, "results": results}, f, indent=2)
+            json.dump({"environment": env, "notes": notes, "results": results, "features": feature_rows}, f, indent=2)
         ui.note(f"results written to {args.json}")
     return EXIT_MISMATCH if failures else EXIT_OK
+
+
+def _feature_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Per feature: the range of its cost over plain sampling across the workloads."""
+    out = []
+    for feature in dict.fromkeys(r["feature"] for r in rows):
+        ratios = [r["cost_ratio"] for r in rows if r["feature"] == feature]
+        out.append(f"{feature} {min(ratios):.2f}-{max(ratios):.2f}x plain")
+    return out
+
+
+def _bench_features(
+    args: argparse.Namespace,
+    cases: list[Any],
+    runners: dict[str, Any],
+    results: list[dict[str, Any]],
+    repeats: int,
+    ui: Any,
+) -> tuple[list[dict[str, Any]], int]:
+    """The serving features (log-probs in both modes, the allowed-token mask) on the "full" workloads:
+    each one's median time as a ratio to plain sampling by the same implementation in the same run,
+    and its output checked against the reference's."""
+    from vsampler import benchmarking as bm
+    from vsampler import workloads
+
+    if args.no_features:
+        return [], 0
+    plain = {(r["config"], r["batch"], r["vocab"], r["dtype"], r["impl"]): r["median_ms"] for r in results}
+    rows: list[dict[str, Any]] = []
+    failures = 0
+    for w in (c for c in cases if c.config == "full"):
+        inp = workloads.make_inputs(w)
+        for impl in (i for i in runners if i != "reference"):
+            for feature in bm.FEATURES:
+                run = bm.feature_runner(impl, feature, w.batch, w.vocab)
+                seconds = bm.time_call(lambda run=run, inp=inp: run(inp), repeats)
+                ok = bm.check_feature(inp, impl, feature, w.batch, w.vocab)
+                failures += not ok
+                base = plain[(w.config, w.batch, w.vocab, w.dtype, impl)]
+                rows.append(
+                    {
+                        "workload": w.label,
+                        "impl": impl,
+                        "feature": feature,
+                        "median_ms": seconds * 1e3,
+                        "plain_ms": base,
+                        "cost_ratio": seconds * 1e3 / base,
+                        "verified": ok,
+                    }
+                )
+    if rows:
+        ui.rows(
+            ["workload", "impl", "feature", "ms", "plain ms", "cost (x plain)", "verified"],
+            [
+                [
+                    r["workload"],
+                    r["impl"],
+                    r["feature"],
+                    f"{r['median_ms']:.2f}",
+                    f"{r['plain_ms']:.2f}",
+                    f"{r['cost_ratio']:.2f}x",
+                    _yes(r["verified"]),
+                ]
+                for r in rows
+            ],
+        )
+    return rows, failures
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -318,6 +430,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     dtypes = args.dtype or ("float32", "bfloat16")
     configs = verification.STAGE_CASES if args.quick else ("combined", "heterogeneous")
     cases = list(verification.grid(batches, vocabs, dtypes, configs))
+    cases += list(verification.grid(batches, vocabs, dtypes, ("heterogeneous",), masked=(True,)))
     ui = _ui()
     ui.header("vsampler verify", _environment())
     results = []
@@ -333,11 +446,13 @@ def _run_verify(args: argparse.Namespace) -> int:
             _yes(r.kept_equal),
             _yes(r.values_equal),
             f"{r.agreeing_rows}/{r.case.batch}",
+            _yes(r.logprobs_equal),
+            _yes(r.mask_respected) if r.case.masked else "-",
             "ok" if r.ok else "MISMATCH",
         ]
         for r in results
     ]
-    ui.rows(["impl", "case", "kept set", "values", "tokens agree", "result"], rows)
+    ui.rows(["impl", "case", "kept set", "values", "tokens agree", "log-probs", "mask held", "result"], rows)
     dist_rows, dist_failures = [], 0
     for impl in impls:
         for name in verification.DISTRIBUTION_PARAMS:
@@ -438,11 +553,34 @@ def _run_compile_check(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if failures else EXIT_OK
 
 
+def _logprobs_json(state: Any, args: argparse.Namespace, rows: list[list[int]], bucket: int) -> dict[str, Any]:
+    """Per row, per generated token: its log-probability and the top entries as [id, log-probability]."""
+    if args.logprobs is None:
+        return {}
+    import numpy as np
+
+    token_lp, top_ids, top_lp = map(np.asarray, (state.token_logprobs, state.top_logprob_ids, state.top_logprobs))
+    out = []
+    for r, row in enumerate(rows):
+        slots = range(bucket, bucket + len(row))
+        out.append(
+            [
+                {
+                    "token": row[i],
+                    "logprob": float(token_lp[r, s]),
+                    "top": [[int(t), float(v)] for t, v in zip(top_ids[r, s], top_lp[r, s], strict=True)],
+                }
+                for i, s in enumerate(slots)
+            ]
+        )
+    return {"logprobs_mode": args.logprobs_mode, "logprobs": out}
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from vsampler import SamplingParams, vInference, vInferenceConfig, vInferencePreCompileConfig
+    from vsampler import SamplingParams, pack_allowed, vInference, vInferenceConfig, vInferencePreCompileConfig
     from vsampler.loop_benchmark import tiny_model
 
     for name in ("batch", "max_new_tokens", "chunks", "vocab"):
@@ -481,8 +619,21 @@ def _run_generate(args: argparse.Namespace) -> int:
             mask = np.ones_like(ids)
         lengths = mask.sum(axis=1)
         bucket = 1 << int(lengths.max() - 1).bit_length()
-        engine.precompile(vInferencePreCompileConfig(batch_size=ids.shape[0], prefill_length=bucket))
-        stream = engine.generate(ids, mask, key=jax.random.key(args.seed))
+        allowed = None
+        if args.allowed_ids is not None:
+            if max(hi for _, hi in args.allowed_ids) > args.vocab:
+                raise ValueError(f"--allowed-ids names ids outside the vocabulary [0, {args.vocab})")
+            allowed_rows = np.zeros((ids.shape[0], args.vocab), bool)
+            for lo, hi in args.allowed_ids:
+                allowed_rows[:, lo:hi] = True
+            allowed = pack_allowed(allowed_rows)
+        serving = {"logprobs": args.logprobs, "logprobs_mode": args.logprobs_mode}
+        engine.precompile(
+            vInferencePreCompileConfig(batch_size=ids.shape[0], prefill_length=bucket),
+            allowed_tokens=allowed is not None,
+            **serving,
+        )
+        stream = engine.generate(ids, mask, key=jax.random.key(args.seed), allowed_tokens=allowed, **serving)
         ui = _ui()
         ui.header("vsampler generate", _environment())
         ui.note(f"tiny decoder, vocabulary {args.vocab}; {ids.shape[0]} prompts, bucket {bucket}; {params}")
@@ -491,8 +642,12 @@ def _run_generate(args: argparse.Namespace) -> int:
         for chunk, state in enumerate(stream):
             seq, length = np.asarray(state.sequences), np.asarray(state.current_length)
             for r in range(ids.shape[0]):
-                new = seq[r, bucket + shown[r] : length[r]].tolist()
+                first = bucket + shown[r]
+                new = seq[r, first : length[r]].tolist()
                 shown[r] = int(length[r]) - bucket
+                if new and args.logprobs is not None:
+                    lps = np.asarray(state.token_logprobs[r, first : length[r]])
+                    new = " ".join(f"{t} ({lp:.3f})" for t, lp in zip(new, lps, strict=True))
                 if new:
                     ui.note(f"{'prefill' if chunk == 0 else f'chunk {chunk}'} row {r}: {new}")
     except ValueError as err:
@@ -516,6 +671,7 @@ def _run_generate(args: argparse.Namespace) -> int:
                     "finished": np.asarray(state.is_sequence_finished)[: ids.shape[0]].tolist(),
                     "generated_tokens": int(state.generated_tokens),
                     "decode_tokens_per_second": tps,
+                    **_logprobs_json(state, args, rows, bucket),
                 },
                 f,
                 indent=2,

@@ -143,6 +143,7 @@ class vInferenceConfig(Serializable):
             (f"{views}/(scale|weight)", kvps),  # 8-bit cache
             (f"{views}/(packed|absmax)", kvps),  # NF4 cache
             (views, kvps),
+            ("(allowed_tokens|token_logprobs|top_logprob_ids|top_logprobs)", PartitionSpec(axis.batch_axis)),
             (".*", PartitionSpec()),
         )
 

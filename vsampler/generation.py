@@ -34,6 +34,9 @@ the reference implementation of this contract.
 * `model_kwargs`: `attention_mask`, `position_ids` (B, 1) of the next input, `past_key_values`,
   `cache_index`.
 * `generated_tokens`: real (non-pad) tokens generated so far, all rows together.
+* `allowed_tokens` (B, ceil(V / 32)) or None: the packed mask every step applies (structured output).
+* `token_logprobs` (B, T), `top_logprob_ids` / `top_logprobs` (B, T, n), when the step was created with
+  `logprobs=n`: written at the same slot as the token.
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ def create_sampling_step(
     pad_token_id: Any,
     *,
     impl: Impl | StepSampler = "auto",
+    logprobs: int | None = None,
+    logprobs_mode: str = "raw",
 ) -> SamplingStep:
     """Returns `sampling_step(graphdef, graphstate, graphother, state) -> SampleState`: one step.
 
@@ -82,6 +87,9 @@ def create_sampling_step(
     generated `min(max_tokens, T - P)` tokens. `sampling_params` may hold traced values (the loop passes
     them as arguments so new values never recompile). `impl` names the sampler implementation, or is a
     callable with `vsampler.sample_step`'s signature that replaces it (the benchmarks' argmax baseline).
+    A state carrying `allowed_tokens` has that mask applied at every step. `logprobs=n` (and
+    `logprobs_mode`) also writes each token's log-probabilities into the state's `token_logprobs`,
+    `top_logprob_ids` and `top_logprobs`, which must then be allocated (B, T) / (B, T, n).
     """
     eos = _token_ids("eos_token_id", eos_token_id) if eos_token_id is not None else None
     (pad,) = _token_ids("pad_token_id", pad_token_id)
@@ -108,7 +116,12 @@ def create_sampling_step(
         history = jnp.where(kwargs["attention_mask"] > 0, state.sequences, -1)
         was_finished = state.is_sequence_finished
         sampler = impl if callable(impl) else functools.partial(sample_step, impl=impl)
-        tokens, finished = sampler(
+        serving: dict[str, Any] = {}
+        if state.allowed_tokens is not None:
+            serving["allowed_tokens"] = state.allowed_tokens
+        if logprobs is not None:
+            serving.update(logprobs=logprobs, logprobs_mode=logprobs_mode)
+        tokens, finished, *values = sampler(
             logits,
             sampling_params,
             keys,
@@ -117,6 +130,7 @@ def create_sampling_step(
             history=history,
             prompt_len=prompt_end,
             eos_token_id=eos,
+            **serving,
         )
         running = ~was_finished
         generated = state.current_length - prompt_end + running.astype(jnp.int32)
@@ -129,6 +143,14 @@ def create_sampling_step(
         new_kwargs["attention_mask"] = kwargs["attention_mask"].at[rows, slot].set(1, mode="drop")
         new_kwargs["position_ids"] = kwargs["position_ids"][:, -1:] + 1
         new_kwargs["cache_index"] = kwargs["cache_index"] + width
+        written = {}
+        if values:
+            (lp,) = values
+            written = {
+                "token_logprobs": state.token_logprobs.at[rows, slot].set(lp.token, mode="drop"),
+                "top_logprob_ids": state.top_logprob_ids.at[rows, slot].set(lp.top_ids, mode="drop"),
+                "top_logprobs": state.top_logprobs.at[rows, slot].set(lp.top, mode="drop"),
+            }
         return SampleState(
             current_length=state.current_length + running.astype(jnp.int32),
             sequences=state.sequences.at[rows, slot].set(tokens, mode="drop"),
@@ -141,6 +163,10 @@ def create_sampling_step(
             padded_length=state.padded_length,
             _time_spent_computing=state._time_spent_computing,
             _compile_config=state._compile_config,
+            allowed_tokens=state.allowed_tokens,
+            token_logprobs=written.get("token_logprobs", state.token_logprobs),
+            top_logprob_ids=written.get("top_logprob_ids", state.top_logprob_ids),
+            top_logprobs=written.get("top_logprobs", state.top_logprobs),
         )
 
     return sampling_step

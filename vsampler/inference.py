@@ -20,6 +20,11 @@
   never on values: new temperatures, k, p, penalties, prompts and keys reuse the executables. The loop's
   stage set is the config's `sampling_params` stages with greedy and sampled rows both allowed; a call
   whose params need a stage outside it compiles once more, for the union, and keeps that too.
+* Serving features: `generate(..., allowed_tokens=mask)` applies a packed (B, ceil(V / 32)) mask at
+  every step; the generator also takes a new mask by `send` between chunks (with `streaming_chunks=1`,
+  a host grammar engine can advance on each yielded token and send the next mask).
+  `generate(..., logprobs=n, logprobs_mode=...)` fills the state's `token_logprobs`, `top_logprob_ids`
+  and `top_logprobs`. Each feature set compiles its own executables (keyed like the stages).
 * Donation: each decode chunk donates the incoming `model_kwargs` (the attention cache: nearly all the
   state's bytes). A yielded state's `sequences` and flags stay valid; its `model_kwargs` are consumed by
   the next chunk (copy them first if you need them).
@@ -34,10 +39,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Generator, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +53,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from vsampler.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig
 from vsampler.generation import StepSampler, create_sampling_step
+from vsampler.inputs import allowed_words
+from vsampler.logprobs import LogprobsRequest, request
 from vsampler.loop_inputs import abstract_params, check_prompts, left_pad, pad_rows, request_keys, row_params
 from vsampler.params import SamplingParams, Stages
 from vsampler.partitioning import named_shardings, place_global, replicated_value
@@ -62,6 +70,13 @@ class _Executables:
     decode: Any
     rows: int
     vocab: int
+
+
+class _Serving(NamedTuple):
+    """The serving features an executable is compiled for (static)."""
+
+    logprobs: LogprobsRequest | None = None
+    masked: bool = False
 
 
 def _union(a: Stages, b: Stages) -> Stages:
@@ -107,7 +122,7 @@ class vInference:
         self.pad_token_id = int(pad)
         if self.vocab_size is not None:
             self._check_ids_in_vocab(self.vocab_size)
-        self._executables: dict[tuple[int, Stages], _Executables] = {}
+        self._executables: dict[tuple[int, Stages, _Serving], _Executables] = {}
         self._buckets: list[vInferencePreCompileConfig] = []
         self._precompiled = False  # once True, inputs must fit a bucket
 
@@ -174,26 +189,34 @@ class vInference:
 
     # -- compilation ----------------------------------------------------------------------------------
     def precompile(
-        self, config: vInferencePreCompileConfig, sampling_params: SamplingParams | None = None
+        self,
+        config: vInferencePreCompileConfig,
+        sampling_params: SamplingParams | None = None,
+        *,
+        logprobs: int | None = None,
+        logprobs_mode: str = "raw",
+        allowed_tokens: bool = False,
     ) -> list[vInferencePreCompileConfig]:
         """AOT-compiles prefill and the decode chunk for every standalone of `config` (cached by
-        `get_default_hash()`), for the loop's stages widened by `sampling_params`' when given.
-        Returns the standalones compiled."""
+        `get_default_hash()`), for the loop's stages widened by `sampling_params`' when given, and for
+        the serving features `generate` will be called with (`logprobs`, `logprobs_mode`, and whether an
+        `allowed_tokens` mask is passed). Returns the standalones compiled."""
         if not isinstance(config, vInferencePreCompileConfig):
             raise ValueError(f"precompile needs a vInferencePreCompileConfig, got {type(config).__name__}")
         stages = self._loop_stages(sampling_params)
+        serving = _Serving(request(logprobs, logprobs_mode, self.vocab_size), bool(allowed_tokens))
         standalones = config.get_standalones()
         for bucket in standalones:
             if bucket.vision_included:
                 raise ValueError("vInferencePreCompileConfig.vision_included: vision inputs are not supported")
             if bucket.prefill_length is None:
                 raise ValueError("vInferencePreCompileConfig.prefill_length must be set to precompile the loop")
-            self._compile(bucket, stages)
+            self._compile(bucket, stages, serving)
         self._precompiled = True
         return standalones
 
-    def _compile(self, bucket: vInferencePreCompileConfig, stages: Stages) -> _Executables:
-        key = (bucket.get_default_hash(), stages)
+    def _compile(self, bucket: vInferencePreCompileConfig, stages: Stages, serving: _Serving) -> _Executables:
+        key = (bucket.get_default_hash(), stages, serving)
         if key in self._executables:
             return self._executables[key]
         rows = bucket.batch_size * self._return_sequences(bucket)
@@ -215,18 +238,22 @@ class vInference:
             jax.ShapeDtypeStruct((rows, *key_shape), jnp.uint32),  # each row's request key (raw data)
             jax.ShapeDtypeStruct((), jnp.bool_),  # one base key: fold in the request index first
         )
-        prefill_fn = self._prefill_fn(bucket, total)
+        if serving.masked:
+            prefill_args += (jax.ShapeDtypeStruct((rows, allowed_words(vocab)), i32),)  # allowed_tokens
+        if serving.logprobs is not None and serving.logprobs.n > vocab:
+            raise ValueError(f"logprobs={serving.logprobs.n} asks for more top entries than the vocabulary ({vocab})")
+        prefill_fn = self._prefill_fn(bucket, total, serving)
         state_shape = jax.eval_shape(prefill_fn, self.graphstate, self.graphother, params, *prefill_args)
         prefill = self._jit(
             prefill_fn,
             (self.graphstate, self.graphother, params, *prefill_args),
-            ("model", "model", "replicated", "prompts", "prompts", *["replicated"] * 5),
+            ("model", "model", "replicated", "prompts", "prompts", *["replicated"] * (len(prefill_args) - 2)),
             state_shape,
         )
         kwargs_shape = state_shape.model_kwargs
         head_shape = dataclasses.replace(state_shape, model_kwargs={})
         decode = self._jit(
-            self._decode_fn(),
+            self._decode_fn(serving),
             (self.graphstate, self.graphother, params, head_shape, kwargs_shape),
             ("model", "model", "replicated", "state", "cache"),
             state_shape,
@@ -235,7 +262,7 @@ class vInference:
         self._executables[key] = _Executables(prefill=prefill, decode=decode, rows=rows, vocab=vocab)
         if bucket not in self._buckets:
             self._buckets.append(bucket)
-        logger.info("vsampler: compiled bucket %s for stages %s", bucket.extract(), stages)
+        logger.info("vsampler: compiled bucket %s for stages %s, %s", bucket.extract(), stages, serving)
         return self._executables[key]
 
     def _logits_shape(self, rows: int, prompt_len: int) -> tuple[int, ...]:
@@ -248,13 +275,34 @@ class vInference:
 
         return jax.eval_shape(run, jax.ShapeDtypeStruct((rows, 1), jnp.int32)).shape
 
-    def _prefill_fn(self, bucket: vInferencePreCompileConfig, total: int):
+    def _step(self, params: SamplingParams, serving: _Serving) -> Any:
+        lp = serving.logprobs
+        return create_sampling_step(
+            params,
+            self.eos_token_ids or None,
+            self.pad_token_id,
+            impl=self.impl,
+            logprobs=None if lp is None else lp.n,
+            logprobs_mode="raw" if lp is None else lp.mode,
+        )
+
+    def _prefill_fn(self, bucket: vInferencePreCompileConfig, total: int, serving: _Serving):
         prompt_len = bucket.prefill_length
-        eos, pad, impl = self.eos_token_ids or None, self.pad_token_id, self.impl
+        pad = self.pad_token_id
         graphdef = self.graphdef
 
         def prefill(
-            graphstate, graphother, params, prompt_ids, prompt_mask, request_ids, copy_ids, filler, keys, derive
+            graphstate,
+            graphother,
+            params,
+            prompt_ids,
+            prompt_mask,
+            request_ids,
+            copy_ids,
+            filler,
+            keys,
+            derive,
+            allowed=None,
         ):
             fold = jax.vmap(jax.random.fold_in)
             request_keys = jax.random.wrap_key_data(keys)
@@ -282,19 +330,29 @@ class vInference:
                 padded_length=prompt_len,
                 _time_spent_computing=jnp.float32(0.0),
                 _compile_config=bucket,
+                allowed_tokens=allowed,
+                **self._logprob_buffers(rows, total, serving),
             )
-            step = create_sampling_step(params, eos, pad, impl=impl)
-            return step(graphdef, graphstate, graphother, state)
+            return self._step(params, serving)(graphdef, graphstate, graphother, state)
 
         return prefill
 
-    def _decode_fn(self):
+    def _logprob_buffers(self, rows: int, total: int, serving: _Serving) -> dict[str, jax.Array]:
+        if serving.logprobs is None:
+            return {}
+        n = serving.logprobs.n
+        return {
+            "token_logprobs": jnp.zeros((rows, total), jnp.float32),
+            "top_logprob_ids": jnp.full((rows, total, n), self.pad_token_id, jnp.int32),
+            "top_logprobs": jnp.full((rows, total, n), -jnp.inf, jnp.float32),
+        }
+
+    def _decode_fn(self, serving: _Serving):
         chunk = self.config.streaming_chunks
-        eos, pad, impl = self.eos_token_ids or None, self.pad_token_id, self.impl
         graphdef = self.graphdef
 
         def decode(graphstate, graphother, params, head, model_kwargs):
-            step = create_sampling_step(params, eos, pad, impl=impl)
+            step = self._step(params, serving)
 
             def body(state: SampleState, _: None) -> tuple[SampleState, None]:
                 return step(graphdef, graphstate, graphother, state), None
@@ -331,7 +389,10 @@ class vInference:
         *,
         sampling_params: SamplingParams | None = None,
         key: jax.Array | None = None,
-    ) -> Iterator[SampleState]:
+        allowed_tokens: Any = None,
+        logprobs: int | None = None,
+        logprobs_mode: str = "raw",
+    ) -> Generator[SampleState, Any, None]:
         """Generates for a batch of prompts, yielding the state after prefill and after each chunk.
 
         `input_ids` (B, L) integer token ids; `attention_mask` (B, L) marks the real ones (default: all;
@@ -342,6 +403,11 @@ class vInference:
         draws from `fold_in(request_key, j)`, then `fold_in(., generation index)`. Errors (checked before
         anything runs): shapes, empty prompts, ids outside the vocabulary, prompts longer than every bucket,
         `max_tokens > max_new_tokens`, keys of the wrong shape or PRNG implementation.
+
+        `allowed_tokens` (B, ceil(V / 32)) int32: each prompt's packed mask (`vsampler.sample`), applied
+        at every step to all its copies; `generator.send(mask)` replaces it for the chunks after the state
+        just yielded (the loop must have started with a mask). `logprobs=n` / `logprobs_mode`: each token's
+        log-probabilities go into the state's `token_logprobs`, `top_logprob_ids`, `top_logprobs`.
         """
         ids, mask = check_prompts(input_ids, attention_mask)
         batch = ids.shape[0]
@@ -357,15 +423,16 @@ class vInference:
                 f"SamplingParams.max_tokens ({params.max_tokens!r}) exceeds vInferenceConfig.max_new_tokens "
                 f"({self.config.max_new_tokens}), the loop's length"
             )
+        serving = _Serving(request(logprobs, logprobs_mode, self.vocab_size), allowed_tokens is not None)
         bucket = self._pick_bucket(batch, int(lengths.max()))
         stages = self._loop_stages()
-        for (h, have), _ in self._executables.items():
-            if h == bucket.get_default_hash() and _covers(have, params.stages):
+        for (h, have, features), _ in self._executables.items():
+            if h == bucket.get_default_hash() and features == serving and _covers(have, params.stages):
                 stages = have
                 break
         else:
             stages = _union(stages, params.stages)
-        exe = self._compile(bucket, stages)
+        exe = self._compile(bucket, stages, serving)
         n = exe.rows // bucket.batch_size
         vocab = exe.vocab
         if ((ids < 0) | (ids >= vocab))[mask].any():
@@ -387,11 +454,14 @@ class vInference:
             pad_rows(np.repeat(keys, n, axis=0), rows, 0),
             np.bool_(derive),
         )
+        mask_rows = functools.partial(self._mask_rows, batch=batch, n=n, rows=rows, vocab=vocab)
+        if serving.masked:
+            inputs += (mask_rows(allowed_tokens),)
         if self.mesh is not None:  # global arrays from the host values every process holds alike
             inputs = place_global(inputs, exe.prefill.input_shardings[0][2:], self._replicated)
             loop_params = inputs[0]
         state = exe.prefill(self.graphstate, self.graphother, *inputs)
-        yield state
+        state = self._new_mask(state, (yield state), mask_rows, serving)
         first_tokens = int(replicated_value(state.generated_tokens))
         spent = 0.0
         for _ in range(self.config._loop_rows):
@@ -410,7 +480,31 @@ class vInference:
                 _time_spent_computing=np.float32(spent),
                 tokens_per_second=np.float32(made / spent if spent > 0 else float("-inf")),
             )
-            yield state
+            state = self._new_mask(state, (yield state), mask_rows, serving)
+
+    def _mask_rows(self, allowed: Any, *, batch: int, n: int, rows: int, vocab: int) -> np.ndarray:
+        """A request-level (B, ceil(V / 32)) mask as the bucket's rows: copies repeated, filler rows
+        allowing everything (they are finished from the start)."""
+        mask = np.asarray(allowed)
+        words = allowed_words(vocab)
+        if mask.shape != (batch, words) or mask.dtype not in (np.int32, np.uint32):
+            raise ValueError(
+                f"allowed_tokens must be an int32 packed bitmask (B, ceil(V / 32)) = ({batch}, {words}), "
+                f"got {mask.dtype} {mask.shape}"
+            )
+        mask = np.repeat(mask.view(np.int32), n, axis=0)
+        return np.concatenate([mask, np.full((rows - mask.shape[0], words), -1, np.int32)])
+
+    def _new_mask(self, state: SampleState, sent: Any, mask_rows: Any, serving: _Serving) -> SampleState:
+        """The state to continue from after a yield: with the mask `send` passed in, if any."""
+        if sent is None:
+            return state
+        if not serving.masked:
+            raise ValueError("a mask was sent to a generation started without allowed_tokens: pass one to generate")
+        mask = mask_rows(sent)
+        if self.mesh is not None:
+            mask = place_global(mask, state.allowed_tokens.sharding)
+        return dataclasses.replace(state, allowed_tokens=jnp.asarray(mask))
 
     def generate_all(self, *args: Any, **kwargs: Any) -> SampleState:
         """Runs `generate` to the end and returns the last state."""

@@ -30,6 +30,14 @@ class SampleState(Serializable):
       padded_length: the prefill length bucket the prompts were padded to (static).
       _time_spent_computing: seconds spent in decode calls so far.
       _compile_config: the precompiled standalone this state's shapes belong to (static).
+
+    vsampler's serving fields (None unless the loop was asked for them):
+      allowed_tokens: (B, ceil(V / 32)) int32 packed bitmask applied at every step (`vsampler.sample`'s
+        `allowed_tokens`); the loop may be handed a new one between chunks.
+      token_logprobs: (B, max_sequence_length) float32, the log-probability of the token at each slot of
+        `sequences` (0 on prompt and unwritten slots), in the loop's `logprobs_mode`.
+      top_logprob_ids: (B, max_sequence_length, n) int32, the n most likely tokens at each generated
+        slot (pad elsewhere); top_logprobs: (B, max_sequence_length, n) float32, theirs (-inf elsewhere).
     """
 
     current_length: jax.Array
@@ -43,6 +51,10 @@ class SampleState(Serializable):
     padded_length: int = 0
     _time_spent_computing: float | jax.Array = 0.0
     _compile_config: vInferencePreCompileConfig | None = None
+    allowed_tokens: jax.Array | None = None
+    token_logprobs: jax.Array | None = None
+    top_logprob_ids: jax.Array | None = None
+    top_logprobs: jax.Array | None = None
 
 
 register_dataclass_pytree(
@@ -57,5 +69,9 @@ register_dataclass_pytree(
         "tokens_per_second",
         "generated_tokens",
         "_time_spent_computing",
+        "allowed_tokens",
+        "token_logprobs",
+        "top_logprob_ids",
+        "top_logprobs",
     ),
 )
