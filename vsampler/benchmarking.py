@@ -40,6 +40,20 @@ def time_call(fn: Callable[[], Any], repeats: int) -> float:
     return statistics.median(samples)
 
 
+def time_interleaved(fns: list[Callable[[], Any]], repeats: int) -> list[float]:
+    """Median seconds of each of `fns`, timed in turn within every repetition (after one untimed warm-up
+    call each), so that drift in the machine's speed falls on all of them alike: for ratios."""
+    for fn in fns:
+        jax.block_until_ready(fn())
+    samples: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, samples, strict=True):
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            out.append(time.perf_counter() - start)
+    return [statistics.median(s) for s in samples]
+
+
 # --------------------------------------------------------------------------------------- our impls
 
 

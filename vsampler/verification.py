@@ -201,11 +201,13 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
     want = np.asarray(process_logits(x, sampling, impl="reference", **kw))
     got = np.asarray(process_logits(x, sampling, impl=impl, **kw))
     key = jax.random.split(jax.random.key(seed), case.batch)
-    ref_tokens = np.asarray(sample(x, sampling, key, impl="reference", **kw))
     tokens = np.asarray(sample(x, sampling, key, impl=impl, **kw))
+    ref_tokens = None
     logprobs_equal = True
     for mode in logprobs_modes:
-        _, want_lp = sample(x, sampling, key, impl="reference", logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
+        # the reference's tokens come from its log-prob call (the same tokens by construction: one sort less)
+        want_tokens, want_lp = sample(x, sampling, key, impl="reference", logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
+        ref_tokens = np.asarray(want_tokens) if ref_tokens is None else ref_tokens
         got_tokens, got_lp = sample(x, sampling, key, impl=impl, logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
         logprobs_equal &= (
             np.array_equal(np.asarray(got_tokens), tokens)
@@ -213,6 +215,8 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
             and logprobs_close(got_lp.top, want_lp.top)
             and logprobs_close(got_lp.token, want_lp.token)
         )
+    if ref_tokens is None:
+        ref_tokens = np.asarray(sample(x, sampling, key, impl="reference", **kw))
     in_range = bool(((tokens >= 0) & (tokens < case.vocab)).all())
     return CaseResult(
         case=case,

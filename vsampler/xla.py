@@ -92,26 +92,31 @@ def top_values(s: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     return values, best[where // CHUNK] * CHUNK + where % CHUNK
 
 
-def top_entries(x: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+def top_entries(x: jax.Array, n: int, chunk_max: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """The row's n largest values and their indices, ties lower index first (the order of a stable sort),
     without sorting the row: the candidates are the n chunks with the largest maxima (ties: lower chunk
-    first), taken in vocabulary order so that `lax.top_k`'s lower-index-first rule orders ties."""
+    first), taken in vocabulary order so that `lax.top_k`'s lower-index-first rule orders ties.
+    `chunk_max`: the row's per-`CHUNK` maxima, when already computed."""
     if n == 0:
         return jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
     chunks = _chunked(x, NEG_INF)
     if n >= chunks.shape[0]:
         values, index = lax.top_k(x, n)
         return values, index.astype(jnp.int32)
-    _, best = lax.top_k(jnp.max(chunks, axis=1), n)
+    _, best = lax.top_k(jnp.max(chunks, axis=1) if chunk_max is None else chunk_max, n)
     best = jnp.sort(best)
     values, where = lax.top_k(chunks[best].reshape(-1), n)
     return values, (best[where // CHUNK] * CHUNK + where % CHUNK).astype(jnp.int32)
 
 
-def log_normaliser(x: jax.Array, x_max: jax.Array) -> jax.Array:
-    """`log(sum(exp(x)))` of a sanitised row whose maximum is `x_max` (-inf for an empty row)."""
-    total = jnp.sum(jnp.exp(x - jnp.where(x_max > NEG_INF, x_max, 0.0)))
-    return jnp.where(x_max > NEG_INF, x_max + jnp.log(total), NEG_INF)
+def chunk_stats(x: jax.Array, x_max: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One pass over a sanitised row: its per-`CHUNK` maxima (for `top_entries`) and
+    `log(sum(exp(x)))` (-inf for an empty row), both reductions of the same chunked view."""
+    chunks = _chunked(x, NEG_INF)
+    shift = jnp.where(x_max > NEG_INF, x_max, 0.0)
+    chunk_max = jnp.max(chunks, axis=1)
+    chunk_sum = jnp.sum(jnp.exp(chunks - shift), axis=1)
+    return chunk_max, jnp.where(x_max > NEG_INF, shift + jnp.log(jnp.sum(chunk_sum)), NEG_INF)
 
 
 def first_index_of_max(x: jax.Array, row_max: jax.Array) -> jax.Array:
@@ -387,12 +392,13 @@ def sample_with_logprobs(
         token = jnp.where(x_max > NEG_INF, d.token, empty_token).astype(jnp.int32)
         if request is None:
             return token, None
-        top_x, top_ids = top_entries(x, request.n)
+        chunk_max, log_z_raw = chunk_stats(x, x_max)
+        top_x, top_ids = top_entries(x, request.n, chunk_max)
         values = lp.RowValues(
             token_x=x[token],
             top_x=top_x,
             top_ids=top_ids,
-            log_z_raw=log_normaliser(x, x_max),
+            log_z_raw=log_z_raw,
             threshold=d.threshold,
             s_max=d.s_max,
             kept_mass=d.kept_mass,
