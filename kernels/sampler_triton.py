@@ -9,8 +9,8 @@ TPU variant (`sampler.py`), laid out for Triton:
 * the draw finds the chunk where the prefix of kept mass crosses `u * total` (one pass), then the index
   inside that chunk by bisection over masked sums of the one chunk;
 * the allowed-token mask is read with each chunk (`CHUNK / 32` words, unpacked in registers);
-* log-probs (when asked): the raw log-normaliser and the token's logit in one pass, and one pass per
-  top-n entry (n is small; the row is in L2 by then).
+* log-probs (when asked): the raw log-normaliser inside the first-maximum pass, the token's logit from
+  its one chunk, and one pass per top-n entry (n is small; the row is in L2 by then).
 
 Thresholds are exact row values (value bisection that snaps to the row's values), so the kept sets equal
 the reference's, as on TPU. Runs in Pallas interpret mode on CPU (verification) and lowers to Triton for
@@ -108,9 +108,15 @@ def triton_sampler_kernel(
         index, v = raw_chunk(c)
         return index, jnp.where(pos_inf, jnp.where(v == jnp.inf, 0.0, NEG_INF), v)
 
-    (first_max,) = reduce(
-        lambda acc, i, v: (jnp.minimum(acc[0], jnp.min(jnp.where(v == x_max, i, vocab))),),
-        (jnp.int32(vocab),),
+    # the first index of the maximum; with log-probs, the raw normaliser sum(exp(x - max)) in the same pass
+    finite = x_max > NEG_INF
+    shift = jnp.where(finite, x_max, 0.0)
+    first_max, exp_total = reduce(
+        lambda acc, i, v: (
+            jnp.minimum(acc[0], jnp.min(jnp.where(v == x_max, i, vocab))),
+            acc[1] + (jnp.sum(jnp.exp(v - shift)) if top_n is not None else 0.0),
+        ),
+        (jnp.int32(vocab), jnp.float32(0.0)),
         clean_chunk,
     )
     first_max = jnp.where(first_max == vocab, 0, first_max)
@@ -254,18 +260,10 @@ def triton_sampler_kernel(
     token = jnp.where(x_max > NEG_INF, token, rows_ref[EMPTY_TOKEN].astype(jnp.int32))
 
     log_z_raw = token_x = jnp.float32(0.0)
-    if top_n is not None:  # log-probs: the raw log-normaliser and the token's logit in one pass
-        finite = x_max > NEG_INF
-        shift = jnp.where(finite, x_max, 0.0)
-        total, token_x = reduce(
-            lambda a, i, v: (
-                a[0] + jnp.sum(jnp.exp(v - shift)),
-                jnp.maximum(a[1], jnp.max(jnp.where(i == token, v, NEG_INF))),
-            ),
-            (jnp.float32(0.0), jnp.float32(NEG_INF)),
-            clean_chunk,
-        )
-        log_z_raw = jnp.where(finite, shift + jnp.log(total), NEG_INF)
+    if top_n is not None:  # log-probs: the normaliser from the first pass, the token's logit from its chunk
+        log_z_raw = jnp.where(finite, shift + jnp.log(exp_total), NEG_INF)
+        index, v = clean_chunk(jnp.clip(token, 0, vocab - 1) // chunk)
+        token_x = jnp.max(jnp.where(index == token, v, NEG_INF))
         if top_n:  # entry j: the largest value after entry j-1 (ties: lower index first), one pass each
             top_x_ref, top_ids_ref = top_refs
             slot = jnp.arange(top_x_ref.shape[0], dtype=jnp.int32)

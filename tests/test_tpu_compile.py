@@ -55,3 +55,25 @@ def test_triton_variant_lowers_for_cuda(batch, vocab, dtype):
     assert result.ok, result.error
     assert result.kernels == 1  # one fused launch
     assert result.chunk & (result.chunk - 1) == 0  # power-of-two chunks
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("generation", "batch", "vocab", "dtype"), [("v5e", 8, 128256, "float32"), ("v6e", 64, 50257, "bfloat16")]
+)
+def test_kernel_with_mask_and_logprobs_compiles_for_tpu(libtpu, generation, batch, vocab, dtype):
+    """The serving entry: the packed allowed-token mask unpacked on chip and 20 log-prob entries; the mask
+    is read once (ceil(V / 32) words a row) and the outputs stay a few bytes a row."""
+    result = compile_check.compile_tpu(generation, batch, vocab, dtype, allowed=True, top_n=20)
+    assert result.ok, result.error
+    assert 0 < result.vmem_used_bytes <= result.vmem_limit_bytes
+    mask_bytes = batch * -(-vocab // 32) * 4
+    extra = 1.02 * result.logits_bytes + mask_bytes + 64 * 1024
+    assert result.logits_bytes + mask_bytes <= result.hbm_bytes <= extra
+
+
+@pytest.mark.parametrize(("batch", "vocab", "dtype"), [(8, 50257, "bfloat16"), (64, 128256, "float32")])
+def test_triton_variant_with_mask_and_logprobs_lowers_for_cuda(batch, vocab, dtype):
+    result = compile_check.lower_triton(batch, vocab, dtype, allowed=True, top_n=20)
+    assert result.ok, result.error
+    assert result.kernels == 1
