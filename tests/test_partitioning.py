@@ -10,7 +10,14 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from vsampler import PartitionAxis, SamplingParams, vInference, vInferenceConfig, vInferencePreCompileConfig
+from vsampler import (
+    PartitionAxis,
+    SamplingParams,
+    pack_allowed,
+    vInference,
+    vInferenceConfig,
+    vInferencePreCompileConfig,
+)
 from vsampler.models import TinyDecoder, TinyDecoderConfig
 from vsampler.partitioning import create_mesh, leaf_name, match_partition_rules, named_shardings, rule_index
 
@@ -24,6 +31,7 @@ INTENDED = [
     (r"^model_kwargs/past_key_values/views/\d+/(key|value)/(weight|scale)$", 2),
     (r"^model_kwargs/past_key_values/views/\d+/(key|value)/(packed|absmax)$", 3),
     (r"^model_kwargs/past_key_values/views/\d+/(key|value)$", 4),
+    (r"^(allowed_tokens|token_logprobs|top_logprob_ids|top_logprobs)$", 5),
     (
         r"^(current_length|is_sequence_finished|prng_key|model_kwargs/cache_index|tokens_per_second|"
         r"generated_tokens|_time_spent_computing)$",
@@ -41,17 +49,21 @@ def intended_rule(name: str) -> int:
     return matches[0]
 
 
-def loop_state(mode: str):
+def loop_state(mode: str, serving: bool = False):
     model = TinyDecoder(dataclasses.replace(MODEL, cache_mode=mode), rngs=nnx.Rngs(0))
-    engine = vInference(model, vInferenceConfig(max_new_tokens=2, pad_token_id=0))
-    return engine.generate_all(np.ones((2, 3), np.int32))
+    engine = vInference(model, vInferenceConfig(max_new_tokens=2, pad_token_id=0, eos_token_id=3))
+    features = {"allowed_tokens": pack_allowed(np.ones((2, MODEL.vocab_size), bool)), "logprobs": 2} if serving else {}
+    return engine.generate_all(np.ones((2, 3), np.int32), **features)
 
 
-@pytest.mark.parametrize("mode", ["fp", "int8", "nf4"])
-def test_every_state_leaf_is_matched_by_its_intended_rule(mode):
-    state = loop_state(mode)
+@pytest.mark.parametrize(("mode", "serving"), [("fp", False), ("int8", False), ("nf4", False), ("fp", True)])
+def test_every_state_leaf_is_matched_by_its_intended_rule(mode, serving):
+    state = loop_state(mode, serving)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     names = [leaf_name(path) for path, _ in leaves]
+    assert sum(n in ("allowed_tokens", "token_logprobs", "top_logprob_ids", "top_logprobs") for n in names) == (
+        4 if serving else 0
+    )
     assert sum("past_key_values" in n for n in names) == 2 * 2 * (1 if mode == "fp" else 2)
     for name in names:
         assert rule_index(RULES, name) == intended_rule(name), name
@@ -93,20 +105,39 @@ PARAMS = SamplingParams(
 )
 
 
-def generate(mesh, mode="fp"):
+ALLOWED = pack_allowed(np.random.default_rng(2).random((8, MODEL.vocab_size)) < 0.5)
+
+
+def generate(mesh, mode="fp", serving=False):
     model = TinyDecoder(dataclasses.replace(MODEL, cache_mode=mode), rngs=nnx.Rngs(0))
     cfg = vInferenceConfig(
         max_new_tokens=12, streaming_chunks=4, eos_token_id=[3], pad_token_id=0, sampling_params=PARAMS
     )
     engine = vInference(model, cfg, mesh=mesh)
-    engine.precompile(vInferencePreCompileConfig(batch_size=8, prefill_length=8))
-    state = engine.generate_all(PROMPTS, key=jax.random.key(5))
+    features = {"allowed_tokens": ALLOWED, "logprobs": 3, "logprobs_mode": "processed"} if serving else {}
+    engine.precompile(
+        vInferencePreCompileConfig(batch_size=8, prefill_length=8),
+        allowed_tokens=serving,
+        **{k: v for k, v in features.items() if k != "allowed_tokens"},
+    )
+    state = engine.generate_all(PROMPTS, key=jax.random.key(5), **features)
     return state
 
 
 @pytest.fixture(scope="module")
 def single_device():
     return {mode: np.asarray(generate(None, mode).sequences) for mode in ("fp", "int8")}
+
+
+@pytest.mark.slow
+def test_sharded_loop_with_mask_and_logprobs_gives_the_single_device_results():
+    want = generate(None, serving=True)
+    got = generate(create_mesh(dp=2, tp=4), serving=True)
+    assert got.top_logprobs.sharding.spec == P(AXIS.batch_axis)
+    assert (np.asarray(got.sequences) == np.asarray(want.sequences)).all()
+    assert (np.asarray(got.top_logprob_ids) == np.asarray(want.top_logprob_ids)).all()
+    np.testing.assert_allclose(np.asarray(got.top_logprobs), np.asarray(want.top_logprobs), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got.token_logprobs), np.asarray(want.token_logprobs), atol=1e-4)
 
 
 @pytest.mark.slow
