@@ -65,7 +65,9 @@ def test_verify_reports_agreement_and_exits_0(capsys):
     code = main(["verify", "--impl", "xla,pallas-triton", "--batch", "2", "--vocab", "300", "--dtype", "float32"])
     assert code == EXIT_OK
     out = capsys.readouterr().out
-    assert "4 cases, 0 disagree; token agreement 8/8 rows (100.00%); distribution checks: 0 failed" in out
+    # 2 impls x (2 configs + the masked heterogeneous case), each with log-probs in both modes
+    assert "6 cases, 0 disagree; token agreement 12/12 rows (100.00%); distribution checks: 0 failed" in out
+    assert "masked" in out and "log-probs" in out
 
 
 def test_verify_exits_1_on_a_disagreement(monkeypatch):
