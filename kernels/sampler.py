@@ -21,7 +21,11 @@ It writes per row only the token, the new finished flag, a few floats (the kept 
 scaled-logit units, the row's scaled maximum, the kept mass, the raw log-normaliser, the token's logit)
 and the (R, n) top entries, never a (B, V) array: `process_logits` and log-probabilities
 (`vsampler.logprobs`) are rebuilt from those. Stages 1-3 (bias and penalties) are the shared sparse
-`vsampler.penalties` pass that runs before the kernel (an O(B * L) scatter: it reads no logits).
+`vsampler.penalties` pass that runs before the kernel (an O(B * L) scatter: it reads no logits). In the
+deviceless v5e compile (B=8 and 64, V=128256) XLA keeps the scattered logits in VMEM (memory space
+S(1)): in place on the lm head's output inside a decode step, after one async copy for a standalone
+call; an in-kernel scatter would instead be B * L scalar-driven tile updates (Mosaic stores need
+128-aligned lane offsets).
 
 The searches are the same as the XLA path's (`vsampler.xla`): value bisection whose ends snap to the
 row's own values, so thresholds are exact token values and the kept sets equal the reference's.

@@ -20,8 +20,8 @@ How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUN
 * min-p: `exp(s - max) >= min_p`, one compare.
 * draw: per-chunk sums of the kept mass, the chunk where the cumulative sum crosses `u * total`, then
   the prefix inside that chunk: the spec's inverse-CDF rule in one pass plus one chunk.
-* log-probs: the top-n entries by the same chunk-maxima rule as top-k candidates, the raw
-  log-normaliser in one more fused pass, and the kept mass the draw sums anyway (`vsampler.logprobs`).
+* log-probs: one more pass for the chunk maxima and the raw log-normaliser together, the top-n entries
+  from the n best chunks (the top-k candidates' rule), and the kept mass (`vsampler.logprobs`).
 
 Rows are mapped one at a time (`lax.map`): a row stays in cache across its passes, each pass is one
 fused loop, and `lax.cond` runs only the searches a row needs.
@@ -428,7 +428,7 @@ def process_logits(inp: SamplerInputs) -> jax.Array:
 
     def sampled(r: _Row, s_max: jax.Array) -> jax.Array:
         top = top_values(r.s, min(K_CANDIDATES, r.s.shape[0]))[0] if stages.top_k else None
-        kept, _, _ = _kept_row(r, s_max, stages, None if top is None else top)
+        kept, _, _ = _kept_row(r, s_max, stages, top)
         return jnp.where(kept, r.s, NEG_INF)
 
     return _map_rows(inp, greedy, sampled)
