@@ -7,9 +7,13 @@ logits, exp(s - max), the kept mass and an index iota, about `TEMPORARIES` block
 R is the sublane tile (8 rows; 16 for 2-byte dtypes, which pack two rows per sublane) unless the batch
 is smaller, in which case one block holds the whole batch. The VMEM limit is set deliberately: the
 working set plus a quarter (and 4 MiB), within the generation's physical VMEM less an eighth for
-Mosaic's own scratch. A configuration that does not fit is refused here with the numbers, before any
-compile: on v4 (16 MiB of VMEM) that is every vocabulary above ~50k, which needs a vocabulary-tiled
-variant of the kernel that does not exist yet.
+Mosaic's own scratch.
+
+When that block does not fit (v4's 16 MiB above ~50k vocabulary), the plan switches to the chunked
+variant (`sampler_chunked.py`): the same R rows resident, but every pass over (R, CHUNK) slices, so
+the temporaries are chunk-sized and VMEM holds little more than the logits: double-buffered when two
+copies fit, else single-buffered (the next block's copy then waits for this block's passes). Only a
+configuration that fits neither way is refused here, with the numbers, before any compile.
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ TEMPORARIES = 5  # f32 blocks alive at once besides the input: s, e, kept mass, 
 # element against the 28 this estimate charges)
 MASK_TEMPORARIES = 2  # with an allowed-token mask: its words repeated to (R, V) int32, and the bits
 # (measured on v5e, 8 x 128256 float32: 19.6 MiB without the mask, 26.1 MiB with it and 8 log-prob entries)
+CHUNK = 4096  # lanes per slice in the chunked variant: a multiple of 4096 keeps the mask words lane-aligned
+CHUNK_TEMPORARIES = 8  # (R, CHUNK) float32 arrays alive within a pass (measured on v4: 6.2 for 8 rows)
+CHUNK_MASK_TEMPORARIES = 8  # with the mask and log-probs (measured on v4, 8 x 256000 float32: 16 in all)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,8 @@ class BlockPlan:
     padded_batch: int  # B rounded up to a multiple of R
     working_set_bytes: int
     vmem_limit_bytes: int | None  # None: leave the backend default (interpret mode)
+    chunk: int | None = None  # None: the resident variant; else the chunked variant's slice width
+    buffers: int = 2  # VMEM copies of the logits block (chunked variant)
 
 
 def sublane_rows(dtype: np.dtype | str) -> int:
@@ -73,24 +82,55 @@ def working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allowed: boo
     return lanes * (2 * input_rows * np.dtype(dtype).itemsize + temporaries * f32_rows * 4)
 
 
-def plan(batch: int, vocab: int, dtype: np.dtype | str, generation: str | None, allowed: bool = False) -> BlockPlan:
-    """The rows per block and VMEM limit for `generation` ("v4", "v5e", "v5p", "v6e"; None: interpret);
-    `allowed`: the kernel also unpacks an allowed-token mask."""
+def chunked_working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allowed: bool, buffers: int) -> int:
+    """Estimated VMEM bytes of the chunked variant: `buffers` copies of the CHUNK-aligned block (and of
+    its mask words) plus chunk-sized temporaries."""
+    lanes = _round_up(vocab, CHUNK)
+    input_rows = _round_up(block_rows, sublane_rows(dtype))
+    f32_rows = _round_up(block_rows, 8)
+    block = input_rows * lanes * np.dtype(dtype).itemsize + (f32_rows * (lanes // 32) * 4 if allowed else 0)
+    temporaries = CHUNK_TEMPORARIES + (CHUNK_MASK_TEMPORARIES if allowed else 0)
+    return buffers * block + temporaries * f32_rows * CHUNK * 4
+
+
+def _limit(needed: int, budget: int) -> int:
+    return min(budget, int(needed * 1.25) + 4 * MiB)
+
+
+def plan(
+    batch: int,
+    vocab: int,
+    dtype: np.dtype | str,
+    generation: str | None,
+    allowed: bool = False,
+    *,
+    chunked: bool = False,
+) -> BlockPlan:
+    """The rows per block, the variant and the VMEM limit for `generation` ("v4", "v5e", "v5p", "v6e";
+    None: interpret); `allowed`: the kernel also unpacks an allowed-token mask; `chunked`: the chunked
+    variant even where the resident one fits (to verify it in interpret mode)."""
     rows = sublane_rows(dtype)
     block_rows = batch if batch <= rows else rows
     padded = -(-batch // block_rows) * block_rows
     needed = working_set(block_rows, vocab, dtype, allowed)
     if generation is None:
+        if chunked:
+            return BlockPlan(block_rows, padded, chunked_working_set(block_rows, vocab, dtype, allowed, 2), None, CHUNK)
         return BlockPlan(block_rows, padded, needed, None)
     if generation not in TPU_GENERATIONS:
         raise ValueError(f"unknown TPU generation {generation!r}; known: {sorted(TPU_GENERATIONS)}")
     budget = TPU_GENERATIONS[generation].vmem_budget
-    if needed > budget:
-        raise ValueError(
-            f"the fused sampler's block ({block_rows} x {vocab} {np.dtype(dtype).name}) needs "
-            f"{needed / MiB:.1f} MiB of VMEM, over {generation}'s {budget / MiB:.0f} MiB budget"
-        )
-    return BlockPlan(block_rows, padded, needed, min(budget, int(needed * 1.25) + 4 * MiB))
+    if needed <= budget and not chunked:
+        return BlockPlan(block_rows, padded, needed, _limit(needed, budget))
+    for buffers in (2, 1):
+        chunked_needed = chunked_working_set(block_rows, vocab, dtype, allowed, buffers)
+        if chunked_needed <= budget:
+            return BlockPlan(block_rows, padded, chunked_needed, _limit(chunked_needed, budget), CHUNK, buffers)
+    raise ValueError(
+        f"the fused sampler's block ({block_rows} x {vocab} {np.dtype(dtype).name}) needs {needed / MiB:.1f} MiB "
+        f"of VMEM resident and {chunked_needed / MiB:.1f} MiB chunked, over {generation}'s "
+        f"{budget / MiB:.0f} MiB budget"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

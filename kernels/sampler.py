@@ -29,6 +29,8 @@ call; an in-kernel scatter would instead be B * L scalar-driven tile updates (Mo
 
 The searches are the same as the XLA path's (`vsampler.xla`): value bisection whose ends snap to the
 row's own values, so thresholds are exact token values and the kept sets equal the reference's.
+Where the (R, V) temporaries of these whole-row passes do not fit VMEM (v4 above ~50k vocabulary), the
+policy picks the chunked variant (`sampler_chunked.py`): the same rows resident, passes over slices.
 Reference: `vsampler.reference`. Block sizes: `vsampler.kernels.block_sizes`.
 """
 
@@ -338,28 +340,53 @@ def fused_sample(
     packed mask words or None. `top_n`: None (no log-prob values), or the top entries to return.
     Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 8) float32[, top_x (B, n) float32,
     top_ids (B, n) int32]."""
-    batch, vocab = logits.shape
-    kernel = functools.partial(
-        fused_sampler_kernel,
-        vocab=vocab,
-        pad_id=pad_id,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        random=random,
-        min_tokens=min_tokens,
-        allowed=allowed is not None,
+    stages = {"pad_id": pad_id, "top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random}
+    kernel = functools.partial(fused_sampler_kernel, vocab=logits.shape[1], min_tokens=min_tokens, **stages)
+    return row_block_call(
+        kernel,
+        logits,
+        rows,
+        eos,
+        allowed,
+        block_rows=block_rows,
+        lanes=logits.shape[1],
         top_n=top_n,
+        vmem_limit_bytes=vmem_limit_bytes,
+        interpret=interpret,
     )
+
+
+def row_block_call(
+    kernel: Callable[..., None],
+    logits: jax.Array,
+    rows: jax.Array,
+    eos: jax.Array,
+    allowed: jax.Array | None,
+    *,
+    block_rows: int,
+    lanes: int,
+    top_n: int | None,
+    vmem_limit_bytes: int | None,
+    interpret: bool,
+    buffers: int = 2,
+) -> tuple[jax.Array, ...]:
+    """The launch both TPU variants share: a grid over blocks of `block_rows` rows, the logits block
+    `lanes` wide (V, or V rounded up to the chunked variant's CHUNK) held in `buffers` VMEM copies, the
+    mask words block `lanes / 32` wide (all of them when `lanes` is V). `kernel` takes the refs, with
+    `allowed` and `top_n` still to bind."""
+    batch = logits.shape[0]
+    kernel = functools.partial(kernel, allowed=allowed is not None, top_n=top_n)
     row_block = lambda i: (i, 0)  # noqa: E731
+    pipeline = {} if interpret or buffers == 2 else {"pipeline_mode": pl.Buffered(buffers)}
     in_specs = [
-        pl.BlockSpec((block_rows, vocab), row_block),
+        pl.BlockSpec((block_rows, lanes), row_block, **pipeline),
         pl.BlockSpec((block_rows, ROW_COLUMNS), row_block),
         pl.BlockSpec(eos.shape, lambda i: (0, 0)),
     ]
     inputs = [logits, rows, eos]
     if allowed is not None:
-        in_specs.append(pl.BlockSpec((block_rows, allowed.shape[1]), row_block))
+        words = allowed.shape[1] if lanes == logits.shape[1] else lanes // 32
+        in_specs.append(pl.BlockSpec((block_rows, words), row_block, **pipeline))
         inputs.append(allowed)
     out_specs = [
         pl.BlockSpec((block_rows, 1), row_block),

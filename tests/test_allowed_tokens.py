@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from vsampler import SamplingParams, pack_allowed, process_logits, sample, sample_step, unpack_allowed
 
-IMPLS = ["reference", "xla", "pallas", "pallas-triton"]
+IMPLS = ["reference", "xla", "pallas", "pallas-triton", "pallas-chunked"]
 EOS = 3
 
 
@@ -35,20 +35,20 @@ def test_bits_past_the_vocabulary_are_ignored():
     assert np.array_equal(np.asarray(unpack_allowed(jnp.asarray(words), 50)), allowed)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton", "pallas-chunked"])
 @pytest.mark.parametrize("config", ["heterogeneous", "combined"])
 def test_masked_grid_equals_reference(impl, config):
     compare(impl, "normal", config, 8, 1000, "float32", masked=True)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton", "pallas-chunked"])
 @pytest.mark.parametrize("kind", ["ties", "one_finite"])
 def test_masked_hard_logits_equal_reference(impl, kind):
     compare(impl, kind, "heterogeneous", 3, 5000, "bfloat16", masked=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-chunked"])
 @pytest.mark.parametrize(("batch", "vocab", "dtype"), [(8, 50257, "bfloat16"), (64, 128256, "float32")])
 def test_masked_large_vocabularies_equal_reference(impl, batch, vocab, dtype):
     compare(impl, "normal", "heterogeneous", batch, vocab, dtype, masked=True)

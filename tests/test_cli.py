@@ -85,12 +85,13 @@ def test_verify_exits_1_on_a_disagreement(monkeypatch):
         sampling._sample_jit.clear_cache()
 
 
-def test_compile_check_compiles_or_reports_not_claimed(capsys):
+def test_compile_check_compiles_every_configuration_chunked_where_needed(capsys):
     pytest.importorskip("libtpu")
     code = main(["compile-check", "--tpu", "v4,v5e", "--batch", "8", "--vocab", "1000,128256", "--dtype", "float32"])
     assert code == EXIT_OK
     out = capsys.readouterr().out
-    assert "4 configurations: 3 compiled, 0 failed, 1 not claimed" in out
+    assert "4 configurations: 4 compiled, 0 failed, 0 not claimed" in out
+    assert "1 use the chunked variant" in out  # v4 at V=128256
 
 
 def test_compile_check_lowers_the_triton_variant(capsys):

@@ -11,8 +11,8 @@ def test_auto_picks_the_fast_path_for_the_backend(backend, want):
 
 
 def test_every_named_impl_is_available_and_unknown_ones_are_refused():
-    assert {"reference", "xla", "pallas", "pallas-triton"} <= set(available_impls())
-    for name in ("reference", "xla", "pallas", "pallas-triton"):
+    assert {"reference", "xla", "pallas", "pallas-triton", "pallas-chunked"} <= set(available_impls())
+    for name in ("reference", "xla", "pallas", "pallas-triton", "pallas-chunked"):
         assert resolve_impl(name) == name
     with pytest.raises(ValueError, match="impl must be one of"):
         resolve_impl("triton")
@@ -43,7 +43,7 @@ def test_runs_from_a_source_checkout_without_install():
     assert "pallas" in out.stdout.splitlines()[1]
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "pallas-triton"])
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "pallas-triton", "pallas-chunked"])
 def test_sample_step_applies_the_eos_rule_the_same_on_every_impl(impl):
     """Spec stage 8 through the step entry: finished rows emit pad and stay finished; a row that samples
     an EOS id comes back finished with the EOS token; running rows get `sample`'s token."""

@@ -11,7 +11,7 @@ from vsampler import SamplingParams, process_logits, sample, sample_step
 from vsampler.logprobs import MAX_LOGPROBS
 from vsampler.verification import logprobs_close
 
-FAST = ["xla", "pallas", "pallas-triton"]
+FAST = ["xla", "pallas", "pallas-triton", "pallas-chunked"]
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:
@@ -66,7 +66,7 @@ def test_both_modes_equal_reference(impl, kind, config, masked):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["xla", "pallas"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-chunked"])
 def test_both_modes_equal_reference_at_serving_size(impl):
     result = check(impl, Case("normal", "heterogeneous", 64, 128256, "bfloat16"))
     assert result.logprobs_equal and result.ok

@@ -66,7 +66,31 @@ def test_triton_variant_grid(vocab, dtype):
     compare("pallas-triton", "normal", "heterogeneous", 8, vocab, dtype)
 
 
-@pytest.mark.parametrize("variant", ["tpu", "triton"])
+# The TPU chunked variant (what the policy picks where whole-row temporaries do not fit VMEM): V=9000
+# is three 4096-lane chunks with an overhang, so rows cross the draw's threshold in different chunks.
+@pytest.mark.parametrize("case", grid.STAGE_CASES)
+def test_chunked_variant_each_stage(case):
+    compare("pallas-chunked", "normal", case, 8, 9000, "float32")
+
+
+@pytest.mark.parametrize("kind", ["ties", "one_finite", "nan"])
+def test_chunked_variant_hard_logits(kind):
+    compare("pallas-chunked", kind, "heterogeneous", 20, 9000, "bfloat16")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("vocab", [50257, 128256, 256000])
+def test_chunked_variant_grid(vocab, dtype):
+    compare("pallas-chunked", "normal", "heterogeneous", 8, vocab, dtype)
+
+
+@pytest.mark.slow
+def test_chunked_variant_batch_64():
+    compare("pallas-chunked", "normal", "combined", 64, 128256, "float32")
+
+
+@pytest.mark.parametrize("variant", ["tpu", "tpu-chunked", "triton"])
 def test_finished_rows_emit_pad_and_eos_finishes_a_row(variant):
     logits = jnp.full((4, 10), -5.0).at[:, 3].set(5.0).at[1, 7].set(9.0)  # row 1's argmax is 7
     params = SamplingParams(temperature=0.0)
@@ -77,7 +101,7 @@ def test_finished_rows_emit_pad_and_eos_finishes_a_row(variant):
     np.testing.assert_array_equal(new_finished, [False, True, True, False])
 
 
-@pytest.mark.parametrize("variant", ["tpu", "triton"])
+@pytest.mark.parametrize("variant", ["tpu", "tpu-chunked", "triton"])
 def test_kernel_stats_rebuild_the_normaliser(variant):
     x = jax.random.normal(jax.random.key(3), (8, 2000)) * 3
     params = SamplingParams(temperature=0.8, top_k=40, top_p=0.9)

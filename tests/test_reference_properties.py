@@ -88,7 +88,7 @@ def test_reference_matches_the_numpy_definition(case):
             np.testing.assert_allclose(out[i][got], (x / c["t"][i])[got], rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton"])
+@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton", "pallas-chunked"])
 @given(case=cases())
 def test_fast_paths_equal_the_reference_on_random_inputs(impl, case):
     want, want_tokens = _run(*_args(case))

@@ -35,9 +35,20 @@ def test_kernel_compiles_for_tpu(libtpu, generation, batch, vocab, dtype):
     assert result.logits_bytes <= result.hbm_bytes <= 1.02 * result.logits_bytes + 64 * 1024
 
 
+def test_policy_picks_the_chunked_variant_where_the_resident_block_does_not_fit():
+    resident = block_sizes.plan(64, 32000, "float32", "v4")
+    assert resident.chunk is None and resident.working_set_bytes <= resident.vmem_limit_bytes
+    double = block_sizes.plan(64, 128256, "float32", "v4")  # 8 x 128256 resident needs ~28 MiB
+    assert (double.chunk, double.buffers) == (block_sizes.CHUNK, 2)
+    single = block_sizes.plan(64, 256000, "bfloat16", "v4", allowed=True)  # two copies: ~16 MiB
+    assert (single.chunk, single.buffers) == (block_sizes.CHUNK, 1)
+    assert single.working_set_bytes <= single.vmem_limit_bytes <= block_sizes.TPU_GENERATIONS["v4"].vmem_budget
+    assert block_sizes.plan(64, 256000, "float32", "v5e").chunk is None
+
+
 def test_policy_refuses_what_does_not_fit_with_the_numbers():
-    with pytest.raises(ValueError, match=r"needs \d+\.\d MiB of VMEM, over v4's 14 MiB budget"):
-        block_sizes.plan(64, 128256, "float32", "v4")
+    with pytest.raises(ValueError, match=r"needs \d+\.\d MiB of VMEM resident and \d+\.\d MiB chunked, over v4's"):
+        block_sizes.plan(64, 1_000_000, "float32", "v4")
     with pytest.raises(ValueError, match="unknown TPU generation"):
         block_sizes.plan(8, 1000, "float32", "v9")
     small = block_sizes.plan(3, 1000, "bfloat16", "v5e")
@@ -70,6 +81,24 @@ def test_kernel_with_mask_and_logprobs_compiles_for_tpu(libtpu, generation, batc
     mask_bytes = batch * -(-vocab // 32) * 4
     extra = 1.02 * result.logits_bytes + mask_bytes + 64 * 1024
     assert result.logits_bytes + mask_bytes <= result.hbm_bytes <= extra
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("batch", "vocab", "dtype", "serving"),
+    [(1, 128256, "float32", False), (64, 152064, "bfloat16", False), (256, 256000, "float32", True)],
+)
+def test_chunked_variant_compiles_for_v4(libtpu, batch, vocab, dtype, serving):
+    """v4's 16 MiB of VMEM: the policy's chunked variant, compiled for real, within its limit and still one
+    read of the logits (and of the mask) a call."""
+    kw = {"allowed": True, "top_n": 20} if serving else {}
+    result = compile_check.compile_tpu("v4", batch, vocab, dtype, **kw)
+    assert result.ok, result.error
+    assert result.chunk == block_sizes.CHUNK
+    assert 0 < result.vmem_used_bytes <= result.vmem_limit_bytes
+    mask_bytes = batch * -(-vocab // 32) * 4 if serving else 0
+    floor = result.logits_bytes + mask_bytes
+    assert floor <= result.hbm_bytes <= 1.02 * floor + 64 * 1024
 
 
 @pytest.mark.parametrize(("batch", "vocab", "dtype"), [(8, 50257, "bfloat16"), (64, 128256, "float32")])

@@ -16,6 +16,7 @@ import re
 import jax
 import jax.numpy as jnp
 
+from vsampler import pallas as pallas_impl
 from vsampler.inputs import allowed_words
 from vsampler.kernels import block_sizes
 from vsampler.kernels import sampler as kernel
@@ -34,6 +35,8 @@ class CompileResult:
     ok: bool
     error: str = ""
     block_rows: int = 0
+    chunk: int | None = None  # None: the resident variant; else the chunked variant's slice width
+    buffers: int = 2
     vmem_limit_bytes: int = 0
     working_set_bytes: int = 0  # the policy's estimate
     vmem_used_bytes: int = 0  # scoped VMEM the compiled kernel uses, read from the executable
@@ -95,6 +98,7 @@ def compile_tpu(
         result.error = str(err)
         return result
     result.block_rows, result.working_set_bytes = plan.block_rows, plan.working_set_bytes
+    result.chunk, result.buffers = plan.chunk, plan.buffers
     result.vmem_limit_bytes = plan.vmem_limit_bytes or 0
     device = tpu_device(generation)
     sharding = jax.sharding.SingleDeviceSharding(device)
@@ -106,8 +110,10 @@ def compile_tpu(
     )
     if allowed:
         args += (jax.ShapeDtypeStruct((batch_p, allowed_words(vocab)), jnp.int32, sharding=sharding),)
+    chunking = {} if plan.chunk is None else {"chunk": plan.chunk, "buffers": plan.buffers}
     fn = functools.partial(
-        kernel.fused_sample,
+        pallas_impl.tpu_kernel(plan),
+        **chunking,
         top_n=top_n,
         pad_id=0,
         top_k=top_k,

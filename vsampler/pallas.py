@@ -1,12 +1,16 @@
 """impl="pallas": the fused Pallas kernel (`vsampler.kernels.sampler`) behind the common input contract.
 
-Two variants of one kernel: "tpu" (`vsampler.kernels.sampler`: a block of rows resident in VMEM, compiled
-by Mosaic with the policy of `vsampler.kernels.block_sizes`) and "triton" (`vsampler.kernels.sampler_triton`:
-one program per row over power-of-two chunks). The backend picks the variant; on CPU both run in Pallas
-interpret mode (for verification only: slow, but the same kernel code), the TPU variant by default.
+Variants of one kernel: "tpu" (a block of rows resident in VMEM, compiled by Mosaic with the policy of
+`vsampler.kernels.block_sizes`, which picks `vsampler.kernels.sampler` where whole-row temporaries fit
+and the chunked `vsampler.kernels.sampler_chunked` where they do not), "tpu-chunked" (the chunked one
+by name, to verify it off TPU) and "triton" (`vsampler.kernels.sampler_triton`: one program per row over
+power-of-two chunks). The backend picks the variant; on CPU they run in Pallas interpret mode (for
+verification only: slow, but the same kernel code), the TPU variant by default.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +18,7 @@ import jax.numpy as jnp
 from vsampler import logprobs as lp
 from vsampler import penalties, reference
 from vsampler.inputs import SamplerInputs
-from vsampler.kernels import block_sizes, sampler_triton
+from vsampler.kernels import block_sizes, sampler_chunked, sampler_triton
 from vsampler.kernels import sampler as kernel
 
 NEG_INF = float("-inf")
@@ -29,6 +33,15 @@ _DEVICE_KINDS = {
     "TPU v6 lite": "v6e",
     "TPU v6e": "v6e",
 }
+
+
+VARIANTS = ("tpu", "tpu-chunked", "triton")
+
+
+def tpu_kernel(plan: block_sizes.BlockPlan) -> Callable[..., tuple[jax.Array, ...]]:
+    """The TPU variant a block plan calls for: resident (`sampler.fused_sample`) or chunked
+    (`sampler_chunked.fused_sample_chunked`, which also takes the plan's `chunk` and `buffers`)."""
+    return kernel.fused_sample if plan.chunk is None else sampler_chunked.fused_sample_chunked
 
 
 def tpu_generation() -> str | None:
@@ -52,13 +65,14 @@ def launch(
     (top_x (B, n) float32, top_ids (B, n) int32) when `top_n` is given (None: no log-prob values).
 
     `finished` rows emit `pad_token_id`; a row whose token is one of `inp.eos_ids` comes back finished.
-    `generation` picks the TPU block-size policy (default: the device's); `variant` is "tpu" or "triton"
-    (default: "triton" on GPU, else "tpu"); `interpret` defaults to "on neither TPU nor GPU".
+    `generation` picks the TPU block-size policy (default: the device's); `variant` is "tpu",
+    "tpu-chunked" or "triton" (default: "triton" on GPU, else "tpu"); `interpret` defaults to "on
+    neither TPU nor GPU".
     """
     backend = jax.default_backend()
     variant = variant or ("triton" if backend == "gpu" else "tpu")
-    if variant not in ("tpu", "triton"):
-        raise ValueError(f"variant must be 'tpu' or 'triton', got {variant!r}")
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if interpret is None:
         interpret = backend not in ("tpu", "gpu")
     x = penalties.penalised_logits(inp, eos_mask=False)  # the kernels apply the min_tokens EOS mask
@@ -92,13 +106,16 @@ def launch(
         return (tokens[:, 0], new_finished[:, 0] > 0, stats, *(t[:, :top_n] for t in top))
     if generation is None and not interpret:
         generation = tpu_generation()
-    plan = block_sizes.plan(batch, vocab, x.dtype, None if interpret else generation, allowed is not None)
+    plan = block_sizes.plan(
+        batch, vocab, x.dtype, None if interpret else generation, allowed is not None, chunked=variant == "tpu-chunked"
+    )
     pad = plan.padded_batch - batch
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
         rows = jnp.pad(rows, ((0, pad), (0, 0)))
         allowed = None if allowed is None else jnp.pad(allowed, ((0, pad), (0, 0)))
-    tokens, new_finished, stats, *top = kernel.fused_sample(
+    chunking = {} if plan.chunk is None else {"chunk": plan.chunk, "buffers": plan.buffers}
+    tokens, new_finished, stats, *top = tpu_kernel(plan)(
         x,
         rows,
         eos.reshape(1, -1).astype(jnp.int32),
@@ -107,6 +124,7 @@ def launch(
         block_rows=plan.block_rows,
         vmem_limit_bytes=plan.vmem_limit_bytes,
         interpret=interpret,
+        **chunking,
         **stages,
     )
     return (tokens[:batch, 0], new_finished[:batch, 0] > 0, stats[:batch], *(t[:batch] for t in top))

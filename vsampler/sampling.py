@@ -52,15 +52,19 @@ _SAMPLERS: dict[str, Sampler] = {
     "reference": reference.sample_with_logprobs,
     "xla": xla.sample_with_logprobs,
     "pallas": pallas.sample_with_logprobs,
-    # the kernel's GPU (Triton) variant by name, to verify it off GPU (interpret mode)
+    # the kernel's GPU (Triton) and TPU chunked variants by name, to verify them off GPU / TPU (interpret mode)
     "pallas-triton": functools.partial(pallas.sample_with_logprobs, variant="triton"),
+    "pallas-chunked": functools.partial(pallas.sample_with_logprobs, variant="tpu-chunked"),
 }
 _PROCESSORS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
     "reference": reference.process_logits,
     "xla": xla.process_logits,
     "pallas": pallas.process_logits,
     "pallas-triton": functools.partial(pallas.process_logits, variant="triton"),
+    "pallas-chunked": functools.partial(pallas.process_logits, variant="tpu-chunked"),
 }
+# impl name -> the kernel variant it names (None: the backend's)
+_KERNEL_VARIANTS: dict[str, str | None] = {"pallas": None, "pallas-triton": "triton", "pallas-chunked": "tpu-chunked"}
 
 
 def available_impls() -> tuple[str, ...]:
@@ -162,12 +166,12 @@ def _sample_step_jit(
     finished = jnp.asarray(finished, bool)
     if finished.shape != (logits.shape[0],):
         raise ValueError(f"finished must be a ({logits.shape[0]},) bool array (one flag per row), got {finished.shape}")
-    if impl in ("pallas", "pallas-triton"):
+    if impl in _KERNEL_VARIANTS:
         outputs = pallas.launch(
             inp,
             finished=finished,
             pad_token_id=pad_token_id,
-            variant="triton" if impl == "pallas-triton" else None,
+            variant=_KERNEL_VARIANTS[impl],
             top_n=None if logprobs is None else logprobs.n,
         )
         tokens, new_finished = outputs[0], outputs[1]

@@ -1,0 +1,310 @@
+"""The sampler's stages as passes over a row in vocabulary chunks: the one body behind the GPU (Triton)
+variant (`sampler_triton.py`) and the TPU chunked variant (`sampler_chunked.py`).
+
+A variant describes how it reads its rows with a `RowChunks`: how many chunks, how to load chunk `c`
+(token ids and float32 values, -inf past the vocabulary), the per-row reductions over a chunk, and a
+`column` shape for per-row values: `()` when a program owns one row (Triton), `(R, 1)` when it owns a
+block of R rows (TPU). Every pass is a loop over the chunks that reduces to per-row columns, so the
+temporaries are chunk-sized whatever the vocabulary: values such as `s = x * (1 / T)` and
+`e = exp(s - max)` are recomputed per chunk rather than stored.
+
+The stages, the searches and the per-row outputs are those of the resident TPU kernel (`sampler.py`):
+value bisection whose ends snap to the row's own values, so thresholds are exact token values and the
+kept sets equal the reference's (`vsampler.reference`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from vsampler.kernels.sampler import MAX_PASSES, PLAIN_PASSES, relative_weight
+
+NEG_INF = float("-inf")
+Reduction = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowChunks:
+    """How a kernel variant reads its row(s) of logits.
+
+    load(c) -> (index, values): chunk c's token ids (int32) and raw values as float32 (-inf past the
+    vocabulary, the allowed-token mask already applied); both shaped like a chunk.
+    row_sum / row_max / row_min: a chunk-shaped array -> a `column`-shaped per-row value.
+    """
+
+    vocab: int
+    chunk: int
+    n_chunks: int
+    column: tuple[int, ...]
+    load: Callable[[jax.Array], tuple[jax.Array, jax.Array]]
+    row_sum: Reduction
+    row_max: Reduction
+    row_min: Reduction
+    one_row: bool  # a program owns one row: chunk `c` can be re-read for it alone
+
+    def full(self, value: float | int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        return jnp.full(self.column, value, dtype)
+
+    def any(self, flags: jax.Array) -> jax.Array:
+        """Whether any row's flag is set (Triton lowers no `reduce_or`: one row's flag is itself)."""
+        return flags if self.one_row else jnp.any(flags)
+
+    def reduce(self, step: Callable, init: tuple, load: Callable | None = None) -> tuple:
+        """Folds `step(acc, *load(c))` over the chunks."""
+        load = load or self.load
+        return lax.fori_loop(0, self.n_chunks, lambda c, acc: step(acc, *load(c)), init)
+
+
+@dataclasses.dataclass(frozen=True)
+class RowParams:
+    """The per-row parameters, each `column`-shaped."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    min_p: jax.Array
+    u: jax.Array
+    too_early: jax.Array  # the min_tokens EOS mask is on
+    empty_token: jax.Array  # the token of a row with no finite value left
+
+
+@dataclasses.dataclass(frozen=True)
+class RowResult:
+    """Per-row outputs, `column`-shaped (top entries: n columns each)."""
+
+    token: jax.Array  # before EOS / pad handling
+    threshold: jax.Array
+    s_max: jax.Array
+    kept_mass: jax.Array
+    log_z_raw: jax.Array
+    token_x: jax.Array
+    top_x: list[jax.Array]
+    top_ids: list[jax.Array]
+
+
+def sample_rows(
+    rows: RowChunks,
+    params: RowParams,
+    eos_ids: Sequence[jax.Array],
+    *,
+    top_k: bool,
+    top_p: bool,
+    min_p: bool,
+    random: bool,
+    min_tokens: bool,
+    top_n: int | None,
+) -> RowResult:
+    """Stages 4-10 (and the log-prob values when `top_n` is not None) over `rows`, chunk by chunk.
+    `eos_ids`: the EOS ids, each broadcastable against a chunk (-1: none)."""
+    vocab, chunk = rows.vocab, rows.chunk
+
+    def raw_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        index, v = rows.load(c)
+        if min_tokens:  # stage 4: the min_tokens EOS mask
+            is_eos_id = functools.reduce(jnp.logical_or, [index == e for e in eos_ids])
+            v = jnp.where(params.too_early & is_eos_id, NEG_INF, v)
+        return index, jnp.where(jnp.isnan(v), NEG_INF, v)
+
+    # stage 5: sanitising (a row holding +inf keeps its +inf tokens as 0, drops the rest)
+    (raw_max,) = rows.reduce(
+        lambda acc, i, v: (jnp.maximum(acc[0], rows.row_max(v)),), (rows.full(NEG_INF),), raw_chunk
+    )
+    pos_inf = raw_max == jnp.inf
+    x_max = jnp.where(pos_inf, 0.0, raw_max)
+
+    def clean_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        index, v = raw_chunk(c)
+        return index, jnp.where(pos_inf, jnp.where(v == jnp.inf, 0.0, NEG_INF), v)
+
+    # the first index of the maximum; with log-probs, the raw normaliser sum(exp(x - max)) in the same pass
+    finite = x_max > NEG_INF
+    shift = jnp.where(finite, x_max, 0.0)
+    first_max, exp_total = rows.reduce(
+        lambda acc, i, v: (
+            jnp.minimum(acc[0], rows.row_min(jnp.where(v == x_max, i, vocab))),
+            acc[1] + (rows.row_sum(jnp.exp(v - shift)) if top_n is not None else 0.0),
+        ),
+        (rows.full(vocab, jnp.int32), rows.full(0.0)),
+        clean_chunk,
+    )
+    first_max = jnp.where(first_max == vocab, 0, first_max)
+    threshold = rows.full(NEG_INF)
+    s_max = x_max
+    kept_mass = rows.full(0.0)
+    token = first_max
+    if random:
+        greedy = params.temperature == 0.0
+        inverse_t = 1.0 / jnp.where(greedy, 1.0, params.temperature)
+        s_max = x_max * inverse_t
+
+        def scaled_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+            index, v = clean_chunk(c)
+            s = v * inverse_t
+            return index, s, relative_weight(s, s_max)
+
+        def search(statistic: Callable, target: jax.Array, lo: jax.Array, active: jax.Array) -> jax.Array:
+            """The largest row value v with statistic(v) >= target (`sampler.largest_value_with`, pass by pass)."""
+
+            def total(t: jax.Array) -> jax.Array:
+                (acc,) = rows.reduce(
+                    lambda a, i, s, e: (a[0] + rows.row_sum(statistic(t, s, e)),), (rows.full(0.0),), scaled_chunk
+                )
+                return acc
+
+            def plain(_: int, bracket: tuple) -> tuple:
+                lo_, hi_ = bracket
+                mid = lo_ + (hi_ - lo_) * 0.5
+                reaches = total(mid) >= target
+                return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
+
+            lo, hi_open = lax.fori_loop(0, PLAIN_PASSES, plain, (lo, s_max))
+            below_open, snapped = rows.reduce(
+                lambda a, i, s, e: (
+                    jnp.maximum(a[0], rows.row_max(jnp.where(s < hi_open, s, NEG_INF))),
+                    jnp.minimum(a[1], rows.row_min(jnp.where(s >= lo, s, jnp.inf))),
+                ),
+                (rows.full(NEG_INF), rows.full(jnp.inf)),
+                scaled_chunk,
+            )
+            hi = jnp.where(hi_open < s_max, below_open, s_max)
+            lo = jnp.where(active, snapped, lo)
+
+            def searching(state: tuple) -> jax.Array:
+                lo_, hi_, passes = state
+                return rows.any(active & (lo_ < hi_)) & (passes < MAX_PASSES)
+
+            def body(state: tuple) -> tuple:
+                lo_, hi_, passes = state
+                mid = lo_ + (hi_ - lo_) * 0.5
+                mid = jnp.where(mid <= lo_, hi_, mid)
+                value, above, below = rows.reduce(
+                    lambda a, i, s, e: (
+                        a[0] + rows.row_sum(statistic(mid, s, e)),
+                        jnp.minimum(a[1], rows.row_min(jnp.where(s >= mid, s, jnp.inf))),
+                        jnp.maximum(a[2], rows.row_max(jnp.where(s < mid, s, NEG_INF))),
+                    ),
+                    (rows.full(0.0), rows.full(jnp.inf), rows.full(NEG_INF)),
+                    scaled_chunk,
+                )
+                reaches = value >= target
+                moving = active & (lo_ < hi_)
+                return jnp.where(moving & reaches, above, lo_), jnp.where(moving & ~reaches, below, hi_), passes + 1
+
+            lo, _, _ = lax.while_loop(searching, body, (lo, hi, jnp.int32(0)))
+            return lo
+
+        has_values = s_max > NEG_INF
+        if top_k:  # stage 7: the k-th largest value
+            k = params.top_k
+            lowest, n_finite = rows.reduce(
+                lambda a, i, s, e: (
+                    jnp.minimum(a[0], rows.row_min(jnp.where(s > NEG_INF, s, jnp.inf))),
+                    a[1] + rows.row_sum(jnp.where(s > NEG_INF, 1.0, 0.0)),
+                ),
+                (rows.full(jnp.inf), rows.full(0.0)),
+                scaled_chunk,
+            )
+            on = (k > 0) & has_values & (n_finite > k)
+            kth = search(lambda t, s, e: jnp.where(s >= t, 1.0, 0.0), k, jnp.where(on, lowest, s_max), on)
+            threshold = jnp.where(on, kth, threshold)
+
+        if top_p:  # stage 8: the largest value whose inclusive kept mass reaches p * total
+            p = params.top_p
+            kth = threshold
+            (kept_total,) = rows.reduce(
+                lambda a, i, s, e: (a[0] + rows.row_sum(jnp.where(s >= kth, e, 0.0)),), (rows.full(0.0),), scaled_chunk
+            )
+            on = (p < 1.0) & has_values
+            bound = s_max + jnp.log(jnp.maximum(1.0 - p, 0.0) / (2.0 * vocab))
+            lo = jnp.where(on, jnp.maximum(kth, bound), s_max)
+            v_star = search(lambda t, s, e: jnp.where(s >= jnp.maximum(t, kth), e, 0.0), p * kept_total, lo, on)
+            threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
+
+        floor_p = params.min_p if min_p else 0.0
+
+        def kept_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+            index, s, e = scaled_chunk(c)
+            kept = (s > NEG_INF) & (s >= threshold) & (e >= floor_p)
+            return index, jnp.where(kept, e, 0.0)
+
+        # stage 10: the chunk where the prefix of kept mass crosses u * total, then the index inside it
+        kept_mass, last_kept = rows.reduce(
+            lambda a, i, ke: (a[0] + rows.row_sum(ke), jnp.maximum(a[1], rows.row_max(jnp.where(ke > 0, i, -1)))),
+            (rows.full(0.0), rows.full(-1, jnp.int32)),
+            kept_chunk,
+        )
+        target = params.u * kept_mass
+
+        def find_chunk(c: jax.Array, acc: tuple) -> tuple:
+            prefix, found, where_c, before, *held = acc
+            _, ke = kept_chunk(c)
+            chunk_sum = rows.row_sum(ke)
+            crossing = (found == 0) & (prefix + chunk_sum > target)
+            if held:  # rows of a block cross in different chunks: each keeps its crossing chunk's mass
+                held = [jnp.where(crossing, ke, held[0])]
+            return (
+                prefix + chunk_sum,
+                jnp.where(crossing, 1, found),  # int32: Mosaic cannot carry a bool vector through a loop
+                jnp.where(crossing, c, where_c),
+                jnp.where(crossing, prefix, before),
+                *held,
+            )
+
+        held = [] if rows.one_row else [jnp.zeros(jnp.broadcast_shapes(rows.column, (1, chunk)), jnp.float32)]
+        init = (rows.full(0.0), rows.full(0, jnp.int32), rows.full(0, jnp.int32), rows.full(0.0), *held)
+        _, found, crossing_chunk, before, *held = lax.fori_loop(0, rows.n_chunks, find_chunk, init)
+        ke = held[0] if held else kept_chunk(crossing_chunk)[1]
+        lane = lax.broadcasted_iota(jnp.int32, ke.shape, ke.ndim - 1)
+
+        def narrow(_: int, bracket: tuple) -> tuple:
+            lo_, hi_ = bracket  # prefix through lo <= target < prefix through hi
+            mid = (lo_ + hi_) // 2
+            over = before + rows.row_sum(jnp.where(lane <= mid, ke, 0.0)) > target
+            return jnp.where(over, lo_, mid), jnp.where(over, mid, hi_)
+
+        _, offset = lax.fori_loop(
+            0, chunk.bit_length(), narrow, (rows.full(-1, jnp.int32), rows.full(chunk - 1, jnp.int32))
+        )
+        is_kept = rows.row_sum(jnp.where(lane == offset, ke, 0.0)) > 0
+        sampled = jnp.where((found > 0) & is_kept, crossing_chunk * chunk + offset, last_kept)
+        sampled = jnp.where(kept_mass > 0, sampled, 0)
+        token = jnp.where(greedy, first_max, sampled)
+
+    # a row with no finite value left: its empty-row token
+    token = jnp.where(x_max > NEG_INF, token, params.empty_token.astype(jnp.int32))
+
+    log_z_raw = token_x = rows.full(0.0)
+    top_x: list[jax.Array] = []
+    top_ids: list[jax.Array] = []
+    if top_n is not None:  # log-probs: the normaliser from the first pass, the token's logit
+        log_z_raw = jnp.where(finite, shift + jnp.log(exp_total), NEG_INF)
+        if rows.one_row:  # from its one chunk
+            index, v = clean_chunk(jnp.clip(token, 0, vocab - 1) // chunk)
+            token_x = rows.row_max(jnp.where(index == token, v, NEG_INF))
+        else:  # one pass
+            (token_x,) = rows.reduce(
+                lambda a, i, v: (jnp.maximum(a[0], rows.row_max(jnp.where(i == token, v, NEG_INF))),),
+                (rows.full(NEG_INF),),
+                clean_chunk,
+            )
+        # entry j: the largest value after entry j-1 (ties: lower index first), one pass each
+        prev_v, prev_i = rows.full(jnp.inf), rows.full(-1, jnp.int32)
+        for _ in range(top_n or 0):
+
+            def best_after(a: tuple, i: jax.Array, v: jax.Array, pv=prev_v, pi=prev_i) -> tuple:
+                after = (v < pv) | ((v == pv) & (i > pi))
+                m = rows.row_max(jnp.where(after, v, NEG_INF))
+                first = rows.row_min(jnp.where(after & (v == m), i, vocab))
+                better = m > a[0]
+                return jnp.where(better, m, a[0]), jnp.where(better, first, jnp.minimum(a[1], first))
+
+            prev_v, prev_i = rows.reduce(best_after, (rows.full(NEG_INF), rows.full(vocab, jnp.int32)), clean_chunk)
+            top_x.append(prev_v)
+            top_ids.append(prev_i)
+
+    return RowResult(token, threshold, s_max, kept_mass, log_z_raw, token_x, top_x, top_ids)

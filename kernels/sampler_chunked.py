@@ -1,0 +1,180 @@
+"""The fused sampling kernel, TPU chunked variant: for a block of rows whose passes do not fit in VMEM
+as whole-row temporaries (v4's 16 MiB above ~50k vocabulary, any generation at large enough V).
+
+Same launch, inputs and outputs as the resident variant (`sampler.py`): each grid step owns a block of
+R rows, copied into VMEM once (single-buffered when two copies do not fit). The difference is the
+passes: the resident variant computes each pass over the whole (R, V) block, so its temporaries are
+(R, V) float32 arrays, five of them alive at once; here every pass is a loop over (R, CHUNK) slices of
+the resident block that reduces to (R, 1) columns (`chunked_passes.sample_rows`, the body the GPU
+variant shares), so the temporaries are chunk-sized and VMEM holds little more than the logits
+themselves. The logits are still read from HBM once per call.
+
+The block is CHUNK-aligned: it overhangs the vocabulary up to the next multiple of CHUNK (what lies
+past V is masked to -inf on load), so every slice is an aligned, static-size lane window. Rows cross
+the draw's threshold in different chunks, so each row keeps its crossing chunk's kept mass as the
+chunk loop passes it (one (R, CHUNK) select per chunk), and the token's logit costs one more pass.
+Reference: `vsampler.reference`. Block sizes: `block_sizes.plan` (its `chunk`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from vsampler.kernels.chunked_passes import RowChunks, RowParams, sample_rows
+from vsampler.kernels.sampler import (
+    EMPTY_TOKEN,
+    EOS_TOO_EARLY,
+    FINISHED,
+    MIN_P,
+    TOP_K,
+    TOP_P,
+    T,
+    U,
+    row_block_call,
+    unpack_allowed_block,
+)
+
+NEG_INF = float("-inf")
+
+
+def _row_sum(a: jax.Array) -> jax.Array:
+    return jnp.sum(a, axis=-1, keepdims=True)
+
+
+def _row_max(a: jax.Array) -> jax.Array:
+    return jnp.max(a, axis=-1, keepdims=True)
+
+
+def _row_min(a: jax.Array) -> jax.Array:
+    return jnp.min(a, axis=-1, keepdims=True)
+
+
+def chunked_sampler_kernel(
+    *refs: jax.Array,
+    vocab: int,
+    chunk: int,
+    pad_id: int,
+    top_k: bool,
+    top_p: bool,
+    min_p: bool,
+    random: bool,
+    min_tokens: bool,
+    allowed: bool = False,
+    top_n: int | None = None,
+) -> None:
+    """One block of rows: x (R, V') with V' = V rounded up to CHUNK, rows (R, 8), eos (1, E)
+    [, allowed (R, V' / 32)] -> token (R, 1), finished (R, 1), stats (R, 8)[, top_x (R, n), top_ids (R, n)]."""
+    x_ref, rows_ref, eos_ref, *refs = refs
+    allowed_ref = refs.pop(0) if allowed else None
+    token_ref, finished_ref, stats_ref, *top_refs = refs
+    block_rows = x_ref.shape[0]
+    words = chunk // 32
+
+    def load(c: jax.Array) -> tuple[jax.Array, jax.Array]:
+        start = pl.multiple_of(c * chunk, chunk)
+        index = start + lax.broadcasted_iota(jnp.int32, (block_rows, chunk), 1)
+        v = x_ref[:, pl.ds(start, chunk)].astype(jnp.float32)
+        v = jnp.where(index < vocab, v, NEG_INF)  # the block's overhang past V
+        if allowed:  # stage 0: the allowed-token mask
+            bits = allowed_ref[:, pl.ds(pl.multiple_of(c * words, words), words)]
+            v = jnp.where(unpack_allowed_block(bits, chunk), v, NEG_INF)
+        return index, v
+
+    rows = RowChunks(
+        vocab, chunk, pl.cdiv(vocab, chunk), (block_rows, 1), load, _row_sum, _row_max, _row_min, one_row=False
+    )
+    packed = rows_ref[...]
+
+    def column(c: int) -> jax.Array:
+        return packed[:, c : c + 1]
+
+    params = RowParams(
+        temperature=column(T),
+        top_k=column(TOP_K),
+        top_p=column(TOP_P),
+        min_p=column(MIN_P),
+        u=column(U),
+        too_early=column(EOS_TOO_EARLY) > 0,
+        empty_token=column(EMPTY_TOKEN),
+    )
+    eos = eos_ref[...]  # (1, E), -1 = none
+    eos_ids = [eos[:, e : e + 1] for e in range(eos.shape[1])] if min_tokens else []
+    result = sample_rows(
+        rows, params, eos_ids, top_k=top_k, top_p=top_p, min_p=min_p, random=random, min_tokens=min_tokens, top_n=top_n
+    )
+    token = result.token
+    if top_n:
+        top_x_ref, top_ids_ref = top_refs
+        top_x_ref[...] = jnp.concatenate(result.top_x, axis=1)
+        top_ids_ref[...] = jnp.concatenate(result.top_ids, axis=1)
+
+    # EOS: finished rows emit the pad id; sampling an EOS id finishes a row
+    finished = column(FINISHED) > 0
+    is_eos = _row_max(jnp.where(token == eos, 1, 0)) > 0
+    token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
+    finished_ref[...] = (finished | is_eos).astype(jnp.int32)
+    zero = jnp.zeros_like(result.kept_mass)
+    stats_ref[...] = jnp.concatenate(
+        [result.threshold, result.s_max, result.kept_mass, result.log_z_raw, result.token_x, zero, zero, zero], axis=1
+    )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "pad_id",
+        "top_k",
+        "top_p",
+        "min_p",
+        "random",
+        "min_tokens",
+        "block_rows",
+        "chunk",
+        "buffers",
+        "vmem_limit_bytes",
+        "interpret",
+        "top_n",
+    ),
+)
+def fused_sample_chunked(
+    logits: jax.Array,
+    rows: jax.Array,
+    eos: jax.Array,
+    allowed: jax.Array | None = None,
+    *,
+    pad_id: int,
+    top_k: bool,
+    top_p: bool,
+    min_p: bool,
+    random: bool,
+    block_rows: int,
+    chunk: int,
+    buffers: int = 2,
+    min_tokens: bool = False,
+    vmem_limit_bytes: int | None,
+    interpret: bool,
+    top_n: int | None = None,
+) -> tuple[jax.Array, ...]:
+    """As `sampler.fused_sample`, with the passes over `chunk`-lane slices (a multiple of 128; of 4096
+    with a mask, so that its words are lane-aligned too) and the row block held in `buffers` (1 or 2)
+    VMEM copies."""
+    vocab = logits.shape[1]
+    stages = {"pad_id": pad_id, "top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random}
+    kernel = functools.partial(chunked_sampler_kernel, vocab=vocab, chunk=chunk, min_tokens=min_tokens, **stages)
+    return row_block_call(
+        kernel,
+        logits,
+        rows,
+        eos,
+        allowed,
+        block_rows=block_rows,
+        lanes=pl.cdiv(vocab, chunk) * chunk,
+        top_n=top_n,
+        vmem_limit_bytes=vmem_limit_bytes,
+        interpret=interpret,
+        buffers=buffers,
+    )
