@@ -10,7 +10,10 @@ temporaries are chunk-sized whatever the vocabulary: values such as `s = x * (1 
 
 The stages, the searches and the per-row outputs are those of the resident TPU kernel (`sampler.py`):
 value bisection whose ends snap to the row's own values, so thresholds are exact token values and the
-kept sets equal the reference's (`vsampler.reference`).
+kept sets equal the reference's (`vsampler.reference`). Two things the chunk structure makes cheap:
+top-k starts from the k-th largest column maximum (`column_bound`: usually the k-th value itself, so
+one count pass settles the row), and the draw finds its chunk in one pass and its index inside that
+chunk alone.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from vsampler.kernels.sampler import MAX_PASSES, PLAIN_PASSES, relative_weight
+from vsampler.kernels.sampler import MAX_PASSES, PLAIN_PASSES, largest_value_with, relative_weight
 
 NEG_INF = float("-inf")
 Reduction = Callable[[jax.Array], jax.Array]
@@ -49,6 +52,10 @@ class RowChunks:
 
     def full(self, value: float | int, dtype: jnp.dtype = jnp.float32) -> jax.Array:
         return jnp.full(self.column, value, dtype)
+
+    def full_chunk(self, value: float) -> jax.Array:
+        """A chunk-shaped float32 array per row (a trailing `chunk` axis on `column`)."""
+        return jnp.full(jnp.broadcast_shapes(self.column, (1, self.chunk)), value, jnp.float32)
 
     def any(self, flags: jax.Array) -> jax.Array:
         """Whether any row's flag is set (Triton lowers no `reduce_or`: one row's flag is itself)."""
@@ -85,6 +92,34 @@ class RowResult:
     token_x: jax.Array
     top_x: list[jax.Array]
     top_ids: list[jax.Array]
+
+
+def column_bound(
+    rows: RowChunks, col_max: jax.Array, k: jax.Array, on: jax.Array, s_max: jax.Array, lowest: jax.Array
+) -> jax.Array:
+    """A lower bound on each row's k-th largest value from its column maxima (chunk-shaped, -inf where a
+    column is empty): the k-th largest column maximum M, since k disjoint columns each hold a value
+    >= M. M is a row value, and with `chunk` columns of V / chunk values the k largest values rarely
+    share a column, so the bound is usually the k-th value itself. Rows with fewer than k finite
+    columns (or off) get `lowest`. The search runs on the `chunk`-wide maxima only."""
+    finite_cols = rows.row_sum(jnp.where(col_max > NEG_INF, 1.0, 0.0))
+    use = on & (finite_cols >= k)
+
+    def kth_column_max() -> jax.Array:
+        lowest_col = rows.row_min(jnp.where(col_max > NEG_INF, col_max, jnp.inf))
+        return largest_value_with(
+            lambda t: rows.row_sum(jnp.where(col_max >= t, 1.0, 0.0)),
+            k,
+            col_max,
+            jnp.where(use, lowest_col, s_max),
+            s_max,
+            use,
+            column_min=rows.row_min,
+            column_max=rows.row_max,
+        )
+
+    bound = lax.cond(rows.any(use), kth_column_max, lambda: s_max)
+    return jnp.where(use, bound, lowest)
 
 
 def sample_rows(
@@ -201,16 +236,26 @@ def sample_rows(
         has_values = s_max > NEG_INF
         if top_k:  # stage 7: the k-th largest value
             k = params.top_k
-            lowest, n_finite = rows.reduce(
+            # one pass: the lowest finite value, the finite count, and the column maxima (each lane's
+            # maximum over the chunks: `chunk` disjoint columns of the row)
+            lowest, n_finite, col_max = rows.reduce(
                 lambda a, i, s, e: (
                     jnp.minimum(a[0], rows.row_min(jnp.where(s > NEG_INF, s, jnp.inf))),
                     a[1] + rows.row_sum(jnp.where(s > NEG_INF, 1.0, 0.0)),
+                    jnp.maximum(a[2], s),
                 ),
-                (rows.full(jnp.inf), rows.full(0.0)),
+                (rows.full(jnp.inf), rows.full(0.0), rows.full_chunk(NEG_INF)),
                 scaled_chunk,
             )
             on = (k > 0) & has_values & (n_finite > k)
-            kth = search(lambda t, s, e: jnp.where(s >= t, 1.0, 0.0), k, jnp.where(on, lowest, s_max), on)
+            lo = jnp.where(on, column_bound(rows, col_max, k, on, s_max, lowest), s_max)
+            # the values >= lo number at least k; exactly k (the common case), and lo is the k-th
+            count = lambda t, s, e: jnp.where(s >= t, 1.0, 0.0)  # noqa: E731
+            (at_lo,) = rows.reduce(
+                lambda a, i, s, e: (a[0] + rows.row_sum(count(lo, s, e)),), (rows.full(0.0),), scaled_chunk
+            )
+            searching = on & (at_lo > k)
+            kth = lax.cond(rows.any(searching), lambda: search(count, k, lo, searching), lambda: lo)
             threshold = jnp.where(on, kth, threshold)
 
         if top_p:  # stage 8: the largest value whose inclusive kept mass reaches p * total
@@ -255,7 +300,7 @@ def sample_rows(
                 *held,
             )
 
-        held = [] if rows.one_row else [jnp.zeros(jnp.broadcast_shapes(rows.column, (1, chunk)), jnp.float32)]
+        held = [] if rows.one_row else [rows.full_chunk(0.0)]
         init = (rows.full(0.0), rows.full(0, jnp.int32), rows.full(0, jnp.int32), rows.full(0.0), *held)
         _, found, crossing_chunk, before, *held = lax.fori_loop(0, rows.n_chunks, find_chunk, init)
         ke = held[0] if held else kept_chunk(crossing_chunk)[1]

@@ -130,7 +130,8 @@ def largest_value_with(
 
     def searching(state: tuple) -> jax.Array:
         lo_, hi_, passes = state
-        return jnp.any(active & (lo_ < hi_)) & (passes < MAX_PASSES)
+        moving = active & (lo_ < hi_)
+        return (moving if moving.ndim == 0 else jnp.any(moving)) & (passes < MAX_PASSES)  # Triton: no reduce_or
 
     def body(state: tuple) -> tuple:
         lo_, hi_, passes = state

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from grid import compare
 
-from vsampler import SamplingParams
+from vsampler import SamplingParams, process_logits, sample
 from vsampler import pallas as pallas_impl
 from vsampler.inputs import prepare
 
@@ -92,6 +92,24 @@ def test_chunked_variant_grid(vocab, dtype):
 @pytest.mark.slow
 def test_chunked_variant_batch_64():
     compare("pallas-chunked", "normal", "combined", 64, 128256, "float32")
+
+
+@pytest.mark.parametrize(("impl", "vocab", "k"), [("pallas-chunked", 9000, 4500), ("pallas-triton", 5000, 3000)])
+def test_top_k_above_the_column_count_equals_the_reference(impl, vocab, k):
+    """The chunked body's top-k starts from the k-th largest column maximum when a row has k columns (4096
+    for the TPU chunked variant, the chunk width for Triton); with fewer it starts from the row's lowest
+    value. Rows 0-1: k above the column count; row 2: k below it; row 3: ties everywhere."""
+    x = jax.random.normal(jax.random.key(7), (4, vocab)) * 3
+    x = x.at[3].set(jnp.round(x[3]))
+    params = SamplingParams(temperature=0.8, top_k=np.array([k, k + 1, 40, k], np.int32))
+    key = jax.random.key(8)
+    got = np.asarray(process_logits(x, params, impl=impl))
+    want = np.asarray(process_logits(x, params, impl="reference"))
+    np.testing.assert_array_equal(got > -np.inf, want > -np.inf)
+    assert ((want > -np.inf).sum(axis=1)[:2] >= [k, k + 1]).all()
+    np.testing.assert_array_equal(
+        np.asarray(sample(x, params, key, impl=impl)), np.asarray(sample(x, params, key, impl="reference"))
+    )
 
 
 @pytest.mark.parametrize("variant", ["tpu", "tpu-chunked", "triton"])
