@@ -52,7 +52,15 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [["bench", "--batch", "0"], ["bench", "--configs", "nucleus"], ["bench", "--dtype", "int8"], ["frobnicate"], []],
+    [
+        ["bench", "--batch", "0"],
+        ["bench", "--configs", "nucleus"],
+        ["bench", "--dtype", "int8"],
+        ["verify", "--draws", "0"],
+        ["verify", "--draws", "5,6"],
+        ["frobnicate"],
+        [],
+    ],
 )
 def test_bad_arguments_exit_2(argv):
     with pytest.raises(SystemExit) as exc:
@@ -62,7 +70,8 @@ def test_bad_arguments_exit_2(argv):
 
 @pytest.mark.slow
 def test_verify_reports_agreement_and_exits_0(capsys):
-    code = main(["verify", "--impl", "xla,pallas-triton", "--batch", "2", "--vocab", "300", "--dtype", "float32"])
+    argv = ["verify", "--impl", "xla,pallas-triton", "--batch", "2", "--vocab", "300", "--dtype", "float32"]
+    code = main([*argv, "--draws", "3000"])
     assert code == EXIT_OK
     out = capsys.readouterr().out
     # 2 impls x (2 configs + the masked heterogeneous case), each with log-probs in both modes
@@ -80,7 +89,8 @@ def test_verify_exits_1_on_a_disagreement(monkeypatch):
     monkeypatch.setitem(sampling._SAMPLERS, "xla", off_by_one)
     sampling._sample_jit.clear_cache()
     try:
-        assert main(["verify", "--impl", "xla", "--batch", "2", "--vocab", "300", "--dtype", "float32"]) == 1
+        argv = ["verify", "--impl", "xla", "--batch", "2", "--vocab", "300", "--dtype", "float32", "--draws", "3000"]
+        assert main(argv) == 1
     finally:
         sampling._sample_jit.clear_cache()
 
