@@ -48,23 +48,19 @@ IMPL_NAMES: tuple[str, ...] = ("auto", "reference", "xla", "pallas")
 
 # name -> sampler on prepared inputs: (inputs, log-prob request or None) -> (tokens, LogProbs or None)
 Sampler = Callable[[SamplerInputs, LogprobsRequest | None], tuple[jax.Array, LogProbs | None]]
+# impl name -> the kernel variant it names (None: the backend's); the GPU (Triton) and TPU chunked
+# variants by name, to verify them off GPU / TPU (interpret mode)
+_KERNEL_VARIANTS: dict[str, str | None] = {"pallas": None, "pallas-triton": "triton", "pallas-chunked": "tpu-chunked"}
 _SAMPLERS: dict[str, Sampler] = {
     "reference": reference.sample_with_logprobs,
     "xla": xla.sample_with_logprobs,
-    "pallas": pallas.sample_with_logprobs,
-    # the kernel's GPU (Triton) and TPU chunked variants by name, to verify them off GPU / TPU (interpret mode)
-    "pallas-triton": functools.partial(pallas.sample_with_logprobs, variant="triton"),
-    "pallas-chunked": functools.partial(pallas.sample_with_logprobs, variant="tpu-chunked"),
+    **{name: functools.partial(pallas.sample_with_logprobs, variant=v) for name, v in _KERNEL_VARIANTS.items()},
 }
 _PROCESSORS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
     "reference": reference.process_logits,
     "xla": xla.process_logits,
-    "pallas": pallas.process_logits,
-    "pallas-triton": functools.partial(pallas.process_logits, variant="triton"),
-    "pallas-chunked": functools.partial(pallas.process_logits, variant="tpu-chunked"),
+    **{name: functools.partial(pallas.process_logits, variant=v) for name, v in _KERNEL_VARIANTS.items()},
 }
-# impl name -> the kernel variant it names (None: the backend's)
-_KERNEL_VARIANTS: dict[str, str | None] = {"pallas": None, "pallas-triton": "triton", "pallas-chunked": "tpu-chunked"}
 
 
 def available_impls() -> tuple[str, ...]:
