@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from vsampler.kernels.sampler import MAX_PASSES, PLAIN_PASSES, largest_value_with, relative_weight
+from vsampler.kernels.sampler import MAX_PASSES, PLAIN_PASSES, any_set, largest_value_with, relative_weight
 
 NEG_INF = float("-inf")
 Reduction = Callable[[jax.Array], jax.Array]
@@ -56,10 +56,6 @@ class RowChunks:
     def full_chunk(self, value: float) -> jax.Array:
         """A chunk-shaped float32 array per row (a trailing `chunk` axis on `column`)."""
         return jnp.full(jnp.broadcast_shapes(self.column, (1, self.chunk)), value, jnp.float32)
-
-    def any(self, flags: jax.Array) -> jax.Array:
-        """Whether any row's flag is set (Triton lowers no `reduce_or`: one row's flag is itself)."""
-        return flags if self.one_row else jnp.any(flags)
 
     def reduce(self, step: Callable, init: tuple, load: Callable | None = None) -> tuple:
         """Folds `step(acc, *load(c))` over the chunks."""
@@ -118,7 +114,7 @@ def column_bound(
             column_max=rows.row_max,
         )
 
-    bound = lax.cond(rows.any(use), kth_column_max, lambda: s_max)
+    bound = lax.cond(any_set(use), kth_column_max, lambda: s_max)
     return jnp.where(use, bound, lowest)
 
 
@@ -211,7 +207,7 @@ def sample_rows(
 
             def searching(state: tuple) -> jax.Array:
                 lo_, hi_, passes = state
-                return rows.any(active & (lo_ < hi_)) & (passes < MAX_PASSES)
+                return any_set(active & (lo_ < hi_)) & (passes < MAX_PASSES)
 
             def body(state: tuple) -> tuple:
                 lo_, hi_, passes = state
@@ -255,7 +251,7 @@ def sample_rows(
                 lambda a, i, s, e: (a[0] + rows.row_sum(count(lo, s, e)),), (rows.full(0.0),), scaled_chunk
             )
             searching = on & (at_lo > k)
-            kth = lax.cond(rows.any(searching), lambda: search(count, k, lo, searching), lambda: lo)
+            kth = lax.cond(any_set(searching), lambda: search(count, k, lo, searching), lambda: lo)
             threshold = jnp.where(on, kth, threshold)
 
         if top_p:  # stage 8: the largest value whose inclusive kept mass reaches p * total

@@ -88,6 +88,11 @@ def _column_sum(a: jax.Array) -> jax.Array:
     return jnp.sum(a, axis=-1, keepdims=True)
 
 
+def any_set(flags: jax.Array) -> jax.Array:
+    """Whether any of `flags` is set; a scalar flag is itself (Triton lowers no `reduce_or`)."""
+    return flags if flags.ndim == 0 else jnp.any(flags)
+
+
 def largest_value_with(
     statistic: Callable[[jax.Array], jax.Array],
     target: jax.Array,
@@ -130,8 +135,7 @@ def largest_value_with(
 
     def searching(state: tuple) -> jax.Array:
         lo_, hi_, passes = state
-        moving = active & (lo_ < hi_)
-        return (moving if moving.ndim == 0 else jnp.any(moving)) & (passes < MAX_PASSES)  # Triton: no reduce_or
+        return any_set(active & (lo_ < hi_)) & (passes < MAX_PASSES)
 
     def body(state: tuple) -> tuple:
         lo_, hi_, passes = state
