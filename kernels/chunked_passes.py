@@ -25,10 +25,19 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from vsampler.kernels.sampler import MAX_PASSES, PLAIN_PASSES, any_set, largest_value_with, relative_weight
+from vsampler.kernels import trips as loop_trips
+from vsampler.kernels.sampler import MAX_PASSES, PLAIN_PASSES, any_set, largest_value_with_trips, relative_weight
 
 NEG_INF = float("-inf")
 Reduction = Callable[[jax.Array], jax.Array]
+# the data-dependent loops (`vsampler.kernels.trips`): top-k's search over the column maxima and its search
+# over the row, each run only where some row needs it (a cond), and top-p's search; the TPU chunked
+# variant writes their trips to these statistics columns
+SITES = (
+    loop_trips.Site("top_k_bound", 5, guard="top_k_bound_search"),
+    loop_trips.Site("top_k", 6, guard="top_k_search"),
+    loop_trips.Site("top_p", 7),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,22 +97,36 @@ class RowResult:
     token_x: jax.Array
     top_x: list[jax.Array]
     top_ids: list[jax.Array]
+    loop_trips: tuple[jax.Array, ...]  # int32 scalars, one per `SITES` entry (as its column holds them)
+
+
+def _traced_zero(flag: jax.Array) -> jax.Array:
+    """An int32 0 computed from a traced value: a cond branch's "no trips" output (Pallas's Triton
+    lowering cannot yield a literal constant from a branch)."""
+    return flag.astype(jnp.int32) * 0
 
 
 def column_bound(
-    rows: RowChunks, col_max: jax.Array, k: jax.Array, on: jax.Array, s_max: jax.Array, lowest: jax.Array
-) -> jax.Array:
+    rows: RowChunks,
+    col_max: jax.Array,
+    k: jax.Array,
+    on: jax.Array,
+    s_max: jax.Array,
+    lowest: jax.Array,
+    fixed: loop_trips.FixedTrips | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """A lower bound on each row's k-th largest value from its column maxima (chunk-shaped, -inf where a
     column is empty): the k-th largest column maximum M, since k disjoint columns each hold a value
     >= M. M is a row value, and with `chunk` columns of V / chunk values the k largest values rarely
     share a column, so the bound is usually the k-th value itself. Rows with fewer than k finite
-    columns (or off) get `lowest`. The search runs on the `chunk`-wide maxima only."""
+    columns (or off) get `lowest`. The search runs on the `chunk`-wide maxima only. Also returns the
+    search's trips as its `SITES` column holds them (0: not run; else 1 + its snapping passes)."""
     finite_cols = rows.row_sum(jnp.where(col_max > NEG_INF, 1.0, 0.0))
     use = on & (finite_cols >= k)
 
     def kth_column_max() -> jax.Array:
         lowest_col = rows.row_min(jnp.where(col_max > NEG_INF, col_max, jnp.inf))
-        return largest_value_with(
+        return largest_value_with_trips(
             lambda t: rows.row_sum(jnp.where(col_max >= t, 1.0, 0.0)),
             k,
             col_max,
@@ -112,10 +135,14 @@ def column_bound(
             use,
             column_min=rows.row_min,
             column_max=rows.row_max,
+            site="top_k_bound",
+            fixed=fixed,
         )
 
-    bound = lax.cond(any_set(use), kth_column_max, lambda: s_max)
-    return jnp.where(use, bound, lowest)
+    run = any_set(use)
+    idle = _traced_zero(run)
+    (bound, snaps), taken = loop_trips.cond("top_k_bound_search", fixed, run, kth_column_max, lambda: (s_max, idle))
+    return jnp.where(use, bound, lowest), taken * (1 + snaps)
 
 
 def sample_rows(
@@ -129,9 +156,11 @@ def sample_rows(
     random: bool,
     min_tokens: bool,
     top_n: int | None,
+    trips: loop_trips.FixedTrips | None = None,
 ) -> RowResult:
     """Stages 4-10 (and the log-prob values when `top_n` is not None) over `rows`, chunk by chunk.
-    `eos_ids`: the EOS ids, each broadcastable against a chunk (-1: none)."""
+    `eos_ids`: the EOS ids, each broadcastable against a chunk (-1: none). `trips`: fixed trip counts for
+    the data-dependent loops (`SITES`), for the static estimate's compiles only."""
     vocab, chunk = rows.vocab, rows.chunk
 
     def raw_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -168,6 +197,7 @@ def sample_rows(
     s_max = x_max
     kept_mass = rows.full(0.0)
     token = first_max
+    site_trips = {site.loop: jnp.int32(0) for site in SITES}
     if random:
         greedy = params.temperature == 0.0
         inverse_t = 1.0 / jnp.where(greedy, 1.0, params.temperature)
@@ -178,8 +208,11 @@ def sample_rows(
             s = v * inverse_t
             return index, s, relative_weight(s, s_max)
 
-        def search(statistic: Callable, target: jax.Array, lo: jax.Array, active: jax.Array) -> jax.Array:
-            """The largest row value v with statistic(v) >= target (`sampler.largest_value_with`, pass by pass)."""
+        def search(
+            statistic: Callable, target: jax.Array, lo: jax.Array, active: jax.Array, site: str
+        ) -> tuple[jax.Array, jax.Array]:
+            """The largest row value v with statistic(v) >= target (`sampler.largest_value_with_trips`, pass
+            by pass), and its snapping passes: the data-dependent loop `site`."""
 
             def total(t: jax.Array) -> jax.Array:
                 (acc,) = rows.reduce(
@@ -226,8 +259,8 @@ def sample_rows(
                 moving = active & (lo_ < hi_)
                 return jnp.where(moving & reaches, above, lo_), jnp.where(moving & ~reaches, below, hi_), passes + 1
 
-            lo, _, _ = lax.while_loop(searching, body, (lo, hi, jnp.int32(0)))
-            return lo
+            (lo, _, _), passes = loop_trips.while_loop(site, trips, searching, body, (lo, hi, jnp.int32(0)))
+            return lo, passes
 
         has_values = s_max > NEG_INF
         if top_k:  # stage 7: the k-th largest value
@@ -244,14 +277,20 @@ def sample_rows(
                 scaled_chunk,
             )
             on = (k > 0) & has_values & (n_finite > k)
-            lo = jnp.where(on, column_bound(rows, col_max, k, on, s_max, lowest), s_max)
+            bound, site_trips["top_k_bound"] = column_bound(rows, col_max, k, on, s_max, lowest, trips)
+            lo = jnp.where(on, bound, s_max)
             # the values >= lo number at least k; exactly k (the common case), and lo is the k-th
             count = lambda t, s, e: jnp.where(s >= t, 1.0, 0.0)  # noqa: E731
             (at_lo,) = rows.reduce(
                 lambda a, i, s, e: (a[0] + rows.row_sum(count(lo, s, e)),), (rows.full(0.0),), scaled_chunk
             )
             searching = on & (at_lo > k)
-            kth = lax.cond(any_set(searching), lambda: search(count, k, lo, searching), lambda: lo)
+            run = any_set(searching)
+            idle = _traced_zero(run)
+            (kth, passes), taken = loop_trips.cond(
+                "top_k_search", trips, run, lambda: search(count, k, lo, searching, "top_k"), lambda: (lo, idle)
+            )
+            site_trips["top_k"] = taken * (1 + passes)
             threshold = jnp.where(on, kth, threshold)
 
         if top_p:  # stage 8: the largest value whose inclusive kept mass reaches p * total
@@ -263,7 +302,9 @@ def sample_rows(
             on = (p < 1.0) & has_values
             bound = s_max + jnp.log(jnp.maximum(1.0 - p, 0.0) / (2.0 * vocab))
             lo = jnp.where(on, jnp.maximum(kth, bound), s_max)
-            v_star = search(lambda t, s, e: jnp.where(s >= jnp.maximum(t, kth), e, 0.0), p * kept_total, lo, on)
+            v_star, site_trips["top_p"] = search(
+                lambda t, s, e: jnp.where(s >= jnp.maximum(t, kth), e, 0.0), p * kept_total, lo, on, "top_p"
+            )
             threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
 
         floor_p = params.min_p if min_p else 0.0
@@ -348,4 +389,5 @@ def sample_rows(
             top_x.append(prev_v)
             top_ids.append(prev_i)
 
-    return RowResult(token, threshold, s_max, kept_mass, log_z_raw, token_x, top_x, top_ids)
+    loops = tuple(site_trips[site.loop] for site in SITES)
+    return RowResult(token, threshold, s_max, kept_mass, log_z_raw, token_x, top_x, top_ids, loops)

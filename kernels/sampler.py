@@ -18,8 +18,9 @@ pass, and computes, vectorised over its rows (per-row values are (R, 1) columns)
             n max-and-first-index reductions over the resident block (no further read of the logits)
 
 It writes per row only the token, the new finished flag, a few floats (the kept threshold in
-scaled-logit units, the row's scaled maximum, the kept mass, the raw log-normaliser, the token's logit)
-and the (R, n) top entries, never a (B, V) array: `process_logits` and log-probabilities
+scaled-logit units, the row's scaled maximum, the kept mass, the raw log-normaliser, the token's logit,
+and the trips its block's data-dependent loops took, `SITES`, which the static estimate counts) and the
+(R, n) top entries, never a (B, V) array: `process_logits` and log-probabilities
 (`vsampler.logprobs`) are rebuilt from those. Stages 1-3 (bias and penalties) are the shared sparse
 `vsampler.penalties` pass that runs before the kernel (an O(B * L) scatter: it reads no logits). In the
 deviceless v5e compile (B=8 and 64, V=128256) XLA keeps the scattered logits in VMEM (memory space
@@ -43,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from vsampler.kernels import trips as loop_trips
 
 NEG_INF = float("-inf")
 PLAIN_PASSES = 12  # plain bisection passes before the snapping ones
@@ -51,9 +53,11 @@ MAX_PASSES = 64  # a bound on the snapping passes (the ends meet long before on 
 # columns of the packed per-row parameter block
 T, TOP_K, TOP_P, MIN_P, U, FINISHED, EOS_TOO_EARLY, EMPTY_TOKEN = range(8)
 ROW_COLUMNS = 8
-# columns of the per-row statistics output
+# columns of the per-row statistics output (the last three: the block's trips of each data-dependent loop)
 THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
 STAT_COLUMNS = 8
+# the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.estimate`)
+SITES = (loop_trips.Site("top_k", 5), loop_trips.Site("top_p", 6), loop_trips.Site("draw", 7))
 
 
 def output_shapes(batch: int, top_n: int | None = None) -> list[jax.ShapeDtypeStruct]:
@@ -68,6 +72,14 @@ def output_shapes(batch: int, top_n: int | None = None) -> list[jax.ShapeDtypeSt
     if top_n:
         shapes += [jax.ShapeDtypeStruct((batch, top_n), jnp.float32), jax.ShapeDtypeStruct((batch, top_n), jnp.int32)]
     return shapes
+
+
+def stats_block(columns: dict[int, jax.Array], trips: dict[int, jax.Array]) -> jax.Array:
+    """The (R, STAT_COLUMNS) statistics of a TPU block: (R, 1) float columns by index, and int32 trip
+    counts by column (one per block, repeated on its rows); columns not given are 0."""
+    like = next(iter(columns.values()))
+    columns = {**columns, **{c: jnp.full_like(like, n.astype(jnp.float32)) for c, n in trips.items()}}
+    return jnp.concatenate([columns.get(c, jnp.zeros_like(like)) for c in range(STAT_COLUMNS)], axis=1)
 
 
 def _column_max(a: jax.Array) -> jax.Array:
@@ -104,6 +116,26 @@ def largest_value_with(
     column_min: Callable[[jax.Array], jax.Array] = _column_min,
     column_max: Callable[[jax.Array], jax.Array] = _column_max,
 ) -> jax.Array:
+    """The value of `largest_value_with_trips` (its documentation), without the trip count."""
+    value, _ = largest_value_with_trips(
+        statistic, target, s, lo, hi, active, column_min=column_min, column_max=column_max
+    )
+    return value
+
+
+def largest_value_with_trips(
+    statistic: Callable[[jax.Array], jax.Array],
+    target: jax.Array,
+    s: jax.Array,
+    lo: jax.Array,
+    hi: jax.Array,
+    active: jax.Array,
+    *,
+    column_min: Callable[[jax.Array], jax.Array] = _column_min,
+    column_max: Callable[[jax.Array], jax.Array] = _column_max,
+    site: str = "search",
+    fixed: loop_trips.FixedTrips | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Per row of `s` ((R, V) with (R, 1) columns, or one (V,) row with (1,) values): the largest value v
     of the row with `statistic(v) >= target`. The one search every sampler here uses (the XLA path and
     the vocabulary-parallel sampler too).
@@ -118,6 +150,9 @@ def largest_value_with(
     `column_min` / `column_max` are the row reductions the snapping uses (default: over the last axis of
     `s`). When `s` is one shard of a row split over devices, pass reductions that also reduce across the
     shards (and a `statistic` that does), so every shard sees the same bracket and runs the same passes.
+
+    Returns the value and the number of snapping passes (int32), the search's data-dependent loop: the
+    `vsampler.kernels.trips` site `site`, which `fixed` (the static estimate's compiles) can fix.
     """
 
     def plain(_: int, bracket: tuple) -> tuple:
@@ -151,8 +186,8 @@ def largest_value_with(
             passes + 1,
         )
 
-    lo, _, _ = lax.while_loop(searching, body, (lo, hi, jnp.int32(0)))
-    return lo
+    (lo, _, _), trips = loop_trips.while_loop(site, fixed, searching, body, (lo, hi, jnp.int32(0)))
+    return lo, trips
 
 
 def top_entries(x: jax.Array, iota: jax.Array, n: int) -> tuple[list[jax.Array], list[jax.Array]]:
@@ -189,9 +224,11 @@ def fused_sampler_kernel(
     min_tokens: bool,
     allowed: bool = False,
     top_n: int | None = None,
+    trips: loop_trips.FixedTrips | None = None,
 ) -> None:
     """One block of rows: x (R, V), rows (R, 8) packed parameters, eos (1, E)[, allowed (R, ceil(V/32))]
-    -> token (R, 1), finished (R, 1), stats (R, 8)[, top_x (R, n), top_ids (R, n)]."""
+    -> token (R, 1), finished (R, 1), stats (R, 8)[, top_x (R, n), top_ids (R, n)]. `trips`: fixed trip
+    counts for the data-dependent loops (`SITES`), for the static estimate's compiles only."""
     x_ref, rows_ref, eos_ref, *refs = refs
     allowed_ref = refs.pop(0) if allowed else None
     token_ref, finished_ref, stats_ref, *top_refs = refs
@@ -224,6 +261,7 @@ def fused_sampler_kernel(
     s_max = x_max
     kept_mass = jnp.zeros_like(x_max)
     token = first_max
+    site_trips = {site.loop: jnp.int32(0) for site in SITES}
     if random:
         greedy = temperature == 0.0
         inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
@@ -240,7 +278,9 @@ def fused_sampler_kernel(
 
             lowest = _column_min(jnp.where(s > NEG_INF, s, jnp.inf))
             on = (k > 0) & has_values & (count_ge(lowest) > k)
-            kth = largest_value_with(count_ge, k, s, jnp.where(on, lowest, s_max), s_max, on)
+            kth, site_trips["top_k"] = largest_value_with_trips(
+                count_ge, k, s, jnp.where(on, lowest, s_max), s_max, on, site="top_k", fixed=trips
+            )
             threshold = jnp.where(on, kth, threshold)
 
         if top_p:  # stage 8
@@ -254,7 +294,9 @@ def fused_sampler_kernel(
             on = (p < 1.0) & has_values
             bound = s_max + jnp.log(jnp.maximum(1.0 - p, 0.0) / (2.0 * vocab))
             lo = jnp.where(on, jnp.maximum(threshold, bound), s_max)
-            v_star = largest_value_with(mass_ge, target, s, lo, s_max, on)
+            v_star, site_trips["top_p"] = largest_value_with_trips(
+                mass_ge, target, s, lo, s_max, on, site="top_p", fixed=trips
+            )
             threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
 
         kept = (s > NEG_INF) & (s >= threshold)
@@ -274,7 +316,9 @@ def fused_sampler_kernel(
             return jnp.where(narrowing & ~over, mid, lo_), jnp.where(narrowing & over, mid, hi_)
 
         bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))
-        _, crossing = lax.while_loop(lambda st: jnp.any(st[1] - st[0] > 1), prefix_search, bracket)
+        (_, crossing), site_trips["draw"] = loop_trips.while_loop(
+            "draw", trips, lambda st: jnp.any(st[1] - st[0] > 1), prefix_search, bracket
+        )
         any_kept = kept_mass > 0
         is_kept = _column_max(jnp.where((iota == crossing) & kept, 1, 0)) > 0
         next_kept = _column_min(jnp.where(kept & (iota > crossing), iota, vocab))
@@ -304,8 +348,8 @@ def fused_sampler_kernel(
     is_eos = _column_max(jnp.where(token == eos, 1, 0)) > 0
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
-    zero = jnp.zeros_like(kept_mass)
-    stats_ref[...] = jnp.concatenate([threshold, s_max, kept_mass, log_z_raw, token_x, zero, zero, zero], axis=1)
+    values = {THRESHOLD: threshold, S_MAX: s_max, KEPT_MASS: kept_mass, LOG_Z_RAW: log_z_raw, TOKEN_X: token_x}
+    stats_ref[...] = stats_block(values, {site.column: site_trips[site.loop] for site in SITES})
 
 
 @functools.partial(
@@ -321,6 +365,7 @@ def fused_sampler_kernel(
         "vmem_limit_bytes",
         "interpret",
         "top_n",
+        "trips",
     ),
 )
 def fused_sample(
@@ -339,14 +384,18 @@ def fused_sample(
     vmem_limit_bytes: int | None,
     interpret: bool,
     top_n: int | None = None,
+    trips: loop_trips.FixedTrips | None = None,
 ) -> tuple[jax.Array, ...]:
     """Launches the kernel over row blocks: logits (B, V) with B a multiple of `block_rows` (or equal
     to it), rows (B, 8) float32 packed parameters, eos (1, E) int32, allowed (B, ceil(V / 32)) int32
     packed mask words or None. `top_n`: None (no log-prob values), or the top entries to return.
+    `trips`: the static estimate's fixed loop trips (`vsampler.kernels.trips`); None for a real launch.
     Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 8) float32[, top_x (B, n) float32,
     top_ids (B, n) int32]."""
     stages = {"pad_id": pad_id, "top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random}
-    kernel = functools.partial(fused_sampler_kernel, vocab=logits.shape[1], min_tokens=min_tokens, **stages)
+    kernel = functools.partial(
+        fused_sampler_kernel, vocab=logits.shape[1], min_tokens=min_tokens, trips=trips, **stages
+    )
     return row_block_call(
         kernel,
         logits,

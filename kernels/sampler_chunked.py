@@ -24,17 +24,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from vsampler.kernels.chunked_passes import RowChunks, RowParams, sample_rows
+from vsampler.kernels import trips as loop_trips
+from vsampler.kernels.chunked_passes import SITES, RowChunks, RowParams, sample_rows
 from vsampler.kernels.sampler import (
     EMPTY_TOKEN,
     EOS_TOO_EARLY,
     FINISHED,
+    KEPT_MASS,
+    LOG_Z_RAW,
     MIN_P,
+    S_MAX,
+    THRESHOLD,
+    TOKEN_X,
     TOP_K,
     TOP_P,
     T,
     U,
     row_block_call,
+    stats_block,
     unpack_allowed_block,
 )
 
@@ -65,9 +72,12 @@ def chunked_sampler_kernel(
     min_tokens: bool,
     allowed: bool = False,
     top_n: int | None = None,
+    trips: loop_trips.FixedTrips | None = None,
 ) -> None:
     """One block of rows: x (R, V') with V' = V rounded up to CHUNK, rows (R, 8), eos (1, E)
-    [, allowed (R, V' / 32)] -> token (R, 1), finished (R, 1), stats (R, 8)[, top_x (R, n), top_ids (R, n)]."""
+    [, allowed (R, V' / 32)] -> token (R, 1), finished (R, 1), stats (R, 8)[, top_x (R, n), top_ids (R, n)].
+    `trips`: fixed trip counts for the data-dependent loops (`chunked_passes.SITES`), for the static
+    estimate's compiles only."""
     x_ref, rows_ref, eos_ref, *refs = refs
     allowed_ref = refs.pop(0) if allowed else None
     token_ref, finished_ref, stats_ref, *top_refs = refs
@@ -104,7 +114,16 @@ def chunked_sampler_kernel(
     eos = eos_ref[...]  # (1, E), -1 = none
     eos_ids = [eos[:, e : e + 1] for e in range(eos.shape[1])] if min_tokens else []
     result = sample_rows(
-        rows, params, eos_ids, top_k=top_k, top_p=top_p, min_p=min_p, random=random, min_tokens=min_tokens, top_n=top_n
+        rows,
+        params,
+        eos_ids,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        random=random,
+        min_tokens=min_tokens,
+        top_n=top_n,
+        trips=trips,
     )
     token = result.token
     if top_n:
@@ -117,10 +136,14 @@ def chunked_sampler_kernel(
     is_eos = _row_max(jnp.where(token == eos, 1, 0)) > 0
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
-    zero = jnp.zeros_like(result.kept_mass)
-    stats_ref[...] = jnp.concatenate(
-        [result.threshold, result.s_max, result.kept_mass, result.log_z_raw, result.token_x, zero, zero, zero], axis=1
-    )
+    values = {
+        THRESHOLD: result.threshold,
+        S_MAX: result.s_max,
+        KEPT_MASS: result.kept_mass,
+        LOG_Z_RAW: result.log_z_raw,
+        TOKEN_X: result.token_x,
+    }
+    stats_ref[...] = stats_block(values, {site.column: n for site, n in zip(SITES, result.loop_trips, strict=True)})
 
 
 @functools.partial(
@@ -138,6 +161,7 @@ def chunked_sampler_kernel(
         "vmem_limit_bytes",
         "interpret",
         "top_n",
+        "trips",
     ),
 )
 def fused_sample_chunked(
@@ -158,13 +182,16 @@ def fused_sample_chunked(
     vmem_limit_bytes: int | None,
     interpret: bool,
     top_n: int | None = None,
+    trips: loop_trips.FixedTrips | None = None,
 ) -> tuple[jax.Array, ...]:
     """As `sampler.fused_sample`, with the passes over `chunk`-lane slices (a multiple of 128; of 4096
     with a mask, so that its words are lane-aligned too) and the row block held in `buffers` (1 or 2)
-    VMEM copies."""
+    VMEM copies. `trips`: as in `sampler.fused_sample`."""
     vocab = logits.shape[1]
     stages = {"pad_id": pad_id, "top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random}
-    kernel = functools.partial(chunked_sampler_kernel, vocab=vocab, chunk=chunk, min_tokens=min_tokens, **stages)
+    kernel = functools.partial(
+        chunked_sampler_kernel, vocab=vocab, chunk=chunk, min_tokens=min_tokens, trips=trips, **stages
+    )
     return row_block_call(
         kernel,
         logits,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from vsampler.kernels.chunked_passes import RowChunks, RowParams, sample_rows
+from vsampler.kernels.chunked_passes import SITES, RowChunks, RowParams, sample_rows
 from vsampler.kernels.sampler import (
     EMPTY_TOKEN,
     EOS_TOO_EARLY,
@@ -125,6 +125,7 @@ def triton_sampler_kernel(
         (KEPT_MASS, result.kept_mass),
         (LOG_Z_RAW, result.log_z_raw),
         (TOKEN_X, result.token_x),
+        *((site.column, n.astype(jnp.float32)) for site, n in zip(SITES, result.loop_trips, strict=True)),
     ):
         stats = jnp.where(column == where, value, stats)
     stats_ref[...] = stats
