@@ -3,7 +3,8 @@
   vsampler bench [--quick] [--json PATH] ...   time every implementation and peer on the embedded grid,
                                               check each implementation's tokens against the reference
   vsampler verify [--impl xla|pallas|all] ...  the reference-vs-implementation grid and distribution check
-  vsampler compile-check [--tpu v4,v5e,...]    compile the kernel for TPU generations without a TPU
+  vsampler compile-check [--tpu v4,v5e,...]    compile the kernel for TPU generations without a TPU;
+                        [--estimate]           with --estimate, its time per call by libtpu's static cost model
   vsampler generate [--prompt 5,6,7] ...       stream tokens from the tiny decoder through the decode loop
 
 Exit codes: 0 success; 1 a verification failed; 2 bad arguments.
@@ -176,10 +177,36 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also lower the kernel's GPU (Triton) variant for CUDA through jax.export (no GPU needed)",
     )
-    cc.add_argument("--quick", action="store_true", help="B=8, V in {32000, 128256}")
-    cc.add_argument("--batch", type=_int_list, default=None, help="batch sizes (default 1,8,64,256)")
     cc.add_argument(
-        "--vocab", type=_int_list, default=None, help="vocabulary sizes (default 1000,32000,50257,128256,152064,256000)"
+        "--estimate",
+        action="store_true",
+        help=(
+            "instead of the compile table: the kernel's time per call by libtpu's static cost model "
+            "(deviceless; data-dependent loops counted from trips measured in interpret mode) against the "
+            "HBM floor, per workload config (default grid: B=64, V=128256)"
+        ),
+    )
+    cc.add_argument(
+        "--configs",
+        type=_choice_list(tuple(workloads.CONFIGS)),
+        default=tuple(workloads.CONFIGS),
+        help=f"with --estimate: workload configs (default {','.join(workloads.CONFIGS)})",
+    )
+    cc.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="with --estimate: also where the cycles go, per data-dependent loop and per stage (more compiles)",
+    )
+    cc.add_argument("--json", metavar="PATH", help="with --estimate: also write the estimates as JSON to PATH")
+    cc.add_argument("--quick", action="store_true", help="B=8, V in {32000, 128256}")
+    cc.add_argument(
+        "--batch", type=_int_list, default=None, help="batch sizes (default 1,8,64,256; with --estimate 64)"
+    )
+    cc.add_argument(
+        "--vocab",
+        type=_int_list,
+        default=None,
+        help="vocabulary sizes (default 1000,32000,50257,128256,152064,256000; with --estimate 128256)",
     )
     cc.add_argument(
         "--dtype",
@@ -484,12 +511,50 @@ def _run_verify(args: argparse.Namespace) -> int:
     return EXIT_MISMATCH if failures or dist_failures else EXIT_OK
 
 
+def _run_estimate(args: argparse.Namespace) -> int:
+    import itertools
+
+    from vsampler import estimate
+
+    batches = args.batch or ((8,) if args.quick else (64,))
+    vocabs = args.vocab or ((32000, 128256) if args.quick else (128256,))
+    dtypes = args.dtype or ("float32", "bfloat16")
+    cases = [
+        estimate.EstimateCase(gen, batch, vocab, dtype, config)
+        for gen, config, vocab, batch, dtype in itertools.product(args.tpu, args.configs, vocabs, batches, dtypes)
+    ]
+    ui = _ui()
+    ui.header("vsampler compile-check --estimate", {**_environment(), "libtpu": str(estimate.libtpu_version())})
+    try:
+        with ui.progress(len(cases)) as advance:
+            results = estimate.estimate_grid(cases, breakdown=args.breakdown, progress=advance)
+    except estimate.TpuEstimateUnavailable as err:
+        print(f"vsampler compile-check: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    ui.rows(*estimate.table(results))
+    if args.breakdown:
+        for r in results:
+            if r.ok:
+                ui.note(f"where the cycles go: {r.case.label}")
+                ui.rows(*estimate.breakdown_table(r))
+    for line in estimate.notes(results):
+        ui.note(line)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": _environment(), "estimates": [r.as_dict() for r in results]}, f, indent=2)
+        ui.note(f"estimates written to {args.json}")
+    modelled = [r for r in results if r.case.generation not in estimate.UNMODELLED]
+    return EXIT_MISMATCH if any(not r.ok for r in modelled) else EXIT_OK
+
+
 def _run_compile_check(args: argparse.Namespace) -> int:
     import itertools
 
     from vsampler import compile_check
     from vsampler.kernels import block_sizes
 
+    if args.estimate:
+        return _run_estimate(args)
     batches = args.batch or ((8,) if args.quick else (1, 8, 64, 256))
     vocabs = args.vocab or ((32000, 128256) if args.quick else (1000, 32000, 50257, 128256, 152064, 256000))
     dtypes = args.dtype or ("float32", "bfloat16")

@@ -20,6 +20,7 @@ from vsampler import pallas as pallas_impl
 from vsampler.inputs import allowed_words
 from vsampler.kernels import block_sizes
 from vsampler.kernels import sampler as kernel
+from vsampler.kernels.trips import FixedTrips
 
 
 class TpuCompilerUnavailable(RuntimeError):
@@ -86,11 +87,15 @@ def compile_tpu(
     top_k: bool = True,
     top_p: bool = True,
     min_p: bool = True,
+    random: bool = True,
+    min_tokens: bool = True,
     allowed: bool = False,
     top_n: int | None = None,
+    trips: FixedTrips | None = None,
 ) -> CompileResult:
     """Compiles the kernel (all stages on by default) for one configuration on `generation`;
-    `allowed`: with the allowed-token mask input; `top_n`: with the log-prob outputs."""
+    `allowed`: with the allowed-token mask input; `top_n`: with the log-prob outputs; `trips`: with the
+    data-dependent loops at fixed trip counts (for the static estimate, `vsampler.estimate`)."""
     result = CompileResult(generation, batch, vocab, dtype, ok=False)
     try:
         plan = block_sizes.plan(batch, vocab, dtype, generation, allowed)
@@ -119,11 +124,12 @@ def compile_tpu(
         top_k=top_k,
         top_p=top_p,
         min_p=min_p,
-        random=True,
-        min_tokens=True,
+        random=random,
+        min_tokens=min_tokens,
         block_rows=plan.block_rows,
         vmem_limit_bytes=plan.vmem_limit_bytes,
         interpret=False,
+        trips=trips,
     )
     try:
         # Mosaic asks the default device which chip it lowers for: make it the described TPU

@@ -11,6 +11,7 @@ verification only: slow, but the same kernel code), the TPU variant by default.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -75,19 +76,9 @@ def launch(
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
     if interpret is None:
         interpret = backend not in ("tpu", "gpu")
-    x = penalties.penalised_logits(inp, eos_mask=False)  # the kernels apply the min_tokens EOS mask
+    x, rows, eos, allowed, stages = kernel_operands(inp, finished)
+    stages["top_n"] = top_n
     batch, vocab = x.shape
-    rows = _packed_rows(inp, finished)
-    eos = inp.eos_ids if inp.eos_ids is not None else jnp.full((1,), -1, jnp.int32)
-    stages = {
-        "top_k": inp.stages.top_k,
-        "top_p": inp.stages.top_p,
-        "min_p": inp.stages.min_p,
-        "random": inp.stages.random,
-        "min_tokens": penalties.masks_eos(inp),
-        "top_n": top_n,
-    }
-    allowed = inp.allowed
     if variant == "triton":
         width = 1 << (eos.shape[0] - 1).bit_length()  # Triton arrays: power-of-two shapes
         eos = jnp.pad(eos.astype(jnp.int32), (0, width - eos.shape[0]), constant_values=-1)
@@ -109,25 +100,60 @@ def launch(
     plan = block_sizes.plan(
         batch, vocab, x.dtype, None if interpret else generation, allowed is not None, chunked=variant == "tpu-chunked"
     )
-    pad = plan.padded_batch - batch
+    tokens, new_finished, stats, *top = tpu_launch(
+        plan, x, rows, eos, allowed, pad_id=pad_token_id, interpret=interpret, **stages
+    )
+    return (tokens[:batch, 0], new_finished[:batch, 0] > 0, stats[:batch], *(t[:batch] for t in top))
+
+
+def kernel_operands(
+    inp: SamplerInputs, finished: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, dict[str, bool]]:
+    """What every kernel variant takes: the penalised logits (B, V), the packed per-row parameters
+    (B, 8), the EOS ids (E,) int32 (-1: none), the packed mask words or None, and the stage flags."""
+    x = penalties.penalised_logits(inp, eos_mask=False)  # the kernels apply the min_tokens EOS mask
+    eos = inp.eos_ids if inp.eos_ids is not None else jnp.full((1,), -1, jnp.int32)
+    stages = {
+        "top_k": inp.stages.top_k,
+        "top_p": inp.stages.top_p,
+        "min_p": inp.stages.min_p,
+        "random": inp.stages.random,
+        "min_tokens": penalties.masks_eos(inp),
+    }
+    return x, _packed_rows(inp, finished), eos, inp.allowed, stages
+
+
+def tpu_launch(
+    plan: block_sizes.BlockPlan,
+    x: jax.Array,
+    rows: jax.Array,
+    eos: jax.Array,
+    allowed: jax.Array | None,
+    *,
+    interpret: bool,
+    pad_id: int = 0,
+    **stages: Any,
+) -> tuple[jax.Array, ...]:
+    """One launch of the TPU variant `plan` calls for, on `kernel_operands`' arrays with the batch padded
+    to the plan's blocks: its outputs for the padded batch (statistics: one row per padded row)."""
+    pad = plan.padded_batch - x.shape[0]
     if pad:
         x = jnp.pad(x, ((0, pad), (0, 0)))
         rows = jnp.pad(rows, ((0, pad), (0, 0)))
         allowed = None if allowed is None else jnp.pad(allowed, ((0, pad), (0, 0)))
     chunking = {} if plan.chunk is None else {"chunk": plan.chunk, "buffers": plan.buffers}
-    tokens, new_finished, stats, *top = tpu_kernel(plan)(
+    return tpu_kernel(plan)(
         x,
         rows,
         eos.reshape(1, -1).astype(jnp.int32),
         allowed,
-        pad_id=pad_token_id,
+        pad_id=pad_id,
         block_rows=plan.block_rows,
-        vmem_limit_bytes=plan.vmem_limit_bytes,
+        vmem_limit_bytes=None if interpret else plan.vmem_limit_bytes,
         interpret=interpret,
         **chunking,
         **stages,
     )
-    return (tokens[:batch, 0], new_finished[:batch, 0] > 0, stats[:batch], *(t[:batch] for t in top))
 
 
 def _packed_rows(inp: SamplerInputs, finished: jax.Array | None) -> jax.Array:

@@ -1,0 +1,210 @@
+"""The static estimate (`vsampler.estimate`, `vsampler compile-check --estimate`): the profile reader, the
+arithmetic that counts the data-dependent loops, and, where libtpu is installed, libtpu's cost model on a
+kernel whose cost is known in shape and on the sampling kernel itself."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from vsampler import estimate
+from vsampler.kernels import block_sizes, chunked_passes
+from vsampler.kernels import sampler as kernel
+
+PROFILE = """hlo_op_estimate {
+  hlo_op_name: "%s"
+  estimated_cycles: %d
+  num_equivalent_hlos: 1
+  dma_instruction_type: DMA_INSTRUCTION_TYPE_LOCAL
+  scalar_inputs: 0
+}
+"""
+
+
+def test_profile_reader_sums_each_op_of_the_program(tmp_path):
+    (tmp_path / "fused_sample.1_static_llo_profile.textproto").write_text(PROFILE % ("fused_sample.1", 736022))
+    (tmp_path / "copy.3_static_llo_profile.textproto").write_text(PROFILE % ("copy.3", 617) + PROFILE % ("copy.3", 3))
+    (tmp_path / "notes.txt").write_text(PROFILE % ("not-a-profile", 5))
+    assert estimate.read_static_profile(tmp_path) == {"fused_sample.1": 736022, "copy.3": 620}
+    assert estimate.read_static_profile(tmp_path / "absent") == {}
+
+
+class LinearModel:
+    """A stand-in compile worker whose cycles are linear in the fixed trips, as the cost model's are for
+    fixed-trip loops: a base, a cost per trip of each loop (only where its guard, if any, is on) and a
+    cost per guarded branch."""
+
+    def __init__(self, sites, base=100_000, per_trip=None, branch=None):
+        self.sites, self.base = sites, base
+        self.per_trip = per_trip or {site.loop: 1_000 * (i + 1) for i, site in enumerate(sites)}
+        self.branch = branch or {site.guard: 50_000 for site in sites if site.guard}
+        self.jobs = []
+
+    def cycles(self, trips, stages):
+        total = self.base
+        for site in self.sites:
+            if not estimate._site_runs(site.loop, stages):
+                continue
+            if site.guard is None or trips.get(site.guard, 0):
+                total += self.branch.get(site.guard, 0) + self.per_trip[site.loop] * trips.get(site.loop, 0)
+        return total
+
+    def compile(self, job):
+        self.jobs.append(job)
+        stages = {name: job[name] for name in ("top_k", "top_p", "min_p", "random")}
+        logits = job["batch"] * job["vocab"] * 2
+        return {
+            "ok": True,
+            "error": "",
+            "cycles": {"fused_sample.1": self.cycles(job["trips"], stages)},
+            "argument_bytes": logits + 1024,
+            "output_bytes": 512,
+            "logits_bytes": logits,
+        }
+
+
+def _per_block(columns: dict[int, list[float]]) -> np.ndarray:
+    blocks = len(next(iter(columns.values())))
+    stats = np.zeros((blocks, kernel.STAT_COLUMNS), np.float32)
+    for column, values in columns.items():
+        stats[:, column] = values
+    return stats
+
+
+FULL = {"top_k": True, "top_p": True, "min_p": True, "random": True, "min_tokens": False}
+
+
+def test_mean_trips_per_block_are_counted_exactly_where_the_model_is_linear(monkeypatch):
+    case = estimate.EstimateCase("v5e", 64, 128256, "float32", "full")
+    assert block_sizes.plan(64, 128256, "float32", "v5e").chunk is None  # the resident variant's loops
+    trips = {5: [1, 2, 1, 2, 1, 2, 1, 2], 6: [0, 0, 0, 0, 0, 0, 0, 1], 7: [17] * 8}  # top_k, top_p, draw
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, plan: (FULL, _per_block(trips)))
+    model = LinearModel(kernel.SITES)
+    r = estimate.estimate(case, model)
+    assert r.ok, r.error
+    assert {loop.loop: loop.trips for loop in r.loops} == {"top_k": 1.5, "top_p": 0.125, "draw": 17.0}
+    per = model.per_trip
+    assert r.cycles == pytest.approx(100_000 + 1.5 * per["top_k"] + 0.125 * per["top_p"] + 17 * per["draw"])
+    # one compile at the rounded trips, one more per loop whose mean is not a whole number
+    assert [job["trips"] for job in model.jobs] == [
+        {"top_k": 2, "top_p": 0, "draw": 17},
+        {"top_k": 3, "top_p": 0, "draw": 17},
+        {"top_k": 2, "top_p": 1, "draw": 17},
+    ]
+    assert r.floor_seconds == pytest.approx((64 * 128256 * 2 + 1536) / 8.2e11)
+    assert r.x_floor == pytest.approx(r.seconds / r.floor_seconds)
+
+
+def test_a_loop_inside_a_cond_counts_its_branch_by_the_fraction_of_blocks_that_ran_it(monkeypatch):
+    plan = block_sizes.plan(64, 256000, "bfloat16", "v5p")
+    assert plan.chunk is not None  # the chunked variant: its top-k searches run inside conds
+    case = estimate.EstimateCase("v5p", 64, 256000, "bfloat16", "full")
+    # column values: 0 = the cond was not taken in that block, else 1 + the loop's trips
+    trips = {5: [0, 1, 3, 1], 6: [2, 2, 0, 2], 7: [0, 1, 0, 1]}
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, p: (FULL, _per_block(trips)))
+    model = LinearModel(chunked_passes.SITES)
+    r = estimate.estimate(case, model, breakdown=True)
+    assert r.ok, r.error
+    loops = {loop.loop: loop for loop in r.loops}
+    assert (loops["top_k_bound"].taken, loops["top_k_bound"].trips) == (0.75, 0.5)
+    assert (loops["top_k"].taken, loops["top_k"].trips) == (0.75, 0.75)
+    assert (loops["top_p"].taken, loops["top_p"].trips) == (1.0, 0.5)
+    per, branch = model.per_trip, model.branch
+    expected = (
+        100_000
+        + 0.75 * branch["top_k_bound_search"]
+        + 0.5 * per["top_k_bound"]
+        + 0.75 * branch["top_k_search"]
+        + 0.75 * per["top_k"]
+        + 0.5 * per["top_p"]
+    )
+    assert r.cycles == pytest.approx(expected)
+    assert loops["top_k"].guard_cycles == branch["top_k_search"]
+    assert loops["top_k"].cycles_per_trip == per["top_k"]
+    # the stage breakdown adds up to the compile at the rounded trips
+    assert sum(r.stages.values()) == r.compiled_cycles
+
+
+def test_greedy_has_no_loops_and_v4_is_refused_before_any_compile(monkeypatch):
+    greedy = {"top_k": False, "top_p": False, "min_p": False, "random": False, "min_tokens": False}
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, p: (greedy, _per_block({5: [0] * 8})))
+    model = LinearModel(kernel.SITES)
+    r = estimate.estimate(estimate.EstimateCase("v6e", 64, 128256, "float32", "greedy"), model)
+    assert r.ok and r.loops == [] and r.cycles == 100_000 and len(model.jobs) == 1
+    v4 = estimate.estimate(estimate.EstimateCase("v4", 64, 128256), model)
+    assert not v4.ok and "not modelled" in v4.error and len(model.jobs) == 1
+    columns, rows = estimate.table([r, v4])
+    assert rows[1][5] == "no estimate" and "not modelled" in rows[1][-1]
+    assert any("Dma latency model" in line for line in estimate.notes([r, v4]))
+
+
+def test_the_kernel_reports_its_loop_trips_per_block():
+    """Interpret mode: every row of a block carries its block's trips (what the estimate measures)."""
+    case = estimate.EstimateCase("v5e", 16, 9000, "float32", "full")
+    plan = block_sizes.plan(16, 9000, "float32", "v5e")
+    stages, per_block = estimate.measure_trips(case, plan)
+    assert stages["top_k"] and stages["top_p"] and per_block.shape == (16 // plan.block_rows, kernel.STAT_COLUMNS)
+    draw = next(site.column for site in kernel.SITES if site.loop == "draw")
+    assert (per_block[:, draw] == np.ceil(np.log2(9000))).all()  # the index bisection: ceil(log2 V) trips
+    assert (per_block[:, [site.column for site in kernel.SITES]] >= 0).all()
+
+
+# --- libtpu's cost model itself (the tpu extra) --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def libtpu():
+    if estimate.libtpu_version() is None:
+        pytest.skip("libtpu is not installed (the tpu extra): no static cost model")
+
+
+@pytest.mark.slow
+def test_cost_model_counts_a_fixed_trip_loop_linearly_and_a_data_dependent_one_as_none(libtpu, tmp_path):
+    counts = [2, 3, 4, 8, 16]
+    env = {**os.environ, "LIBTPU_INIT_ARGS": f"{estimate.PROFILE_FLAG}={tmp_path}", "JAX_PLATFORMS": "cpu"}
+    probe = Path(__file__).with_name("estimate_probe.py")
+    out = subprocess.run(
+        [sys.executable, str(probe), str(tmp_path), *map(str, counts)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    cycles = json.loads(out.stdout.strip().splitlines()[-1])
+    per_trip = cycles["fori 3"] - cycles["fori 2"]
+    assert per_trip > 0
+    for n in counts:
+        assert cycles[f"fori {n}"] == pytest.approx(cycles["fori 2"] + (n - 2) * per_trip, rel=0.01)
+    # the same pass in a data-dependent while loop is counted as no trip at all
+    assert cycles["while"] < cycles["fori 2"] - per_trip
+
+
+@pytest.mark.slow
+def test_the_kernels_data_dependent_loops_are_counted_through_their_trips(libtpu):
+    case = estimate.EstimateCase("v5e", 8, 32000, "float32", "top_p")
+    with estimate.ProfileWorker() as worker:
+        r = estimate.estimate(case, worker, breakdown=True)
+        assert r.ok, r.error
+        job = {"generation": "v5e", "batch": 8, "vocab": 32000, "dtype": "float32", "top_k": False, "min_p": False}
+        plain = worker.compile({**job, "min_tokens": False})  # the kernel as launched: while loops, 0 trips
+        assert plain["ok"], plain["error"]
+    loops = {loop.loop: loop for loop in r.loops}
+    assert set(loops) == {"top_p", "draw"} and loops["draw"].trips == 15  # ceil(log2 32000)
+    assert all(loop.cycles_per_trip > 0 for loop in r.loops)
+    counted = sum(loop.trips * loop.cycles_per_trip for loop in r.loops)
+    dropped = r.cycles - sum(plain["cycles"].values())
+    assert dropped == pytest.approx(counted, rel=0.1)  # what the plain compile's model leaves out
+    assert r.hbm_bytes >= r.logits_bytes == 8 * 32000 * 4
+    assert sum(r.stages.values()) == r.compiled_cycles
+
+
+@pytest.mark.slow
+def test_a_generation_the_model_aborts_on_is_reported_not_crashed(libtpu):
+    with estimate.ProfileWorker() as worker:
+        with pytest.raises(estimate.WorkerDied, match="Dma latency model"):
+            worker.compile({"generation": "v4", "batch": 8, "vocab": 1024, "dtype": "float32"})

@@ -1,0 +1,551 @@
+"""How fast the TPU kernel runs, without a TPU: libtpu's static cost model, with the loops counted.
+
+Every figure here is a **static estimate (libtpu cost model), not measured on a TPU**. How one is made,
+for one configuration (TPU generation x B x V x dtype x the stages a workload turns on):
+
+1. **Trips.** The kernel runs in Pallas interpret mode on the workload's rows (`vsampler.workloads`),
+   with the generation's block plan, and writes how many trips each data-dependent loop took in each
+   block of rows (`vsampler.kernels.trips`: the top-k and top-p searches' snapping passes, the draw's
+   bisection; a cond around a search: taken or not). Their means over the blocks are the trips.
+2. **Compiles with fixed trips.** libtpu's cost model counts a static-trip loop exactly but a
+   data-dependent `while_loop` as 0 trips (and a data-dependent cond as not taken), so each loop is
+   compiled as a `fori_loop` of fixed trips: once at the trips rounded to integers (every cond taken),
+   and once more per loop with one more trip (per cond: not taken). The model's cycles are read from the
+   profile libtpu writes with `--xla_jf_dump_static_llo_profile_to` (summed over the program's ops: the
+   kernel's custom call and a few layout copies), in a subprocess, since the flag must be set before
+   libtpu loads.
+3. **The estimate** is the rounded compile plus, per loop, (mean trips - rounded trips) x the cycles of
+   one more trip (per cond, (1 - fraction taken) x what the cond's branch costs subtracted): exact where
+   the model is linear in the trips, which it is for a fixed-trip loop.
+
+Time = cycles / the generation's clock (`CLOCK_HZ`); the floor = the HBM bytes one call moves (from the
+compiled executable: about one read of the logits) / the generation's HBM bandwidth. The model leaves
+out what a static schedule cannot know: DMA contention and HBM refresh, the launch, other work on the
+chip; and libtpu's flags are undocumented (checked with `VERIFIED_LIBTPU`). The penalties' sparse
+scatter before the kernel is not part of the kernel's estimate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+LABEL = "static estimate (libtpu cost model), not measured on a TPU"
+VERIFIED_LIBTPU = "0.0.42"  # the libtpu whose (undocumented) profile flag and output format this reads
+PROFILE_FLAG = "--xla_jf_dump_static_llo_profile_to"
+
+# TensorCore clocks. v4: 1050 MHz (Jouppi et al., "TPU v4", ISCA 2023, Table 1). v5e: 1.5 GHz, from
+# Google's published 197 bf16 TFLOP/s = 4 MXUs x 128 x 128 x 2 flops x 1.50 GHz. v5p: 459 TFLOP/s over
+# 2 TensorCores x 4 MXUs x 128 x 128 x 2 gives 1.75 GHz. v6e: 918 TFLOP/s over 4 MXUs of 256 x 256
+# x 2 gives 1.75 GHz. v5p and v6e are derived, not published clocks: uncertain (Google's v6e page has
+# said both 2 and 4 MXUs; 2 would imply an implausible 3.5 GHz).
+CLOCK_HZ: dict[str, float] = {"v4": 1.05e9, "v5e": 1.5e9, "v5p": 1.75e9, "v6e": 1.75e9}
+CLOCK_SOURCES: dict[str, str] = {
+    "v4": "published (TPU v4 paper)",
+    "v5e": "derived from peak bf16 TFLOP/s",
+    "v5p": "derived from peak bf16 TFLOP/s (uncertain)",
+    "v6e": "derived from peak bf16 TFLOP/s (uncertain)",
+}
+
+# generations libtpu's cost model cannot profile (it aborts the compiling process on them): why, in short
+UNMODELLED: dict[str, str] = {"v4": "not modelled by libtpu's cost model (v5e, v5p, v6e only)"}
+UNMODELLED_DETAIL = (
+    "v4: libtpu's static profile aborts the compile with 'Dma latency model is currently only supported on "
+    "VF/VL/GF/GL' (v5p, v5e, v6e): no estimate; the kernel still compiles for v4 (compile-check without "
+    "--estimate)"
+)
+
+_ESTIMATE = re.compile(r'hlo_op_name:\s*"([^"]+)"\s*estimated_cycles:\s*(\d+)')
+_RESULT_PREFIX = "VSAMPLER-ESTIMATE "
+
+
+class TpuEstimateUnavailable(RuntimeError):
+    """libtpu, or its static profile, is not available here: no estimate (never a silent zero)."""
+
+
+class WorkerDied(TpuEstimateUnavailable):
+    """The compile worker exited during a compile (libtpu aborted): that configuration has no estimate."""
+
+
+def read_static_profile(directory: str | os.PathLike) -> dict[str, int]:
+    """The estimated cycles per HLO op from the `*_static_llo_profile.textproto` files libtpu wrote."""
+    cycles: dict[str, int] = {}
+    for path in sorted(Path(directory).glob("*static_llo_profile.textproto")):
+        for name, n in _ESTIMATE.findall(path.read_text()):
+            cycles[name] = cycles.get(name, 0) + int(n)
+    return cycles
+
+
+def libtpu_version() -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version("libtpu")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# the compile worker: a subprocess with the profile flag set before libtpu loads
+
+
+class ProfileWorker:
+    """A subprocess that compiles kernel configurations deviceless (`compile_check.compile_tpu`) with
+    libtpu's static profile on, one JSON job per line, and answers each with the compile's result and
+    the model's cycles per op. Use as a context manager, or `close()` it."""
+
+    def __init__(self) -> None:
+        if libtpu_version() is None:
+            raise TpuEstimateUnavailable("libtpu is not installed: pip install 'vsampler[tpu]'")
+        self._dir = tempfile.TemporaryDirectory(prefix="vsampler-profile-")
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ)
+        flags = env.get("LIBTPU_INIT_ARGS", "")
+        env["LIBTPU_INIT_ARGS"] = f"{flags} {PROFILE_FLAG}={self._dir.name}".strip()
+        env["JAX_PLATFORMS"] = "cpu"  # deviceless: no TPU probe
+        env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
+        env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "vsampler._estimate_worker", self._dir.name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            text=True,
+            env=env,
+        )
+
+    def compile(self, job: dict[str, Any]) -> dict[str, Any]:
+        """One compile: `job` holds `compile_check.compile_tpu`'s arguments (`trips` as a dict)."""
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        try:
+            self._proc.stdin.write(json.dumps(job) + "\n")
+            self._proc.stdin.flush()
+            for line in self._proc.stdout:
+                if line.startswith(_RESULT_PREFIX):
+                    return json.loads(line[len(_RESULT_PREFIX) :])
+        except BrokenPipeError:
+            pass
+        self._stderr.seek(0)
+        tail = self._stderr.read()[-2000:]
+        fatal = [line for line in tail.splitlines() if line.startswith("F")]
+        raise WorkerDied(f"libtpu aborted the profiling compile: {(fatal or [tail.strip()[-300:]])[0][:400]}")
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            assert self._proc.stdin is not None
+            self._proc.stdin.close()
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+        self._stderr.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> ProfileWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_worker(directory: str, jobs: Iterator[str], out: Any) -> None:
+    """The worker's loop (`python -m vsampler._estimate_worker DIR`): compile each job, answer with the
+    cycles libtpu's profile gives for it, then clear the profile for the next one."""
+    from vsampler import compile_check
+    from vsampler.kernels.trips import FixedTrips
+
+    for line in jobs:
+        job = json.loads(line)
+        trips = job.pop("trips", None)
+        for path in Path(directory).glob("*"):
+            path.unlink()
+        try:
+            r = compile_check.compile_tpu(**job, trips=None if trips is None else FixedTrips.of(trips))
+            answer = dataclasses.asdict(r)
+            answer["cycles"] = read_static_profile(directory) if r.ok else {}
+            if r.ok and not answer["cycles"]:
+                answer["ok"] = False
+                answer["error"] = (
+                    f"libtpu wrote no static profile ({PROFILE_FLAG} unsupported by libtpu {libtpu_version()}?)"
+                )
+        except compile_check.TpuCompilerUnavailable as err:
+            answer = {"ok": False, "error": str(err), "cycles": {}, "block_rows": 0}
+        out.write(_RESULT_PREFIX + json.dumps(answer) + "\n")
+        out.flush()
+
+
+# ---------------------------------------------------------------------------------------------------
+# one configuration's estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimateCase:
+    """What is estimated: a workload config (`vsampler.workloads.CONFIGS`) on one TPU generation;
+    `allowed`: with the workload's allowed-token mask; `top_n`: with that many log-prob entries."""
+
+    generation: str
+    batch: int
+    vocab: int
+    dtype: str = "float32"
+    config: str = "full"
+    allowed: bool = False
+    top_n: int | None = None
+
+    @property
+    def label(self) -> str:
+        extra = (" +mask" if self.allowed else "") + (f" +logprobs {self.top_n}" if self.top_n is not None else "")
+        return f"{self.generation} {self.config} B={self.batch} V={self.vocab} {self.dtype}{extra}"
+
+
+@dataclasses.dataclass
+class LoopCost:
+    """One data-dependent loop: its mean trips per block and what one more trip in every block costs;
+    for a loop inside a cond, also the fraction of blocks that took it and what the cond's branch costs
+    without the loop."""
+
+    loop: str
+    trips: float
+    cycles_per_trip: int  # 0 where not compiled (whole-number trips, no breakdown asked)
+    guard: str | None = None
+    taken: float = 1.0
+    guard_cycles: int = 0
+
+    @property
+    def cycles(self) -> float:
+        return self.trips * self.cycles_per_trip + self.taken * self.guard_cycles
+
+
+@dataclasses.dataclass
+class KernelEstimate:
+    case: EstimateCase
+    ok: bool
+    error: str = ""
+    variant: str = ""  # "resident", or "chunked (N copies)"
+    block_rows: int = 0
+    blocks: int = 0
+    cycles: float = 0.0  # the estimate, every loop counted
+    compiled_cycles: int = 0  # the compile at the rounded trips
+    loops: list[LoopCost] = dataclasses.field(default_factory=list)
+    stages: dict[str, int] = dataclasses.field(default_factory=dict)  # breakdown: what each stage adds
+    hbm_bytes: int = 0
+    logits_bytes: int = 0
+    libtpu: str | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.cycles / CLOCK_HZ[self.case.generation]
+
+    @property
+    def floor_seconds(self) -> float:
+        """The HBM bytes one call moves at the generation's bandwidth: what no kernel can beat."""
+        from vsampler.kernels import block_sizes
+
+        return self.hbm_bytes / block_sizes.TPU_GENERATIONS[self.case.generation].hbm_bytes_per_s
+
+    @property
+    def x_floor(self) -> float:
+        return self.seconds / self.floor_seconds if self.floor_seconds else math.inf
+
+    def as_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.update(
+            label=LABEL,
+            estimated_us=self.seconds * 1e6,
+            floor_us=self.floor_seconds * 1e6,
+            x_floor=self.x_floor,
+            clock_hz=CLOCK_HZ[self.case.generation],
+        )
+        return out
+
+
+def _workload_operands(case: EstimateCase) -> tuple[Any, ...]:
+    """The kernel operands of the case's workload, as `vsampler.pallas.kernel_operands` builds them."""
+    from vsampler import inputs, pallas, verification, workloads
+
+    w = workloads.make_inputs(workloads.Workload(case.config, case.batch, case.vocab, case.dtype))
+    mask = verification.allowed_mask(case.batch, case.vocab) if case.allowed else None
+    inp = inputs.prepare(
+        w.logits,
+        w.params,
+        w.key,
+        history=w.history,
+        prompt_len=w.prompt_len,
+        eos_token_id=verification.EOS if case.allowed else None,
+        allowed_tokens=mask,
+    )
+    return pallas.kernel_operands(inp)
+
+
+def measure_trips(case: EstimateCase, plan: Any) -> tuple[dict[str, bool], Any]:
+    """Runs the kernel in interpret mode on the case's workload with `plan`'s blocks: the stage flags
+    and the (blocks, STAT_COLUMNS) statistics of each block's first row (its loops' trips)."""
+    import functools
+
+    import jax
+    import numpy as np
+
+    from vsampler import pallas
+
+    x, rows, eos, allowed, stages = _workload_operands(case)
+    launch = functools.partial(pallas.tpu_launch, plan, interpret=True, top_n=case.top_n, **stages)
+    stats = jax.jit(launch)(x, rows, eos, allowed)[2]
+    return stages, np.asarray(stats)[:: plan.block_rows]
+
+
+def _sites(plan: Any) -> tuple[Any, ...]:
+    from vsampler.kernels import chunked_passes
+    from vsampler.kernels import sampler as kernel
+
+    return kernel.SITES if plan.chunk is None else chunked_passes.SITES
+
+
+def estimate(
+    case: EstimateCase, worker: ProfileWorker, *, breakdown: bool = False, trips_cache: dict | None = None
+) -> KernelEstimate:
+    """The static estimate of one configuration (module docstring: how), with `worker` compiling.
+    `breakdown`: also the cost of one trip of every loop (one compile each; without it, only loops whose
+    mean trips are not whole numbers, and conds not always taken, need theirs) and what each stage adds
+    (one compile per stage, each removed in turn from the last); `trips_cache`: measured trips shared
+    across generations whose block plans agree."""
+    import numpy as np
+
+    from vsampler.kernels import block_sizes
+
+    result = KernelEstimate(case, ok=False, libtpu=libtpu_version())
+    if case.generation in UNMODELLED:
+        result.error = UNMODELLED[case.generation]
+        return result
+    try:
+        plan = block_sizes.plan(case.batch, case.vocab, case.dtype, case.generation, case.allowed)
+    except ValueError as err:
+        result.error = str(err)
+        return result
+    key = (case.batch, case.vocab, case.dtype, case.config, case.allowed, case.top_n, plan.block_rows, plan.chunk)
+    if trips_cache is not None and key in trips_cache:
+        stages, per_block = trips_cache[key]
+    else:
+        stages, per_block = measure_trips(case, plan)
+        if trips_cache is not None:
+            trips_cache[key] = (stages, per_block)
+    result.block_rows, result.blocks = plan.block_rows, per_block.shape[0]
+    result.variant = (
+        "resident" if plan.chunk is None else f"chunked ({plan.buffers} {'copy' if plan.buffers == 1 else 'copies'})"
+    )
+
+    # per loop: mean trips (a guarded loop's column holds 0 = cond not taken, else 1 + trips)
+    means: dict[str, tuple[float, float]] = {}
+    for site in _sites(plan):
+        column = per_block[:, site.column]
+        if site.guard is None:
+            means[site.loop] = (float(column.mean()), 1.0)
+        else:
+            means[site.loop] = (float(np.maximum(column - 1, 0).mean()), float((column > 0).mean()))
+    fixed = {loop: round(t) for loop, (t, _) in means.items()}
+    fixed.update({site.guard: 1 for site in _sites(plan) if site.guard})
+    base_job = {
+        "generation": case.generation,
+        "batch": case.batch,
+        "vocab": case.vocab,
+        "dtype": case.dtype,
+        "allowed": case.allowed,
+        "top_n": case.top_n,
+        **stages,
+    }
+
+    def cycles(trips: dict[str, int], **changes: Any) -> dict[str, Any]:
+        answer = worker.compile({**base_job, **changes, "trips": trips})
+        if not answer["ok"]:
+            raise _CompileFailed(answer["error"])
+        return answer
+
+    try:
+        base = cycles(fixed)
+        result.compiled_cycles = sum(base["cycles"].values())
+        result.hbm_bytes = base["argument_bytes"] + base["output_bytes"]
+        result.logits_bytes = base["logits_bytes"]
+        estimate_cycles = float(result.compiled_cycles)
+        for site in _sites(plan):
+            if not _site_runs(site.loop, stages):
+                continue
+            t, taken = means[site.loop]
+            loop = LoopCost(site.loop, t, 0, site.guard, taken)
+            if breakdown or t != fixed[site.loop]:
+                more = sum(cycles({**fixed, site.loop: fixed[site.loop] + 1})["cycles"].values())
+                loop.cycles_per_trip = more - result.compiled_cycles
+                estimate_cycles += (t - fixed[site.loop]) * loop.cycles_per_trip
+            if site.guard and (breakdown or taken < 1):
+                without = sum(cycles({**fixed, site.guard: 0})["cycles"].values())
+                # the branch's cost with the loop at its rounded trips, less those trips
+                loop.guard_cycles = result.compiled_cycles - without - fixed[site.loop] * loop.cycles_per_trip
+                estimate_cycles -= (1 - taken) * loop.guard_cycles
+            result.loops.append(loop)
+        result.cycles = estimate_cycles
+        if breakdown:
+            result.stages = _stage_breakdown(case, stages, fixed, result.compiled_cycles, cycles)
+    except _CompileFailed as err:
+        result.error = str(err)
+        return result
+    result.ok = True
+    return result
+
+
+class _CompileFailed(Exception):
+    pass
+
+
+def _site_runs(loop: str, stages: dict[str, bool]) -> bool:
+    """Whether a kernel loop exists with these stage flags (the draw's and searches' need sampling)."""
+    if not stages["random"]:
+        return False
+    if loop.startswith("top_k"):
+        return stages["top_k"]
+    if loop == "top_p":
+        return stages["top_p"]
+    return True
+
+
+def _stage_breakdown(
+    case: EstimateCase, stages: dict[str, bool], fixed: dict[str, int], total: int, cycles: Any
+) -> dict[str, int]:
+    """What each stage adds at the rounded trips: stages removed one at a time from the last (log-prob
+    values, the mask, min-p, top-p, top-k, then temperature + the draw), each the difference between
+    consecutive compiles; what remains is the base (loads, sanitising, the first maximum, EOS, outputs)."""
+    removals: list[tuple[str, dict[str, Any]]] = []
+    if case.top_n is not None:
+        removals.append(("log-prob values", {"top_n": None}))
+    if case.allowed:
+        removals.append(("allowed-token mask", {"allowed": False}))
+    for flag, name in (("min_p", "min-p"), ("top_p", "top-p search"), ("top_k", "top-k search")):
+        if stages["random"] and stages[flag]:
+            removals.append((name, {flag: False}))
+    if stages["random"]:
+        removals.append(("temperature + draw", {"random": False}))
+    out: dict[str, int] = {}
+    changes: dict[str, Any] = {}
+    before = total
+    for name, change in removals:
+        changes.update(change)
+        after = sum(cycles(fixed, **changes)["cycles"].values())
+        out[name] = before - after
+        before = after
+    out["base (loads, sanitising, first maximum, EOS, outputs)"] = before
+    return out
+
+
+def estimate_grid(
+    cases: Sequence[EstimateCase], *, breakdown: bool = False, progress: Any = None
+) -> list[KernelEstimate]:
+    """Estimates every case with one compile worker (`progress(label)` after each)."""
+    trips_cache: dict = {}
+    results = []
+    worker = ProfileWorker()
+    try:
+        for case in cases:
+            try:
+                results.append(estimate(case, worker, breakdown=breakdown, trips_cache=trips_cache))
+            except WorkerDied as err:
+                results.append(KernelEstimate(case, ok=False, error=str(err), libtpu=libtpu_version()))
+                worker.close()
+                worker = ProfileWorker()
+            if progress is not None:
+                progress(case.label)
+    finally:
+        worker.close()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------
+# reports
+
+
+def _us(seconds: float) -> str:
+    us = seconds * 1e6
+    return f"{us:.1f}" if us < 100 else f"{us:.0f}"
+
+
+def loops_summary(r: KernelEstimate) -> str:
+    """Each loop's mean trips per block (a guarded one: also the fraction of blocks that ran it)."""
+    parts = []
+    for loop in r.loops:
+        taken = f" in {loop.taken:.0%} of blocks" if loop.guard and loop.taken < 1 else ""
+        parts.append(f"{loop.loop} {loop.trips:.2f}{taken}")
+    return ", ".join(parts) or "-"
+
+
+def table(results: Sequence[KernelEstimate]) -> tuple[list[str], list[list[str]]]:
+    """Columns and rows: one row per estimate (the failures with their reason)."""
+    columns = [
+        "gen",
+        "config",
+        "B",
+        "V",
+        "dtype",
+        "variant",
+        "cycles",
+        "est. us",
+        "HBM floor us",
+        "x floor",
+        "loop trips",
+    ]
+    rows = []
+    for r in results:
+        c = r.case
+        label = [c.generation, c.config, str(c.batch), str(c.vocab), c.dtype.replace("float", "f")]
+        if r.ok:
+            rows.append(
+                [
+                    *label,
+                    r.variant,
+                    f"{r.cycles:,.0f}",
+                    _us(r.seconds),
+                    _us(r.floor_seconds),
+                    f"{r.x_floor:.1f}",
+                    loops_summary(r),
+                ]
+            )
+        else:
+            rows.append([*label, "no estimate", "", "", "", "", r.error[:300]])
+    return columns, rows
+
+
+def breakdown_table(r: KernelEstimate) -> tuple[list[str], list[list[str]]]:
+    """Where one estimate's cycles go: each loop's trips, then what each stage adds (`estimate(...,
+    breakdown=True)`), as cycles and shares of the estimate."""
+    rows = []
+    for loop in r.loops:
+        what = f"{loop.trips:.2f} trips x {loop.cycles_per_trip:,} cycles"
+        if loop.guard:
+            what += f" + run in {loop.taken:.0%} of blocks x {loop.guard_cycles:,} cycles"
+        rows.append([f"loop: {loop.loop}", what, f"{loop.cycles:,.0f}", f"{loop.cycles / r.cycles:.1%}"])
+    for stage, n in r.stages.items():
+        rows.append([f"stage: {stage}", "at the rounded trips", f"{n:,}", f"{n / r.cycles:.1%}"])
+    correction = r.cycles - r.compiled_cycles
+    if correction:
+        rows.append(["fractional trips", "estimate less the rounded compile", f"{correction:,.0f}", ""])
+    return ["part", "how", "cycles", "share"], rows
+
+
+def notes(results: Sequence[KernelEstimate]) -> list[str]:
+    """The label every estimate carries and what it rests on."""
+    gens = sorted({r.case.generation for r in results})
+    clocks = ", ".join(f"{g} {CLOCK_HZ[g] / 1e9:.2f} GHz ({CLOCK_SOURCES[g]})" for g in gens)
+    version = libtpu_version()
+    out = [
+        f"All times: {LABEL}. Clocks: {clocks}. HBM floor: the bytes one call moves (from the compiled "
+        "executable) at the generation's HBM bandwidth. Loop trips: mean per block of rows, measured in "
+        "interpret mode on the workload; the estimate counts them (vsampler/estimate.py says how).",
+    ]
+    if any(g in UNMODELLED for g in gens):
+        out.append(UNMODELLED_DETAIL)
+    if version is not None and not version.startswith(VERIFIED_LIBTPU):
+        out.append(f"libtpu {version}: the profile format was verified with {VERIFIED_LIBTPU} only")
+    return out
