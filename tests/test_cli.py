@@ -8,7 +8,8 @@ import pytest
 from vsampler.cli import EXIT_OK, main
 
 
-def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys):
+def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the TPU estimates: computed, not from a cache
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"
     code = main(
@@ -48,6 +49,16 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys):
         assert f["verified"] and f["workload"].startswith("full") and f["cost_ratio"] > 0
     assert "measurements, 0 failed verification (logprobs raw" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from vsampler import estimate
+
+    if estimate.libtpu_version() is not None:  # the kernel's static TPU estimate, per config and generation
+        estimates = data["tpu_estimates"]
+        assert {(e["case"]["generation"], e["case"]["config"]) for e in estimates} == {
+            (g, c) for g in ("v5e", "v6e") for c in ("greedy", "full")
+        }
+        for e in estimates:
+            assert e["ok"] and e["estimated_us"] > 0 and e["x_floor"] > 0 and e["label"] == estimate.LABEL
+        assert (tmp_path / "vsampler" / "estimates.json").exists()
 
 
 @pytest.mark.parametrize(

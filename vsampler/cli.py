@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the serving features (log-probs, allowed-token mask) timed on the 'full' workloads",
     )
+    bench.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="skip the TPU kernel's static estimate (libtpu's cost model) for the headline workloads",
+    )
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     bench.add_argument("--plot", metavar="PATH", help="also draw the speedups per workload as a PNG at PATH")
 
@@ -188,9 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cc.add_argument(
         "--configs",
-        type=_choice_list(tuple(workloads.CONFIGS)),
+        type=_choice_list((*workloads.CONFIGS, *workloads.PEER_CONFIGS)),
         default=tuple(workloads.CONFIGS),
-        help=f"with --estimate: workload configs (default {','.join(workloads.CONFIGS)})",
+        help=(
+            f"with --estimate: workload configs (default {','.join(workloads.CONFIGS)}; also "
+            f"{', '.join(f'{k}: {v}' for k, v in workloads.PEER_CONFIGS.items())})"
+        ),
     )
     cc.add_argument(
         "--breakdown",
@@ -372,6 +380,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                 )
             advance(w.label)
     ui.table(results, list(peers))
+    tpu_estimates = _bench_estimates(args, cases, results, ui)
     feature_rows, feature_failures = _bench_features(args, cases, runners, results, repeats, ui)
     failures += feature_failures
     for note in notes:
@@ -389,9 +398,64 @@ def _run_bench(args: argparse.Namespace) -> int:
         ui.note(f"plot written to {args.plot}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": env, "notes": notes, "results": results, "features": feature_rows}, f, indent=2)
+            json.dump(
+                {
+                    "environment": env,
+                    "notes": notes,
+                    "results": results,
+                    "features": feature_rows,
+                    "tpu_estimates": tpu_estimates,
+                },
+                f,
+                indent=2,
+            )
         ui.note(f"results written to {args.json}")
     return EXIT_MISMATCH if failures else EXIT_OK
+
+
+def _bench_estimates(
+    args: argparse.Namespace, cases: list[Any], results: list[dict[str, Any]], ui: Any
+) -> list[dict[str, Any]]:
+    """Off TPU: the fused kernel's time on TPU for the run's headline workloads (each config at the
+    largest B and V, float32), by libtpu's static cost model (`vsampler.estimate`; cached per code
+    version), beside the CPU time of the same workload."""
+    import jax
+
+    from vsampler import estimate
+
+    if args.no_estimate or jax.default_backend() == "tpu":
+        return []
+    if estimate.libtpu_version() is None:
+        ui.note("TPU estimate skipped: libtpu is not installed (pip install 'vsampler[tpu]')")
+        return []
+    batch, vocab = max(c.batch for c in cases), max(c.vocab for c in cases)
+    configs = list(dict.fromkeys(c.config for c in cases))
+    headline = estimate.headline_cases(configs, batch, vocab)
+    try:
+        with ui.progress(len(headline)) as advance:
+            found = estimate.cached_estimates(headline, progress=advance)
+    except estimate.TpuEstimateUnavailable as err:
+        ui.note(f"TPU estimate skipped: {err}")
+        return []
+    by_case = {(e["case"]["generation"], e["case"]["config"]): e for e in found}
+    cpu = {
+        r["config"]: r["median_ms"]
+        for r in results
+        if r["impl"] == "xla" and (r["batch"], r["vocab"], r["dtype"]) == (batch, vocab, "float32")
+    }
+    rows = []
+    for config in configs:
+        cells = [config, str(batch), str(vocab), "f32", f"{cpu[config]:.2f}" if config in cpu else "-"]
+        for gen in estimate.HEADLINE_GENERATIONS:
+            e = by_case[(gen, config)]
+            cells += [f"{e['estimated_us']:.1f}", f"{e['x_floor']:.1f}"] if e["ok"] else ["no estimate", ""]
+        rows.append(cells)
+    columns = ["config", "B", "V", "dtype", "CPU xla ms"]
+    for gen in estimate.HEADLINE_GENERATIONS:
+        columns += [f"{gen} us", f"{gen} x floor"]
+    ui.note(f"The fused kernel on TPU, {estimate.LABEL}; x floor: over one HBM read (compile-check --estimate)")
+    ui.rows(columns, rows)
+    return found
 
 
 def _feature_summary(rows: list[dict[str, Any]]) -> list[str]:
@@ -832,6 +896,9 @@ class _RichUI(_PlainUI):
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        if not self.console.is_terminal:  # piped (CI logs, | tee): one line per finished item instead
+            return super().progress(total)
+
         @contextlib.contextmanager
         def bar() -> Any:
             with Progress(
@@ -842,7 +909,7 @@ class _RichUI(_PlainUI):
                 console=self.console,
                 transient=True,
             ) as progress:
-                task = progress.add_task("benchmarking", total=total)
+                task = progress.add_task("starting", total=total)
 
                 def advance(label: str) -> None:
                     progress.update(task, advance=1, description=label)

@@ -549,3 +549,60 @@ def notes(results: Sequence[KernelEstimate]) -> list[str]:
     if version is not None and not version.startswith(VERIFIED_LIBTPU):
         out.append(f"libtpu {version}: the profile format was verified with {VERIFIED_LIBTPU} only")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the bench's headline estimates, cached on disk (the estimate is a pure function of the code and libtpu)
+
+HEADLINE_GENERATIONS = ("v5e", "v6e")
+
+
+def headline_cases(configs: Sequence[str], batch: int, vocab: int) -> list[EstimateCase]:
+    """The cases `vsampler bench` estimates beside its CPU timings: each config at the run's largest
+    batch and vocabulary, float32, on v5e and v6e."""
+    return [EstimateCase(gen, batch, vocab, "float32", config) for gen in HEADLINE_GENERATIONS for config in configs]
+
+
+def _code_fingerprint() -> str:
+    """What an estimate depends on: the kernels' and this package's sampling sources, jax and libtpu."""
+    import hashlib
+
+    import jax
+
+    import vsampler
+    from vsampler import kernels
+
+    digest = hashlib.sha256(f"{jax.__version__} {libtpu_version()}".encode())
+    for folder in (Path(kernels.__file__).parent, Path(vsampler.__file__).parent):
+        for path in sorted(folder.glob("*.py")):
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def default_cache_path() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "vsampler" / "estimates.json"
+
+
+def cached_estimates(
+    cases: Sequence[EstimateCase], cache_path: Path | None = None, progress: Any = None
+) -> list[dict[str, Any]]:
+    """`estimate_grid(cases)` as `KernelEstimate.as_dict()`s, reusing those computed before by the same
+    code (`_code_fingerprint`) and libtpu, from a JSON file (default `~/.cache/vsampler/estimates.json`)."""
+    path = cache_path or default_cache_path()
+    fingerprint = _code_fingerprint()
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):
+        stored = {}
+    known = stored.get(fingerprint, {})
+    missing = [c for c in cases if c.label not in known]
+    fresh = {r.case.label: r.as_dict() for r in (estimate_grid(missing, progress=progress) if missing else [])}
+    out = [known.get(c.label) or fresh[c.label] for c in cases]
+    known.update({label: r for label, r in fresh.items() if r["ok"]})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({fingerprint: known}, indent=1))  # only this code's entries stay
+    except OSError:
+        pass
+    return out

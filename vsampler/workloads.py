@@ -26,6 +26,10 @@ CONFIGS: dict[str, str] = {
     "top_p": "temperature 0.7 + top-p 0.9 (full-vocabulary top-p)",
     "full": "temperature 0.7 + top-k 50 + top-p 0.9 + min-p 0.05 + repetition 1.1 over a 512-token history",
 }
+# configs outside the default grid: a peer's published setting, for side-by-side estimates
+PEER_CONFIGS: dict[str, str] = {
+    "k64_p95": "temperature 1.0 + top-k 64 + top-p 0.95 (tpu-inference's published kernel benchmark)",
+}
 
 
 def config_params(name: str, batch: int) -> SamplingParams:
@@ -40,6 +44,8 @@ def config_params(name: str, batch: int) -> SamplingParams:
         return SamplingParams(temperature=rows(0.7), top_k=rows(50, int))
     if name == "top_p":
         return SamplingParams(temperature=rows(0.7), top_p=rows(0.9))
+    if name == "k64_p95":
+        return SamplingParams(temperature=rows(1.0), top_k=rows(64, int), top_p=rows(0.95))
     if name == "full":
         return SamplingParams(
             temperature=rows(0.7),
@@ -48,7 +54,7 @@ def config_params(name: str, batch: int) -> SamplingParams:
             min_p=rows(0.05),
             repetition_penalty=rows(1.1),
         )
-    raise ValueError(f"unknown config {name!r}; known: {sorted(CONFIGS)}")
+    raise ValueError(f"unknown config {name!r}; known: {sorted(CONFIGS) + sorted(PEER_CONFIGS)}")
 
 
 @dataclasses.dataclass(frozen=True)
