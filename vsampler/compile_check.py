@@ -2,8 +2,9 @@
 
 `compile_tpu(...)` lowers and compiles the kernel for one configuration on a TPU topology description
 (`jax.experimental.topologies`), through the whole Mosaic + XLA:TPU compiler, and reports what the
-executable says about its memory; the compiler's own error when it refuses. Used by the tests and by
-`vsampler compile-check`.
+executable says about its memory; the compiler's own error when it refuses. `estimate_tpu(...)`: its
+time per call by libtpu's static cost model (`vsampler.estimate`). Used by the tests and by
+`vsampler compile-check [--estimate]`.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import dataclasses
 import functools
 import os
 import re
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -205,3 +207,23 @@ def lower_triton(
     if not result.ok:
         result.error = "the exported module holds no Triton kernel"
     return result
+
+
+def estimate_tpu(
+    generation: str,
+    batch: int,
+    vocab: int,
+    dtype: str = "float32",
+    config: str = "full",
+    *,
+    allowed: bool = False,
+    top_n: int | None = None,
+    breakdown: bool = False,
+) -> Any:
+    """The kernel's time per call on `generation` for a workload config (`vsampler.workloads`), by
+    libtpu's static cost model with the data-dependent loops counted: a `vsampler.estimate.KernelEstimate`
+    (static estimate, not measured on a TPU; `vsampler.estimate` says how). Starts a compile worker."""
+    from vsampler import estimate
+
+    case = estimate.EstimateCase(generation, batch, vocab, dtype, config, allowed, top_n)
+    return estimate.estimate_grid([case], breakdown=breakdown)[0]
