@@ -10,9 +10,8 @@ pass, and computes, vectorised over its rows (per-row values are (R, 1) columns)
   stage 7   top-k: the k-th largest value by a count search (`largest_value_with`)
   stage 8   top-p: the largest value whose inclusive kept mass reaches p * total, by a mass search
   stage 9   min-p: e >= min_p
-  stage 10  the draw: the smallest index whose prefix of kept mass exceeds u * total: the lane slice
-            it crosses in from slice sums, then a bisection inside that slice (`two_level_draw`;
-            Mosaic has no cumsum)
+  stage 10  the draw: the smallest index whose prefix of kept mass exceeds u * total, by bisection on
+            the index (masked sums over the resident block; Mosaic has no cumsum)
   empty     a row with no finite value left gets its empty-row token (the first EOS id with a mask)
   EOS       finished rows emit the pad id; a row that samples an EOS id becomes finished
   log-probs (when asked) the raw log-normaliser, the token's logit and the top-n logits with their ids,
@@ -58,7 +57,7 @@ ROW_COLUMNS = 8
 THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
 STAT_COLUMNS = 8
 # the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.estimate`)
-SITES = (loop_trips.Site("top_k", 5), loop_trips.Site("top_p", 6))
+SITES = (loop_trips.Site("top_k", 5), loop_trips.Site("top_p", 6), loop_trips.Site("draw", 7))
 
 
 def output_shapes(batch: int, top_n: int | None = None) -> list[jax.ShapeDtypeStruct]:
@@ -234,50 +233,6 @@ def top_entries(x: jax.Array, iota: jax.Array, n: int) -> tuple[list[jax.Array],
     return values, ids
 
 
-DRAW_SLICE = 2048  # lanes per slice of the draw's first level (16 vregs a row)
-
-
-def two_level_draw(kept_e: jax.Array, iota: jax.Array, target: jax.Array, last_kept: jax.Array) -> jax.Array:
-    """Per row of `kept_e` ((R, V) kept mass, 0 where dropped): the smallest index whose inclusive prefix
-    of kept mass exceeds `target` ((R, 1)), `last_kept` where rounding leaves the whole row short of it.
-
-    Two levels instead of a bisection over the whole row (ceil(log2 V) passes): the sums of DRAW_SLICE
-    static lane slices and their running prefix give each row the slice it crosses in (its values held
-    by one select per slice: about two passes in all), then a bisection inside that one slice. The last
-    slice ends at V and overlaps the one before, counting only its own lanes."""
-    vocab = kept_e.shape[-1]
-    width = min(DRAW_SLICE, vocab)
-    column = target.shape
-    prefix = before = jnp.zeros(column, jnp.float32)
-    found = start_of = jnp.zeros(column, jnp.int32)
-    held = jnp.zeros((*column[:-1], width), jnp.float32)
-    for own in range(0, vocab, width):
-        start = min(own, vocab - width)
-        part = kept_e[..., start : start + width]
-        if start < own:
-            part = jnp.where(iota[..., start : start + width] >= own, part, 0.0)
-        part_sum = _row_sum(part)
-        crossing = (found == 0) & (prefix + part_sum > target)
-        held = jnp.where(crossing, part, held)
-        start_of = jnp.where(crossing, start, start_of)
-        before = jnp.where(crossing, prefix, before)
-        found = jnp.where(crossing, 1, found)  # int32: Mosaic carries no bool vectors well
-        prefix = prefix + part_sum
-    lane = lax.broadcasted_iota(jnp.int32, held.shape, held.ndim - 1)
-
-    def narrow(_: int, bracket: tuple) -> tuple:
-        lo, hi = bracket  # prefix through lo <= target < prefix through hi (within the held slice)
-        mid = (lo + hi) // 2
-        over = before + _row_sum(jnp.where(lane <= mid, held, 0.0)) > target
-        return jnp.where(over, lo, mid), jnp.where(over, mid, hi)
-
-    _, offset = lax.fori_loop(
-        0, width.bit_length(), narrow, (jnp.full(column, -1, jnp.int32), jnp.full(column, width - 1, jnp.int32))
-    )
-    is_kept = _row_sum(jnp.where(lane == offset, held, 0.0)) > 0
-    return jnp.where((found > 0) & is_kept, start_of + offset, last_kept)
-
-
 def unpack_allowed_block(words: jax.Array, vocab: int) -> jax.Array:
     """(R, ceil(V / 32)) int32 packed words -> (R, V) bool: token j is bit j % 32 of word j // 32."""
     repeated = jnp.repeat(words, 32, axis=1)[:, :vocab]
@@ -381,9 +336,25 @@ def fused_sampler_kernel(
         kept_mass = _row_sum(kept_e)
         target = rows[:, U : U + 1] * kept_mass
 
+        def prefix_search(state: tuple) -> tuple:
+            lo_, hi_ = state  # prefix(lo) <= target < prefix(hi)
+            mid = (lo_ + hi_) // 2
+            over = _row_sum(jnp.where(iota <= mid, kept_e, 0.0)) > target
+            narrowing = hi_ - lo_ > 1
+            return jnp.where(narrowing & ~over, mid, lo_), jnp.where(narrowing & over, mid, hi_)
+
+        bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))
+        (_, crossing), site_trips["draw"] = loop_trips.while_loop(
+            "draw", trips, lambda st: jnp.any(st[1] - st[0] > 1), prefix_search, bracket
+        )
+        any_kept = kept_mass > 0
+        is_kept = _row_max(jnp.where((iota == crossing) & kept, 1, 0)) > 0
+        next_kept = _row_min(jnp.where(kept & (iota > crossing), iota, vocab))
         last_kept = _row_max(jnp.where(kept, iota, -1))
-        sampled = two_level_draw(kept_e, iota, target, last_kept)
-        token = jnp.where(greedy, first_max, jnp.where(kept_mass > 0, sampled, 0))
+        sampled = jnp.where(is_kept, crossing, jnp.where(next_kept < vocab, next_kept, last_kept))
+        sampled = jnp.where(kept_mass > target, sampled, last_kept)
+        sampled = jnp.where(any_kept, sampled, 0)
+        token = jnp.where(greedy, first_max, sampled)
 
     # a row with no finite value left: its empty-row token
     token = jnp.where(x_max > NEG_INF, token, rows[:, EMPTY_TOKEN : EMPTY_TOKEN + 1].astype(jnp.int32))

@@ -81,23 +81,23 @@ FULL = {"top_k": True, "top_p": True, "min_p": True, "random": True, "min_tokens
 def test_mean_trips_per_block_are_counted_exactly_where_the_model_is_linear(monkeypatch):
     case = estimate.EstimateCase("v5e", 64, 128256, "float32", "full")
     assert block_sizes.plan(64, 128256, "float32", "v5e").chunk is None  # the resident variant's loops
-    trips = {5: [1, 2, 1, 2, 1, 2, 1, 2], 6: [0, 0, 0, 0, 0, 0, 0, 1]}  # top_k, top_p
+    trips = {5: [1, 2, 1, 2, 1, 2, 1, 2], 6: [0, 0, 0, 0, 0, 0, 0, 1], 7: [17] * 8}  # top_k, top_p, draw
     monkeypatch.setattr(estimate, "measure_trips", lambda c, plan: (FULL, _per_block(trips)))
     model = LinearModel(kernel.SITES)
     r = estimate.estimate(case, model)
     assert r.ok, r.error
-    assert {loop.loop: loop.trips for loop in r.loops} == {"top_k": 1.5, "top_p": 0.125}
+    assert {loop.loop: loop.trips for loop in r.loops} == {"top_k": 1.5, "top_p": 0.125, "draw": 17.0}
     per = model.per_trip
-    assert r.cycles == pytest.approx(100_000 + 1.5 * per["top_k"] + 0.125 * per["top_p"])
+    assert r.cycles == pytest.approx(100_000 + 1.5 * per["top_k"] + 0.125 * per["top_p"] + 17 * per["draw"])
     # one compile at the rounded trips, one more per loop whose mean is not a whole number
     assert [job["trips"] for job in model.jobs] == [
-        {"top_k": 2, "top_p": 0},
-        {"top_k": 3, "top_p": 0},
-        {"top_k": 2, "top_p": 1},
+        {"top_k": 2, "top_p": 0, "draw": 17},
+        {"top_k": 3, "top_p": 0, "draw": 17},
+        {"top_k": 2, "top_p": 1, "draw": 17},
     ]
     trips.update({5: [2] * 8, 6: [1] * 8})  # whole-number means: the rounded compile is the estimate
     model.jobs.clear()
-    assert estimate.estimate(case, model).cycles == 100_000 + 2 * per["top_k"] + per["top_p"]
+    assert estimate.estimate(case, model).cycles == 100_000 + 2 * per["top_k"] + per["top_p"] + 17 * per["draw"]
     assert len(model.jobs) == 1
     assert r.floor_seconds == pytest.approx((64 * 128256 * 2 + 1536) / 8.2e11)
     assert r.x_floor == pytest.approx(r.seconds / r.floor_seconds)
@@ -165,6 +165,9 @@ def test_the_kernel_reports_its_loop_trips_per_block(variant):
     assert (trips == np.round(trips)).all() and (trips >= 0).all() and (trips <= kernel.MAX_PASSES + 1).all()
     _, per_block = estimate.measure_trips(case, plan)
     assert (per_block[:, [site.column for site in sites]] == trips[:, 0]).all()
+    if plan.chunk is None:  # the index bisection of the draw: ceil(log2 V) trips
+        draw = next(site.column for site in sites if site.loop == "draw")
+        assert (per_block[:, draw] == np.ceil(np.log2(9000))).all()
     fixed = jax.jit(lambda *a: pallas.tpu_launch(plan, *a, interpret=True, trips=trips_of(sites, 2), **stages))(
         x, rows, eos, allowed
     )
@@ -218,10 +221,12 @@ def test_the_kernels_data_dependent_loops_are_counted_through_their_trips(libtpu
         job = {"generation": "v5e", "batch": 8, "vocab": 32000, "dtype": "float32", "top_p": False, "min_p": False}
         plain = worker.compile({**job, "min_tokens": False})  # the kernel as launched: while loops, 0 trips
         assert plain["ok"], plain["error"]
-    (loop,) = r.loops
-    assert loop.loop == "top_k" and loop.trips >= 1 and loop.cycles_per_trip > 0
+    loops = {loop.loop: loop for loop in r.loops}
+    assert set(loops) == {"top_k", "draw"} and loops["draw"].trips == 15  # ceil(log2 32000)
+    assert all(loop.cycles_per_trip > 0 for loop in r.loops)
+    counted = sum(loop.trips * loop.cycles_per_trip for loop in r.loops)
     dropped = r.cycles - sum(plain["cycles"].values())
-    assert dropped == pytest.approx(loop.trips * loop.cycles_per_trip, rel=0.2)  # what the plain compile drops
+    assert dropped == pytest.approx(counted, rel=0.2)  # what the plain compile's model leaves out
     assert r.hbm_bytes >= r.logits_bytes == 8 * 32000 * 4
     assert sum(r.stages.values()) == r.compiled_cycles
 
