@@ -16,7 +16,7 @@ def penalised(x, history, prompt_len, rep, pres, freq, vocab):
     seen = {t for _, t in real}
     generated = [t for pos, t in real if pos >= prompt_len]
     for t in seen:
-        x[t] = x[t] * (F32(1) / F32(rep)) if x[t] > 0 else x[t] * F32(rep)
+        x[t] = x[t] / F32(rep) if x[t] > 0 else x[t] * F32(rep)
     for t in set(generated):
         x[t] = x[t] - F32(pres)
     for t in set(generated):

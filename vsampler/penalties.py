@@ -52,7 +52,8 @@ def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
 
     1. bias: `x += bias` (a mapping adds at its ids; an array elementwise).
     2. repetition `r`, once per distinct token among the history's real slots (prompt + generated):
-       `x * (1 / r)` where `x > 0`, else `x * r`.
+       `x / r` where `x > 0`, else `x * r` (a division: `x * (1 / r)` then `- presence` was contracted into
+       one fused multiply-add by the CPU compiler, so the rounding differed from the spec's).
     3. presence: `x -= presence` once per distinct generated token (slots at positions >= prompt_len);
        frequency: `x -= frequency * count`, count = the token's generated occurrences.
     4. min_tokens: EOS ids get -inf while the row's generated count (its real slots at positions
@@ -77,7 +78,7 @@ def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
         v = x[rows, ids]
         if inp.stages.repetition:
             r = p.repetition_penalty[:, None]
-            v = rounded(jnp.where(v > 0, v * (1.0 / r), v * r))
+            v = rounded(jnp.where(v > 0, v / r, v * r))
         if inp.stages.presence:
             v = v - p.presence_penalty[:, None] * (count > 0)
         if inp.stages.frequency:

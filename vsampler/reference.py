@@ -8,7 +8,8 @@ For logits `(B, V)` (math in float32) and per-row parameters, each row goes thro
     NaN, which stage 5 turns into -inf; so implementations may apply the mask anywhere before stage 5).
  1. logit bias: `x += bias` (a mapping adds at its ids; an array adds elementwise; -inf bans).
  2. repetition penalty `r`, once per distinct token in the row's history (prompt + generated):
-    `x = x * (1 / r)` where `x > 0`, else `x * r`.
+    `x = x / r` where `x > 0`, else `x * r` (a division: a reciprocal multiply could fuse with the next
+    stage's subtraction into one rounding on CPU).
  3. presence penalty: `x -= presence` once per distinct *generated* token (history positions
     >= prompt_len); frequency penalty: `x -= frequency * count` per occurrence of a generated token.
  4. min_tokens: EOS ids get -inf while the row has generated fewer than `min_tokens` tokens (its count of
