@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
 from vsampler.compile_check import tpu_device
 from vsampler.estimate import read_static_profile
 
