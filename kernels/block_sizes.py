@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+from vsampler.kernels import candidates
 
 MiB = 1 << 20
 TEMPORARIES = 5  # f32 blocks alive at once besides the input: s, e, kept mass, iota, a mask/select temp
@@ -79,7 +80,9 @@ def working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allowed: boo
     input_rows = _round_up(block_rows, sublane_rows(dtype))
     f32_rows = _round_up(block_rows, 8)
     temporaries = TEMPORARIES + (MASK_TEMPORARIES if allowed else 0)
-    return lanes * (2 * input_rows * np.dtype(dtype).itemsize + temporaries * f32_rows * 4)
+    layout = candidates.ColumnLayout.of(vocab)  # the candidate path's scratch (`candidates.py`)
+    scratch = layout.scratch_bytes(f32_rows) if layout is not None else 0
+    return lanes * (2 * input_rows * np.dtype(dtype).itemsize + temporaries * f32_rows * 4) + scratch
 
 
 def chunked_working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allowed: bool, buffers: int) -> int:

@@ -38,12 +38,14 @@ Reference: `vsampler.reference`. Block sizes: `vsampler.kernels.block_sizes`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+from vsampler.kernels import candidates
 from vsampler.kernels import trips as loop_trips
 
 NEG_INF = float("-inf")
@@ -55,9 +57,18 @@ T, TOP_K, TOP_P, MIN_P, U, FINISHED, EOS_TOO_EARLY, EMPTY_TOKEN = range(8)
 ROW_COLUMNS = 8
 # columns of the per-row statistics output (the last three: the block's trips of each data-dependent loop)
 THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
-STAT_COLUMNS = 8
-# the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.estimate`)
-SITES = (loop_trips.Site("top_k", 5), loop_trips.Site("top_p", 6), loop_trips.Site("draw", 7))
+STAT_COLUMNS = 16
+# the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.estimate`):
+# the candidate path's searches and its whole-row mass pass, then the whole-row path's loops, which run
+# only where the candidates are not exact for some row of the block (the cond "fallback")
+SITES = (
+    loop_trips.Site("candidate_top_k", 5),
+    loop_trips.Site("candidate_top_p", 6),
+    loop_trips.Site("row_mass", 7),
+    loop_trips.Site("top_k", 8, guard="fallback"),
+    loop_trips.Site("top_p", 9, guard="fallback"),
+    loop_trips.Site("draw", 10, guard="fallback"),
+)
 
 
 def output_shapes(batch: int, top_n: int | None = None) -> list[jax.ShapeDtypeStruct]:
@@ -111,8 +122,9 @@ def _split_reduce(a: jax.Array, reduce: Callable, combine: Callable) -> jax.Arra
     lanes = a.shape[-1]
     per_slice = -(-lanes // LANE_SLICES)
     width = -(-per_slice // 128) * 128  # a whole number of vregs
-    parts = [reduce(a[..., i : i + width], axis=-1, keepdims=True) for i in range(0, lanes, width)]
-    return functools.reduce(combine, parts)
+    return candidates.tree(
+        combine, [reduce(a[..., i : i + width], axis=-1, keepdims=True) for i in range(0, lanes, width)]
+    )
 
 
 def _row_max(a: jax.Array) -> jax.Array:
@@ -162,6 +174,8 @@ def largest_value_with_trips(
     column_max: Callable[[jax.Array], jax.Array] = _column_max,
     site: str = "search",
     fixed: loop_trips.FixedTrips | None = None,
+    splits: int = 1,
+    plain_passes: int = PLAIN_PASSES,
 ) -> tuple[jax.Array, jax.Array]:
     """Per row of `s` ((R, V) with (R, 1) columns, or one (V,) row with (1,) values): the largest value v
     of the row with `statistic(v) >= target`. The one search every sampler here uses (the XLA path and
@@ -169,7 +183,9 @@ def largest_value_with_trips(
 
     `statistic(t)` must be non-increasing in t and change only at the row's values (a count or a mass of
     the values >= t), with `statistic(lo) >= target` on active rows; `hi` is the row maximum. Inactive
-    rows return lo. `PLAIN_PASSES` plain bisection passes (one reduction each) narrow the bracket; then
+    rows return lo. `plain_passes` plain passes narrow the bracket, each evaluating `statistic` at
+    `splits` evenly spaced points at once (1: bisection; more cut the bracket by splits + 1 per pass,
+    for small rows whose passes are bound by a reduction's latency, not its operations); then
     each pass also snaps both ends to the row's own values (the smallest value >= the split, the largest
     below it) in the same fused loop, and the search ends when the ends meet: about log2 of the number
     of distinct values in the bracket passes in all, never 32 regardless of the data.
@@ -184,14 +200,23 @@ def largest_value_with_trips(
 
     def plain(_: int, bracket: tuple) -> tuple:
         lo_, hi_ = bracket
-        mid = lo_ + (hi_ - lo_) * 0.5
-        reaches = statistic(mid) >= target
-        return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
+        if splits == 1:
+            mid = lo_ + (hi_ - lo_) * 0.5
+            reaches = statistic(mid) >= target
+            return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
+        points = [lo_ + (hi_ - lo_) * (j / (splits + 1)) for j in range(1, splits + 1)]
+        reached = [statistic(t) >= target for t in points]  # non-increasing: True up to some point
+        new_lo, new_hi = lo_, hi_
+        for t, reaches in zip(points, reached, strict=True):
+            new_lo = jnp.where(reaches, t, new_lo)
+        for t, reaches in zip(reversed(points), reversed(reached), strict=True):
+            new_hi = jnp.where(reaches, new_hi, t)
+        return new_lo, new_hi
 
     def snap_up(t: jax.Array) -> jax.Array:
         return column_min(jnp.where(s >= t, s, jnp.inf))
 
-    lo, hi_open = lax.fori_loop(0, PLAIN_PASSES, plain, (lo, hi))
+    lo, hi_open = lax.fori_loop(0, plain_passes, plain, (lo, hi))
     hi = jnp.where(hi_open < hi, column_max(jnp.where(s < hi_open, s, NEG_INF)), hi)
     lo = jnp.where(active, snap_up(lo), lo)
 
@@ -240,34 +265,14 @@ def unpack_allowed_block(words: jax.Array, vocab: int) -> jax.Array:
     return (lax.shift_right_logical(repeated, bit) & 1) > 0
 
 
-def fused_sampler_kernel(
-    *refs: jax.Array,
-    vocab: int,
-    pad_id: int,
-    top_k: bool,
-    top_p: bool,
-    min_p: bool,
-    random: bool,
-    min_tokens: bool,
-    allowed: bool = False,
-    top_n: int | None = None,
-    trips: loop_trips.FixedTrips | None = None,
-) -> None:
-    """One block of rows: x (R, V), rows (R, 8) packed parameters, eos (1, E)[, allowed (R, ceil(V/32))]
-    -> token (R, 1), finished (R, 1), stats (R, 8)[, top_x (R, n), top_ids (R, n)]. `trips`: fixed trip
-    counts for the data-dependent loops (`SITES`), for the static estimate's compiles only."""
-    x_ref, rows_ref, eos_ref, *refs = refs
-    allowed_ref = refs.pop(0) if allowed else None
-    token_ref, finished_ref, stats_ref, *top_refs = refs
+def _sanitized_block(x_ref, rows, eos, allowed_ref, *, vocab: int, min_tokens: bool):
+    """Stages 0, 4 and 5 on the whole resident block: (x (R, V) float32, its row maximum, the first
+    index of it, the lane iota)."""
     x = x_ref[...].astype(jnp.float32)
-    rows = rows_ref[...]
-    temperature = rows[:, T : T + 1]
-    finished = rows[:, FINISHED : FINISHED + 1] > 0
-    eos = eos_ref[...]  # (1, E), -1 = none
     iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
 
     # stage 0: tokens the packed mask does not allow are -inf
-    if allowed:
+    if allowed_ref is not None:
         x = jnp.where(unpack_allowed_block(allowed_ref[...], vocab), x, NEG_INF)
 
     # stage 4: EOS ids are -inf while the row has generated fewer than min_tokens tokens
@@ -283,78 +288,179 @@ def fused_sampler_kernel(
     x_max = jnp.where(pos_inf, 0.0, x_max)
     first_max = _row_min(jnp.where(x == x_max, iota, vocab))
     first_max = jnp.where(first_max == vocab, 0, first_max)
+    return x, x_max, first_max, iota
 
-    threshold = jnp.full_like(x_max, NEG_INF)
-    s_max = x_max
-    kept_mass = jnp.zeros_like(x_max)
-    token = first_max
-    site_trips = {site.loop: jnp.int32(0) for site in SITES}
+
+def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, min_p, trips):
+    """Stages 6-10 on the whole resident block (`random` rows): (token, threshold, s_max, kept_mass,
+    the trips of the loops by site)."""
+    temperature = rows[:, T : T + 1]
+    site_trips = {}
     row_reductions = {"column_min": _row_min, "column_max": _row_max}
-    if random:
-        greedy = temperature == 0.0
-        inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
-        s = x * inverse_t
-        s_max = x_max * inverse_t
-        e = relative_weight(s, s_max)
-        has_values = s_max > NEG_INF
+    threshold = jnp.full_like(x_max, NEG_INF)
+    greedy = temperature == 0.0
+    inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+    s = x * inverse_t
+    s_max = x_max * inverse_t
+    e = relative_weight(s, s_max)
+    has_values = s_max > NEG_INF
 
-        if top_k:  # stage 7
-            k = rows[:, TOP_K : TOP_K + 1]
+    if top_k:  # stage 7
+        k = rows[:, TOP_K : TOP_K + 1]
 
-            def count_ge(t: jax.Array) -> jax.Array:
-                return _row_sum(jnp.where(s >= t, 1.0, 0.0))
+        def count_ge(t: jax.Array) -> jax.Array:
+            return _row_sum(jnp.where(s >= t, 1.0, 0.0))
 
-            lowest = _row_min(jnp.where(s > NEG_INF, s, jnp.inf))
-            on = (k > 0) & has_values & (count_ge(lowest) > k)
-            kth, site_trips["top_k"] = largest_value_with_trips(
-                count_ge, k, s, jnp.where(on, lowest, s_max), s_max, on, site="top_k", fixed=trips, **row_reductions
-            )
-            threshold = jnp.where(on, kth, threshold)
-
-        if top_p:  # stage 8
-            p = rows[:, TOP_P : TOP_P + 1]
-            kept_e = jnp.where(s >= threshold, e, 0.0)
-            target = p * _row_sum(kept_e)
-
-            def mass_ge(t: jax.Array) -> jax.Array:
-                return _row_sum(jnp.where(s >= t, kept_e, 0.0))
-
-            on = (p < 1.0) & has_values
-            bound = s_max + jnp.log(jnp.maximum(1.0 - p, 0.0) / (2.0 * vocab))
-            lo = jnp.where(on, jnp.maximum(threshold, bound), s_max)
-            v_star, site_trips["top_p"] = largest_value_with_trips(
-                mass_ge, target, s, lo, s_max, on, site="top_p", fixed=trips, **row_reductions
-            )
-            threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
-
-        kept = (s > NEG_INF) & (s >= threshold)
-        if min_p:  # stage 9
-            kept &= e >= rows[:, MIN_P : MIN_P + 1]
-
-        # stage 10: smallest index whose prefix of kept mass exceeds u * total
-        kept_e = jnp.where(kept, e, 0.0)
-        kept_mass = _row_sum(kept_e)
-        target = rows[:, U : U + 1] * kept_mass
-
-        def prefix_search(state: tuple) -> tuple:
-            lo_, hi_ = state  # prefix(lo) <= target < prefix(hi)
-            mid = (lo_ + hi_) // 2
-            over = _row_sum(jnp.where(iota <= mid, kept_e, 0.0)) > target
-            narrowing = hi_ - lo_ > 1
-            return jnp.where(narrowing & ~over, mid, lo_), jnp.where(narrowing & over, mid, hi_)
-
-        bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))
-        (_, crossing), site_trips["draw"] = loop_trips.while_loop(
-            "draw", trips, lambda st: jnp.any(st[1] - st[0] > 1), prefix_search, bracket
+        lowest = _row_min(jnp.where(s > NEG_INF, s, jnp.inf))
+        on = (k > 0) & has_values & (count_ge(lowest) > k)
+        kth, site_trips["top_k"] = largest_value_with_trips(
+            count_ge, k, s, jnp.where(on, lowest, s_max), s_max, on, site="top_k", fixed=trips, **row_reductions
         )
-        any_kept = kept_mass > 0
-        is_kept = _row_max(jnp.where((iota == crossing) & kept, 1, 0)) > 0
-        next_kept = _row_min(jnp.where(kept & (iota > crossing), iota, vocab))
-        last_kept = _row_max(jnp.where(kept, iota, -1))
-        sampled = jnp.where(is_kept, crossing, jnp.where(next_kept < vocab, next_kept, last_kept))
-        sampled = jnp.where(kept_mass > target, sampled, last_kept)
-        sampled = jnp.where(any_kept, sampled, 0)
-        token = jnp.where(greedy, first_max, sampled)
+        threshold = jnp.where(on, kth, threshold)
+
+    if top_p:  # stage 8
+        p = rows[:, TOP_P : TOP_P + 1]
+        kept_e = jnp.where(s >= threshold, e, 0.0)
+        target = p * _row_sum(kept_e)
+
+        def mass_ge(t: jax.Array) -> jax.Array:
+            return _row_sum(jnp.where(s >= t, kept_e, 0.0))
+
+        on = (p < 1.0) & has_values
+        bound = s_max + jnp.log(jnp.maximum(1.0 - p, 0.0) / (2.0 * vocab))
+        lo = jnp.where(on, jnp.maximum(threshold, bound), s_max)
+        v_star, site_trips["top_p"] = largest_value_with_trips(
+            mass_ge, target, s, lo, s_max, on, site="top_p", fixed=trips, **row_reductions
+        )
+        threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
+
+    kept = (s > NEG_INF) & (s >= threshold)
+    if min_p:  # stage 9
+        kept &= e >= rows[:, MIN_P : MIN_P + 1]
+
+    # stage 10: smallest index whose prefix of kept mass exceeds u * total
+    kept_e = jnp.where(kept, e, 0.0)
+    kept_mass = _row_sum(kept_e)
+    target = rows[:, U : U + 1] * kept_mass
+
+    def prefix_search(state: tuple) -> tuple:
+        lo_, hi_ = state  # prefix(lo) <= target < prefix(hi)
+        mid = (lo_ + hi_) // 2
+        over = _row_sum(jnp.where(iota <= mid, kept_e, 0.0)) > target
+        narrowing = hi_ - lo_ > 1
+        return jnp.where(narrowing & ~over, mid, lo_), jnp.where(narrowing & over, mid, hi_)
+
+    bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))
+    (_, crossing), site_trips["draw"] = loop_trips.while_loop(
+        "draw", trips, lambda st: jnp.any(st[1] - st[0] > 1), prefix_search, bracket
+    )
+    any_kept = kept_mass > 0
+    is_kept = _row_max(jnp.where((iota == crossing) & kept, 1, 0)) > 0
+    next_kept = _row_min(jnp.where(kept & (iota > crossing), iota, vocab))
+    last_kept = _row_max(jnp.where(kept, iota, -1))
+    sampled = jnp.where(is_kept, crossing, jnp.where(next_kept < vocab, next_kept, last_kept))
+    sampled = jnp.where(kept_mass > target, sampled, last_kept)
+    sampled = jnp.where(any_kept, sampled, 0)
+    token = jnp.where(greedy, first_max, sampled)
+    return token, threshold, s_max, kept_mass, site_trips
+
+
+def uses_candidates(vocab: int, *, top_k: bool, top_p: bool, min_p: bool, random: bool, allowed: bool) -> bool:
+    """Whether the kernel takes the candidate fast path (`candidates.py`) for these stage flags: sampling
+    with top-k or min-p, which bound the kept set (full-vocabulary top-p alone keeps too many tokens for
+    the candidates: on the workload's logits, 7 blocks in 8 fell back), no allowed-token mask (it stays
+    the whole-row path), and at least one vreg of vocabulary."""
+    del top_p  # top-p runs on the candidates when top-k or min-p is on
+    return random and (top_k or min_p) and not allowed and candidates.ColumnLayout.of(vocab) is not None
+
+
+def scratch_shapes(block_rows: int, vocab: int, **stages: bool) -> list:
+    """The VMEM scratch the kernel needs for these stage flags: the candidates' arrays, or nothing."""
+    if not uses_candidates(vocab, **stages):
+        return []
+    from jax.experimental.pallas import tpu as pltpu
+
+    width = candidates.ColumnLayout.of(vocab).width
+    return [
+        pltpu.VMEM((block_rows, 2 * width), jnp.float32),
+        pltpu.VMEM((block_rows, 2 * width), jnp.int32),
+        pltpu.VMEM((block_rows, width), jnp.float32),
+    ]
+
+
+def fused_sampler_kernel(
+    *refs: jax.Array,
+    vocab: int,
+    pad_id: int,
+    top_k: bool,
+    top_p: bool,
+    min_p: bool,
+    random: bool,
+    min_tokens: bool,
+    allowed: bool = False,
+    top_n: int | None = None,
+    trips: loop_trips.FixedTrips | None = None,
+) -> None:
+    """One block of rows: x (R, V), rows (R, 8) packed parameters, eos (1, E)[, allowed (R, ceil(V/32))]
+    -> token (R, 1), finished (R, 1), stats (R, STAT_COLUMNS)[, top_x (R, n), top_ids (R, n)], then the
+    candidates' scratch (`scratch_shapes`). `trips`: fixed trip counts for the data-dependent loops
+    (`SITES`), for the static estimate's compiles only."""
+    x_ref, rows_ref, eos_ref, *refs = refs
+    allowed_ref = refs.pop(0) if allowed else None
+    token_ref, finished_ref, stats_ref, *refs = refs
+    top_refs, scratch = (refs[:2], refs[2:]) if top_n else ([], refs)
+    rows = rows_ref[...]
+    finished = rows[:, FINISHED : FINISHED + 1] > 0
+    eos = eos_ref[...]  # (1, E), -1 = none
+    sanitized = functools.partial(_sanitized_block, x_ref, rows, eos, allowed_ref, vocab=vocab, min_tokens=min_tokens)
+    filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p}
+    loops = ("top_k", "top_p", "draw")
+
+    def whole_row() -> tuple:
+        x, x_max, first_max, iota = sanitized()
+        if not random:
+            return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, (jnp.int32(0),) * 3
+        token, threshold, s_max, kept_mass, site_trips = _whole_row_sample(
+            x, x_max, first_max, iota, rows, vocab=vocab, trips=trips, **filters
+        )
+        return token, threshold, s_max, kept_mass, x_max, tuple(site_trips.get(n, jnp.int32(0)) for n in loops)
+
+    fast_trips = {}
+    if uses_candidates(vocab, random=random, allowed=allowed, **filters):
+        layout = candidates.ColumnLayout.of(vocab)
+        too_early = rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0
+
+        def prepare(x: jax.Array, idx: jax.Array) -> jax.Array:  # stages 4 and 5 on one vreg
+            if min_tokens:
+                is_eos_id = functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
+                x = jnp.where(too_early & is_eos_id, NEG_INF, x)
+            return jnp.where(jnp.isnan(x), NEG_INF, x)
+
+        values_ref, ids_ref, third_ref = scratch
+        candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, prepare)
+        fast = candidates.sample(
+            values_ref[...],
+            ids_ref[...],
+            third_ref[...],
+            temperature=rows[:, T : T + 1],
+            k=rows[:, TOP_K : TOP_K + 1] if top_k else None,
+            p=rows[:, TOP_P : TOP_P + 1] if top_p else None,
+            min_p=rows[:, MIN_P : MIN_P + 1] if min_p else None,
+            u=rows[:, U : U + 1],
+            vocab=vocab,
+            row_mass=lambda inverse_t, s_max: candidates.row_mass(
+                x_ref, layout, prepare, inverse_t, s_max, relative_weight
+            ),
+            search=largest_value_with_trips,
+            weight=relative_weight,
+            fixed=trips,
+        )
+        fast_trips = fast.trips
+        quick = (fast.token, fast.threshold, fast.s_max, fast.kept_mass, fast.x_max, (jnp.int32(0),) * 3)
+        result, taken = loop_trips.cond("fallback", trips, fast.fallback, whole_row, lambda: quick)
+    else:
+        result, taken = whole_row(), jnp.int32(1)
+    token, threshold, s_max, kept_mass, x_max, whole_trips = result
 
     # a row with no finite value left: its empty-row token
     token = jnp.where(x_max > NEG_INF, token, rows[:, EMPTY_TOKEN : EMPTY_TOKEN + 1].astype(jnp.int32))
@@ -362,6 +468,7 @@ def fused_sampler_kernel(
     # log-probs: the raw log-normaliser, the token's logit, the top-n entries
     log_z_raw = token_x = jnp.zeros_like(x_max)
     if top_n is not None:
+        x, x_max, _, iota = sanitized()
         finite = x_max > NEG_INF
         shift = jnp.where(finite, x_max, 0.0)
         log_z_raw = jnp.where(finite, shift + jnp.log(_row_sum(jnp.exp(x - shift))), NEG_INF)
@@ -377,7 +484,8 @@ def fused_sampler_kernel(
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
     values = {THRESHOLD: threshold, S_MAX: s_max, KEPT_MASS: kept_mass, LOG_Z_RAW: log_z_raw, TOKEN_X: token_x}
-    stats_ref[...] = stats_block(values, {site.column: site_trips[site.loop] for site in SITES})
+    site_trips = {**fast_trips, **{n: taken * (1 + t) for n, t in zip(loops, whole_trips, strict=True)}}
+    stats_ref[...] = stats_block(values, {site.column: site_trips.get(site.loop, jnp.int32(0)) for site in SITES})
 
 
 @functools.partial(
@@ -418,9 +526,10 @@ def fused_sample(
     to it), rows (B, 8) float32 packed parameters, eos (1, E) int32, allowed (B, ceil(V / 32)) int32
     packed mask words or None. `top_n`: None (no log-prob values), or the top entries to return.
     `trips`: the static estimate's fixed loop trips (`vsampler.kernels.trips`); None for a real launch.
-    Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 8) float32[, top_x (B, n) float32,
-    top_ids (B, n) int32]."""
+    Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, STAT_COLUMNS) float32[, top_x (B, n)
+    float32, top_ids (B, n) int32]."""
     stages = {"pad_id": pad_id, "top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random}
+    filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random, "allowed": allowed is not None}
     kernel = functools.partial(
         fused_sampler_kernel, vocab=logits.shape[1], min_tokens=min_tokens, trips=trips, **stages
     )
@@ -435,6 +544,7 @@ def fused_sample(
         top_n=top_n,
         vmem_limit_bytes=vmem_limit_bytes,
         interpret=interpret,
+        scratch_shapes=scratch_shapes(block_rows, logits.shape[1], **filters),
     )
 
 
@@ -451,6 +561,7 @@ def row_block_call(
     vmem_limit_bytes: int | None,
     interpret: bool,
     buffers: int = 2,
+    scratch_shapes: Sequence[Any] = (),
 ) -> tuple[jax.Array, ...]:
     """The launch both TPU variants share: a grid over blocks of `block_rows` rows, the logits block
     `lanes` wide (V, or V rounded up to the chunked variant's CHUNK) held in `buffers` VMEM copies, the
@@ -490,4 +601,5 @@ def row_block_call(
         out_shape=output_shapes(batch, top_n),
         compiler_params=compiler_params,
         interpret=interpret,
+        scratch_shapes=tuple(scratch_shapes),
     )(*inputs)

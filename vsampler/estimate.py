@@ -208,20 +208,33 @@ class EstimateCase:
 
 @dataclasses.dataclass
 class LoopCost:
-    """One data-dependent loop: its mean trips per block and what one more trip in every block costs;
-    for a loop inside a cond, also the fraction of blocks that took it and what the cond's branch costs
-    without the loop."""
+    """One data-dependent loop: its mean trips per block (0 in blocks its cond did not run) and what one
+    more trip in every block costs; a loop inside a cond also names it (`guard`) and the fraction of
+    blocks that ran it."""
 
     loop: str
     trips: float
     cycles_per_trip: int  # 0 where not compiled (whole-number trips, no breakdown asked)
     guard: str | None = None
     taken: float = 1.0
-    guard_cycles: int = 0
 
     @property
     def cycles(self) -> float:
-        return self.trips * self.cycles_per_trip + self.taken * self.guard_cycles
+        return self.trips * self.cycles_per_trip
+
+
+@dataclasses.dataclass
+class GuardCost:
+    """A data-dependent cond that holds loops: the fraction of blocks that took it and what its branch
+    costs in a block, without its loops' trips (0 where not compiled: always taken, no breakdown)."""
+
+    guard: str
+    taken: float
+    branch_cycles: int = 0
+
+    @property
+    def cycles(self) -> float:
+        return self.taken * self.branch_cycles
 
 
 @dataclasses.dataclass
@@ -235,6 +248,7 @@ class KernelEstimate:
     cycles: float = 0.0  # the estimate, every loop counted
     compiled_cycles: int = 0  # the compile at the rounded trips
     loops: list[LoopCost] = dataclasses.field(default_factory=list)
+    guards: list[GuardCost] = dataclasses.field(default_factory=list)
     stages: dict[str, int] = dataclasses.field(default_factory=dict)  # breakdown: what each stage adds
     hbm_bytes: int = 0
     logits_bytes: int = 0
@@ -373,21 +387,30 @@ def estimate(
         result.hbm_bytes = base["argument_bytes"] + base["output_bytes"]
         result.logits_bytes = base["logits_bytes"]
         estimate_cycles = float(result.compiled_cycles)
-        for site in _sites(plan):
-            if not _site_runs(site.loop, stages):
-                continue
+        running = [site for site in _sites(plan) if _site_runs(site.loop, stages)]
+        taken_by_guard = {site.guard: means[site.loop][1] for site in running if site.guard}
+        for site in running:
             t, taken = means[site.loop]
             loop = LoopCost(site.loop, t, 0, site.guard, taken)
-            if breakdown or t != fixed[site.loop]:
-                more = sum(cycles({**fixed, site.loop: fixed[site.loop] + 1})["cycles"].values())
-                loop.cycles_per_trip = more - result.compiled_cycles
+            # one more trip's cost: for fractional trips, and for a loop whose cond's cost is needed
+            guard_partial = site.guard is not None and taken_by_guard[site.guard] < 1 and fixed[site.loop] > 0
+            if breakdown or t != fixed[site.loop] or guard_partial:
+                # between two fixed-trip compiles: at 0 trips the site stays a while loop, whose own
+                # overhead (spills around it) a first fixed trip can remove, not add
+                n = max(fixed[site.loop], 1)
+                at_n = result.compiled_cycles if n == fixed[site.loop] else _total(cycles({**fixed, site.loop: n}))
+                loop.cycles_per_trip = _total(cycles({**fixed, site.loop: n + 1})) - at_n
                 estimate_cycles += (t - fixed[site.loop]) * loop.cycles_per_trip
-            if site.guard and (breakdown or taken < 1):
-                without = sum(cycles({**fixed, site.guard: 0})["cycles"].values())
-                # the branch's cost with the loop at its rounded trips, less those trips
-                loop.guard_cycles = result.compiled_cycles - without - fixed[site.loop] * loop.cycles_per_trip
-                estimate_cycles -= (1 - taken) * loop.guard_cycles
             result.loops.append(loop)
+        for guard, taken in taken_by_guard.items():
+            cost = GuardCost(guard, taken)
+            if breakdown or taken < 1:
+                without = sum(cycles({**fixed, guard: 0})["cycles"].values())
+                inside = sum(fixed[lp.loop] * lp.cycles_per_trip for lp in result.loops if lp.guard == guard)
+                # the branch's cost with its loops at their rounded trips, less those trips
+                cost.branch_cycles = result.compiled_cycles - without - inside
+                estimate_cycles -= (1 - taken) * cost.branch_cycles
+            result.guards.append(cost)
         result.cycles = estimate_cycles
         if breakdown:
             result.stages = _stage_breakdown(case, stages, fixed, result.compiled_cycles, cycles)
@@ -402,13 +425,17 @@ class _CompileFailed(Exception):
     pass
 
 
+def _total(answer: dict[str, Any]) -> int:
+    return sum(answer["cycles"].values())
+
+
 def _site_runs(loop: str, stages: dict[str, bool]) -> bool:
     """Whether a kernel loop exists with these stage flags (the draw's and searches' need sampling)."""
     if not stages["random"]:
         return False
-    if loop.startswith("top_k"):
+    if loop.startswith(("top_k", "candidate_top_k")):
         return stages["top_k"]
-    if loop == "top_p":
+    if loop in ("top_p", "candidate_top_p", "row_mass"):
         return stages["top_p"]
     return True
 
@@ -524,8 +551,11 @@ def breakdown_table(r: KernelEstimate) -> tuple[list[str], list[list[str]]]:
     for loop in r.loops:
         what = f"{loop.trips:.2f} trips x {loop.cycles_per_trip:,} cycles"
         if loop.guard:
-            what += f" + run in {loop.taken:.0%} of blocks x {loop.guard_cycles:,} cycles"
+            what += f" (inside {loop.guard})"
         rows.append([f"loop: {loop.loop}", what, f"{loop.cycles:,.0f}", f"{loop.cycles / r.cycles:.1%}"])
+    for guard in r.guards:
+        what = f"run in {guard.taken:.0%} of blocks x {guard.branch_cycles:,} cycles (its loops apart)"
+        rows.append([f"cond: {guard.guard}", what, f"{guard.cycles:,.0f}", f"{guard.cycles / r.cycles:.1%}"])
     for stage, n in r.stages.items():
         rows.append([f"stage: {stage}", "at the rounded trips", f"{n:,}", f"{n / r.cycles:.1%}"])
     correction = r.cycles - r.compiled_cycles

@@ -1,0 +1,365 @@
+"""Column candidates: the resident kernel's fast path, one pass over the logits instead of dozens.
+
+The block's (R, V) logits are read as 128-lane vregs; vreg v belongs to column group `v % groups` (the
+last few to the first groups). For every lane of every column group, one pass keeps the two largest
+values with their vocabulary indices and the third largest value (`column_pass`): R x 2W *candidates*
+(W = groups x 128 lanes) and R x W *third* values. The pass is a few VALU operations per vreg; the loads
+of the logits are what bounds it.
+
+Every threshold of the spec is then searched over the candidates alone, and is exact whenever the kept
+set lies among them: every value outside the candidates is at most the row's largest third value s3,
+so when the combined top-k / top-p threshold is above s3 (or, with min-p alone, min-p drops s3), each
+token >= the threshold is a candidate, the counts and masses the searches see above s3 are the row's,
+and the kept set, the kept mass and the draw (smallest vocabulary index whose kept prefix exceeds
+u x mass, by bisection on the candidates' indices) are the spec's. Where that does not hold for some
+row (a k too large for the candidates, a flat distribution's top-p, ties at the threshold outside the
+candidates, a +inf logit, temperature alone), the caller runs the whole-row path for the block instead
+(`fallback`); `vsampler.kernels.sampler` composes the two.
+
+Top-p without top-k needs the row's whole mass: one more pass (`row_mass`) on the rows that need it.
+Reference: `vsampler.reference`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from vsampler.kernels import trips as loop_trips
+
+NEG_INF = float("-inf")
+LANES = 128
+GROUPS = 32  # column groups: 2 x 4096 candidates per row (at least 3 of a top-50 share a column ~0.1%)
+UNROLL = 8  # vregs per column unrolled in the passes' inner loops
+# The searches over the candidates are bound by the latency of each pass's row reductions (~650 cycles
+# a pass on v5e whatever its width), not by their operations: each pass evaluates several points.
+SEARCH_SPLITS, SEARCH_PASSES = 7, 4  # the searches' plain passes: 8 sub-brackets each, 4096x narrower
+DRAW_SPLITS = 3  # the draw's index search: DRAW_SPLITS + 1 sub-ranges a pass
+
+
+@dataclasses.dataclass(frozen=True)
+class ColumnLayout:
+    """Which vregs of a row each column group holds: vreg `j * groups + c` for j < `main_chunks`, then
+    vreg `main_chunks * groups + c` for c < `tail` (the row's last vreg among them: partial when V is
+    not a multiple of 128, then read as the row's last 128 lanes, those of the vreg before masked)."""
+
+    vocab: int
+    groups: int
+    main_chunks: int
+    tail: int
+
+    @classmethod
+    def of(cls, vocab: int) -> ColumnLayout | None:
+        """The layout for rows of `vocab` values; None below one vreg (the whole-row path serves)."""
+        if vocab < LANES:
+            return None
+        vregs = -(-vocab // LANES)
+        groups = min(GROUPS, vregs)
+        main = (vregs - 1) // groups
+        return cls(vocab, groups, main, vregs - main * groups)
+
+    @property
+    def width(self) -> int:
+        return self.groups * LANES
+
+    @property
+    def partial(self) -> bool:
+        return self.vocab % LANES != 0
+
+    def scratch_bytes(self, rows: int) -> int:
+        """VMEM the candidates take: values and indices (R, 2W), third values (R, W)."""
+        return rows * self.width * 4 * 5
+
+
+Prepare = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _lane_tree(a: jax.Array, combine: Callable, reduce: Callable) -> jax.Array:
+    """A row reduction of a candidates-sized (R, n x 128) array: its vregs combined elementwise in a
+    tree (VALU operations, a few levels deep), then one cross-lane reduction; the whole-row block's
+    reductions (`sampler._split_reduce`) would cost a cross-lane reduction per slice."""
+    return reduce(tree(combine, [a[:, i : i + LANES] for i in range(0, a.shape[-1], LANES)]), axis=-1, keepdims=True)
+
+
+def tree(combine: Callable, parts: list[jax.Array]) -> jax.Array:
+    """`parts` combined pairwise, level by level: each combine waits for one level, not for all before
+    it (a serial chain of dependent operations is what bounds these kernels' passes)."""
+    while len(parts) > 1:
+        parts = [combine(*parts[i : i + 2]) if i + 1 < len(parts) else parts[i] for i in range(0, len(parts), 2)]
+    return parts[0]
+
+
+def row_max(a: jax.Array) -> jax.Array:
+    return _lane_tree(a, jnp.maximum, jnp.max)
+
+
+def row_min(a: jax.Array) -> jax.Array:
+    return _lane_tree(a, jnp.minimum, jnp.min)
+
+
+def row_sum(a: jax.Array) -> jax.Array:
+    return _lane_tree(a, jnp.add, jnp.sum)
+
+
+def _fold_column(x_ref, layout: ColumnLayout, prepare: Prepare, c, chunks: int, update, acc, last: bool):
+    """Folds `update(acc, values, idx)` over column group `c`'s first `chunks` vregs, then (`last`) its
+    tail vreg."""
+    rows = x_ref.shape[0]
+    lane = lax.broadcasted_iota(jnp.int32, (rows, LANES), 1)
+
+    def step(j, acc):
+        start = pl.multiple_of((j * layout.groups + c) * LANES, LANES)
+        return update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
+
+    acc = lax.fori_loop(0, chunks, step, acc, unroll=min(UNROLL, chunks)) if chunks else acc
+    if last:
+        start = layout.vocab - LANES  # the row's last 128 lanes, static; lanes of the vreg before: -inf
+        idx = lane + start
+        first = (layout.main_chunks * layout.groups + layout.tail - 1) * LANES
+        x = prepare(x_ref[:, start : layout.vocab].astype(jnp.float32), idx)
+        acc = update(acc, jnp.where(idx >= first, x, NEG_INF), idx)
+    return acc
+
+
+def for_each_column(x_ref, layout: ColumnLayout, prepare: Prepare, init, update, finish, carry):
+    """`carry = finish(c, acc, carry)` for each column group c, `acc` being `init()` folded by
+    `update(acc, values, idx)` over the group's vregs in vocabulary order. `prepare(x, idx)` turns
+    each loaded vreg (float32) into the values folded (sanitising, masks)."""
+    full_tail = layout.tail - 1 if layout.partial else layout.tail
+
+    def column(c, carry, last: bool, with_tail: bool):
+        acc = _fold_column(x_ref, layout, prepare, c, layout.main_chunks, update, init(), False)
+        if with_tail:
+            start = pl.multiple_of((layout.main_chunks * layout.groups + c) * LANES, LANES)
+            lane = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], LANES), 1)
+            acc = update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
+        if last:
+            acc = _fold_column(x_ref, layout, prepare, c, 0, update, acc, True)
+        return finish(c, acc, carry)
+
+    # columns with a full tail vreg, the partial one's column (static), the columns without a tail vreg
+    carry = lax.fori_loop(0, full_tail, lambda c, k: column(c, k, False, True), carry)
+    if layout.partial:
+        carry = column(full_tail, carry, True, False)
+    return lax.fori_loop(layout.tail, layout.groups, lambda c, k: column(c, k, False, False), carry)
+
+
+def _top_two(acc, x, idx):
+    """Insertion into a column's (largest, second, third) values and the first two's indices; a later
+    value equal to a held one goes below it (lower index first among equal values)."""
+    a1, a2, a3, i1, i2 = acc
+    above_first = x > a1
+    above_second = x > a2
+    pushed = jnp.minimum(a1, x)
+    return (
+        jnp.maximum(a1, x),
+        jnp.maximum(a2, pushed),
+        jnp.maximum(a3, jnp.minimum(a2, pushed)),
+        jnp.where(above_first, idx, i1),
+        jnp.where(above_first, i1, jnp.where(above_second, idx, i2)),
+    )
+
+
+def column_pass(x_ref, values_ref, ids_ref, third_ref, layout: ColumnLayout, prepare: Prepare) -> None:
+    """Writes the block's candidates: values_ref / ids_ref (R, 2W) hold each column lane's largest value
+    (lanes [0, W)) and second largest (lanes [W, 2W)) with their vocabulary indices, third_ref (R, W)
+    the third largest; -inf (index 0) where a column holds fewer values."""
+    rows = x_ref.shape[0]
+
+    def init():
+        ninf = jnp.full((rows, LANES), NEG_INF, jnp.float32)
+        zero = jnp.zeros((rows, LANES), jnp.int32)
+        return ninf, ninf, ninf, zero, zero
+
+    def finish(c, acc, carry):
+        a1, a2, a3, i1, i2 = acc
+        first = pl.ds(pl.multiple_of(c * LANES, LANES), LANES)
+        second = pl.ds(pl.multiple_of(layout.width + c * LANES, LANES), LANES)
+        values_ref[:, first] = a1
+        values_ref[:, second] = a2
+        ids_ref[:, first] = i1
+        ids_ref[:, second] = i2
+        third_ref[:, first] = a3
+        return carry
+
+    for_each_column(x_ref, layout, prepare, init, _top_two, finish, 0)
+
+
+def row_mass(
+    x_ref, layout: ColumnLayout, prepare: Prepare, inverse_t: jax.Array, s_max: jax.Array, weight
+) -> jax.Array:
+    """(R, 1): each row's sum of `weight(x * inverse_t, s_max)` over the whole row (one pass)."""
+    rows = x_ref.shape[0]
+
+    def update(acc, x, _):
+        return acc + jnp.where(x > NEG_INF, weight(x * inverse_t, s_max), 0.0)
+
+    def finish(c, acc, total):
+        return total + acc
+
+    zero = jnp.zeros((rows, LANES), jnp.float32)
+    total = for_each_column(x_ref, layout, prepare, lambda: zero, update, finish, zero)
+    return jnp.sum(total, axis=-1, keepdims=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class CandidateResult:
+    token: jax.Array  # (R, 1) int32
+    threshold: jax.Array  # (R, 1): the top-k / top-p threshold in scaled-logit units (-inf: none)
+    s_max: jax.Array
+    kept_mass: jax.Array
+    x_max: jax.Array
+    fallback: jax.Array  # scalar bool: some row's result is not exact from the candidates
+    trips: dict[str, jax.Array]
+
+
+def sample(
+    values: jax.Array,
+    ids: jax.Array,
+    third: jax.Array,
+    *,
+    temperature: jax.Array,
+    k: jax.Array | None,
+    p: jax.Array | None,
+    min_p: jax.Array | None,
+    u: jax.Array,
+    vocab: int,
+    row_mass: Callable[[jax.Array, jax.Array], jax.Array],
+    search: Callable,
+    weight: Callable,
+    fixed: loop_trips.FixedTrips | None,
+) -> CandidateResult:
+    """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, 2C),
+    `third` (R, C); per-row (R, 1) parameters (`k`, `p`, `min_p`: None when the stage is off for the
+    block). `row_mass(inverse_t, s_max)`: the whole rows' mass (needed by top-p without top-k).
+    `search` is `sampler.largest_value_with_trips`, `weight` the kernel's `relative_weight`.
+
+    A random row is exact (`fallback` stays False for it) when no value outside the candidates can be
+    kept (all are <= s3, the largest third value):
+      - top-k on: its k-th largest candidate is above s3 (then it is the row's k-th largest); top-k
+        asked for but k at least the finite candidates: nothing lies outside them;
+      - top-p on: the candidates hold the target mass (over the top-k set, or the whole row's);
+      - the kept set's lower bound is above s3: the threshold, or min-p's cut when min-p drops s3 (a
+        top-p threshold below s3 is then below the cut in the row too, so the kept sets agree);
+    and no logit is +inf. Greedy rows (the first index of the maximum) are exact unless +inf."""
+    reductions = {"column_min": row_min, "column_max": row_max}
+    x_max = row_max(values)
+    first_max = row_min(jnp.where(values == x_max, ids, vocab))
+    first_max = jnp.where(first_max == vocab, 0, first_max)
+    greedy = temperature == 0.0
+    inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+    s = values * inverse_t
+    s_max = x_max * inverse_t
+    s3 = row_max(third) * inverse_t  # the largest value outside the candidates
+    outside = s3 > NEG_INF
+    e = weight(s, s_max)
+    has_values = s_max > NEG_INF
+    finite = s > NEG_INF
+    lowest = row_min(jnp.where(finite, s, jnp.inf))
+    exact = ~outside | ~has_values
+    threshold = jnp.full_like(s_max, NEG_INF)
+    trips = {}
+
+    if k is not None:
+
+        def count_ge(t):
+            return row_sum(jnp.where(s >= t, 1.0, 0.0))
+
+        on = (k > 0) & has_values & (count_ge(lowest) > k)
+        kth, trips["candidate_top_k"] = search(
+            count_ge,
+            k,
+            s,
+            jnp.where(on, lowest, s_max),
+            s_max,
+            on,
+            site="candidate_top_k",
+            fixed=fixed,
+            splits=SEARCH_SPLITS,
+            plain_passes=SEARCH_PASSES,
+            **reductions,
+        )
+        threshold = jnp.where(on, kth, threshold)
+        exact |= on & (kth > s3)  # (k asked for with k >= the finite candidates: exact only if ~outside)
+        asked = k > 0
+    else:
+        asked = jnp.zeros_like(exact)
+    # from here, `exact` rows with top-k asked for have an exact top-k set; the others must be bounded
+    exact_k = exact | ~asked
+
+    if p is not None:
+        kept_e = jnp.where(s >= threshold, e, 0.0)
+        candidate_mass = row_sum(kept_e)
+        whole = (p < 1.0) & (threshold == NEG_INF) & outside & has_values  # top-p over the whole row
+        (mass, _), trips["row_mass"] = loop_trips.while_loop(
+            "row_mass",
+            fixed,
+            lambda st: jnp.any(whole) & (st[1] == 0),
+            lambda st: (jnp.where(whole, row_mass(inverse_t, s_max), st[0]), st[1] + 1),
+            (candidate_mass, jnp.int32(0)),
+        )
+        target = p * mass
+        on = (p < 1.0) & has_values & (candidate_mass >= target)
+        exact_k &= on | (p >= 1.0) | ~has_values
+
+        def mass_ge(t):
+            return row_sum(jnp.where(s >= t, kept_e, 0.0))
+
+        lo = jnp.where(on, jnp.where(threshold > NEG_INF, threshold, lowest), s_max)
+        v_star, trips["candidate_top_p"] = search(
+            mass_ge,
+            target,
+            s,
+            lo,
+            s_max,
+            on,
+            site="candidate_top_p",
+            fixed=fixed,
+            splits=SEARCH_SPLITS,
+            plain_passes=SEARCH_PASSES,
+            **reductions,
+        )
+        threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
+
+    # nothing outside the candidates is kept: the kept set's lower bound is above s3
+    bounded = threshold > s3
+    if min_p is not None:
+        bounded |= weight(s3, s_max) < min_p
+    exact = exact_k & (bounded | ~outside | ~has_values)
+
+    kept = finite & (s >= threshold)
+    if min_p is not None:
+        kept &= e >= min_p
+    kept_e = jnp.where(kept, e, 0.0)
+    kept_mass = row_sum(kept_e)
+    target = u * kept_mass
+
+    def prefix_search(_, bracket):
+        lo_, hi_ = bracket  # prefix(lo) <= target < prefix(hi)
+        points = [lo_ + (hi_ - lo_) * j // (DRAW_SPLITS + 1) for j in range(1, DRAW_SPLITS + 1)]
+        over = [row_sum(jnp.where(ids <= t, kept_e, 0.0)) > target for t in points]  # False up to some point
+        new_lo, new_hi = lo_, hi_
+        for t, o in zip(points, over, strict=True):
+            new_lo = jnp.where(o, new_lo, t)
+        for t, o in zip(reversed(points), reversed(over), strict=True):
+            new_hi = jnp.where(o, t, new_hi)
+        return new_lo, new_hi
+
+    passes, width = 0, vocab  # the bracket (-1, V - 1): each pass leaves at most ceil(width / 16)
+    while width > 1:
+        passes, width = passes + 1, -(-width // (DRAW_SPLITS + 1))
+    bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))
+    _, crossing = lax.fori_loop(0, passes, prefix_search, bracket)
+    is_kept = row_max(jnp.where((ids == crossing) & kept, 1, 0)) > 0
+    next_kept = row_min(jnp.where(kept & (ids > crossing), ids, vocab))
+    last_kept = row_max(jnp.where(kept, ids, -1))
+    sampled = jnp.where(is_kept, crossing, jnp.where(next_kept < vocab, next_kept, last_kept))
+    sampled = jnp.where(kept_mass > target, sampled, last_kept)
+    sampled = jnp.where(kept_mass > 0, sampled, 0)
+    token = jnp.where(greedy, first_max, sampled)
+    row_ok = (x_max < jnp.inf) & (greedy | exact)
+    return CandidateResult(token, threshold, s_max, kept_mass, x_max, ~jnp.all(row_ok), trips)

@@ -1,0 +1,121 @@
+"""The resident kernel's candidate fast path (`vsampler.kernels.candidates`), in interpret mode: the column
+pass keeps exactly each column's two largest values (with their first indices) and the third, and the
+kernel's tokens and kept sets equal the reference's both where the candidates decide a block and where
+the block falls back to the whole-row path (which the statistics columns say)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from vsampler.kernels import block_sizes, candidates
+from vsampler.kernels import sampler as kernel
+
+from vsampler import pallas, process_logits, sample, verification
+
+
+def _column_of(layout: candidates.ColumnLayout, vreg: int) -> int:
+    main = layout.main_chunks * layout.groups
+    return vreg % layout.groups if vreg < main else vreg - main
+
+
+def _expected_candidates(x: np.ndarray, layout: candidates.ColumnLayout):
+    """numpy: per row and column lane, the values in vocabulary order; top two (first index among
+    equals first) and the third largest."""
+    rows, vocab = x.shape
+    width = layout.width
+    values = np.full((rows, 2 * width), -np.inf, np.float32)
+    ids = np.zeros((rows, 2 * width), np.int32)
+    third = np.full((rows, width), -np.inf, np.float32)
+    members: dict[int, list[int]] = {}
+    last = (vocab - 1) // 128
+    for i in range(vocab):
+        # a partial last vreg is read as the row's last 128 lanes: value i sits at lane i - (V - 128)
+        lane = i - (vocab - 128) if layout.partial and i // 128 == last else i % 128
+        members.setdefault(_column_of(layout, i // 128) * 128 + lane, []).append(i)
+    for r in range(rows):
+        for lane, idx in members.items():
+            order = sorted(idx, key=lambda i: (-x[r, i], i))  # stable: lower index first among equals
+            top = order[:3]
+            values[r, lane], ids[r, lane] = x[r, top[0]], top[0]
+            if len(top) > 1:
+                values[r, width + lane], ids[r, width + lane] = x[r, top[1]], top[1]
+            if len(top) > 2:
+                third[r, lane] = x[r, top[2]]
+    return values, ids, third
+
+
+@pytest.mark.parametrize("vocab", [128, 200, 4096, 4224, 9000, 16511])
+def test_the_column_pass_keeps_each_columns_two_largest_and_the_third(vocab):
+    layout = candidates.ColumnLayout.of(vocab)
+    vregs = -(-vocab // 128)
+    assert sorted(_column_of(layout, v) for v in range(vregs)).count(0) >= 1
+    assert layout.main_chunks * layout.groups + layout.tail == vregs and 1 <= layout.tail <= layout.groups
+    rng = np.random.default_rng(vocab)
+    x = np.round(rng.standard_normal((8, vocab)) * 2).astype(np.float32)  # ties within columns
+    x[0, :: max(1, vocab // 50)] = np.nan  # sanitised to -inf
+    x[1] = -np.inf
+    x[1, vocab - 1] = 3.0  # a row with one finite value, in the last (maybe partial) vreg
+    clean = np.where(np.isnan(x), -np.inf, x)
+
+    def kernel_body(x_ref, values_ref, ids_ref, third_ref):
+        candidates.column_pass(
+            x_ref, values_ref, ids_ref, third_ref, layout, lambda v, idx: jnp.where(jnp.isnan(v), -jnp.inf, v)
+        )
+
+    shapes = [(2 * layout.width, jnp.float32), (2 * layout.width, jnp.int32), (layout.width, jnp.float32)]
+    from jax.experimental import pallas as pl
+
+    out = pl.pallas_call(
+        kernel_body,
+        out_shape=[jax.ShapeDtypeStruct((8, n), t) for n, t in shapes],
+        interpret=True,
+    )(jnp.asarray(x))
+    values, ids, third = (np.asarray(a) for a in out)
+    want_values, want_ids, want_third = _expected_candidates(clean, layout)
+    np.testing.assert_array_equal(values, want_values)
+    np.testing.assert_array_equal(third, want_third)
+    held = want_values > -np.inf
+    np.testing.assert_array_equal(ids[held], want_ids[held])
+
+
+def _launch(x, case_params, vocab, keys, **kw):
+    """The resident kernel on logits `x` with a verification config's parameters: (tokens, stats)."""
+    from vsampler.inputs import prepare
+
+    batch = x.shape[0]
+    inp = prepare(x, case_params, keys, **kw)
+    xs, rows, eos, allowed, stages = pallas.kernel_operands(inp)
+    plan = block_sizes.plan(batch, vocab, str(x.dtype), "v5e")
+    assert plan.chunk is None
+    out = jax.jit(functools.partial(pallas.tpu_launch, plan, interpret=True, **stages))(xs, rows, eos, allowed)
+    return np.asarray(out[0])[:, 0], np.asarray(out[2]), stages
+
+
+FALLBACK_COLUMN = next(site.column for site in kernel.SITES if site.loop == "draw")
+
+
+@pytest.mark.parametrize("config", ["top_k", "combined", "min_p", "heterogeneous"])
+def test_blocks_decided_by_the_candidates_and_blocks_that_fall_back_both_match_the_reference(config):
+    batch, vocab = 16, 12000  # three or more values in most columns: values outside the candidates
+    params = verification.params(config, batch, vocab)
+    x = np.array(verification.logits("normal", batch, vocab, "float32", 1))
+    # the second block's rows: one value across the whole row, so every column holds ties at the top-k
+    # / min-p boundary outside its two candidates
+    x[8:] = 1.0
+    x = jnp.asarray(x)
+    hist, prompt = verification.history(batch, vocab, 1)
+    kw = {"history": hist, "prompt_len": prompt, "eos_token_id": verification.EOS}
+    keys = jax.random.split(jax.random.key(3), batch)
+    tokens, stats, stages = _launch(x, params, vocab, keys, **kw)
+    assert kernel.uses_candidates(vocab, allowed=False, **{k: stages[k] for k in ("top_k", "top_p", "min_p", "random")})
+    fell_back = stats[::8, FALLBACK_COLUMN] > 0
+    assert fell_back[1], "the tied block falls back to the whole-row path"
+    # the normal block is decided by its candidates (heterogeneous rows include temperature-only and
+    # full-vocabulary top-p ones, which the candidates cannot bound: that block falls back too)
+    assert fell_back[0] == (config == "heterogeneous")
+    want = np.asarray(sample(x, params, keys, impl="reference", **kw))
+    np.testing.assert_array_equal(tokens, want)
+    kept = np.asarray(process_logits(x, params, impl="pallas", **kw)) > -np.inf
+    np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference", **kw)) > -np.inf)
