@@ -4,8 +4,9 @@ and TPU generation.
 The kernel keeps a block of R rows of the logits resident in VMEM across all of its passes. Its working
 set is the double-buffered input block plus the float32 temporaries the passes keep alive (the scaled
 logits, exp(s - max), the kept mass and an index iota, about `TEMPORARIES` blocks of R x V x 4 bytes).
-R is the sublane tile (8 rows; 16 for 2-byte dtypes, which pack two rows per sublane) unless the batch
-is smaller, in which case one block holds the whole batch. The VMEM limit is set deliberately: the
+R is the sublane tile (8 rows; 16 for 2-byte dtypes, which pack two rows per sublane), two tiles for a
+float32 batch of 32 rows or more where they fit (WIDE_F32_BLOCKS below), unless the batch is smaller,
+in which case one block holds the whole batch. The VMEM limit is set deliberately: the
 working set plus a quarter (and 4 MiB), within the generation's physical VMEM less an eighth for
 Mosaic's own scratch.
 
@@ -32,6 +33,14 @@ MASK_TEMPORARIES = 2  # with an allowed-token mask: its words repeated to (R, V)
 CHUNK = 4096  # lanes per slice in the chunked variant: a multiple of 4096 keeps the mask words lane-aligned
 CHUNK_TEMPORARIES = 8  # (R, CHUNK) float32 arrays alive within a pass (measured on v4: 6.2 for 8 rows)
 CHUNK_MASK_TEMPORARIES = 8  # with the mask and log-probs (measured on v4, 8 x 256000 float32: 16 in all)
+
+
+# WIDE_F32_BLOCKS: a float32 batch of 32 rows or more takes blocks of 16 rows (two sublane tiles) where
+# the resident working set takes at most 60% of the VMEM budget: the candidate path's searches are
+# bound by each pass's reduction latency, not its width, so 16 rows cost little more a block than 8
+# (static estimate, v5e, B=64, V=128256, full, the fast path alone: 169,655 cycles with 8-row blocks,
+# 136,926 with 16; compiled with its fallback and 8 log-prob entries at V=152064 it used 61 MiB).
+# bfloat16 blocks hold 16 rows already; 32 did not fit v5e's VMEM.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +123,10 @@ def plan(
     variant even where the resident one fits (to verify it in interpret mode)."""
     rows = sublane_rows(dtype)
     block_rows = batch if batch <= rows else rows
+    if generation in TPU_GENERATIONS and not chunked and rows == 8 and batch >= 4 * rows:
+        doubled = working_set(2 * rows, vocab, dtype, allowed)
+        if doubled <= 0.6 * TPU_GENERATIONS[generation].vmem_budget:  # with room: the estimate is rough
+            block_rows = 2 * rows  # float32: two sublane tiles a block where they fit (WIDE_F32_BLOCKS)
     padded = -(-batch // block_rows) * block_rows
     needed = working_set(block_rows, vocab, dtype, allowed)
     if generation is None:

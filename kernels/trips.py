@@ -1,9 +1,10 @@
 """The kernels' data-dependent loops as named *sites*, so that a static cost model can count them.
 
 libtpu's static cost model (read by `vsampler.estimate`) counts a loop with a static trip count exactly,
-each trip adding its body's cycles, but a data-dependent `while_loop` as 0 trips and a data-dependent
-`cond` as not taken. Every such loop of the kernels goes through `while_loop` / `cond` here, under a
-site name:
+each trip adding its body's cycles, but a data-dependent `while_loop` as 0 trips, and a data-dependent
+`cond` not by how often it is taken (the resident kernel's fallback cond, as launched, cost more than
+both its branches compiled apart). Every such loop of the kernels goes through `while_loop` / `cond`
+here, under a site name:
 
 - in a normal launch (`fixed=None`) the site runs as written and also returns how many trips it took
   (a cond: 1 if taken); the TPU kernels write those counts into their statistics columns (`Site`), one

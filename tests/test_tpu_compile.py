@@ -57,6 +57,15 @@ def test_policy_refuses_what_does_not_fit_with_the_numbers():
     assert (big.block_rows, big.padded_batch) == (16, 32)
 
 
+def test_float32_batches_take_two_sublane_tiles_a_block_where_they_fit_with_room():
+    assert block_sizes.plan(64, 128256, "float32", "v5e").block_rows == 16
+    assert block_sizes.plan(16, 128256, "float32", "v5e").block_rows == 8  # a batch under 4 tiles
+    assert block_sizes.plan(64, 128256, "float32", "v5p").block_rows == 8  # over 60% of v5p's budget
+    assert block_sizes.plan(64, 256000, "float32", "v6e").block_rows == 8
+    assert block_sizes.plan(64, 128256, "float32", None).block_rows == 8  # interpret: the tile
+    assert block_sizes.plan(64, 128256, "bfloat16", "v5e").block_rows == 16
+
+
 @pytest.mark.parametrize(
     ("batch", "vocab", "dtype"),
     [(1, 1000, "float32"), (8, 50257, "bfloat16"), (64, 128256, "float32"), (256, 256000, "bfloat16")],
