@@ -34,35 +34,24 @@ def _release_compiled_programs_of_slow_tests(request):
         jax.clear_caches()
 
 
-# Each compiled CPU program keeps memory mappings; Linux refuses new ones past vm.max_map_count (65,530
-# by default), and XLA's compiler then fails ("LLVM compilation error: Cannot allocate memory") or
-# crashes. Whatever the tests compile, a worker drops its compiled programs when its mappings pass
-# MAPPINGS_BOUND, and the run reports the most any worker held.
-MAPPINGS_BOUND = 30_000
+# Whatever the tests compile, a worker drops its compiled programs when its memory mappings pass
+# `verification.MAPPINGS_BOUND` (vm.max_map_count: past it XLA's compiler fails or crashes), and reports
+# the most it held.
 _mappings = {"peak": 0, "releases": 0}
-
-
-def mappings() -> int:
-    try:
-        with open("/proc/self/maps", "rb") as maps:
-            return maps.read().count(b"\n")
-    except OSError:  # not Linux: nothing to bound
-        return 0
 
 
 @pytest.fixture(autouse=True)
 def _bound_the_memory_mappings():
+    from vsampler import verification
+
     yield
-    held = mappings()
-    _mappings["peak"] = max(_mappings["peak"], held)
-    if held > MAPPINGS_BOUND:
-        jax.clear_caches()
-        _mappings["releases"] += 1
+    _mappings["peak"] = max(_mappings["peak"], verification.mappings())
+    _mappings["releases"] += verification.bound_mappings()
 
 
 def pytest_terminal_summary(terminalreporter):
     if _mappings["peak"]:
         terminalreporter.write_line(
             f"memory mappings: at most {_mappings['peak']:,} after a test in this process "
-            f"(compiled programs dropped {_mappings['releases']} times past {MAPPINGS_BOUND:,})"
+            f"(compiled programs dropped {_mappings['releases']} times)"
         )

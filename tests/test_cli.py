@@ -173,3 +173,31 @@ def test_generate_with_a_mask_and_logprobs(tmp_path, capsys):
 def test_generate_bad_arguments_exit_2_with_the_reason(argv, message, capsys):
     assert main(["generate", "--vocab", "300", "--max-new-tokens", "3", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_verify_drops_compiled_programs_to_keep_its_memory_mappings_bounded(monkeypatch, capsys):
+    """A full `vsampler verify` grid once crashed XLA's compiler past vm.max_map_count (each compiled CPU
+    program keeps its mappings): the run drops its compiled programs whenever it holds more than the
+    bound, so mappings stay near it however many cases run."""
+    from vsampler import verification
+
+    start = verification.mappings()
+    if not start:
+        pytest.skip("no /proc/self/maps here")
+    bound = start + 100
+    monkeypatch.setattr(verification, "MAPPINGS_BOUND", bound)
+    after_each, released = [], []
+    bound_mappings = verification.bound_mappings
+
+    def watched() -> bool:
+        released.append(bound_mappings())
+        after_each.append(verification.mappings())
+        return released[-1]
+
+    monkeypatch.setattr(verification, "bound_mappings", watched)
+    argv = ["verify", "--impl", "xla", "--batch", "2", "--vocab", "300,310", "--dtype", "float32", "--draws", "300"]
+    code = main(argv)  # 6 cases, a dozen compiled programs each
+    assert code == EXIT_OK
+    assert any(released), "the cases compiled past the bound"
+    assert max(after_each) <= bound + 100, "mappings stay near the bound"
+    assert "0 disagree" in capsys.readouterr().out

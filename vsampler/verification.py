@@ -230,6 +230,31 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
     )
 
 
+# Each compiled CPU program keeps memory mappings, and Linux refuses new ones past vm.max_map_count
+# (65,530 by default): XLA's compiler then fails ("LLVM compilation error: Cannot allocate memory") and
+# crashes. A long verification run (and the test suite, tests/conftest.py) drops the compiled programs
+# whenever its mappings pass MAPPINGS_BOUND.
+MAPPINGS_BOUND = 30_000
+
+
+def mappings() -> int:
+    """This process's memory mappings (lines of /proc/self/maps; 0 where there is no such file)."""
+    try:
+        with open("/proc/self/maps", "rb") as maps:
+            return maps.read().count(b"\n")
+    except OSError:
+        return 0
+
+
+def bound_mappings() -> bool:
+    """Drops jax's compiled programs if this process holds more than MAPPINGS_BOUND mappings; whether
+    it did."""
+    if mappings() <= MAPPINGS_BOUND:
+        return False
+    jax.clear_caches()
+    return True
+
+
 def grid(
     batches: tuple[int, ...] = (1, 3, 8, 64),
     vocabs: tuple[int, ...] = (1000, 32000, 50257, 128256, 152064, 256000),
