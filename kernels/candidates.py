@@ -93,19 +93,24 @@ def tree(combine: Callable, parts: list[jax.Array]) -> jax.Array:
     return parts[0]
 
 
-def row_max(a: jax.Array) -> jax.Array:
-    return _lane_tree(a, jnp.maximum, jnp.max)
+@dataclasses.dataclass(frozen=True)
+class RowReductions:
+    """The candidates' row reductions: lane trees for Mosaic; in interpret mode plain reductions, the
+    same values up to the order of a sum's terms (interpret mode's XLA compile slows with every slice)."""
+
+    tree: bool = True
+
+    def max(self, a: jax.Array) -> jax.Array:
+        return _lane_tree(a, jnp.maximum, jnp.max) if self.tree else jnp.max(a, axis=-1, keepdims=True)
+
+    def min(self, a: jax.Array) -> jax.Array:
+        return _lane_tree(a, jnp.minimum, jnp.min) if self.tree else jnp.min(a, axis=-1, keepdims=True)
+
+    def sum(self, a: jax.Array) -> jax.Array:
+        return _lane_tree(a, jnp.add, jnp.sum) if self.tree else jnp.sum(a, axis=-1, keepdims=True)
 
 
-def row_min(a: jax.Array) -> jax.Array:
-    return _lane_tree(a, jnp.minimum, jnp.min)
-
-
-def row_sum(a: jax.Array) -> jax.Array:
-    return _lane_tree(a, jnp.add, jnp.sum)
-
-
-def _fold_column(x_ref, layout: ColumnLayout, prepare: Prepare, c, chunks: int, update, acc, last: bool):
+def _fold_column(x_ref, layout: ColumnLayout, prepare: Prepare, c, chunks: int, update, acc, last: bool, unroll: int):
     """Folds `update(acc, values, idx)` over column group `c`'s first `chunks` vregs, then (`last`) its
     tail vreg."""
     rows = x_ref.shape[0]
@@ -115,7 +120,7 @@ def _fold_column(x_ref, layout: ColumnLayout, prepare: Prepare, c, chunks: int, 
         start = pl.multiple_of((j * layout.groups + c) * LANES, LANES)
         return update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
 
-    acc = lax.fori_loop(0, chunks, step, acc, unroll=min(UNROLL, chunks)) if chunks else acc
+    acc = lax.fori_loop(0, chunks, step, acc, unroll=max(1, min(unroll, chunks))) if chunks else acc
     if last:
         start = layout.vocab - LANES  # the row's last 128 lanes, static; lanes of the vreg before: -inf
         idx = lane + start
@@ -125,20 +130,20 @@ def _fold_column(x_ref, layout: ColumnLayout, prepare: Prepare, c, chunks: int, 
     return acc
 
 
-def for_each_column(x_ref, layout: ColumnLayout, prepare: Prepare, init, update, finish, carry):
+def for_each_column(x_ref, layout: ColumnLayout, prepare: Prepare, init, update, finish, carry, unroll: int = UNROLL):
     """`carry = finish(c, acc, carry)` for each column group c, `acc` being `init()` folded by
     `update(acc, values, idx)` over the group's vregs in vocabulary order. `prepare(x, idx)` turns
     each loaded vreg (float32) into the values folded (sanitising, masks)."""
     full_tail = layout.tail - 1 if layout.partial else layout.tail
 
     def column(c, carry, last: bool, with_tail: bool):
-        acc = _fold_column(x_ref, layout, prepare, c, layout.main_chunks, update, init(), False)
+        acc = _fold_column(x_ref, layout, prepare, c, layout.main_chunks, update, init(), False, unroll)
         if with_tail:
             start = pl.multiple_of((layout.main_chunks * layout.groups + c) * LANES, LANES)
             lane = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], LANES), 1)
             acc = update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
         if last:
-            acc = _fold_column(x_ref, layout, prepare, c, 0, update, acc, True)
+            acc = _fold_column(x_ref, layout, prepare, c, 0, update, acc, True, unroll)
         return finish(c, acc, carry)
 
     # columns with a full tail vreg, the partial one's column (static), the columns without a tail vreg
@@ -164,7 +169,9 @@ def _top_two(acc, x, idx):
     )
 
 
-def column_pass(x_ref, values_ref, ids_ref, third_ref, layout: ColumnLayout, prepare: Prepare) -> None:
+def column_pass(
+    x_ref, values_ref, ids_ref, third_ref, layout: ColumnLayout, prepare: Prepare, unroll: int = UNROLL
+) -> None:
     """Writes the block's candidates: values_ref / ids_ref (R, 2W) hold each column lane's largest value
     (lanes [0, W)) and second largest (lanes [W, 2W)) with their vocabulary indices, third_ref (R, W)
     the third largest; -inf (index 0) where a column holds fewer values."""
@@ -186,7 +193,7 @@ def column_pass(x_ref, values_ref, ids_ref, third_ref, layout: ColumnLayout, pre
         third_ref[:, first] = a3
         return carry
 
-    for_each_column(x_ref, layout, prepare, init, _top_two, finish, 0)
+    for_each_column(x_ref, layout, prepare, init, _top_two, finish, 0, unroll)
 
 
 def row_mass(
@@ -231,6 +238,7 @@ def sample(
     row_mass: Callable[[jax.Array, jax.Array], jax.Array],
     search: Callable,
     weight: Callable,
+    reductions: RowReductions = RowReductions(),
     fixed: loop_trips.FixedTrips | None,
 ) -> CandidateResult:
     """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, 2C),
@@ -246,6 +254,7 @@ def sample(
       - the kept set's lower bound is above s3: the threshold, or min-p's cut when min-p drops s3 (a
         top-p threshold below s3 is then below the cut in the row too, so the kept sets agree);
     and no logit is +inf. Greedy rows (the first index of the maximum) are exact unless +inf."""
+    row_min, row_max, row_sum = reductions.min, reductions.max, reductions.sum
     reductions = {"column_min": row_min, "column_max": row_max}
     x_max = row_max(values)
     first_max = row_min(jnp.where(values == x_max, ids, vocab))

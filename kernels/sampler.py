@@ -400,11 +400,13 @@ def fused_sampler_kernel(
     allowed: bool = False,
     top_n: int | None = None,
     trips: loop_trips.FixedTrips | None = None,
+    interpret: bool = False,
 ) -> None:
     """One block of rows: x (R, V), rows (R, 8) packed parameters, eos (1, E)[, allowed (R, ceil(V/32))]
     -> token (R, 1), finished (R, 1), stats (R, STAT_COLUMNS)[, top_x (R, n), top_ids (R, n)], then the
     candidates' scratch (`scratch_shapes`). `trips`: fixed trip counts for the data-dependent loops
-    (`SITES`), for the static estimate's compiles only."""
+    (`SITES`), for the static estimate's compiles only. `interpret`: the candidates' reductions and
+    loops in the form interpret mode compiles quickly (`candidates.RowReductions`)."""
     x_ref, rows_ref, eos_ref, *refs = refs
     allowed_ref = refs.pop(0) if allowed else None
     token_ref, finished_ref, stats_ref, *refs = refs
@@ -437,7 +439,8 @@ def fused_sampler_kernel(
             return jnp.where(jnp.isnan(x), NEG_INF, x)
 
         values_ref, ids_ref, third_ref = scratch
-        candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, prepare)
+        unroll = 1 if interpret else candidates.UNROLL
+        candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, prepare, unroll)
         fast = candidates.sample(
             values_ref[...],
             ids_ref[...],
@@ -453,6 +456,7 @@ def fused_sampler_kernel(
             ),
             search=largest_value_with_trips,
             weight=relative_weight,
+            reductions=candidates.RowReductions(tree=not interpret),
             fixed=trips,
         )
         fast_trips = fast.trips
@@ -531,7 +535,7 @@ def fused_sample(
     stages = {"pad_id": pad_id, "top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random}
     filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random, "allowed": allowed is not None}
     kernel = functools.partial(
-        fused_sampler_kernel, vocab=logits.shape[1], min_tokens=min_tokens, trips=trips, **stages
+        fused_sampler_kernel, vocab=logits.shape[1], min_tokens=min_tokens, trips=trips, interpret=interpret, **stages
     )
     return row_block_call(
         kernel,

@@ -14,6 +14,28 @@ hypothesis.settings.load_profile("vsampler")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from vsampler import sampling, verification  # noqa: E402
+
+# Cost groups (pyproject.toml's markers) that follow from what a test runs, so a registered kernel
+# variant brings its marks: `interpret` for every test of an impl that runs the fused kernel (interpret
+# mode off TPU / GPU) or of a kernel variant, `tpu_compile` for the deviceless-compile module.
+KERNEL_IMPLS = frozenset(sampling._KERNEL_VARIANTS)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers already fill the cores: one call at a time
+    verification.CHECK_WORKERS = 1
+INTERPRET_MODULES = frozenset({"test_pallas_vs_reference"})
+TPU_COMPILE_MODULES = frozenset({"test_tpu_compile"})
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        module = getattr(item.module, "__name__", "")
+        params = item.callspec.params if hasattr(item, "callspec") else {}
+        impl = params.get("impl")
+        if module in INTERPRET_MODULES or "variant" in params or (isinstance(impl, str) and impl in KERNEL_IMPLS):
+            item.add_marker(pytest.mark.interpret)
+        if module in TPU_COMPILE_MODULES:
+            item.add_marker(pytest.mark.tpu_compile)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
@@ -28,7 +50,7 @@ def _release_compiled_programs_of_slow_tests(request):
     """The slow grid tests each compile several programs at serving sizes; a module of them kept every
     executable alive until XLA's CPU compiler crashed (a segfault / abort inside compilation after ~90
     such tests in one process, reproducible with tests/test_xla_vs_reference.py alone). Drop them after
-    each slow test: its shapes are its own."""
+    each slow test: its shapes are its own. (The verification caches hold arrays, never executables.)"""
     yield
     if request.node.get_closest_marker("slow") is not None:
         jax.clear_caches()
@@ -42,16 +64,27 @@ _mappings = {"peak": 0, "releases": 0}
 
 @pytest.fixture(autouse=True)
 def _bound_the_memory_mappings():
-    from vsampler import verification
-
     yield
     _mappings["peak"] = max(_mappings["peak"], verification.mappings())
     _mappings["releases"] += verification.bound_mappings()
 
 
 def pytest_terminal_summary(terminalreporter):
+    """The process's memory mappings, and how much `vsampler.verification.check` reused (each reference
+    case is computed once per process). Under pytest-xdist this is the controller's: workers run apart."""
+    lines = []
     if _mappings["peak"]:
-        terminalreporter.write_line(
+        lines.append(
             f"memory mappings: at most {_mappings['peak']:,} after a test in this process "
             f"(compiled programs dropped {_mappings['releases']} times)"
         )
+    for name, cache in (("reference", verification.REFERENCE_CACHE), ("inputs", verification.INPUT_CACHE)):
+        if cache.hits or cache.misses:
+            lines.append(
+                f"verification {name} cache: {cache.hits} hits, {cache.misses} misses, "
+                f"{len(cache)} entries, {cache.nbytes / 2**20:.0f} MiB held (bound {cache.max_bytes / 2**20:.0f} MiB)"
+            )
+    if lines:
+        terminalreporter.write_sep("-", "verification caches and memory mappings")
+        for line in lines:
+            terminalreporter.write_line(line)

@@ -79,17 +79,9 @@ def test_bad_arguments_exit_2(argv):
     assert exc.value.code == 2
 
 
-@pytest.mark.slow
-def test_verify_reports_agreement_and_exits_0(capsys):
-    argv = ["verify", "--impl", "xla,pallas-triton", "--batch", "2", "--vocab", "300", "--dtype", "float32"]
-    code = main([*argv, "--draws", "3000"])
-    assert code == EXIT_OK
-    out = capsys.readouterr().out
-    # 2 impls x (2 configs + the masked heterogeneous case), each with log-probs in both modes
-    assert "6 cases, 0 disagree; token agreement 12/12 rows (100.00%); distribution checks: 0 failed" in out
-    assert "masked" in out and "log-probs" in out
-
-
+# before the report test: its reference results and the unpatched xla programs (process_logits, the
+# distributions' probabilities) are then this test's, still held
+@pytest.mark.statistics
 def test_verify_exits_1_on_a_disagreement(monkeypatch):
     from vsampler import sampling, xla
 
@@ -106,6 +98,20 @@ def test_verify_exits_1_on_a_disagreement(monkeypatch):
         sampling._sample_jit.clear_cache()
 
 
+@pytest.mark.slow
+@pytest.mark.interpret  # pallas-triton
+@pytest.mark.statistics  # the distribution checks
+def test_verify_reports_agreement_and_exits_0(capsys):
+    argv = ["verify", "--impl", "xla,pallas-triton", "--batch", "2", "--vocab", "300", "--dtype", "float32"]
+    code = main([*argv, "--draws", "3000"])
+    assert code == EXIT_OK
+    out = capsys.readouterr().out
+    # 2 impls x (2 configs + the masked heterogeneous case), each with log-probs in both modes
+    assert "6 cases, 0 disagree; token agreement 12/12 rows (100.00%); distribution checks: 0 failed" in out
+    assert "masked" in out and "log-probs" in out
+
+
+@pytest.mark.tpu_compile
 def test_compile_check_compiles_every_configuration_chunked_where_needed(capsys):
     pytest.importorskip("libtpu")
     code = main(["compile-check", "--tpu", "v4,v5e", "--batch", "8", "--vocab", "1000,128256", "--dtype", "float32"])
@@ -115,6 +121,7 @@ def test_compile_check_compiles_every_configuration_chunked_where_needed(capsys)
     assert "1 use the chunked variant" in out  # v4 at V=128256
 
 
+@pytest.mark.tpu_compile
 def test_compile_check_lowers_the_triton_variant(capsys):
     pytest.importorskip("libtpu")
     code = main(["compile-check", "--tpu", "v5e", "--gpu", "--batch", "4", "--vocab", "1000", "--dtype", "float32"])

@@ -129,6 +129,7 @@ def test_kept_sets_agree_with_hf_flax_warpers(hf_warpers, vocab, temperature, to
 # ---------------------------------------------------------------------------------- distribution test
 
 
+@pytest.mark.statistics
 @pytest.mark.parametrize("name", list(verification.DISTRIBUTION_PARAMS))
 @pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
 def test_empirical_frequencies_match_the_renormalised_distribution(name, impl):

@@ -42,6 +42,7 @@ def target_distribution(logits, params, impl):
     return np.asarray(jax.nn.softmax(warped, axis=-1))
 
 
+@pytest.mark.statistics
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("stochastic_draft", [True, False])
 def test_emitted_tokens_follow_the_target_distribution(impl, stochastic_draft):

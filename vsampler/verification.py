@@ -8,12 +8,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterator
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vsampler import sampling as _sampling
 from vsampler.inputs import pack_allowed
 from vsampler.logprobs import MODES
 from vsampler.params import SamplingParams
@@ -188,35 +194,189 @@ def _mask_respected(tokens: np.ndarray, allowed: np.ndarray, warped: np.ndarray)
     return bool(np.all(np.where(empty, tokens == EOS[0], bits == 1)))
 
 
+# ---------------------------------------------------------------------------- reference results
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Warped:
+    """A reference `process_logits` result, stored losslessly: the array itself, or, where fewer than half
+    of its entries are kept, the flat positions and values of every entry that is not -inf (NaN, -0.0 and
+    +inf included: `unpack` gives back the same bits)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    dense: np.ndarray | None = None
+    index: np.ndarray | None = None
+    values: np.ndarray | None = None
+
+    @classmethod
+    def pack(cls, warped: np.ndarray) -> _Warped:
+        flat = warped.reshape(-1)
+        index = np.flatnonzero(flat != -np.inf)
+        if 2 * index.size >= flat.size:  # the positions cost as much as the values they save
+            dense = warped.copy()
+            dense.setflags(write=False)
+            return cls(warped.shape, warped.dtype, dense=dense)
+        index = index.astype(np.int32 if flat.size < 2**31 else np.int64)
+        return cls(warped.shape, warped.dtype, index=index, values=flat[index])
+
+    def unpack(self) -> np.ndarray:
+        if self.dense is not None:
+            return self.dense
+        out = np.full(self.shape, -np.inf, self.dtype)
+        out.reshape(-1)[self.index] = self.values
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.dense, self.index, self.values) if a is not None)
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, (tuple, list)):
+        return sum(_nbytes(v) for v in value)
+    if value is None:
+        return 0
+    if isinstance(value, jax.Array) and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(value).nbytes
+    return int(value.nbytes)
+
+
+class ResultCache:
+    """Results by key, least recently used dropped first beyond `max_bytes` (0: nothing is kept), with
+    hit and miss counts. Values are arrays (numpy or jax, never written to) or tuples of them."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[Any, tuple[Any, int]] = OrderedDict()
+        self._lock = threading.Lock()  # `check` asks from several threads (never computing under it)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: Any, compute: Callable[[], Any]) -> Any:
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                self.hits += 1
+                return self._entries[key][0]
+            self.misses += 1
+        value = compute()
+        size = _nbytes(value)
+        with self._lock:
+            if size <= self.max_bytes and key not in self._entries:
+                self._entries[key] = (value, size)
+                self.nbytes += size
+                while self.nbytes > self.max_bytes:
+                    _, (_, evicted) = self._entries.popitem(last=False)
+                    self.nbytes -= evicted
+        return value
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+
+# The reference's results per (case, seed, call), reused by every implementation `check` compares with
+# them: the sort-based reference is the slow side of each comparison at serving sizes (and its compiles
+# the slow side at small ones), and `vsampler verify` or the test suite checks several implementations
+# on the same cases. Its warped logits are kept in `_Warped`'s compact form. The key holds the reference
+# functions the dispatcher calls, so a replaced reference is never answered from here.
+REFERENCE_CACHE = ResultCache(max_bytes=1 << 30)
+# `check`'s inputs per (generator, arguments): logits, histories, masks and keys are the same arrays for
+# every config and implementation of a case, and generating them compiles a dozen small programs.
+INPUT_CACHE = ResultCache(max_bytes=1 << 30)
+
+
+# threads `check` runs a case's calls on (1: one after the other)
+CHECK_WORKERS = min(4, os.cpu_count() or 1)
+
+
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)
+    return a
+
+
+def _reference_key(*key: Any) -> tuple:
+    return (*key, _sampling._SAMPLERS.get("reference"), _sampling._PROCESSORS.get("reference"))
+
+
+def _concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
+    """`[call() for call in calls]`, on up to `CHECK_WORKERS` threads: XLA compiles (most of a small case)
+    and runs (most of a large one) without holding the GIL, and a case's calls are independent."""
+    if CHECK_WORKERS <= 1 or len(calls) <= 1:
+        return [call() for call in calls]
+    with ThreadPoolExecutor(max_workers=min(CHECK_WORKERS, len(calls))) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [future.result() for future in futures]
+
+
 def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] = MODES) -> CaseResult:
     """Runs `impl` and the reference on one case with the same per-row keys: warped logits, tokens, and
-    log-probs in `logprobs_modes` (their tokens must be the plain call's)."""
-    x = logits(case.kind, case.batch, case.vocab, case.dtype, seed)
-    sampling = params(case.config, case.batch, case.vocab)
-    hist, prompt = history(case.batch, case.vocab, seed)
+    log-probs in `logprobs_modes` (their tokens must be the plain call's). Inputs and the reference's
+    results come from `INPUT_CACHE` and `REFERENCE_CACHE` when this case and seed were checked before (on
+    any implementation); the calls run side by side (`_concurrently`)."""
+    b, v = case.batch, case.vocab
+    generator = (case.kind, b, v, case.dtype, seed)
+    x = INPUT_CACHE.get(("logits", *generator), lambda: logits(*generator))
+    sampling = params(case.config, b, v)
+    hist, prompt = INPUT_CACHE.get(("history", b, v, seed), lambda: history(b, v, seed))
     kw = {"history": hist, "prompt_len": prompt, "eos_token_id": EOS}
-    allowed = allowed_mask(case.batch, case.vocab, seed) if case.masked else None
-    if allowed is not None:
+    allowed = None
+    if case.masked:
+        allowed = INPUT_CACHE.get(("allowed", b, v, seed), lambda: _frozen(allowed_mask(b, v, seed)))
         kw["allowed_tokens"] = allowed
-    want = np.asarray(process_logits(x, sampling, impl="reference", **kw))
-    got = np.asarray(process_logits(x, sampling, impl=impl, **kw))
-    key = jax.random.split(jax.random.key(seed), case.batch)
-    tokens = np.asarray(sample(x, sampling, key, impl=impl, **kw))
-    ref_tokens = None
+    key = INPUT_CACHE.get(("keys", b, seed), lambda: jax.random.split(jax.random.key(seed), b))
+
+    def reference_warped() -> _Warped:
+        return _Warped.pack(np.asarray(process_logits(x, sampling, impl="reference", **kw)))
+
+    def reference_sample(mode: str | None) -> tuple[np.ndarray, ...]:
+        if mode is None:
+            return (_frozen(np.array(sample(x, sampling, key, impl="reference", **kw))),)
+        tokens, lp = sample(x, sampling, key, impl="reference", logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
+        return tuple(_frozen(np.array(a)) for a in (tokens, lp.top_ids, lp.top, lp.token))
+
+    def reference(call: tuple, compute: Callable[[], Any]) -> Callable[[], Any]:
+        return lambda: REFERENCE_CACHE.get(_reference_key(case, seed, *call), compute)
+
+    def impl_sample(mode: str) -> tuple[np.ndarray, ...]:
+        tokens, lp = sample(x, sampling, key, impl=impl, logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
+        return tuple(np.asarray(a) for a in (tokens, lp.top_ids, lp.top, lp.token))
+
+    # the reference's tokens come from its first log-prob call (the same tokens by construction: one sort
+    # less); without log-probs, from a plain call
+    reference_calls = [reference(("process_logits",), reference_warped)]
+    if logprobs_modes:
+        reference_calls += [
+            reference(("sample", LOGPROBS_N, mode), lambda mode=mode: reference_sample(mode)) for mode in logprobs_modes
+        ]
+    else:
+        reference_calls.append(reference(("sample",), lambda: reference_sample(None)))
+    impl_calls = [
+        lambda: np.asarray(process_logits(x, sampling, impl=impl, **kw)),
+        lambda: np.asarray(sample(x, sampling, key, impl=impl, **kw)),
+        *[lambda mode=mode: impl_sample(mode) for mode in logprobs_modes],
+    ]
+    n = len(reference_calls)
+    results = _concurrently(reference_calls + impl_calls)
+    (warped, *reference_samples), (got, tokens, *impl_samples) = results[:n], results[n:]
+    want = warped.unpack()
+    ref_tokens = reference_samples[0][0]
     logprobs_equal = True
-    for mode in logprobs_modes:
-        # the reference's tokens come from its log-prob call (the same tokens by construction: one sort less)
-        want_tokens, want_lp = sample(x, sampling, key, impl="reference", logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
-        ref_tokens = np.asarray(want_tokens) if ref_tokens is None else ref_tokens
-        got_tokens, got_lp = sample(x, sampling, key, impl=impl, logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
+    for (_, want_top_ids, want_top, want_token), (got_tokens, got_top_ids, got_top, got_token) in zip(
+        reference_samples if logprobs_modes else [], impl_samples, strict=True
+    ):
         logprobs_equal &= (
-            np.array_equal(np.asarray(got_tokens), tokens)
-            and np.array_equal(np.asarray(got_lp.top_ids), np.asarray(want_lp.top_ids))
-            and logprobs_close(got_lp.top, want_lp.top)
-            and logprobs_close(got_lp.token, want_lp.token)
+            np.array_equal(got_tokens, tokens)
+            and np.array_equal(got_top_ids, want_top_ids)
+            and logprobs_close(got_top, want_top)
+            and logprobs_close(got_token, want_token)
         )
-    if ref_tokens is None:
-        ref_tokens = np.asarray(sample(x, sampling, key, impl="reference", **kw))
     in_range = bool(((tokens >= 0) & (tokens < case.vocab)).all())
     return CaseResult(
         case=case,
