@@ -80,11 +80,11 @@ class _Serving(NamedTuple):
 
 
 def _union(a: Stages, b: Stages) -> Stages:
-    return Stages(**{f.name: getattr(a, f.name) or getattr(b, f.name) for f in dataclasses.fields(Stages)})
+    return a | b
 
 
 def _covers(have: Stages, need: Stages) -> bool:
-    return all(getattr(have, f.name) or not getattr(need, f.name) for f in dataclasses.fields(Stages))
+    return have.covers(need)
 
 
 def _next_power_of_two(n: int) -> int:

@@ -43,6 +43,14 @@ class Stages:
     def penalties(self) -> bool:
         return self.repetition or self.presence or self.frequency
 
+    def __or__(self, other: Stages) -> Stages:
+        """The stages either set can have active."""
+        return Stages(**{f.name: getattr(self, f.name) or getattr(other, f.name) for f in dataclasses.fields(Stages)})
+
+    def covers(self, other: Stages) -> bool:
+        """Whether every stage `other` can have active is in this set."""
+        return all(getattr(self, f.name) or not getattr(other, f.name) for f in dataclasses.fields(Stages))
+
 
 # name -> (integer field?, lower bound, lower inclusive?, upper bound, upper inclusive?, human range)
 _RANGES: dict[str, tuple[bool, float, bool, float, bool, str]] = {
@@ -189,6 +197,38 @@ class SamplingParams(Serializable):
     def stages(self) -> Stages:
         """The stages that can be active (static: part of the pytree's aux data)."""
         return self._stages  # type: ignore[attr-defined]
+
+    def with_stages(self, stages: Stages) -> SamplingParams:
+        """The same values with the static stage set fixed to `stages`, for a serving step.
+
+        `sample` / `sample_step` compile once per stage set, and the set follows the values: a batch with
+        no greedy row any more, or whose `top_k` all became 0, is another program (a stall of seconds in
+        a serving engine whose batch mix changes every step). Build each step's params with one fixed set
+        that covers every mix the engine serves, e.g. `Stages(top_k=True, top_p=True, min_p=True,
+        greedy=True, random=True)`, and the step compiles once: a stage that is on where no row needs it
+        changes no token (its neutral values: top_k 0, top_p 1, min_p 0), it only costs its pass.
+        Keep the other static parts fixed too: the shapes, `logit_bias`'s form (None, a dict of the same
+        ids, or a dense array) and whether `history` / `eos_token_id` are passed (penalties need history,
+        `min_tokens` EOS ids, whatever the values).
+
+        Raises ValueError if these values need a stage `stages` leaves off (known for concrete values),
+        or if `stages.logit_bias` disagrees with whether a `logit_bias` is set."""
+        if not isinstance(stages, Stages):
+            raise ValueError(f"with_stages takes a vsampler.Stages, got {type(stages).__name__}")
+        if not stages.covers(self.stages):
+            missing = [
+                f.name
+                for f in dataclasses.fields(Stages)
+                if getattr(self.stages, f.name) and not getattr(stages, f.name)
+            ]
+            raise ValueError(f"with_stages: these values need the stages {missing}, which the given set leaves off")
+        if stages.logit_bias != (self.logit_bias is not None):
+            raise ValueError(
+                "with_stages: stages.logit_bias must be True exactly when a logit_bias is set "
+                f"(logit_bias is {'set' if self.logit_bias is not None else 'None'})"
+            )
+        children, _ = self.tree_flatten()
+        return SamplingParams.tree_unflatten(stages, children)
 
     @property
     def batch_size(self) -> int | None:

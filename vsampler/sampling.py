@@ -23,7 +23,8 @@ Shapes and dtypes:
 
 Both functions are jitted (static: the implementation, the EOS ids when concrete, and the active
 stages, which `SamplingParams` carries as pytree aux data) and can be called inside a user's own
-`jax.jit` as well. Semantics, ties, NaN and -inf: `vsampler.reference` (the spec) and
+`jax.jit` as well; a serving step whose batch mix changes fixes the stage set once with
+`SamplingParams.with_stages`, and compiles once. Semantics, ties, NaN and -inf: `vsampler.reference` (the spec) and
 `vsampler.inputs` (argument checks and run-time sanitising).
 """
 
