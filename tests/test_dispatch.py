@@ -14,8 +14,9 @@ def test_every_named_impl_is_available_and_unknown_ones_are_refused():
     assert {"reference", "xla", "pallas", "pallas-triton", "pallas-chunked"} <= set(available_impls())
     for name in ("reference", "xla", "pallas", "pallas-triton", "pallas-chunked"):
         assert resolve_impl(name) == name
-    with pytest.raises(ValueError, match="impl must be one of"):
+    with pytest.raises(ValueError, match="impl must be one of") as err:
         resolve_impl("triton")
+    assert all(repr(name) in str(err.value) for name in available_impls())  # every name it accepts
 
 
 def test_runs_from_a_source_checkout_without_install():

@@ -74,7 +74,8 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
     Mosaic and verified against the reference) and xla elsewhere: on GPU too, until the kernel's Triton
     variant, so far only lowered and checked in interpret mode, has been run on a GPU."""
     if impl not in IMPL_NAMES and impl not in _SAMPLERS:
-        raise ValueError(f"impl must be one of {IMPL_NAMES}, got {impl!r}")
+        names = tuple(dict.fromkeys((*IMPL_NAMES, *_SAMPLERS)))
+        raise ValueError(f"impl must be one of {names}, got {impl!r}")
     if impl == "auto":
         backend = backend or jax.default_backend()
         preferred = ("pallas", "xla") if backend == "tpu" else ("xla",)
