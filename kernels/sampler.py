@@ -28,6 +28,10 @@ S(1)): in place on the lm head's output inside a decode step, after one async co
 call; an in-kernel scatter would instead be B * L scalar-driven tile updates (Mosaic stores need
 128-aligned lane offsets).
 
+With top-k or min-p on (and no mask), stages 5-10 first run on the block's column candidates
+(`candidates.py`: one pass keeps each column lane's two largest values and the third); only a block in
+which some row's kept set could reach beyond them runs the whole-row stages above (the cond "fallback").
+
 The searches are the same as the XLA path's (`vsampler.xla`): value bisection whose ends snap to the
 row's own values, so thresholds are exact token values and the kept sets equal the reference's.
 Where the (R, V) temporaries of these whole-row passes do not fit VMEM (v4 above ~50k vocabulary), the

@@ -62,7 +62,7 @@ def launch(
     variant: str | None = None,
     top_n: int | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Runs the kernel: (tokens (B,) int32, finished (B,) bool, stats (B, 8) float32), plus
+    """Runs the kernel: (tokens (B,) int32, finished (B,) bool, stats (B, STAT_COLUMNS) float32), plus
     (top_x (B, n) float32, top_ids (B, n) int32) when `top_n` is given (None: no log-prob values).
 
     `finished` rows emit `pad_token_id`; a row whose token is one of `inp.eos_ids` comes back finished.
