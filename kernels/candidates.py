@@ -85,6 +85,18 @@ def _lane_tree(a: jax.Array, combine: Callable, reduce: Callable) -> jax.Array:
     return reduce(tree(combine, [a[:, i : i + LANES] for i in range(0, a.shape[-1], LANES)]), axis=-1, keepdims=True)
 
 
+def narrow(lo: jax.Array, hi: jax.Array, points: list[jax.Array], below: list[jax.Array]) -> tuple:
+    """A bracket (lo, hi) cut at increasing `points` inside it, `below[j]` saying point j keeps the
+    bracket's lower-end property (monotone: True up to some point): the last such point, the first
+    other one."""
+    new_lo, new_hi = lo, hi
+    for t, keeps in zip(points, below, strict=True):
+        new_lo = jnp.where(keeps, t, new_lo)
+    for t, keeps in zip(reversed(points), reversed(below), strict=True):
+        new_hi = jnp.where(keeps, new_hi, t)
+    return new_lo, new_hi
+
+
 def tree(combine: Callable, parts: list[jax.Array]) -> jax.Array:
     """`parts` combined pairwise, level by level: each combine waits for one level, not for all before
     it (a serial chain of dependent operations is what bounds these kernels' passes)."""
@@ -350,15 +362,9 @@ def sample(
     def prefix_search(_, bracket):
         lo_, hi_ = bracket  # prefix(lo) <= target < prefix(hi)
         points = [lo_ + (hi_ - lo_) * j // (DRAW_SPLITS + 1) for j in range(1, DRAW_SPLITS + 1)]
-        over = [row_sum(jnp.where(ids <= t, kept_e, 0.0)) > target for t in points]  # False up to some point
-        new_lo, new_hi = lo_, hi_
-        for t, o in zip(points, over, strict=True):
-            new_lo = jnp.where(o, new_lo, t)
-        for t, o in zip(reversed(points), reversed(over), strict=True):
-            new_hi = jnp.where(o, t, new_hi)
-        return new_lo, new_hi
+        return narrow(lo_, hi_, points, [row_sum(jnp.where(ids <= t, kept_e, 0.0)) <= target for t in points])
 
-    passes, width = 0, vocab  # the bracket (-1, V - 1): each pass leaves at most ceil(width / 16)
+    passes, width = 0, vocab  # the bracket (-1, V - 1): each pass leaves at most ceil(width / (splits + 1))
     while width > 1:
         passes, width = passes + 1, -(-width // (DRAW_SPLITS + 1))
     bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))

@@ -209,13 +209,7 @@ def largest_value_with_trips(
             reaches = statistic(mid) >= target
             return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
         points = [lo_ + (hi_ - lo_) * (j / (splits + 1)) for j in range(1, splits + 1)]
-        reached = [statistic(t) >= target for t in points]  # non-increasing: True up to some point
-        new_lo, new_hi = lo_, hi_
-        for t, reaches in zip(points, reached, strict=True):
-            new_lo = jnp.where(reaches, t, new_lo)
-        for t, reaches in zip(reversed(points), reversed(reached), strict=True):
-            new_hi = jnp.where(reaches, new_hi, t)
-        return new_lo, new_hi
+        return candidates.narrow(lo_, hi_, points, [statistic(t) >= target for t in points])
 
     def snap_up(t: jax.Array) -> jax.Array:
         return column_min(jnp.where(s >= t, s, jnp.inf))

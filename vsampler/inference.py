@@ -79,14 +79,6 @@ class _Serving(NamedTuple):
     masked: bool = False
 
 
-def _union(a: Stages, b: Stages) -> Stages:
-    return a | b
-
-
-def _covers(have: Stages, need: Stages) -> bool:
-    return have.covers(need)
-
-
 def _next_power_of_two(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -184,8 +176,8 @@ class vInference:
         return 1 if n is None else int(n)
 
     def _loop_stages(self, params: SamplingParams | None = None) -> Stages:
-        stages = _union(self.config.sampling_params.stages, Stages(greedy=True, random=True))
-        return stages if params is None else _union(stages, params.stages)
+        stages = self.config.sampling_params.stages | Stages(greedy=True, random=True)
+        return stages if params is None else stages | params.stages
 
     # -- compilation ----------------------------------------------------------------------------------
     def precompile(
@@ -427,11 +419,11 @@ class vInference:
         bucket = self._pick_bucket(batch, int(lengths.max()))
         stages = self._loop_stages()
         for (h, have, features), _ in self._executables.items():
-            if h == bucket.get_default_hash() and features == serving and _covers(have, params.stages):
+            if h == bucket.get_default_hash() and features == serving and have.covers(params.stages):
                 stages = have
                 break
         else:
-            stages = _union(stages, params.stages)
+            stages = stages | params.stages
         exe = self._compile(bucket, stages, serving)
         n = exe.rows // bucket.batch_size
         vocab = exe.vocab
