@@ -4,7 +4,7 @@
     PYTHONPATH=. JAX_PLATFORMS=cpu python bench/gpu_check.py --dry   # a tiny rehearsal here
 
 1. The kernel's Triton variant, compiled for the GPU, against the reference on a verification grid:
-   kept sets and tokens for the same keys (`vsampler.verification.check`).
+   kept sets and tokens for the same keys (`vsampler.tools.verification.check`).
 2. Median timings of pallas (Triton), xla and the reference at B=64, V=128256 (float32 and bfloat16)
    on the bench workloads, with the ratios, measured in this one run.
 """
@@ -16,7 +16,8 @@ import sys
 
 import jax
 
-from vsampler import benchmarking, verification, workloads
+from vsampler.tools import sampler_benchmark as benchmarking
+from vsampler.tools import verification, workloads
 
 
 def main() -> int:

@@ -4,13 +4,13 @@ vsampler vs an argmax step (the baseline), per batch size.
     pytest bench/test_loop.py --benchmark-only --benchmark-group-by=param:batch
 
 Each group puts the sampled and the argmax loop side by side; the difference is what sampling costs
-inside a real step. `vsampler.loop_benchmark` holds the workload, which the CLI shares.
+inside a real step. `vsampler.tools.loop_benchmark` holds the workload, which the CLI shares.
 """
 
 import jax
 import pytest
 
-from vsampler.loop_benchmark import build_loop, tiny_model
+from vsampler.tools.loop_benchmark import build_loop, tiny_model
 
 
 @pytest.fixture(scope="module")

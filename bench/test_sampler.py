@@ -1,4 +1,4 @@
-"""pytest-benchmark suite for the sampler paths, sharing `vsampler.workloads` with `vsampler bench`.
+"""pytest-benchmark suite for the sampler paths, sharing `vsampler.tools.workloads` with `vsampler bench`.
 
     pytest bench/ --benchmark-only --benchmark-group-by=param:workload
 
@@ -8,8 +8,9 @@ One group per workload puts vsampler's implementations and the peers side by sid
 import jax
 import pytest
 
-from vsampler import available_impls, workloads
-from vsampler import benchmarking as bm
+from vsampler import available_impls
+from vsampler.tools import sampler_benchmark as bm
+from vsampler.tools import workloads
 
 WORKLOADS = list(workloads.grid(batches=(1, 8, 64), vocabs=(128256,), dtypes=("float32",)))
 RUNNERS = {f"vsampler-{impl}": bm.impl_runner(impl) for impl in available_impls()}

@@ -10,8 +10,8 @@ ratios, timed interleaved).
 import jax
 import pytest
 
-from vsampler import benchmarking as bm
-from vsampler import workloads
+from vsampler.tools import sampler_benchmark as bm
+from vsampler.tools import workloads
 
 WORKLOADS = [workloads.Workload("full", batch, 128256, "float32") for batch in (1, 8, 64)]
 FEATURES = ["plain", *bm.FEATURES]

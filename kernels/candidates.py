@@ -17,7 +17,7 @@ candidates, a +inf logit, temperature alone), the caller runs the whole-row path
 (`fallback`); `vsampler.kernels.sampler` composes the two.
 
 Top-p without top-k needs the row's whole mass: one more pass (`row_mass`) on the rows that need it.
-Reference: `vsampler.reference`.
+Reference: `vsampler.core.reference`.
 """
 
 from __future__ import annotations

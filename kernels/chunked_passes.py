@@ -10,7 +10,7 @@ temporaries are chunk-sized whatever the vocabulary: values such as `s = x * (1 
 
 The stages, the searches and the per-row outputs are those of the resident TPU kernel (`sampler.py`):
 value bisection whose ends snap to the row's own values, so thresholds are exact token values and the
-kept sets equal the reference's (`vsampler.reference`). Two things the chunk structure makes cheap:
+kept sets equal the reference's (`vsampler.core.reference`). Two things the chunk structure makes cheap:
 top-k starts from the k-th largest column maximum (`column_bound`: usually the k-th value itself, so
 one count pass settles the row), and the draw finds its chunk in one pass and its index inside that
 chunk alone.

@@ -21,8 +21,8 @@ It writes per row only the token, the new finished flag, a few floats (the kept 
 scaled-logit units, the row's scaled maximum, the kept mass, the raw log-normaliser, the token's logit,
 and the trips its block's data-dependent loops took, `SITES`, which the static estimate counts) and the
 (R, n) top entries, never a (B, V) array: `process_logits` and log-probabilities
-(`vsampler.logprobs`) are rebuilt from those. Stages 1-3 (bias and penalties) are the shared sparse
-`vsampler.penalties` pass that runs before the kernel (an O(B * L) scatter: it reads no logits). In the
+(`vsampler.core.logprobs`) are rebuilt from those. Stages 1-3 (bias and penalties) are the shared sparse
+`vsampler.core.penalties` pass that runs before the kernel (an O(B * L) scatter: it reads no logits). In the
 deviceless v5e compile (B=8 and 64, V=128256) XLA keeps the scattered logits in VMEM (memory space
 S(1)): in place on the lm head's output inside a decode step, after one async copy for a standalone
 call; an in-kernel scatter would instead be B * L scalar-driven tile updates (Mosaic stores need
@@ -32,11 +32,11 @@ With top-k or min-p on (and no mask), stages 5-10 first run on the block's colum
 (`candidates.py`: one pass keeps each column lane's two largest values and the third); only a block in
 which some row's kept set could reach beyond them runs the whole-row stages above (the cond "fallback").
 
-The searches are the same as the XLA path's (`vsampler.xla`): value bisection whose ends snap to the
+The searches are the same as the XLA path's (`vsampler.impls.xla`): value bisection whose ends snap to the
 row's own values, so thresholds are exact token values and the kept sets equal the reference's.
 Where the (R, V) temporaries of these whole-row passes do not fit VMEM (v4 above ~50k vocabulary), the
 policy picks the chunked variant (`sampler_chunked.py`): the same rows resident, passes over slices.
-Reference: `vsampler.reference`. Block sizes: `vsampler.kernels.block_sizes`.
+Reference: `vsampler.core.reference`. Block sizes: `vsampler.kernels.block_sizes`.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ ROW_COLUMNS = 8
 # columns of the per-row statistics output (the last three: the block's trips of each data-dependent loop)
 THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
 STAT_COLUMNS = 16
-# the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.estimate`):
+# the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.tools.estimate`):
 # the candidate path's searches and its whole-row mass pass, then the whole-row path's loops, which run
 # only where the candidates are not exact for some row of the block (the cond "fallback")
 SITES = (
@@ -102,7 +102,7 @@ def _column_max(a: jax.Array) -> jax.Array:
 
 
 def relative_weight(s: jax.Array, s_max: jax.Array) -> jax.Array:
-    """`exp(s - s_max)`, exactly 1 at the maximum (as `vsampler.reference.weight`: a fused multiply-add
+    """`exp(s - s_max)`, exactly 1 at the maximum (as `vsampler.core.reference.weight`: a fused multiply-add
     would otherwise leave the product's rounding error there, and `min_p = 1` must keep the maximum)."""
     return jnp.where(s >= s_max, 1.0, jnp.exp(s - s_max))
 

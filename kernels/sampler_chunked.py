@@ -13,7 +13,7 @@ The block is CHUNK-aligned: it overhangs the vocabulary up to the next multiple 
 past V is masked to -inf on load), so every slice is an aligned, static-size lane window. Rows cross
 the draw's threshold in different chunks, so each row keeps its crossing chunk's kept mass as the
 chunk loop passes it (one (R, CHUNK) select per chunk), and the token's logit costs one more pass.
-Reference: `vsampler.reference`. Block sizes: `block_sizes.plan` (its `chunk`).
+Reference: `vsampler.core.reference`. Block sizes: `block_sizes.plan` (its `chunk`).
 """
 
 from __future__ import annotations

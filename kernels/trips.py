@@ -1,6 +1,6 @@
 """The kernels' data-dependent loops as named *sites*, so that a static cost model can count them.
 
-libtpu's static cost model (read by `vsampler.estimate`) counts a loop with a static trip count exactly,
+libtpu's static cost model (read by `vsampler.tools.estimate`) counts a loop with a static trip count exactly,
 each trip adding its body's cycles, but a data-dependent `while_loop` as 0 trips, and a data-dependent
 `cond` not by how often it is taken (the resident kernel's fallback cond, as launched, cost more than
 both its branches compiled apart). Every such loop of the kernels goes through `while_loop` / `cond`

@@ -14,7 +14,8 @@ hypothesis.settings.load_profile("vsampler")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from vsampler import sampling, verification  # noqa: E402
+from vsampler.core import sampling  # noqa: E402
+from vsampler.tools import verification  # noqa: E402
 
 # Cost groups (pyproject.toml's markers) that follow from what a test runs, so a registered kernel
 # variant brings its marks: `interpret` for every test of an impl that runs the fused kernel (interpret
@@ -70,7 +71,7 @@ def _bound_the_memory_mappings():
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The process's memory mappings, and how much `vsampler.verification.check` reused (each reference
+    """The process's memory mappings, and how much `vsampler.tools.verification.check` reused (each reference
     case is computed once per process). Under pytest-xdist this is the controller's: workers run apart."""
     lines = []
     if _mappings["peak"]:

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from vsampler.compile_check import tpu_device
-from vsampler.estimate import read_static_profile
+from vsampler.tools.compile_check import tpu_device
+from vsampler.tools.estimate import read_static_profile
 
 
 def counting_kernel(trips: int | None):

@@ -1,6 +1,6 @@
-"""Test-side helpers over `vsampler.verification`: the same grid, asserting instead of reporting."""
+"""Test-side helpers over `vsampler.tools.verification`: the same grid, asserting instead of reporting."""
 
-from vsampler.verification import EOS, STAGE_CASES, Case, allowed_mask, check, history, logits, params  # noqa: F401
+from vsampler.tools.verification import EOS, STAGE_CASES, Case, allowed_mask, check, history, logits, params  # noqa: F401
 
 
 def compare(

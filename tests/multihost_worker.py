@@ -33,8 +33,8 @@ from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from vsampler import SamplingParams, sample, vInference, vInferenceConfig, vInferencePreCompileConfig  # noqa: E402
-from vsampler.models import TinyDecoder, TinyDecoderConfig  # noqa: E402
-from vsampler.partitioning import create_mesh  # noqa: E402
+from vsampler.engine.partitioning import create_mesh  # noqa: E402
+from vsampler.testing.tiny_decoder import TinyDecoder, TinyDecoderConfig  # noqa: E402
 
 assert jax.device_count() == 8, jax.devices()
 

@@ -12,7 +12,9 @@ import pytest
 from vsampler.kernels import block_sizes, candidates
 from vsampler.kernels import sampler as kernel
 
-from vsampler import pallas, process_logits, sample, verification
+from vsampler import process_logits, sample
+from vsampler.impls import pallas
+from vsampler.tools import verification
 
 
 def _column_of(layout: candidates.ColumnLayout, vreg: int) -> int:
@@ -82,7 +84,7 @@ def test_the_column_pass_keeps_each_columns_two_largest_and_the_third(vocab):
 
 def _launch(x, case_params, vocab, keys, **kw):
     """The resident kernel on logits `x` with a verification config's parameters: (tokens, stats)."""
-    from vsampler.inputs import prepare
+    from vsampler.core.inputs import prepare
 
     batch = x.shape[0]
     inp = prepare(x, case_params, keys, **kw)

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from vsampler.cli import EXIT_OK, main
+from vsampler.tools.cli import EXIT_OK, main
 
 
 def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatch):
@@ -49,7 +49,7 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatc
         assert f["verified"] and f["workload"].startswith("full") and f["cost_ratio"] > 0
     assert "measurements, 0 failed verification (logprobs raw" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from vsampler import estimate
+    from vsampler.tools import estimate
 
     if estimate.libtpu_version() is not None:  # the kernel's static TPU estimate, per config and generation
         estimates = data["tpu_estimates"]
@@ -83,7 +83,8 @@ def test_bad_arguments_exit_2(argv):
 # distributions' probabilities) are then this test's, still held
 @pytest.mark.statistics
 def test_verify_exits_1_on_a_disagreement(monkeypatch):
-    from vsampler import sampling, xla
+    from vsampler.core import sampling
+    from vsampler.impls import xla
 
     def off_by_one(inp, request):
         tokens, values = xla.sample_with_logprobs(inp, request)
@@ -186,7 +187,7 @@ def test_verify_drops_compiled_programs_to_keep_its_memory_mappings_bounded(monk
     """A full `vsampler verify` grid once crashed XLA's compiler past vm.max_map_count (each compiled CPU
     program keeps its mappings): the run drops its compiled programs whenever it holds more than the
     bound, so mappings stay near it however many cases run."""
-    from vsampler import verification
+    from vsampler.tools import verification
 
     start = verification.mappings()
     if not start:

@@ -1,4 +1,4 @@
-"""The static estimate (`vsampler.estimate`, `vsampler compile-check --estimate`): the profile reader, the
+"""The static estimate (`vsampler.tools.estimate`, `vsampler compile-check --estimate`): the profile reader, the
 arithmetic that counts the data-dependent loops, and, where libtpu is installed, libtpu's cost model on a
 kernel whose cost is known in shape and on the sampling kernel itself."""
 
@@ -13,7 +13,7 @@ import pytest
 from vsampler.kernels import block_sizes, chunked_passes
 from vsampler.kernels import sampler as kernel
 
-from vsampler import estimate
+from vsampler.tools import estimate
 
 PROFILE = """hlo_op_estimate {
   hlo_op_name: "%s"
@@ -191,7 +191,7 @@ def test_the_kernel_reports_its_loop_trips_per_block(variant):
     numbers within the searches' bounds; with them fixed, the kernel compiles its loops as fixed trips."""
     import jax
 
-    from vsampler import pallas
+    from vsampler.impls import pallas
 
     case = estimate.EstimateCase("v5e", 16, 9000, "float32", "full")
     plan = block_sizes.plan(16, 9000, "float32", "v5e", chunked=variant == "tpu-chunked")
@@ -292,7 +292,7 @@ def test_a_generation_the_model_aborts_on_is_reported_not_crashed(libtpu):
 
 @pytest.mark.slow
 def test_compile_check_estimates_through_the_same_path(libtpu):
-    from vsampler import compile_check
+    from vsampler.tools import compile_check
 
     r = compile_check.estimate_tpu("v6e", 8, 1024, "bfloat16", "greedy")
     assert r.ok, r.error

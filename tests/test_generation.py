@@ -9,9 +9,9 @@ from flax import nnx
 from generation_reference import decode_row
 
 from vsampler import SamplingParams, vInferenceConfig, vInferencePreCompileConfig
-from vsampler.inference import vInference
-from vsampler.models import TinyDecoder, TinyDecoderConfig
-from vsampler.params import NUMERIC_FIELDS
+from vsampler.core.params import NUMERIC_FIELDS
+from vsampler.engine.inference import vInference
+from vsampler.testing.tiny_decoder import TinyDecoder, TinyDecoderConfig
 
 MAX_NEW = 10
 PAD = 0

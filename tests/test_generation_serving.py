@@ -10,8 +10,8 @@ from flax import nnx
 from generation_reference import decode_row
 
 from vsampler import SamplingParams, pack_allowed, vInferenceConfig, vInferencePreCompileConfig
-from vsampler.inference import vInference
-from vsampler.models import TinyDecoder, TinyDecoderConfig
+from vsampler.engine.inference import vInference
+from vsampler.testing.tiny_decoder import TinyDecoder, TinyDecoderConfig
 
 MAX_NEW = 8
 PAD = 0

@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from vsampler import SamplingParams, vInference, vInferenceConfig
-from vsampler.kv_cache import CACHE_MODES, NF4_CODES, Int8Tensor, KVCache, NF4Tensor
-from vsampler.models import TinyDecoder, TinyDecoderConfig
+from vsampler.engine.kv_cache import CACHE_MODES, NF4_CODES, Int8Tensor, KVCache, NF4Tensor
+from vsampler.testing.tiny_decoder import TinyDecoder, TinyDecoderConfig
 
 BASE = TinyDecoderConfig(head_dim=64)  # the NF4 cache needs head_dim a multiple of its 64-value blocks
 BF16_ROUNDING = 1 + 2.0**-7  # scales are bfloat16, rounded up

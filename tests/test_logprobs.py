@@ -8,8 +8,8 @@ import pytest
 from grid import EOS, Case, check, history, logits, params
 
 from vsampler import SamplingParams, process_logits, sample, sample_step
-from vsampler.logprobs import MAX_LOGPROBS
-from vsampler.verification import logprobs_close
+from vsampler.core.logprobs import MAX_LOGPROBS
+from vsampler.tools.verification import logprobs_close
 
 FAST = ["xla", "pallas", "pallas-triton", "pallas-chunked"]
 

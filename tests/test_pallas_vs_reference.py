@@ -10,8 +10,8 @@ import pytest
 from grid import compare
 
 from vsampler import SamplingParams, process_logits, sample
-from vsampler import pallas as pallas_impl
-from vsampler.inputs import prepare
+from vsampler.core.inputs import prepare
+from vsampler.impls import pallas as pallas_impl
 
 
 @pytest.mark.parametrize("case", grid.STAGE_CASES)

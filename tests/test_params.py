@@ -99,7 +99,7 @@ def test_pytree_leaves_are_values_and_stages_are_static():
 
 
 def test_new_values_never_recompile():
-    from vsampler import sampling
+    from vsampler.core import sampling
 
     logits = jax.random.normal(jax.random.key(0), (3, 257))
     key = jax.random.key(1)

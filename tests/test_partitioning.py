@@ -18,8 +18,8 @@ from vsampler import (
     vInferenceConfig,
     vInferencePreCompileConfig,
 )
-from vsampler.models import TinyDecoder, TinyDecoderConfig
-from vsampler.partitioning import create_mesh, leaf_name, match_partition_rules, named_shardings, rule_index
+from vsampler.engine.partitioning import create_mesh, leaf_name, match_partition_rules, named_shardings, rule_index
+from vsampler.testing.tiny_decoder import TinyDecoder, TinyDecoderConfig
 
 AXIS = PartitionAxis()
 RULES = vInferenceConfig(partition_axis=AXIS).get_partition_rules()

@@ -10,7 +10,8 @@ import spec_numpy
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vsampler import SamplingParams, process_logits, sample, verification
+from vsampler import SamplingParams, process_logits, sample
+from vsampler.tools import verification
 
 VOCABS = (1, 7, 64, 129)
 HISTORY_LEN = 6

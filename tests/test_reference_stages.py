@@ -1,11 +1,11 @@
-"""The spec, stage by stage, on hand-computed cases (vsampler.reference through the public API)."""
+"""The spec, stage by stage, on hand-computed cases (vsampler.core.reference through the public API)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vsampler import SamplingParams, process_logits, sample
-from vsampler import reference as ref
+from vsampler.core import reference as ref
 
 NEG = -np.inf
 KEY = jax.random.key(0)
@@ -126,7 +126,7 @@ def test_draw_falls_back_to_the_last_kept_token_when_rounding_leaves_the_total_b
 
 
 def test_uniform_per_row_from_one_key_or_a_batch_of_keys():
-    from vsampler.inputs import draw_uniforms
+    from vsampler.core.inputs import draw_uniforms
 
     keys = jax.random.split(jax.random.key(3), 5)
     np.testing.assert_array_equal(draw_uniforms(jax.random.key(3), 5), jax.random.uniform(jax.random.key(3), (5,)))

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vsampler import SamplingParams, process_logits
-from vsampler.speculative import verify_draft
+from vsampler.core.speculative import verify_draft
 
 IMPLS = ["reference", "xla", "pallas"]
 

@@ -5,7 +5,7 @@ variant lowers to Triton for CUDA (jax.export, no GPU needed)."""
 import pytest
 from vsampler.kernels import block_sizes
 
-compile_check = pytest.importorskip("vsampler.compile_check")
+compile_check = pytest.importorskip("vsampler.tools.compile_check")
 
 REPRESENTATIVE = [  # (batch, vocab, dtype)
     (1, 32000, "float32"),

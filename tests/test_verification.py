@@ -1,4 +1,4 @@
-"""`vsampler.verification`'s caches: the compact form of the reference's warped logits gives back the same
+"""`vsampler.tools.verification`'s caches: the compact form of the reference's warped logits gives back the same
 bits, the caches drop their least recently used entries beyond their bound, and `check` answers the same
 whether the reference's results come from the cache or not, its calls side by side or one by one."""
 
@@ -6,8 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from vsampler import sampling, verification
-from vsampler.verification import Case, ResultCache, _Warped, check
+from vsampler.core import sampling
+from vsampler.tools import verification
+from vsampler.tools.verification import Case, ResultCache, _Warped, check
 
 
 @pytest.mark.parametrize("kept", [0.0, 0.1, 0.9])

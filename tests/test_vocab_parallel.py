@@ -14,8 +14,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vsampler import SamplingParams, sample
-from vsampler import verification as ver
-from vsampler import vocab_parallel as vp
+from vsampler.impls import vocab_parallel as vp
+from vsampler.tools import verification as ver
 
 B = 8
 SEEDS = (0, 1, 2)

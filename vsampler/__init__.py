@@ -2,7 +2,7 @@
 
 The public API: `SamplingParams`, `sample`, `process_logits`, `sample_step` (usable inside any jitted
 step), and the EasyDeL `vinference` names `SampleState`, `vInferenceConfig`, `vInferencePreCompileConfig`,
-`PartitionAxis`, `create_sampling_step`, `vInference`. `vsampler.models` holds the tiny NNX decoder.
+`PartitionAxis`, `create_sampling_step`, `vInference`. `vsampler.testing.tiny_decoder` holds the tiny NNX decoder.
 """
 
 import importlib.util as _importlib_util
@@ -27,15 +27,15 @@ def _kernels_from_source_checkout() -> None:
 
 _kernels_from_source_checkout()
 
-from vsampler.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig  # noqa: E402
-from vsampler.generation import create_sampling_step  # noqa: E402
-from vsampler.inference import vInference  # noqa: E402
-from vsampler.inputs import pack_allowed, unpack_allowed  # noqa: E402
-from vsampler.logprobs import LogProbs  # noqa: E402
-from vsampler.params import SamplingParams, Stages  # noqa: E402
-from vsampler.sampling import available_impls, process_logits, resolve_impl, sample, sample_step  # noqa: E402
-from vsampler.speculative import verify_draft  # noqa: E402
-from vsampler.state import SampleState  # noqa: E402
+from vsampler.core.inputs import pack_allowed, unpack_allowed  # noqa: E402
+from vsampler.core.logprobs import LogProbs  # noqa: E402
+from vsampler.core.params import SamplingParams, Stages  # noqa: E402
+from vsampler.core.sampling import available_impls, process_logits, resolve_impl, sample, sample_step  # noqa: E402
+from vsampler.core.speculative import verify_draft  # noqa: E402
+from vsampler.engine.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig  # noqa: E402
+from vsampler.engine.inference import vInference  # noqa: E402
+from vsampler.engine.state import SampleState  # noqa: E402
+from vsampler.engine.step import create_sampling_step  # noqa: E402
 
 __version__ = "0.1.0"
 

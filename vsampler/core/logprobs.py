@@ -1,6 +1,6 @@
 """Log-probabilities of the sampled token and of the top-n tokens, as `sample(..., logprobs=n)` returns them.
 
-Semantics (the spec is `vsampler.reference`): `top_ids` are the n tokens with the largest penalised logits
+Semantics (the spec is `vsampler.core.reference`): `top_ids` are the n tokens with the largest penalised logits
 (after the allowed-token mask, bias, penalties and the min_tokens mask; ties: lower id first), in that
 order, whatever the mode; their log-probabilities and the sampled token's are taken in one of two
 distributions:

@@ -1,7 +1,7 @@
 """The executable spec: plain jnp, sort-based, written to be obviously correct rather than fast.
 
 For logits `(B, V)` (math in float32) and per-row parameters, each row goes through, in order
-(stages 1-4 live in `vsampler.penalties`, shared by every implementation):
+(stages 1-4 live in `vsampler.core.penalties`, shared by every implementation):
 
  0. allowed tokens (structured output, optional): tokens the packed bitmask `allowed_tokens` does not
     allow get -inf before anything else (no later stage can bring a -inf back: a +inf bias on it makes
@@ -25,7 +25,7 @@ For logits `(B, V)` (math in float32) and per-row parameters, each row goes thro
     mass strictly above it, `sum(e_j for e_j > e_i)`, is `< top_p * sum(e)`. The most probable tokens
     are always kept; ties are kept or dropped together; `top_p == 1` keeps everything.
  9. min-p: keep tokens with `p_i >= min_p * p_max`, i.e. `exp(x_i - max) >= min_p`.
-10. draw: `u` is one uniform per row (see `vsampler.inputs.draw_uniforms`); the token is the smallest
+10. draw: `u` is one uniform per row (see `vsampler.core.inputs.draw_uniforms`); the token is the smallest
     index whose inclusive cumulative kept mass, summed in vocabulary order, exceeds `u * total`
     (where rounding leaves the total at or below `u * total`: the last kept token).
 
@@ -46,9 +46,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vsampler import penalties
-from vsampler.inputs import SamplerInputs, unpack_allowed
-from vsampler.logprobs import LogProbs, LogprobsRequest
+from vsampler.core import penalties
+from vsampler.core.inputs import SamplerInputs, unpack_allowed
+from vsampler.core.logprobs import LogProbs, LogprobsRequest
 
 NEG_INF = float("-inf")
 
@@ -57,7 +57,7 @@ NEG_INF = float("-inf")
 
 
 def penalised_logits(inp: SamplerInputs) -> jax.Array:
-    """Stages 0-5 as float32 `(B, V)`: stages 1-4 (`vsampler.penalties`, shared by every implementation,
+    """Stages 0-5 as float32 `(B, V)`: stages 1-4 (`vsampler.core.penalties`, shared by every implementation,
     see there), the allowed-token mask, then sanitising. The mask comes after stages 1-4 so that they
     run on exactly the arrays every implementation gives them (XLA fuses, and so rounds, a program
     by its inputs); stage 0's "first" is a statement about results, and they are the same."""

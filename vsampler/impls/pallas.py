@@ -16,9 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vsampler import logprobs as lp
-from vsampler import penalties, reference
-from vsampler.inputs import SamplerInputs
+from vsampler.core import logprobs as lp
+from vsampler.core import penalties, reference
+from vsampler.core.inputs import SamplerInputs
 from vsampler.kernels import block_sizes, sampler_chunked, sampler_triton
 from vsampler.kernels import sampler as kernel
 
@@ -173,7 +173,7 @@ def sample(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
 
 
 def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple) -> lp.RowValues:
-    """The kernel's per-row outputs as `vsampler.logprobs.RowValues`."""
+    """The kernel's per-row outputs as `vsampler.core.logprobs.RowValues`."""
     _, _, stats, *top = outputs
     batch = stats.shape[0]
     top_x, top_ids = top if request.n else (jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32))

@@ -24,7 +24,7 @@ token is drawn from p at position K. Every emitted token is therefore distribute
 warped distribution, and greedy rows keep exactly the draft prefix that matches the target's argmax.
 
 Randomness: row r at position j uses two uniforms from `fold_in(key_r, j)` (accept, then draw); the draws
-follow the spec's inverse-CDF rule (`vsampler.xla.draw`). The warping runs on the chosen implementation
+follow the spec's inverse-CDF rule (`vsampler.impls.xla.draw`). The warping runs on the chosen implementation
 (`impl`: reference, xla or the pallas kernel through `process_logits`); acceptance and the residual draw
 are shared jnp over (B, K + 1, V).
 """
@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler import xla
-from vsampler.inputs import EosIds
-from vsampler.params import NUMERIC_FIELDS, SamplingParams
-from vsampler.sampling import Impl, process_logits
+from vsampler.core.inputs import EosIds
+from vsampler.core.params import NUMERIC_FIELDS, SamplingParams
+from vsampler.core.sampling import Impl, process_logits
+from vsampler.impls import xla
 
 NEG_INF = float("-inf")
 

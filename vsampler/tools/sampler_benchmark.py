@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler import sampling
-from vsampler.workloads import Workload, WorkloadInputs
+from vsampler.core import sampling
+from vsampler.tools.workloads import Workload, WorkloadInputs
 
 Runner = Callable[[WorkloadInputs], jax.Array]
 
@@ -82,7 +82,7 @@ def feature_kwargs(feature: str, batch: int, vocab: int) -> dict[str, Any]:
     if feature.startswith("logprobs"):
         return {"logprobs": LOGPROBS_N, "logprobs_mode": feature.split()[1]}
     if feature == "allowed_tokens":
-        from vsampler.inputs import pack_allowed
+        from vsampler.core.inputs import pack_allowed
 
         allowed = np.random.default_rng(batch * 7 + vocab).random((batch, vocab)) < 0.5
         return {"allowed_tokens": jnp.asarray(pack_allowed(allowed)), "eos_token_id": FEATURE_EOS}
@@ -104,8 +104,8 @@ def feature_runner(impl: str, feature: str, batch: int, vocab: int) -> Runner:
 
 def check_feature(inp: WorkloadInputs, impl: str, feature: str, batch: int, vocab: int) -> bool:
     """The feature's output equals the reference's on the same inputs and key: tokens, and log-probs
-    (ids exactly, values within `vsampler.verification.LOGPROBS_TOLERANCE`)."""
-    from vsampler.verification import logprobs_close
+    (ids exactly, values within `vsampler.tools.verification.LOGPROBS_TOLERANCE`)."""
+    from vsampler.tools.verification import logprobs_close
 
     got = feature_runner(impl, feature, batch, vocab)(inp)
     want = feature_runner("reference", feature, batch, vocab)(inp)

@@ -51,15 +51,15 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vsampler.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig
-from vsampler.generation import StepSampler, create_sampling_step
-from vsampler.inputs import allowed_words
-from vsampler.logprobs import LogprobsRequest, request
-from vsampler.loop_inputs import abstract_params, check_prompts, left_pad, pad_rows, request_keys, row_params
-from vsampler.params import SamplingParams, Stages
-from vsampler.partitioning import named_shardings, place_global, replicated_value
-from vsampler.sampling import Impl, resolve_impl
-from vsampler.state import SampleState
+from vsampler.core.inputs import allowed_words
+from vsampler.core.logprobs import LogprobsRequest, request
+from vsampler.core.params import SamplingParams, Stages
+from vsampler.core.sampling import Impl, resolve_impl
+from vsampler.engine.config import PartitionAxis, vInferenceConfig, vInferencePreCompileConfig
+from vsampler.engine.host_inputs import abstract_params, check_prompts, left_pad, pad_rows, request_keys, row_params
+from vsampler.engine.partitioning import named_shardings, place_global, replicated_value
+from vsampler.engine.state import SampleState
+from vsampler.engine.step import StepSampler, create_sampling_step
 
 logger = logging.getLogger("vsampler")
 
@@ -84,7 +84,7 @@ def _next_power_of_two(n: int) -> int:
 
 
 class vInference:
-    """The generation loop for an NNX model that follows `vsampler.generation`'s contract."""
+    """The generation loop for an NNX model that follows `vsampler.engine.step`'s contract."""
 
     def __init__(
         self,

@@ -1,9 +1,9 @@
 """The sort-free XLA sampler: the CPU fast path and the fallback everywhere. Same spec as
-`vsampler.reference`, never sorting the vocabulary and drawing one uniform per row.
+`vsampler.core.reference`, never sorting the vocabulary and drawing one uniform per row.
 
 How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUNK`):
 
-* penalties: `vsampler.penalties`, shared with every implementation: gather the logits at the
+* penalties: `vsampler.core.penalties`, shared with every implementation: gather the logits at the
   history's L ids, update them, scatter them back; never a (B, V) table.
 * allowed tokens: each row unpacks its own `ceil(V / 32)` mask words inside its first pass.
 * greedy: one `max` pass, then the first index equal to it (`jnp.argmax` is ~13x slower on CPU).
@@ -21,7 +21,7 @@ How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUN
 * draw: per-chunk sums of the kept mass, the chunk where the cumulative sum crosses `u * total`, then
   the prefix inside that chunk: the spec's inverse-CDF rule in one pass plus one chunk.
 * log-probs: one more pass for the chunk maxima and the raw log-normaliser together, the top-n entries
-  from the n best chunks (the top-k candidates' rule), and the kept mass (`vsampler.logprobs`).
+  from the n best chunks (the top-k candidates' rule), and the kept mass (`vsampler.core.logprobs`).
 
 Rows are mapped one at a time (`lax.map`): a row stays in cache across its passes, each pass is one
 fused loop, and `lax.cond` runs only the searches a row needs.
@@ -40,12 +40,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from vsampler import logprobs as lp
-from vsampler import penalties
-from vsampler.inputs import SamplerInputs, unpack_allowed
+from vsampler.core import logprobs as lp
+from vsampler.core import penalties
+from vsampler.core.inputs import SamplerInputs, unpack_allowed
+from vsampler.core.params import Stages
+from vsampler.core.reference import weight
 from vsampler.kernels import sampler as kernel
-from vsampler.params import Stages
-from vsampler.reference import weight
 
 NEG_INF = float("-inf")
 K_CANDIDATES = 64  # static width of the exact top-k candidate path
@@ -280,7 +280,7 @@ class _RowInputs(NamedTuple):
 
 
 class _Drawn(NamedTuple):
-    """A row's token and what `vsampler.logprobs` needs of its sampling (scaled units)."""
+    """A row's token and what `vsampler.core.logprobs` needs of its sampling (scaled units)."""
 
     token: jax.Array
     threshold: jax.Array
@@ -384,7 +384,7 @@ def _greedy_row(x: jax.Array, x_max: jax.Array) -> _Drawn:
 def sample_with_logprobs(
     inp: SamplerInputs, request: lp.LogprobsRequest | None
 ) -> tuple[jax.Array, lp.LogProbs | None]:
-    """The token per row, `(B,)` int32 (`vsampler.reference.sample` without a sort, module docstring),
+    """The token per row, `(B,)` int32 (`vsampler.core.reference.sample` without a sort, module docstring),
     and its log-probabilities when `request` asks for them."""
     empty_token = jnp.int32(inp.empty_token)
 
@@ -414,12 +414,12 @@ def sample_with_logprobs(
 
 
 def sample(inp: SamplerInputs) -> jax.Array:
-    """The token per row, `(B,)` int32: `vsampler.reference.sample` without a sort (module docstring)."""
+    """The token per row, `(B,)` int32: `vsampler.core.reference.sample` without a sort (module docstring)."""
     return sample_with_logprobs(inp, None)[0]
 
 
 def process_logits(inp: SamplerInputs) -> jax.Array:
-    """The warped logits, as `vsampler.reference.process_logits`."""
+    """The warped logits, as `vsampler.core.reference.process_logits`."""
     stages = inp.stages
 
     def greedy(x: jax.Array, x_max: jax.Array) -> jax.Array:

@@ -12,13 +12,13 @@ and calls
 * `attention_mask` (B, T) int32, T = P + max_new_tokens: 1 on the slots of real tokens, the new ones
   included; 0 on left padding and on slots not generated yet.
 * `position_ids` (B, S) int32: each new token's index among its row's real tokens (0 for padding).
-* `past_key_values`: the cache, laid out as `vsampler.kv_cache.KVCache`: `views[i].key` / `.value` per
+* `past_key_values`: the cache, laid out as `vsampler.engine.kv_cache.KVCache`: `views[i].key` / `.value` per
   layer (quantized layouts keep the same paths). The S new keys / values go to slots
   `[cache_index, cache_index + S)`; query slot `i` attends the real slots `<= i`.
 * `cache_index` int32 scalar: the first slot the new tokens take (0 at prefill, P + t at decode step t).
 
 It returns an object with `.logits` (B, S, V) and `.past_key_values` (the updated cache). A model that
-exposes `vocab_size` lets the loop check token ids before compiling. `vsampler.models.TinyDecoder` is
+exposes `vocab_size` lets the loop check token ids before compiling. `vsampler.testing.tiny_decoder.TinyDecoder` is
 the reference implementation of this contract.
 
 `SampleState` in the loop
@@ -50,9 +50,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vsampler.params import SamplingParams
-from vsampler.sampling import Impl, sample_step
-from vsampler.state import SampleState
+from vsampler.core.params import SamplingParams
+from vsampler.core.sampling import Impl, sample_step
+from vsampler.engine.state import SampleState
 
 SamplingStep = Callable[[Any, Any, Any, SampleState], SampleState]
 # `vsampler.sample_step`'s signature: (logits, params, keys, *, finished, pad_token_id, history, prompt_len,

@@ -19,11 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler import sampling as _sampling
-from vsampler.inputs import pack_allowed
-from vsampler.logprobs import MODES
-from vsampler.params import SamplingParams
-from vsampler.sampling import process_logits, sample
+from vsampler.core import sampling as _sampling
+from vsampler.core.inputs import pack_allowed
+from vsampler.core.logprobs import MODES
+from vsampler.core.params import SamplingParams
+from vsampler.core.sampling import process_logits, sample
 
 HISTORY_LEN = 600  # longer than the 512-token workloads
 EOS = (2, 7)

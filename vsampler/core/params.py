@@ -2,7 +2,7 @@
 
 Every numeric field is a Python scalar (the same value for every row) or a `(B,)` array (one value per
 row: a heterogeneous serving batch). Concrete values are validated when the object is built; traced
-values (params built inside `jit`) cannot be, and are sanitised at run time as `vsampler.inputs`
+values (params built inside `jit`) cannot be, and are sanitised at run time as `vsampler.core.inputs`
 documents.
 
 As a pytree, the numeric fields (and the values of `logit_bias`) are leaves, so new values never force
@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from vsampler.serialization import Serializable, serializable
+from vsampler.core.serialization import Serializable, serializable
 
 ArrayLike = Any  # Python scalar, numpy array or jax.Array
 

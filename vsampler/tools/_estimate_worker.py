@@ -1,9 +1,9 @@
-"""`python -m vsampler._estimate_worker DIR`: the compile worker of `vsampler.estimate.ProfileWorker`
+"""`python -m vsampler.tools._estimate_worker DIR`: the compile worker of `vsampler.tools.estimate.ProfileWorker`
 (libtpu's static profile flag, pointing at DIR, is set in its environment before libtpu loads)."""
 
 import sys
 
-from vsampler.estimate import run_worker
+from vsampler.tools.estimate import run_worker
 
 if __name__ == "__main__":
     run_worker(sys.argv[1], sys.stdin, sys.stdout)

@@ -1,8 +1,8 @@
-"""Vocabulary-parallel sampling: the spec (`vsampler.reference`) on logits sharded over the vocabulary,
+"""Vocabulary-parallel sampling: the spec (`vsampler.core.reference`) on logits sharded over the vocabulary,
 as a tensor-parallel lm head leaves them, without ever gathering them.
 
 `vsampler.sample(logits, params, key, mesh=..., vocab_axis="tp")` lands here (`sample` below, on the
-inputs `vsampler.inputs.prepare` built from the global shapes). Shapes and dtypes:
+inputs `vsampler.core.inputs.prepare` built from the global shapes). Shapes and dtypes:
 
   logits   (B, V) float32 or bfloat16 (math in float32), sharded or shardable as `P(None, vocab_axis)`
            on the mesh: shard j holds the ids [j * W, (j + 1) * W), W = ceil(V / n) for n shards.
@@ -13,13 +13,13 @@ inputs `vsampler.inputs.prepare` built from the global shapes). Shapes and dtype
   params, key, history (B, L), prompt_len, eos_token_id: as `vsampler.sample`, checked and sanitised
            on the global shapes; small, and replicated on every shard.
   returns  (B,) int32 tokens in [0, V), replicated on every device: the reference's token for the same
-           key (the spec's draw: one uniform u per row, drawn as `vsampler.inputs.draw_uniforms` does).
+           key (the spec's draw: one uniform u per row, drawn as `vsampler.core.inputs.draw_uniforms` does).
 
 Inside `jax.shard_map` each shard works on its (B, W) columns with per-row (B, 1) columns of
 statistics; the shards agree on every per-row decision through collectives of a few scalars per row
 (n = shards):
 
-  1-3  bias and penalties: `vsampler.penalties` on the shard's columns, every global id (history,
+  1-3  bias and penalties: `vsampler.core.penalties` on the shard's columns, every global id (history,
        bias mapping) shifted by the shard's offset and ids outside its range dropped: a B x L
        gather/scatter per shard, never a (B, V) table. A mapping bias becomes the shard's (W,) row
        of it (x + 0 is x).                                                              no communication
@@ -75,11 +75,11 @@ from jax import lax
 from jax.sharding import AbstractMesh, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from vsampler import penalties
-from vsampler.inputs import RowParams, SamplerInputs, unpack_allowed
+from vsampler.core import penalties
+from vsampler.core.inputs import RowParams, SamplerInputs, unpack_allowed
+from vsampler.core.params import SamplingParams, Stages
+from vsampler.core.reference import weight
 from vsampler.kernels import sampler as kernel
-from vsampler.params import SamplingParams, Stages
-from vsampler.reference import weight
 
 NEG_INF = float("-inf")
 CHUNK = 128  # columns per chunk in the owner's draw search
@@ -168,7 +168,7 @@ class _Replicated(NamedTuple):
 def _penalised(
     x: jax.Array, bias: jax.Array | None, r: _Replicated, stages: Stages, sh: _Shard, vocab: int
 ) -> jax.Array:
-    """Stages 1-4 on this shard's columns, float32 (B, W): `vsampler.penalties` on shard-local ids."""
+    """Stages 1-4 on this shard's columns, float32 (B, W): `vsampler.core.penalties` on shard-local ids."""
     history = None
     if r.history is not None:
         local = sh.local(r.history, vocab)
@@ -191,7 +191,7 @@ def _penalised(
         u=None,
     )
     x = penalties.penalised_logits(local_inputs, eos_mask=False).astype(jnp.float32)
-    if r.too_early is not None:  # stage 4, as `vsampler.penalties` writes it, on the EOS ids in range
+    if r.too_early is not None:  # stage 4, as `vsampler.core.penalties` writes it, on the EOS ids in range
         rows = jnp.arange(x.shape[0])[:, None]
         eos = sh.local(r.eos_ids, vocab)[None, :]  # ignored (-1) and other shards' ids: dropped
         kept_value = x[rows, jnp.minimum(eos, sh.width - 1)]
@@ -322,9 +322,9 @@ def _sample_shard(
 
 
 def sample(inp: SamplerInputs, *, mesh: AnyMesh, vocab_axis: str) -> jax.Array:
-    """The token per row, `(B,)` int32, replicated: `vsampler.reference.sample` on logits sharded over
+    """The token per row, `(B,)` int32, replicated: `vsampler.core.reference.sample` on logits sharded over
     the vocabulary on `mesh`'s `vocab_axis`, without gathering them (module docstring). `inp` comes from
-    `vsampler.inputs.prepare` on the global (B, V) logits; call it under `jax.jit`."""
+    `vsampler.core.inputs.prepare` on the global (B, V) logits; call it under `jax.jit`."""
     vocab = inp.logits.shape[1]
     shards = mesh.shape[vocab_axis]
     pad = (-vocab) % shards  # -inf columns up to a multiple of the shard count: never kept, never drawn
@@ -487,7 +487,9 @@ def communication_report(
     per pass x `MAX_PASSES`, the loops' cap), `gather_operand_bytes` / `gather_result_bytes` (what one
     device puts into / receives from an all-gather of the logits), `collectives` (count) and
     `largest_dim` (the largest dimension any collective moves)."""
-    from vsampler.sampling import sample as public_sample  # imported here: vsampler.sampling imports this module
+    from vsampler.core.sampling import (
+        sample as public_sample,  # imported here: vsampler.core.sampling imports this module
+    )
 
     devices = jax.devices()
     if len(devices) < shards:

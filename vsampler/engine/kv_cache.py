@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler.pytree import register_dataclass_pytree
+from vsampler.engine.pytree import register_dataclass_pytree
 
 CacheMode = Literal["fp", "int8", "nf4"]
 CACHE_MODES: tuple[str, ...] = ("fp", "int8", "nf4")

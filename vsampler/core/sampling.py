@@ -13,19 +13,19 @@ Shapes and dtypes:
   allowed_tokens: (B, ceil(V / 32)) int32, the packed bitmask grammar engines (xgrammar, llguidance) write:
                 bit j % 32 of word j // 32 set = token j allowed. Applied before every other stage (inside
                 the fused kernel on impl="pallas"); a row it leaves without a token samples the first EOS
-                id. `vsampler.inputs.pack_allowed` packs a (B, V) bool array.
+                id. `vsampler.core.inputs.pack_allowed` packs a (B, V) bool array.
   logprobs, logprobs_mode (`sample`, `sample_step`): n in [0, 64] also returns a `LogProbs` (the token's
                 log-probability and the n most likely tokens with theirs) in the "raw" (default) or the
-                "processed" distribution: `vsampler.logprobs`.
+                "processed" distribution: `vsampler.core.logprobs`.
   impl:         "auto" | "reference" | "xla" | "pallas".
   mesh, vocab_axis (`sample` only): logits sharded over the vocabulary on that mesh axis (a tensor-parallel
-                lm head's output) are sampled without gathering them: `vsampler.vocab_parallel`.
+                lm head's output) are sampled without gathering them: `vsampler.impls.vocab_parallel`.
 
 Both functions are jitted (static: the implementation, the EOS ids when concrete, and the active
 stages, which `SamplingParams` carries as pytree aux data) and can be called inside a user's own
 `jax.jit` as well; a serving step whose batch mix changes fixes the stage set once with
-`SamplingParams.with_stages`, and compiles once. Semantics, ties, NaN and -inf: `vsampler.reference` (the spec) and
-`vsampler.inputs` (argument checks and run-time sanitising).
+`SamplingParams.with_stages`, and compiles once. Semantics, ties, NaN and -inf: `vsampler.core.reference` (the spec) and
+`vsampler.core.inputs` (argument checks and run-time sanitising).
 """
 
 from __future__ import annotations
@@ -38,11 +38,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler import logprobs as lp
-from vsampler import pallas, reference, vocab_parallel, xla
-from vsampler.inputs import EosIds, SamplerInputs, check_prompt_len_range, prepare
-from vsampler.logprobs import LogProbs, LogprobsRequest
-from vsampler.params import SamplingParams
+from vsampler.core import logprobs as lp
+from vsampler.core import reference
+from vsampler.core.inputs import EosIds, SamplerInputs, check_prompt_len_range, prepare
+from vsampler.core.logprobs import LogProbs, LogprobsRequest
+from vsampler.core.params import SamplingParams
+from vsampler.impls import pallas, vocab_parallel, xla
 
 Impl = Literal["auto", "reference", "xla", "pallas"]
 IMPL_NAMES: tuple[str, ...] = ("auto", "reference", "xla", "pallas")
@@ -102,7 +103,7 @@ def _check_prompt_len(prompt_len: Any, history: Any) -> None:
 
 
 def _prepare(logits, params, key, history, prompt_len, eos_static, eos_dynamic, allowed, draw=True) -> SamplerInputs:
-    """`vsampler.inputs.prepare` on the jitted functions' arguments (static EOS ids or traced ones)."""
+    """`vsampler.core.inputs.prepare` on the jitted functions' arguments (static EOS ids or traced ones)."""
     return prepare(
         logits,
         params,
@@ -218,7 +219,7 @@ def sample_step(
     `(tokens, finished, LogProbs)` with `logprobs=n`.
 
     `finished` (B,) bool: rows already done; they emit `pad_token_id` and stay finished (their log-probs:
-    `vsampler.logprobs`). A row that samples one of `eos_token_id` comes back finished (its EOS token is
+    `vsampler.core.logprobs`). A row that samples one of `eos_token_id` comes back finished (its EOS token is
     returned). On impl="pallas" this is the kernel's own entry (one launch); the other implementations
     apply the rule after sampling. `max_tokens` is the caller's: only it knows how many tokens each row
     has generated.
@@ -258,7 +259,7 @@ def sample(
 ) -> jax.Array | tuple[jax.Array, LogProbs]:
     """Samples one token per row: `(B,)` int32, always in `[0, V)`; with `logprobs=n`, `(tokens, LogProbs)`.
 
-    Every implementation follows `vsampler.reference` and maps the same key to the same uniform per row,
+    Every implementation follows `vsampler.core.reference` and maps the same key to the same uniform per row,
     so implementations agree token for token except where float rounding moves a CDF boundary.
     Greedy rows (temperature 0) return the lowest index of their maximum penalised logit. A row with no
     finite logit left (all -inf / NaN after the mask, bias, penalties and the min_tokens mask) returns
@@ -268,11 +269,11 @@ def sample(
     largest penalised logits with theirs, in the `logprobs_mode` distribution: "raw" (after penalties,
     before temperature and filtering) or "processed" (what the token was drawn from). The fast paths
     get them from per-row values the sampling computes anyway plus n reductions over the row
-    (`vsampler.logprobs`), never from a (B, V) log-softmax.
+    (`vsampler.core.logprobs`), never from a (B, V) log-softmax.
 
     `vocab_axis`: the logits are sharded over the vocabulary on this axis of `mesh` (default: the ambient
     mesh of `jax.set_mesh`), as a tensor-parallel lm head leaves them; the vocabulary-parallel sampler
-    (`vsampler.vocab_parallel`) then samples them where they lie, communicating a few scalars per row
+    (`vsampler.impls.vocab_parallel`) then samples them where they lie, communicating a few scalars per row
     instead of gathering them, and returns the tokens replicated. It is its own implementation: `impl`
     must stay "auto". A V the axis size does not divide is padded with -inf columns (never drawn).
     """

@@ -12,9 +12,9 @@ from typing import Any
 
 from jax.sharding import PartitionSpec
 
-from vsampler.params import SamplingParams
-from vsampler.pytree import register_dataclass_pytree
-from vsampler.serialization import Serializable, serializable
+from vsampler.core.params import SamplingParams
+from vsampler.core.serialization import Serializable, serializable
+from vsampler.engine.pytree import register_dataclass_pytree
 
 AxisNames = str | tuple[str, ...] | None
 

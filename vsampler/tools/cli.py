@@ -67,7 +67,7 @@ def _choice_list(choices: Sequence[str]) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from vsampler import workloads
+    from vsampler.tools import workloads
 
     parser = argparse.ArgumentParser(
         prog="vsampler",
@@ -305,8 +305,9 @@ def _environment() -> dict[str, str]:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from vsampler import benchmarking as bm
-    from vsampler import sampling, workloads
+    from vsampler.core import sampling
+    from vsampler.tools import sampler_benchmark as bm
+    from vsampler.tools import workloads
 
     if args.repeats < 1:
         print("vsampler bench: --repeats must be >= 1", file=sys.stderr)
@@ -390,7 +391,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         summary += " (" + ", ".join(_feature_summary(feature_rows)) + ")"
     ui.note(summary)
     if args.plot:
-        from vsampler.plotting import plot_speedups
+        from vsampler.tools.plotting import plot_speedups
 
         plot_speedups(
             results, list(peers), args.plot, f"vsampler bench on {env['device']} ({env['machine']}), jax {env['jax']}"
@@ -417,11 +418,11 @@ def _bench_estimates(
     args: argparse.Namespace, cases: list[Any], results: list[dict[str, Any]], ui: Any
 ) -> list[dict[str, Any]]:
     """Off TPU: the fused kernel's time on TPU for the run's headline workloads (each config at the
-    largest B and V, float32), by libtpu's static cost model (`vsampler.estimate`; cached per code
+    largest B and V, float32), by libtpu's static cost model (`vsampler.tools.estimate`; cached per code
     version), beside the CPU time of the same workload."""
     import jax
 
-    from vsampler import estimate
+    from vsampler.tools import estimate
 
     if args.no_estimate or jax.default_backend() == "tpu":
         return []
@@ -478,8 +479,8 @@ def _bench_features(
     """The serving features (log-probs in both modes, the allowed-token mask) on the "full" workloads:
     each one's median time as a ratio to plain sampling by the same implementation, timed interleaved
     with it, and its output checked against the reference's."""
-    from vsampler import benchmarking as bm
-    from vsampler import workloads
+    from vsampler.tools import sampler_benchmark as bm
+    from vsampler.tools import workloads
 
     if args.no_features:
         return [], 0
@@ -526,7 +527,7 @@ def _bench_features(
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from vsampler import verification
+    from vsampler.tools import verification
 
     impls = ("xla", "pallas", "pallas-triton", "pallas-chunked") if "all" in args.impl else args.impl
     batches = args.batch or ((1, 8) if args.quick else (1, 3, 8, 64))
@@ -579,7 +580,7 @@ def _run_verify(args: argparse.Namespace) -> int:
 def _run_estimate(args: argparse.Namespace) -> int:
     import itertools
 
-    from vsampler import estimate
+    from vsampler.tools import estimate
 
     batches = args.batch or ((8,) if args.quick else (64,))
     vocabs = args.vocab or ((32000, 128256) if args.quick else (128256,))
@@ -615,8 +616,8 @@ def _run_estimate(args: argparse.Namespace) -> int:
 def _run_compile_check(args: argparse.Namespace) -> int:
     import itertools
 
-    from vsampler import compile_check
     from vsampler.kernels import block_sizes
+    from vsampler.tools import compile_check
 
     if args.estimate:
         return _run_estimate(args)
@@ -731,7 +732,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     import numpy as np
 
     from vsampler import SamplingParams, pack_allowed, vInference, vInferenceConfig, vInferencePreCompileConfig
-    from vsampler.loop_benchmark import tiny_model
+    from vsampler.tools.loop_benchmark import tiny_model
 
     for name in ("batch", "max_new_tokens", "chunks", "vocab"):
         if getattr(args, name) < 1:

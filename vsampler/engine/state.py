@@ -7,16 +7,16 @@ from typing import Any
 
 import jax
 
-from vsampler.config import vInferencePreCompileConfig
-from vsampler.pytree import register_dataclass_pytree
-from vsampler.serialization import Serializable, serializable
+from vsampler.core.serialization import Serializable, serializable
+from vsampler.engine.config import vInferencePreCompileConfig
+from vsampler.engine.pytree import register_dataclass_pytree
 
 
 @serializable
 @dataclasses.dataclass(eq=False)
 class SampleState(Serializable):
     """The state of generation between steps (EasyDeL's fields and defaults). How the loop fills it:
-    `vsampler.generation`'s module docstring.
+    `vsampler.engine.step`'s module docstring.
 
     Attributes:
       current_length: (B,) int32, the slot of `sequences` each row's next token goes to.

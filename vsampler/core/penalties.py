@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vsampler.inputs import SamplerInputs, history_masks
+from vsampler.core.inputs import SamplerInputs, history_masks
 
 NEG_INF = float("-inf")
 

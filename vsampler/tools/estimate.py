@@ -3,7 +3,7 @@
 Every figure here is a **static estimate (libtpu cost model), not measured on a TPU**. How one is made,
 for one configuration (TPU generation x B x V x dtype x the stages a workload turns on):
 
-1. **Trips.** The kernel runs in Pallas interpret mode on the workload's rows (`vsampler.workloads`),
+1. **Trips.** The kernel runs in Pallas interpret mode on the workload's rows (`vsampler.tools.workloads`),
    with the generation's block plan, and writes how many trips each data-dependent loop took in each
    block of rows (`vsampler.kernels.trips`: the top-k and top-p searches' snapping passes, the draw's
    bisection; a cond around a search: taken or not). Their means over the blocks are the trips.
@@ -115,7 +115,7 @@ class ProfileWorker:
         env["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
         env["TF_CPP_MIN_LOG_LEVEL"] = "3"
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "vsampler._estimate_worker", self._dir.name],
+            [sys.executable, "-m", "vsampler.tools._estimate_worker", self._dir.name],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -158,10 +158,10 @@ class ProfileWorker:
 
 
 def run_worker(directory: str, jobs: Iterator[str], out: Any) -> None:
-    """The worker's loop (`python -m vsampler._estimate_worker DIR`): compile each job, answer with the
+    """The worker's loop (`python -m vsampler.tools._estimate_worker DIR`): compile each job, answer with the
     cycles libtpu's profile gives for it, then clear the profile for the next one."""
-    from vsampler import compile_check
     from vsampler.kernels.trips import FixedTrips
+    from vsampler.tools import compile_check
 
     for line in jobs:
         job = json.loads(line)
@@ -189,7 +189,7 @@ def run_worker(directory: str, jobs: Iterator[str], out: Any) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class EstimateCase:
-    """What is estimated: a workload config (`vsampler.workloads.CONFIGS`) on one TPU generation;
+    """What is estimated: a workload config (`vsampler.tools.workloads.CONFIGS`) on one TPU generation;
     `allowed`: with the workload's allowed-token mask; `top_n`: with that many log-prob entries."""
 
     generation: str
@@ -282,8 +282,10 @@ class KernelEstimate:
 
 
 def _workload_operands(case: EstimateCase) -> tuple[Any, ...]:
-    """The kernel operands of the case's workload, as `vsampler.pallas.kernel_operands` builds them."""
-    from vsampler import inputs, pallas, verification, workloads
+    """The kernel operands of the case's workload, as `vsampler.impls.pallas.kernel_operands` builds them."""
+    from vsampler.core import inputs
+    from vsampler.impls import pallas
+    from vsampler.tools import verification, workloads
 
     w = workloads.make_inputs(workloads.Workload(case.config, case.batch, case.vocab, case.dtype))
     mask = verification.allowed_mask(case.batch, case.vocab) if case.allowed else None
@@ -307,7 +309,7 @@ def measure_trips(case: EstimateCase, plan: Any) -> tuple[dict[str, bool], Any]:
     import jax
     import numpy as np
 
-    from vsampler import pallas
+    from vsampler.impls import pallas
 
     x, rows, eos, allowed, stages = _workload_operands(case)
     launch = functools.partial(pallas.tpu_launch, plan, interpret=True, top_n=case.top_n, **stages)
@@ -604,7 +606,7 @@ def _code_fingerprint() -> str:
 
     digest = hashlib.sha256(f"{jax.__version__} {libtpu_version()}".encode())
     for folder in (Path(kernels.__file__).parent, Path(vsampler.__file__).parent):
-        for path in sorted(folder.glob("*.py")):
+        for path in sorted(folder.rglob("*.py")):
             digest.update(path.name.encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 

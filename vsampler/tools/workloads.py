@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 
-from vsampler.params import SamplingParams
+from vsampler.core.params import SamplingParams
 
 HISTORY_LEN = 512
 PROMPT_LEN = 384

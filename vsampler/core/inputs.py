@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler.params import NUMERIC_FIELDS, SamplingParams, Stages
+from vsampler.core.params import NUMERIC_FIELDS, SamplingParams, Stages
 
 EosIds = int | Sequence[int] | jax.Array | np.ndarray | None
 

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vsampler.config import vInferenceConfig, vInferencePreCompileConfig
-from vsampler.inference import vInference
-from vsampler.models import TinyDecoder, TinyDecoderConfig
-from vsampler.params import SamplingParams
-from vsampler.xla import first_index_of_max
+from vsampler.core.params import SamplingParams
+from vsampler.engine.config import vInferenceConfig, vInferencePreCompileConfig
+from vsampler.engine.inference import vInference
+from vsampler.impls.xla import first_index_of_max
+from vsampler.testing.tiny_decoder import TinyDecoder, TinyDecoderConfig
 
 LOOP_CONFIGS: dict[str, dict[str, Any]] = {
     "greedy": {"temperature": 0.0},

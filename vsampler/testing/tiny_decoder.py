@@ -1,11 +1,11 @@
 """A small Llama-style decoder in Flax NNX: what the tests and the CLI's generation demo drive.
 
 `TinyDecoder(config, rngs=nnx.Rngs(seed))`: token embedding, `num_layers` blocks of (RMSNorm,
-grouped-query attention with rotary positions and the `vsampler.kv_cache` cache, RMSNorm, SwiGLU MLP),
+grouped-query attention with rotary positions and the `vsampler.engine.kv_cache` cache, RMSNorm, SwiGLU MLP),
 a final RMSNorm and an untied lm head. Random init from the seed; the default size runs a decode step
 in about a millisecond on a CPU core.
 
-It follows the model contract of `vsampler.generation` (see there):
+It follows the model contract of `vsampler.engine.step` (see there):
 
     model(input_ids, attention_mask=..., position_ids=..., past_key_values=..., cache_index=...)
         -> DecoderOutput(logits, past_key_values)
@@ -24,8 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec
 
-from vsampler.config import PartitionAxis
-from vsampler.kv_cache import CACHE_MODES, KVCache, check_nf4_dim
+from vsampler.engine.config import PartitionAxis
+from vsampler.engine.kv_cache import CACHE_MODES, KVCache, check_nf4_dim
 
 # Scores of masked slots: finite, so a query with no visible slot (a left-pad position) averages
 # harmlessly instead of producing NaN.
@@ -46,7 +46,7 @@ class TinyDecoderConfig:
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-6
     cache_dtype: str = "float32"  # the "fp" cache's storage type
-    cache_mode: str = "fp"  # "fp", "int8" or "nf4": see vsampler.kv_cache
+    cache_mode: str = "fp"  # "fp", "int8" or "nf4": see vsampler.engine.kv_cache
 
     def __post_init__(self) -> None:
         for name in (
@@ -165,7 +165,7 @@ class TinyDecoder(nnx.Module):
         return self.config.vocab_size
 
     def partition_rules(self, axis: PartitionAxis | None = None) -> tuple[tuple[str, PartitionSpec], ...]:
-        """How to shard the parameters (`vsampler.partitioning` rules over `nnx.split` paths): Megatron-style
+        """How to shard the parameters (`vsampler.engine.partitioning` rules over `nnx.split` paths): Megatron-style
         tensor parallelism (heads, MLP width and vocabulary over `tensor_parallel_axis`) with the hidden
         dimension over `fully_sharded_data_parallel_axis`; norms replicated."""
         axis = axis or PartitionAxis()

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler.params import NUMERIC_FIELDS, SamplingParams, Stages
+from vsampler.core.params import NUMERIC_FIELDS, SamplingParams, Stages
 
 INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
 _NEUTRAL = SamplingParams(max_tokens=1)  # values for the rows that only fill a bucket

@@ -3,7 +3,7 @@
 `compile_tpu(...)` lowers and compiles the kernel for one configuration on a TPU topology description
 (`jax.experimental.topologies`), through the whole Mosaic + XLA:TPU compiler, and reports what the
 executable says about its memory; the compiler's own error when it refuses. `estimate_tpu(...)`: its
-time per call by libtpu's static cost model (`vsampler.estimate`). Used by the tests and by
+time per call by libtpu's static cost model (`vsampler.tools.estimate`). Used by the tests and by
 `vsampler compile-check [--estimate]`.
 """
 
@@ -18,8 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vsampler import pallas as pallas_impl
-from vsampler.inputs import allowed_words
+from vsampler.core.inputs import allowed_words
+from vsampler.impls import pallas as pallas_impl
 from vsampler.kernels import block_sizes
 from vsampler.kernels import sampler as kernel
 from vsampler.kernels.trips import FixedTrips
@@ -97,7 +97,7 @@ def compile_tpu(
 ) -> CompileResult:
     """Compiles the kernel (all stages on by default) for one configuration on `generation`;
     `allowed`: with the allowed-token mask input; `top_n`: with the log-prob outputs; `trips`: with the
-    data-dependent loops at fixed trip counts (for the static estimate, `vsampler.estimate`)."""
+    data-dependent loops at fixed trip counts (for the static estimate, `vsampler.tools.estimate`)."""
     result = CompileResult(generation, batch, vocab, dtype, ok=False)
     try:
         plan = block_sizes.plan(batch, vocab, dtype, generation, allowed)
@@ -220,10 +220,10 @@ def estimate_tpu(
     top_n: int | None = None,
     breakdown: bool = False,
 ) -> Any:
-    """The kernel's time per call on `generation` for a workload config (`vsampler.workloads`), by
-    libtpu's static cost model with the data-dependent loops counted: a `vsampler.estimate.KernelEstimate`
-    (static estimate, not measured on a TPU; `vsampler.estimate` says how). Starts a compile worker."""
-    from vsampler import estimate
+    """The kernel's time per call on `generation` for a workload config (`vsampler.tools.workloads`), by
+    libtpu's static cost model with the data-dependent loops counted: a `vsampler.tools.estimate.KernelEstimate`
+    (static estimate, not measured on a TPU; `vsampler.tools.estimate` says how). Starts a compile worker."""
+    from vsampler.tools import estimate
 
     case = estimate.EstimateCase(generation, batch, vocab, dtype, config, allowed, top_n)
     return estimate.estimate_grid([case], breakdown=breakdown)[0]
