@@ -3,7 +3,7 @@
 
     pytest bench/test_vocab_parallel.py --benchmark-only -s
 
-The bytes come from the compiled HLO (`vsampler.impls.vocab_parallel.communication_report`: the operands of
+The bytes come from the compiled HLO (`vsampler.tools.communication.communication_report`: the operands of
 every all-reduce / all-gather / collective-permute, times their loop trip counts) and are stored in
 the benchmark's `extra_info`. The time is of 8 devices simulated on this machine's cores: it shows the
 call runs, not what a real tensor-parallel slice would take.
@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vsampler import SamplingParams, sample
-from vsampler.impls import vocab_parallel as vp
+from vsampler.tools import communication
 
 BATCH, VOCAB, SHARDS = 8, 128256, 8
 
@@ -31,7 +31,7 @@ BATCH, VOCAB, SHARDS = 8, 128256, 8
 def test_vocab_parallel_bytes_per_call(benchmark):
     if len(jax.devices()) < SHARDS:
         pytest.skip(f"needs {SHARDS} devices (JAX started before this module set XLA_FLAGS): run this file alone")
-    report = vp.communication_report(BATCH, VOCAB, SHARDS)
+    report = communication.communication_report(BATCH, VOCAB, SHARDS)
     benchmark.extra_info.update(report)
     print(
         f"\nvocab-parallel sample, B={BATCH} V={VOCAB} on {SHARDS} shards, per device per call: "

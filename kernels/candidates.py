@@ -29,9 +29,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from vsampler.kernels import trips as loop_trips
 
-NEG_INF = float("-inf")
+from vsampler.core import trips as loop_trips
+from vsampler.core.numerics import NEG_INF, narrow
+
 LANES = 128
 GROUPS = 32  # column groups: 2 x 4096 candidates per row (at least 3 of a top-50 share a column ~0.1%)
 UNROLL = 8  # vregs per column unrolled in the passes' inner loops
@@ -83,18 +84,6 @@ def _lane_tree(a: jax.Array, combine: Callable, reduce: Callable) -> jax.Array:
     tree (VALU operations, a few levels deep), then one cross-lane reduction; the whole-row block's
     reductions (`sampler._split_reduce`) would cost a cross-lane reduction per slice."""
     return reduce(tree(combine, [a[:, i : i + LANES] for i in range(0, a.shape[-1], LANES)]), axis=-1, keepdims=True)
-
-
-def narrow(lo: jax.Array, hi: jax.Array, points: list[jax.Array], below: list[jax.Array]) -> tuple:
-    """A bracket (lo, hi) cut at increasing `points` inside it, `below[j]` saying point j keeps the
-    bracket's lower-end property (monotone: True up to some point): the last such point, the first
-    other one."""
-    new_lo, new_hi = lo, hi
-    for t, keeps in zip(points, below, strict=True):
-        new_lo = jnp.where(keeps, t, new_lo)
-    for t, keeps in zip(reversed(points), reversed(below), strict=True):
-        new_hi = jnp.where(keeps, new_hi, t)
-    return new_lo, new_hi
 
 
 def tree(combine: Callable, parts: list[jax.Array]) -> jax.Array:
@@ -256,7 +245,7 @@ def sample(
     """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, 2C),
     `third` (R, C); per-row (R, 1) parameters (`k`, `p`, `min_p`: None when the stage is off for the
     block). `row_mass(inverse_t, s_max)`: the whole rows' mass (needed by top-p without top-k).
-    `search` is `sampler.largest_value_with_trips`, `weight` the kernel's `relative_weight`.
+    `search` is `vsampler.core.numerics.largest_value_with_trips`, `weight` `numerics.weight`.
 
     A random row is exact (`fallback` stays False for it) when no value outside the candidates can be
     kept (all are <= s3, the largest third value):

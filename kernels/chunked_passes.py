@@ -25,12 +25,12 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-from vsampler.kernels import trips as loop_trips
-from vsampler.kernels.sampler import MAX_PASSES, PLAIN_PASSES, any_set, largest_value_with_trips, relative_weight
 
-NEG_INF = float("-inf")
+from vsampler.core import trips as loop_trips
+from vsampler.core.numerics import NEG_INF, any_set, largest_value_with_trips, snapping_search, weight
+
 Reduction = Callable[[jax.Array], jax.Array]
-# the data-dependent loops (`vsampler.kernels.trips`): top-k's search over the column maxima and its search
+# the data-dependent loops (`vsampler.core.trips`): top-k's search over the column maxima and its search
 # over the row, each run only where some row needs it (a cond), and top-p's search; the TPU chunked
 # variant writes their trips to these statistics columns
 SITES = (
@@ -73,7 +73,7 @@ class RowChunks:
 
 
 @dataclasses.dataclass(frozen=True)
-class RowParams:
+class RowColumns:
     """The per-row parameters, each `column`-shaped."""
 
     temperature: jax.Array
@@ -147,7 +147,7 @@ def column_bound(
 
 def sample_rows(
     rows: RowChunks,
-    params: RowParams,
+    params: RowColumns,
     eos_ids: Sequence[jax.Array],
     *,
     top_k: bool,
@@ -206,13 +206,13 @@ def sample_rows(
         def scaled_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
             index, v = clean_chunk(c)
             s = v * inverse_t
-            return index, s, relative_weight(s, s_max)
+            return index, s, weight(s, s_max)
 
         def search(
             statistic: Callable, target: jax.Array, lo: jax.Array, active: jax.Array, site: str
         ) -> tuple[jax.Array, jax.Array]:
-            """The largest row value v with statistic(v) >= target (`sampler.largest_value_with_trips`, pass
-            by pass), and its snapping passes: the data-dependent loop `site`."""
+            """The largest row value v with statistic(v) >= target, and its snapping passes (the
+            data-dependent loop `site`): `vsampler.core.numerics.snapping_search` over the chunks."""
 
             def total(t: jax.Array) -> jax.Array:
                 (acc,) = rows.reduce(
@@ -220,33 +220,18 @@ def sample_rows(
                 )
                 return acc
 
-            def plain(_: int, bracket: tuple) -> tuple:
-                lo_, hi_ = bracket
-                mid = lo_ + (hi_ - lo_) * 0.5
-                reaches = total(mid) >= target
-                return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
+            def ends(lo_: jax.Array, hi_open: jax.Array) -> tuple[jax.Array, jax.Array]:
+                return rows.reduce(
+                    lambda a, i, s, e: (
+                        jnp.maximum(a[0], rows.row_max(jnp.where(s < hi_open, s, NEG_INF))),
+                        jnp.minimum(a[1], rows.row_min(jnp.where(s >= lo_, s, jnp.inf))),
+                    ),
+                    (rows.full(NEG_INF), rows.full(jnp.inf)),
+                    scaled_chunk,
+                )
 
-            lo, hi_open = lax.fori_loop(0, PLAIN_PASSES, plain, (lo, s_max))
-            below_open, snapped = rows.reduce(
-                lambda a, i, s, e: (
-                    jnp.maximum(a[0], rows.row_max(jnp.where(s < hi_open, s, NEG_INF))),
-                    jnp.minimum(a[1], rows.row_min(jnp.where(s >= lo, s, jnp.inf))),
-                ),
-                (rows.full(NEG_INF), rows.full(jnp.inf)),
-                scaled_chunk,
-            )
-            hi = jnp.where(hi_open < s_max, below_open, s_max)
-            lo = jnp.where(active, snapped, lo)
-
-            def searching(state: tuple) -> jax.Array:
-                lo_, hi_, passes = state
-                return any_set(active & (lo_ < hi_)) & (passes < MAX_PASSES)
-
-            def body(state: tuple) -> tuple:
-                lo_, hi_, passes = state
-                mid = lo_ + (hi_ - lo_) * 0.5
-                mid = jnp.where(mid <= lo_, hi_, mid)
-                value, above, below = rows.reduce(
+            def probe(mid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+                return rows.reduce(
                     lambda a, i, s, e: (
                         a[0] + rows.row_sum(statistic(mid, s, e)),
                         jnp.minimum(a[1], rows.row_min(jnp.where(s >= mid, s, jnp.inf))),
@@ -255,12 +240,9 @@ def sample_rows(
                     (rows.full(0.0), rows.full(jnp.inf), rows.full(NEG_INF)),
                     scaled_chunk,
                 )
-                reaches = value >= target
-                moving = active & (lo_ < hi_)
-                return jnp.where(moving & reaches, above, lo_), jnp.where(moving & ~reaches, below, hi_), passes + 1
 
-            (lo, _, _), passes = loop_trips.while_loop(site, trips, searching, body, (lo, hi, jnp.int32(0)))
-            return lo, passes
+            # one fused pass over the chunks per probe: the statistic and both snaps together
+            return snapping_search(total, target, lo, s_max, active, probe=probe, ends=ends, site=site, fixed=trips)
 
         has_values = s_max > NEG_INF
         if top_k:  # stage 7: the k-th largest value

@@ -49,16 +49,23 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from vsampler.kernels import candidates
-from vsampler.kernels import trips as loop_trips
+from vsampler.kernels import block_sizes, candidates
+from vsampler.kernels.config import (
+    EMPTY_TOKEN,
+    EOS_TOO_EARLY,
+    FINISHED,
+    MIN_P,
+    ROW_COLUMNS,
+    TOP_K,
+    TOP_P,
+    KernelConfig,
+    T,
+    U,
+)
 
-NEG_INF = float("-inf")
-PLAIN_PASSES = 12  # plain bisection passes before the snapping ones
-MAX_PASSES = 64  # a bound on the snapping passes (the ends meet long before on real data)
+from vsampler.core import trips as loop_trips
+from vsampler.core.numerics import NEG_INF, largest_value_with_trips, weight
 
-# columns of the packed per-row parameter block
-T, TOP_K, TOP_P, MIN_P, U, FINISHED, EOS_TOO_EARLY, EMPTY_TOKEN = range(8)
-ROW_COLUMNS = 8
 # columns of the per-row statistics output (the last three: the block's trips of each data-dependent loop)
 THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
 STAT_COLUMNS = 16
@@ -97,24 +104,6 @@ def stats_block(columns: dict[int, jax.Array], trips: dict[int, jax.Array]) -> j
     return jnp.concatenate([columns.get(c, jnp.zeros_like(like)) for c in range(STAT_COLUMNS)], axis=1)
 
 
-def _column_max(a: jax.Array) -> jax.Array:
-    return jnp.max(a, axis=-1, keepdims=True)
-
-
-def relative_weight(s: jax.Array, s_max: jax.Array) -> jax.Array:
-    """`exp(s - s_max)`, exactly 1 at the maximum (as `vsampler.core.reference.weight`: a fused multiply-add
-    would otherwise leave the product's rounding error there, and `min_p = 1` must keep the maximum)."""
-    return jnp.where(s >= s_max, 1.0, jnp.exp(s - s_max))
-
-
-def _column_min(a: jax.Array) -> jax.Array:
-    return jnp.min(a, axis=-1, keepdims=True)
-
-
-def _column_sum(a: jax.Array) -> jax.Array:
-    return jnp.sum(a, axis=-1, keepdims=True)
-
-
 # The kernel's row reductions: over LANE_SLICES static, 128-aligned lane slices of the row block, each
 # reduced on its own, then combined. Mosaic lowers one reduction over a whole (R, V) block as a serial
 # chain (one dependent vmax or vadd per vreg, each waiting for the last); independent chains fill the
@@ -143,104 +132,7 @@ def _row_sum(a: jax.Array) -> jax.Array:
     return _split_reduce(a, jnp.sum, jnp.add)
 
 
-def any_set(flags: jax.Array) -> jax.Array:
-    """Whether any of `flags` is set; a scalar flag is itself (Triton lowers no `reduce_or`)."""
-    return flags if flags.ndim == 0 else jnp.any(flags)
-
-
-def largest_value_with(
-    statistic: Callable[[jax.Array], jax.Array],
-    target: jax.Array,
-    s: jax.Array,
-    lo: jax.Array,
-    hi: jax.Array,
-    active: jax.Array,
-    *,
-    column_min: Callable[[jax.Array], jax.Array] = _column_min,
-    column_max: Callable[[jax.Array], jax.Array] = _column_max,
-) -> jax.Array:
-    """The value of `largest_value_with_trips` (its documentation), without the trip count."""
-    value, _ = largest_value_with_trips(
-        statistic, target, s, lo, hi, active, column_min=column_min, column_max=column_max
-    )
-    return value
-
-
-def largest_value_with_trips(
-    statistic: Callable[[jax.Array], jax.Array],
-    target: jax.Array,
-    s: jax.Array,
-    lo: jax.Array,
-    hi: jax.Array,
-    active: jax.Array,
-    *,
-    column_min: Callable[[jax.Array], jax.Array] = _column_min,
-    column_max: Callable[[jax.Array], jax.Array] = _column_max,
-    site: str = "search",
-    fixed: loop_trips.FixedTrips | None = None,
-    splits: int = 1,
-    plain_passes: int = PLAIN_PASSES,
-) -> tuple[jax.Array, jax.Array]:
-    """Per row of `s` ((R, V) with (R, 1) columns, or one (V,) row with (1,) values): the largest value v
-    of the row with `statistic(v) >= target`. The one search every sampler here uses (the XLA path and
-    the vocabulary-parallel sampler too).
-
-    `statistic(t)` must be non-increasing in t and change only at the row's values (a count or a mass of
-    the values >= t), with `statistic(lo) >= target` on active rows; `hi` is the row maximum. Inactive
-    rows return lo. `plain_passes` plain passes narrow the bracket, each evaluating `statistic` at
-    `splits` evenly spaced points at once (1: bisection; more cut the bracket by splits + 1 per pass,
-    for small rows whose passes are bound by a reduction's latency, not its operations); then
-    each pass also snaps both ends to the row's own values (the smallest value >= the split, the largest
-    below it) in the same fused loop, and the search ends when the ends meet: about log2 of the number
-    of distinct values in the bracket passes in all, never 32 regardless of the data.
-
-    `column_min` / `column_max` are the row reductions the snapping uses (default: over the last axis of
-    `s`). When `s` is one shard of a row split over devices, pass reductions that also reduce across the
-    shards (and a `statistic` that does), so every shard sees the same bracket and runs the same passes.
-
-    Returns the value and the number of snapping passes (int32), the search's data-dependent loop: the
-    `vsampler.kernels.trips` site `site`, which `fixed` (the static estimate's compiles) can fix.
-    """
-
-    def plain(_: int, bracket: tuple) -> tuple:
-        lo_, hi_ = bracket
-        if splits == 1:
-            mid = lo_ + (hi_ - lo_) * 0.5
-            reaches = statistic(mid) >= target
-            return jnp.where(reaches, mid, lo_), jnp.where(reaches, hi_, mid)
-        points = [lo_ + (hi_ - lo_) * (j / (splits + 1)) for j in range(1, splits + 1)]
-        return candidates.narrow(lo_, hi_, points, [statistic(t) >= target for t in points])
-
-    def snap_up(t: jax.Array) -> jax.Array:
-        return column_min(jnp.where(s >= t, s, jnp.inf))
-
-    lo, hi_open = lax.fori_loop(0, plain_passes, plain, (lo, hi))
-    hi = jnp.where(hi_open < hi, column_max(jnp.where(s < hi_open, s, NEG_INF)), hi)
-    lo = jnp.where(active, snap_up(lo), lo)
-
-    def searching(state: tuple) -> jax.Array:
-        lo_, hi_, passes = state
-        return any_set(active & (lo_ < hi_)) & (passes < MAX_PASSES)
-
-    def body(state: tuple) -> tuple:
-        lo_, hi_, passes = state
-        mid = lo_ + (hi_ - lo_) * 0.5
-        mid = jnp.where(mid <= lo_, hi_, mid)
-        reaches = statistic(mid) >= target
-        above = snap_up(mid)
-        below = column_max(jnp.where(s < mid, s, NEG_INF))
-        moving = active & (lo_ < hi_)
-        return (
-            jnp.where(moving & reaches, above, lo_),
-            jnp.where(moving & ~reaches, below, hi_),
-            passes + 1,
-        )
-
-    (lo, _, _), trips = loop_trips.while_loop(site, fixed, searching, body, (lo, hi, jnp.int32(0)))
-    return lo, trips
-
-
-def top_entries(x: jax.Array, iota: jax.Array, n: int) -> tuple[list[jax.Array], list[jax.Array]]:
+def top_entry_columns(x: jax.Array, iota: jax.Array, n: int) -> tuple[list[jax.Array], list[jax.Array]]:
     """The n largest values of each row of `x` and their indices, ties lower index first (a stable
     sort's order), as n (R, 1) columns each: entry j is the largest value after entry j-1 in that order,
     one max and one first-index reduction per entry."""
@@ -300,7 +192,7 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
     inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
     s = x * inverse_t
     s_max = x_max * inverse_t
-    e = relative_weight(s, s_max)
+    e = weight(s, s_max)
     has_values = s_max > NEG_INF
 
     if top_k:  # stage 7
@@ -389,22 +281,17 @@ def scratch_shapes(block_rows: int, vocab: int, **stages: bool) -> list:
 def fused_sampler_kernel(
     *refs: jax.Array,
     vocab: int,
-    pad_id: int,
-    top_k: bool,
-    top_p: bool,
-    min_p: bool,
-    random: bool,
-    min_tokens: bool,
+    config: KernelConfig,
     allowed: bool = False,
-    top_n: int | None = None,
-    trips: loop_trips.FixedTrips | None = None,
     interpret: bool = False,
 ) -> None:
     """One block of rows: x (R, V), rows (R, 8) packed parameters, eos (1, E)[, allowed (R, ceil(V/32))]
     -> token (R, 1), finished (R, 1), stats (R, STAT_COLUMNS)[, top_x (R, n), top_ids (R, n)], then the
-    candidates' scratch (`scratch_shapes`). `trips`: fixed trip counts for the data-dependent loops
-    (`SITES`), for the static estimate's compiles only. `interpret`: the candidates' reductions and
+    candidates' scratch (`scratch_shapes`). `config.trips`: fixed trip counts for the data-dependent
+    loops (`SITES`), for the static estimate's compiles only. `interpret`: the candidates' reductions and
     loops in the form interpret mode compiles quickly (`candidates.RowReductions`)."""
+    top_k, top_p, min_p, random = config.top_k, config.top_p, config.min_p, config.random
+    min_tokens, top_n, trips, pad_id = config.min_tokens, config.top_n, config.trips, config.pad_id
     x_ref, rows_ref, eos_ref, *refs = refs
     allowed_ref = refs.pop(0) if allowed else None
     token_ref, finished_ref, stats_ref, *refs = refs
@@ -449,11 +336,9 @@ def fused_sampler_kernel(
             min_p=rows[:, MIN_P : MIN_P + 1] if min_p else None,
             u=rows[:, U : U + 1],
             vocab=vocab,
-            row_mass=lambda inverse_t, s_max: candidates.row_mass(
-                x_ref, layout, prepare, inverse_t, s_max, relative_weight
-            ),
+            row_mass=lambda inverse_t, s_max: candidates.row_mass(x_ref, layout, prepare, inverse_t, s_max, weight),
             search=largest_value_with_trips,
-            weight=relative_weight,
+            weight=weight,
             reductions=candidates.RowReductions(tree=not interpret),
             fixed=trips,
         )
@@ -476,7 +361,7 @@ def fused_sampler_kernel(
         log_z_raw = jnp.where(finite, shift + jnp.log(_row_sum(jnp.exp(x - shift))), NEG_INF)
         token_x = _row_max(jnp.where(iota == token, x, NEG_INF))
         if top_n:
-            values, ids = top_entries(x, iota, top_n)
+            values, ids = top_entry_columns(x, iota, top_n)
             top_x_ref, top_ids_ref = top_refs
             top_x_ref[...] = jnp.concatenate(values, axis=1)
             top_ids_ref[...] = jnp.concatenate(ids, axis=1)
@@ -490,63 +375,37 @@ def fused_sampler_kernel(
     stats_ref[...] = stats_block(values, {site.column: site_trips.get(site.loop, jnp.int32(0)) for site in SITES})
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "pad_id",
-        "top_k",
-        "top_p",
-        "min_p",
-        "random",
-        "min_tokens",
-        "block_rows",
-        "vmem_limit_bytes",
-        "interpret",
-        "top_n",
-        "trips",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=("config", "plan", "interpret"))
 def fused_sample(
     logits: jax.Array,
     rows: jax.Array,
     eos: jax.Array,
     allowed: jax.Array | None = None,
     *,
-    pad_id: int,
-    top_k: bool,
-    top_p: bool,
-    min_p: bool,
-    random: bool,
-    block_rows: int,
-    min_tokens: bool = False,
-    vmem_limit_bytes: int | None,
+    config: KernelConfig,
+    plan: block_sizes.BlockPlan,
     interpret: bool,
-    top_n: int | None = None,
-    trips: loop_trips.FixedTrips | None = None,
 ) -> tuple[jax.Array, ...]:
-    """Launches the kernel over row blocks: logits (B, V) with B a multiple of `block_rows` (or equal
-    to it), rows (B, 8) float32 packed parameters, eos (1, E) int32, allowed (B, ceil(V / 32)) int32
-    packed mask words or None. `top_n`: None (no log-prob values), or the top entries to return.
-    `trips`: the static estimate's fixed loop trips (`vsampler.kernels.trips`); None for a real launch.
+    """Launches the kernel over row blocks: logits (B, V) with B a multiple of `plan.block_rows` (or
+    equal to it), rows (B, ROW_COLUMNS) float32 packed parameters (`config.ROW_FIELDS`), eos (1, E)
+    int32, allowed (B, ceil(V / 32)) int32 packed mask words or None. `config`: the stages compiled in,
+    the log-prob entries (`top_n`) and, for the static estimate only, fixed loop trips.
     Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, STAT_COLUMNS) float32[, top_x (B, n)
     float32, top_ids (B, n) int32]."""
-    stages = {"pad_id": pad_id, "top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random}
-    filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random, "allowed": allowed is not None}
-    kernel = functools.partial(
-        fused_sampler_kernel, vocab=logits.shape[1], min_tokens=min_tokens, trips=trips, interpret=interpret, **stages
-    )
+    filters = {**config.filters, "random": config.random, "allowed": allowed is not None}
+    kernel = functools.partial(fused_sampler_kernel, vocab=logits.shape[1], config=config, interpret=interpret)
     return row_block_call(
         kernel,
         logits,
         rows,
         eos,
         allowed,
-        block_rows=block_rows,
+        block_rows=plan.block_rows,
         lanes=logits.shape[1],
-        top_n=top_n,
-        vmem_limit_bytes=vmem_limit_bytes,
+        top_n=config.top_n,
+        vmem_limit_bytes=None if interpret else plan.vmem_limit_bytes,
         interpret=interpret,
-        scratch_shapes=scratch_shapes(block_rows, logits.shape[1], **filters),
+        scratch_shapes=scratch_shapes(plan.block_rows, logits.shape[1], **filters),
     )
 
 
@@ -568,9 +427,9 @@ def row_block_call(
     """The launch both TPU variants share: a grid over blocks of `block_rows` rows, the logits block
     `lanes` wide (V, or V rounded up to the chunked variant's CHUNK) held in `buffers` VMEM copies, the
     mask words block `lanes / 32` wide (all of them when `lanes` is V). `kernel` takes the refs, with
-    `allowed` and `top_n` still to bind."""
+    `allowed` still to bind."""
     batch = logits.shape[0]
-    kernel = functools.partial(kernel, allowed=allowed is not None, top_n=top_n)
+    kernel = functools.partial(kernel, allowed=allowed is not None)
     row_block = lambda i: (i, 0)  # noqa: E731
     pipeline = {} if interpret or buffers == 2 else {"pipeline_mode": pl.Buffered(buffers)}
     in_specs = [

@@ -24,28 +24,21 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from vsampler.kernels import trips as loop_trips
-from vsampler.kernels.chunked_passes import SITES, RowChunks, RowParams, sample_rows
+from vsampler.kernels import block_sizes
+from vsampler.kernels.chunked_passes import SITES, RowChunks, RowColumns, sample_rows
+from vsampler.kernels.config import EMPTY_TOKEN, EOS_TOO_EARLY, FINISHED, MIN_P, TOP_K, TOP_P, KernelConfig, T, U
 from vsampler.kernels.sampler import (
-    EMPTY_TOKEN,
-    EOS_TOO_EARLY,
-    FINISHED,
     KEPT_MASS,
     LOG_Z_RAW,
-    MIN_P,
     S_MAX,
     THRESHOLD,
     TOKEN_X,
-    TOP_K,
-    TOP_P,
-    T,
-    U,
     row_block_call,
     stats_block,
     unpack_allowed_block,
 )
 
-NEG_INF = float("-inf")
+from vsampler.core.numerics import NEG_INF
 
 
 def _row_sum(a: jax.Array) -> jax.Array:
@@ -64,20 +57,15 @@ def chunked_sampler_kernel(
     *refs: jax.Array,
     vocab: int,
     chunk: int,
-    pad_id: int,
-    top_k: bool,
-    top_p: bool,
-    min_p: bool,
-    random: bool,
-    min_tokens: bool,
+    config: KernelConfig,
     allowed: bool = False,
-    top_n: int | None = None,
-    trips: loop_trips.FixedTrips | None = None,
 ) -> None:
     """One block of rows: x (R, V') with V' = V rounded up to CHUNK, rows (R, 8), eos (1, E)
     [, allowed (R, V' / 32)] -> token (R, 1), finished (R, 1), stats (R, 8)[, top_x (R, n), top_ids (R, n)].
-    `trips`: fixed trip counts for the data-dependent loops (`chunked_passes.SITES`), for the static
-    estimate's compiles only."""
+    `config.trips`: fixed trip counts for the data-dependent loops (`chunked_passes.SITES`), for the
+    static estimate's compiles only."""
+    top_k, top_p, min_p, random = config.top_k, config.top_p, config.min_p, config.random
+    min_tokens, top_n, trips, pad_id = config.min_tokens, config.top_n, config.trips, config.pad_id
     x_ref, rows_ref, eos_ref, *refs = refs
     allowed_ref = refs.pop(0) if allowed else None
     token_ref, finished_ref, stats_ref, *top_refs = refs
@@ -102,7 +90,7 @@ def chunked_sampler_kernel(
     def column(c: int) -> jax.Array:
         return packed[:, c : c + 1]
 
-    params = RowParams(
+    params = RowColumns(
         temperature=column(T),
         top_k=column(TOP_K),
         top_p=column(TOP_P),
@@ -146,62 +134,32 @@ def chunked_sampler_kernel(
     stats_ref[...] = stats_block(values, {site.column: n for site, n in zip(SITES, result.loop_trips, strict=True)})
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "pad_id",
-        "top_k",
-        "top_p",
-        "min_p",
-        "random",
-        "min_tokens",
-        "block_rows",
-        "chunk",
-        "buffers",
-        "vmem_limit_bytes",
-        "interpret",
-        "top_n",
-        "trips",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=("config", "plan", "interpret"))
 def fused_sample_chunked(
     logits: jax.Array,
     rows: jax.Array,
     eos: jax.Array,
     allowed: jax.Array | None = None,
     *,
-    pad_id: int,
-    top_k: bool,
-    top_p: bool,
-    min_p: bool,
-    random: bool,
-    block_rows: int,
-    chunk: int,
-    buffers: int = 2,
-    min_tokens: bool = False,
-    vmem_limit_bytes: int | None,
+    config: KernelConfig,
+    plan: block_sizes.BlockPlan,
     interpret: bool,
-    top_n: int | None = None,
-    trips: loop_trips.FixedTrips | None = None,
 ) -> tuple[jax.Array, ...]:
-    """As `sampler.fused_sample`, with the passes over `chunk`-lane slices (a multiple of 128; of 4096
-    with a mask, so that its words are lane-aligned too) and the row block held in `buffers` (1 or 2)
-    VMEM copies. `trips`: as in `sampler.fused_sample`."""
+    """As `sampler.fused_sample`, with the passes over `plan.chunk`-lane slices (a multiple of 128; of
+    4096 with a mask, so that its words are lane-aligned too) and the row block held in `plan.buffers`
+    (1 or 2) VMEM copies."""
     vocab = logits.shape[1]
-    stages = {"pad_id": pad_id, "top_k": top_k, "top_p": top_p, "min_p": min_p, "random": random}
-    kernel = functools.partial(
-        chunked_sampler_kernel, vocab=vocab, chunk=chunk, min_tokens=min_tokens, trips=trips, **stages
-    )
+    kernel = functools.partial(chunked_sampler_kernel, vocab=vocab, chunk=plan.chunk, config=config)
     return row_block_call(
         kernel,
         logits,
         rows,
         eos,
         allowed,
-        block_rows=block_rows,
-        lanes=pl.cdiv(vocab, chunk) * chunk,
-        top_n=top_n,
-        vmem_limit_bytes=vmem_limit_bytes,
+        block_rows=plan.block_rows,
+        lanes=pl.cdiv(vocab, plan.chunk) * plan.chunk,
+        top_n=config.top_n,
+        vmem_limit_bytes=None if interpret else plan.vmem_limit_bytes,
         interpret=interpret,
-        buffers=buffers,
+        buffers=plan.buffers,
     )

@@ -27,44 +27,37 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
-from vsampler.kernels.chunked_passes import SITES, RowChunks, RowParams, sample_rows
-from vsampler.kernels.sampler import (
+from vsampler.kernels import block_sizes
+from vsampler.kernels.chunked_passes import SITES, RowChunks, RowColumns, sample_rows
+from vsampler.kernels.config import (
     EMPTY_TOKEN,
     EOS_TOO_EARLY,
     FINISHED,
-    KEPT_MASS,
-    LOG_Z_RAW,
     MIN_P,
     ROW_COLUMNS,
-    S_MAX,
-    STAT_COLUMNS,
-    THRESHOLD,
-    TOKEN_X,
     TOP_K,
     TOP_P,
+    KernelConfig,
     T,
     U,
-    output_shapes,
 )
+from vsampler.kernels.sampler import KEPT_MASS, LOG_Z_RAW, S_MAX, STAT_COLUMNS, THRESHOLD, TOKEN_X, output_shapes
 
-NEG_INF = float("-inf")
+from vsampler.core.numerics import NEG_INF
 
 
 def triton_sampler_kernel(
     *refs: jax.Array,
     vocab: int,
     chunk: int,
-    pad_id: int,
-    top_k: bool,
-    top_p: bool,
-    min_p: bool,
-    random: bool,
-    min_tokens: bool,
+    config: KernelConfig,
     allowed: bool = False,
-    top_n: int | None = None,
 ) -> None:
-    """One row: x (V,), rows (8,) packed parameters, eos (E,)[, allowed (ceil(V/32),)] -> token (1,),
-    finished (1,), stats (8,)[, top_x (n',), top_ids (n',) with n' = n rounded up to a power of two]."""
+    """One row: x (V,), rows (ROW_COLUMNS,) packed parameters, eos (E,)[, allowed (ceil(V/32),)] ->
+    token (1,), finished (1,), stats (STAT_COLUMNS,)[, top_x (n',), top_ids (n',) with n' = n rounded
+    up to a power of two]."""
+    top_k, top_p, min_p, random = config.top_k, config.top_p, config.min_p, config.random
+    min_tokens, top_n, pad_id = config.min_tokens, config.top_n, config.pad_id
     x_ref, rows_ref, eos_ref, *refs = refs
     allowed_ref = refs.pop(0) if allowed else None
     token_ref, finished_ref, stats_ref, *top_refs = refs
@@ -89,7 +82,7 @@ def triton_sampler_kernel(
         return index, v
 
     rows = RowChunks(vocab, chunk, pl.cdiv(vocab, chunk), (), load, jnp.sum, jnp.max, jnp.min, one_row=True)
-    params = RowParams(
+    params = RowColumns(
         temperature=rows_ref[T],
         top_k=rows_ref[TOP_K],
         top_p=rows_ref[TOP_P],
@@ -131,56 +124,27 @@ def triton_sampler_kernel(
     stats_ref[...] = stats
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "pad_id",
-        "top_k",
-        "top_p",
-        "min_p",
-        "random",
-        "min_tokens",
-        "chunk",
-        "num_warps",
-        "interpret",
-        "top_n",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=("config", "plan", "interpret"))
 def fused_sample_triton(
     logits: jax.Array,
     rows: jax.Array,
     eos: jax.Array,
     allowed: jax.Array | None = None,
     *,
-    pad_id: int,
-    top_k: bool,
-    top_p: bool,
-    min_p: bool,
-    random: bool,
-    chunk: int,
-    num_warps: int,
+    config: KernelConfig,
+    plan: block_sizes.GpuPlan,
     interpret: bool,
-    min_tokens: bool = False,
-    top_n: int | None = None,
 ) -> tuple[jax.Array, ...]:
-    """One program per row: logits (B, V), rows (B, 8) float32, eos (E,) int32 with E a power of two,
-    allowed (B, ceil(V / 32)) int32 packed mask words or None; `top_n`: None (no log-prob values) or the
-    top entries to return. Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, 8) float32
+    """One program per row: logits (B, V), rows (B, ROW_COLUMNS) float32, eos (E,) int32 with E a power
+    of two, allowed (B, ceil(V / 32)) int32 packed mask words or None; `config` as in
+    `sampler.fused_sample` (no fixed trips: the static estimate is TPU only), `plan` the chunk and warps.
+    Returns tokens (B, 1) int32, finished (B, 1) int32, stats (B, STAT_COLUMNS) float32
     [, top_x (B, n') float32, top_ids (B, n') int32, n' = n rounded up to a power of two]."""
     batch, vocab = logits.shape
+    top_n = config.top_n
     top_width = 1 << (top_n - 1).bit_length() if top_n else 0
     kernel = functools.partial(
-        triton_sampler_kernel,
-        vocab=vocab,
-        chunk=chunk,
-        pad_id=pad_id,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        random=random,
-        min_tokens=min_tokens,
-        allowed=allowed is not None,
-        top_n=top_n,
+        triton_sampler_kernel, vocab=vocab, chunk=plan.chunk, config=config, allowed=allowed is not None
     )
     row = lambda i: (i, 0)  # noqa: E731
     in_specs = [
@@ -205,6 +169,6 @@ def fused_sample_triton(
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=output_shapes(batch, top_width or None),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=plan.num_warps, num_stages=1),
         interpret=interpret,
     )(*inputs)

@@ -14,16 +14,16 @@ hypothesis.settings.load_profile("vsampler")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from vsampler.core import sampling  # noqa: E402
+from vsampler.core import registry  # noqa: E402
 from vsampler.tools import verification  # noqa: E402
 
 # Cost groups (pyproject.toml's markers) that follow from what a test runs, so a registered kernel
 # variant brings its marks: `interpret` for every test of an impl that runs the fused kernel (interpret
 # mode off TPU / GPU) or of a kernel variant, `tpu_compile` for the deviceless-compile module.
-KERNEL_IMPLS = frozenset(sampling._KERNEL_VARIANTS)
+KERNEL_IMPLS = frozenset(registry.names(kernel=True))
 if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers already fill the cores: one call at a time
     verification.CHECK_WORKERS = 1
-INTERPRET_MODULES = frozenset({"test_pallas_vs_reference"})
+INTERPRET_MODULES = frozenset({"test_kernel_variants"})
 TPU_COMPILE_MODULES = frozenset({"test_tpu_compile"})
 
 
@@ -50,7 +50,7 @@ def _release_compiled_programs():
 def _release_compiled_programs_of_slow_tests(request):
     """The slow grid tests each compile several programs at serving sizes; a module of them kept every
     executable alive until XLA's CPU compiler crashed (a segfault / abort inside compilation after ~90
-    such tests in one process, reproducible with tests/test_xla_vs_reference.py alone). Drop them after
+    such tests in one process, reproducible with the XLA path's slow grid alone). Drop them after
     each slow test: its shapes are its own. (The verification caches hold arrays, never executables.)"""
     yield
     if request.node.get_closest_marker("slow") is not None:

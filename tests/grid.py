@@ -8,7 +8,7 @@ def compare(
 ) -> None:
     """Asserts that `impl` keeps exactly the reference's tokens (values included), draws the reference's
     token on every row for the same per-row keys, and returns the reference's processed log-probs (the
-    mode that depends on every stage; tests/test_logprobs.py covers both on every impl); `masked`: under
+    mode that depends on every stage; tests/core/test_logprobs.py covers both on every impl); `masked`: under
     an allowed-token mask, which no token breaks."""
     result = check(impl, Case(kind, config, batch, vocab, dtype, masked), seed, logprobs_modes=("processed",))
     assert result.kept_equal, "kept sets differ"

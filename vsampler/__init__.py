@@ -27,6 +27,8 @@ def _kernels_from_source_checkout() -> None:
 
 _kernels_from_source_checkout()
 
+import vsampler.core.reference  # noqa: E402  (registers the reference implementation)
+import vsampler.impls  # noqa: E402,F401  (registers xla, the kernel variants and vocabulary-parallel sampling)
 from vsampler.core.inputs import pack_allowed, unpack_allowed  # noqa: E402
 from vsampler.core.logprobs import LogProbs  # noqa: E402
 from vsampler.core.params import SamplingParams, Stages  # noqa: E402

@@ -25,9 +25,8 @@ from typing import Literal, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vsampler.kernels.sampler import relative_weight as weight
+from vsampler.core.numerics import NEG_INF, weight
 
-NEG_INF = float("-inf")
 Mode = Literal["raw", "processed"]
 MODES: tuple[str, ...] = ("raw", "processed")
 MAX_LOGPROBS = 64  # the kernels unroll one reduction pair per requested entry

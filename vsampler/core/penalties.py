@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from vsampler.core.inputs import SamplerInputs, history_masks
-
-NEG_INF = float("-inf")
+from vsampler.core.numerics import NEG_INF
 
 
 def masks_eos(inp: SamplerInputs) -> bool:

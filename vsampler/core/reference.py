@@ -46,12 +46,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vsampler.core import penalties
+from vsampler.core import penalties, registry
 from vsampler.core.inputs import SamplerInputs, unpack_allowed
 from vsampler.core.logprobs import LogProbs, LogprobsRequest
-
-NEG_INF = float("-inf")
-
+from vsampler.core.numerics import NEG_INF, weight
 
 # ---------------------------------------------------------------------------- stages 1-5: penalties
 
@@ -71,13 +69,6 @@ def penalised_logits(inp: SamplerInputs) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------- stages 6-9: warping
-
-
-def weight(s: jax.Array, s_max: jax.Array) -> jax.Array:
-    """`exp(s - s_max)`, a token's probability relative to the row's largest, pinned to exactly 1 at the
-    maximum: compilers may fuse `x * (1 / T) - s_max` into one multiply-add whose result at the maximum is
-    the product's rounding error, not 0, and `min_p = 1` must keep the maximum."""
-    return jnp.where(s >= s_max, 1.0, jnp.exp(s - s_max))
 
 
 def first_argmax(x: jax.Array) -> jax.Array:
@@ -186,3 +177,13 @@ def sample_with_logprobs(inp: SamplerInputs, logprobs: LogprobsRequest | None) -
         top_ids=top_ids,
         top=jnp.take_along_axis(logp, top_ids, axis=1),
     )
+
+
+registry.register(
+    registry.Implementation(
+        name="reference",
+        sample=sample_with_logprobs,
+        process_logits=process_logits,
+        description="the executable spec: plain jnp, sort-based, obviously correct (slow: it sorts)",
+    )
+)

@@ -31,7 +31,6 @@ stages, which `SamplingParams` carries as pytree aux data) and can be called ins
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 from typing import Any, Literal
 
 import jax
@@ -39,50 +38,31 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsampler.core import logprobs as lp
-from vsampler.core import reference
+from vsampler.core import registry
 from vsampler.core.inputs import EosIds, SamplerInputs, check_prompt_len_range, prepare
-from vsampler.core.logprobs import LogProbs, LogprobsRequest
+from vsampler.core.logprobs import LogProbs
 from vsampler.core.params import SamplingParams
-from vsampler.impls import pallas, vocab_parallel, xla
 
-Impl = Literal["auto", "reference", "xla", "pallas"]
-IMPL_NAMES: tuple[str, ...] = ("auto", "reference", "xla", "pallas")
-
-# name -> sampler on prepared inputs: (inputs, log-prob request or None) -> (tokens, LogProbs or None)
-Sampler = Callable[[SamplerInputs, LogprobsRequest | None], tuple[jax.Array, LogProbs | None]]
-# impl name -> the kernel variant it names (None: the backend's); the GPU (Triton) and TPU chunked
-# variants by name, to verify them off GPU / TPU (interpret mode)
-_KERNEL_VARIANTS: dict[str, str | None] = {"pallas": None, "pallas-triton": "triton", "pallas-chunked": "tpu-chunked"}
-_SAMPLERS: dict[str, Sampler] = {
-    "reference": reference.sample_with_logprobs,
-    "xla": xla.sample_with_logprobs,
-    **{name: functools.partial(pallas.sample_with_logprobs, variant=v) for name, v in _KERNEL_VARIANTS.items()},
-}
-_PROCESSORS: dict[str, Callable[[SamplerInputs], jax.Array]] = {
-    "reference": reference.process_logits,
-    "xla": xla.process_logits,
-    **{name: functools.partial(pallas.process_logits, variant=v) for name, v in _KERNEL_VARIANTS.items()},
-}
+# the registry name of the vocabulary-parallel sampler, which `vocab_axis=` selects (never `impl=`)
+VOCAB_PARALLEL = "vocab-parallel"
+Impl = Literal["auto", "reference", "xla", "pallas", "pallas-triton", "pallas-chunked"]
 
 
 def available_impls() -> tuple[str, ...]:
-    """The implementations this installation can run (besides "auto")."""
-    return tuple(_SAMPLERS)
+    """The implementations this installation can run (besides "auto"), by the names `impl=` takes: those
+    registered in `vsampler.core.registry`."""
+    return registry.names()
 
 
 def resolve_impl(impl: str, backend: str | None = None) -> str:
-    """Maps `impl` to a concrete implementation. "auto" is pallas on TPU (where the kernel is compiled by
-    Mosaic and verified against the reference) and xla elsewhere: on GPU too, until the kernel's Triton
-    variant, so far only lowered and checked in interpret mode, has been run on a GPU."""
-    if impl not in IMPL_NAMES and impl not in _SAMPLERS:
-        names = tuple(dict.fromkeys((*IMPL_NAMES, *_SAMPLERS)))
-        raise ValueError(f"impl must be one of {names}, got {impl!r}")
+    """Maps `impl` to a registered implementation's name. "auto" is pallas on TPU (where the kernel is
+    compiled by Mosaic and verified against the reference) and xla elsewhere: on GPU too, until the
+    kernel's Triton variant, so far only lowered and checked in interpret mode, has been run on a GPU
+    (each implementation's `auto_backends` in the registry)."""
     if impl == "auto":
-        backend = backend or jax.default_backend()
-        preferred = ("pallas", "xla") if backend == "tpu" else ("xla",)
-        return next((name for name in preferred if name in _SAMPLERS), "reference")
-    if impl not in _SAMPLERS:
-        raise ValueError(f"impl={impl!r} is not available in this version of vsampler; available: {available_impls()}")
+        return registry.auto(backend or jax.default_backend())
+    if not isinstance(impl, str) or not registry.get(impl).selectable:
+        raise ValueError(f"impl must be one of {('auto', *available_impls())}, got {impl!r}")
     return impl
 
 
@@ -134,15 +114,15 @@ def _sample_jit(
 ):
     inp = _prepare(logits, params, key, history, prompt_len, eos_static, eos_dynamic, allowed)
     if vocab_axis is not None:
-        return vocab_parallel.sample(inp, mesh=mesh, vocab_axis=vocab_axis)
-    tokens, logprob_values = _SAMPLERS[impl](inp, logprobs)
+        return registry.get(impl).sample(inp, mesh=mesh, vocab_axis=vocab_axis)
+    tokens, logprob_values = registry.get(impl).sample(inp, logprobs)
     return tokens if logprobs is None else (tokens, logprob_values)
 
 
 @functools.partial(jax.jit, static_argnames=("eos_static", "impl"))
 def _process_jit(logits, params, history, prompt_len, eos_dynamic, allowed, *, eos_static, impl):
     inp = _prepare(logits, params, None, history, prompt_len, eos_static, eos_dynamic, allowed, draw=False)
-    return _PROCESSORS.get(impl, reference.process_logits)(inp)
+    return registry.get(impl).process_logits(inp)
 
 
 @functools.partial(jax.jit, static_argnames=("eos_static", "impl", "pad_token_id", "logprobs"))
@@ -165,20 +145,10 @@ def _sample_step_jit(
     finished = jnp.asarray(finished, bool)
     if finished.shape != (logits.shape[0],):
         raise ValueError(f"finished must be a ({logits.shape[0]},) bool array (one flag per row), got {finished.shape}")
-    if impl in _KERNEL_VARIANTS:
-        outputs = pallas.launch(
-            inp,
-            finished=finished,
-            pad_token_id=pad_token_id,
-            variant=_KERNEL_VARIANTS[impl],
-            top_n=None if logprobs is None else logprobs.n,
-        )
-        tokens, new_finished = outputs[0], outputs[1]
-        if logprobs is None:
-            return tokens, new_finished
-        values = pallas.finish_logprobs(inp, logprobs, outputs, tokens)  # finished rows: replaced below
-        return tokens, new_finished, lp.for_finished_rows(values, finished, pad_token_id)
-    tokens, values = _SAMPLERS[impl](inp, logprobs)
+    implementation = registry.get(impl)
+    if implementation.step is not None:
+        return implementation.step(inp, finished, pad_token_id, logprobs)
+    tokens, values = implementation.sample(inp, logprobs)
     if inp.eos_ids is not None:
         finished_now = jnp.any(tokens[:, None] == inp.eos_ids[None, :], axis=1)
     else:
@@ -296,8 +266,9 @@ def sample(
                 "logprobs cannot be combined with vocab_axis yet: the vocabulary-parallel sampler returns "
                 "tokens only (gather the logits, or sample without vocab_axis, to get log-probabilities)"
             )
-        impl = "vocab_parallel"
-        sharded = {"mesh": vocab_parallel.resolve_mesh(mesh, vocab_axis), "vocab_axis": vocab_axis}
+        impl = VOCAB_PARALLEL
+        resolve_mesh = registry.get(VOCAB_PARALLEL).extras["resolve_mesh"]
+        sharded = {"mesh": resolve_mesh(mesh, vocab_axis), "vocab_axis": vocab_axis}
     return _sample_jit(
         logits,
         params,

@@ -24,7 +24,7 @@ token is drawn from p at position K. Every emitted token is therefore distribute
 warped distribution, and greedy rows keep exactly the draft prefix that matches the target's argmax.
 
 Randomness: row r at position j uses two uniforms from `fold_in(key_r, j)` (accept, then draw); the draws
-follow the spec's inverse-CDF rule (`vsampler.impls.xla.draw`). The warping runs on the chosen implementation
+follow the spec's inverse-CDF rule (`vsampler.core.numerics.draw`). The warping runs on the chosen implementation
 (`impl`: reference, xla or the pallas kernel through `process_logits`); acceptance and the residual draw
 are shared jnp over (B, K + 1, V).
 """
@@ -38,11 +38,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsampler.core.inputs import EosIds
+from vsampler.core.numerics import NEG_INF, draw
 from vsampler.core.params import NUMERIC_FIELDS, SamplingParams
 from vsampler.core.sampling import Impl, process_logits
-from vsampler.impls import xla
-
-NEG_INF = float("-inf")
 
 
 def _repeat_rows(params: SamplingParams, times: int) -> SamplingParams:
@@ -139,7 +137,7 @@ def _accept(warped: jax.Array, draft: jax.Array, draft_probs: jax.Array | None, 
     residual = jnp.maximum(p[:, :k] - q, 0.0)
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p[:, :k])
     pool = jnp.concatenate([residual, p[:, k:]], axis=1)  # (B, K + 1, V): what each position resamples from
-    drawn = jax.vmap(xla.draw)((pool > 0).reshape(-1, vocab), pool.reshape(-1, vocab), u[:, :, 1].reshape(-1)).reshape(
+    drawn = jax.vmap(draw)((pool > 0).reshape(-1, vocab), pool.reshape(-1, vocab), u[:, :, 1].reshape(-1)).reshape(
         batch, positions
     )
     index = jnp.arange(positions)[None, :]

@@ -1,28 +1,29 @@
 """impl="pallas": the fused Pallas kernel (`vsampler.kernels.sampler`) behind the common input contract.
 
-Variants of one kernel: "tpu" (a block of rows resident in VMEM, compiled by Mosaic with the policy of
-`vsampler.kernels.block_sizes`, which picks `vsampler.kernels.sampler` where whole-row temporaries fit
-and the chunked `vsampler.kernels.sampler_chunked` where they do not), "tpu-chunked" (the chunked one
-by name, to verify it off TPU) and "triton" (`vsampler.kernels.sampler_triton`: one program per row over
-power-of-two chunks). The backend picks the variant; on CPU they run in Pallas interpret mode (for
-verification only: slow, but the same kernel code), the TPU variant by default.
+Variants of one kernel, each registered under the name `impl=` takes (`VARIANTS`): "pallas" (the
+backend's: on TPU and in interpret mode a block of rows resident in VMEM, compiled by Mosaic with the
+policy of `vsampler.kernels.block_sizes`, which picks `vsampler.kernels.sampler` where whole-row
+temporaries fit and the chunked `vsampler.kernels.sampler_chunked` where they do not; on GPU the Triton
+one), "pallas-chunked" (the chunked TPU kernel by name, to verify it off TPU) and "pallas-triton"
+(`vsampler.kernels.sampler_triton`: one program per row over power-of-two chunks). On CPU they run in
+Pallas interpret mode (for verification only: slow, but the same kernel code).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from vsampler.core import logprobs as lp
-from vsampler.core import penalties, reference
+from vsampler.core import penalties, reference, registry
 from vsampler.core.inputs import SamplerInputs
+from vsampler.core.numerics import NEG_INF
 from vsampler.kernels import block_sizes, sampler_chunked, sampler_triton
 from vsampler.kernels import sampler as kernel
-
-NEG_INF = float("-inf")
+from vsampler.kernels.config import KernelConfig, pack_rows
 
 # jax device_kind -> block-size policy generation
 _DEVICE_KINDS = {
@@ -36,7 +37,7 @@ _DEVICE_KINDS = {
 }
 
 
-VARIANTS = ("tpu", "tpu-chunked", "triton")
+VARIANTS = ("pallas", "pallas-chunked", "pallas-triton")  # the registry names, one per variant
 
 
 def tpu_kernel(plan: block_sizes.BlockPlan) -> Callable[..., tuple[jax.Array, ...]]:
@@ -66,61 +67,58 @@ def launch(
     (top_x (B, n) float32, top_ids (B, n) int32) when `top_n` is given (None: no log-prob values).
 
     `finished` rows emit `pad_token_id`; a row whose token is one of `inp.eos_ids` comes back finished.
-    `generation` picks the TPU block-size policy (default: the device's); `variant` is "tpu",
-    "tpu-chunked" or "triton" (default: "triton" on GPU, else "tpu"); `interpret` defaults to "on
+    `generation` picks the TPU block-size policy (default: the device's); `variant` is one of `VARIANTS`
+    (default "pallas": the Triton kernel on GPU, the TPU one elsewhere); `interpret` defaults to "on
     neither TPU nor GPU".
     """
     backend = jax.default_backend()
-    variant = variant or ("triton" if backend == "gpu" else "tpu")
+    variant = variant or "pallas"
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    if variant == "pallas" and backend == "gpu":
+        variant = "pallas-triton"
     if interpret is None:
         interpret = backend not in ("tpu", "gpu")
-    x, rows, eos, allowed, stages = kernel_operands(inp, finished)
-    stages["top_n"] = top_n
+    x, rows, eos, allowed, config = kernel_operands(inp, finished)
+    config = config.replace(top_n=top_n, pad_id=pad_token_id)
     batch, vocab = x.shape
-    if variant == "triton":
+    if variant == "pallas-triton":
         width = 1 << (eos.shape[0] - 1).bit_length()  # Triton arrays: power-of-two shapes
         eos = jnp.pad(eos.astype(jnp.int32), (0, width - eos.shape[0]), constant_values=-1)
-        gpu = block_sizes.gpu_plan(vocab)
         tokens, new_finished, stats, *top = sampler_triton.fused_sample_triton(
-            x,
-            rows,
-            eos,
-            allowed,
-            pad_id=pad_token_id,
-            chunk=gpu.chunk,
-            num_warps=gpu.num_warps,
-            interpret=interpret,
-            **stages,
+            x, rows, eos, allowed, config=config, plan=block_sizes.gpu_plan(vocab), interpret=interpret
         )
         return (tokens[:, 0], new_finished[:, 0] > 0, stats, *(t[:, :top_n] for t in top))
     if generation is None and not interpret:
         generation = tpu_generation()
     plan = block_sizes.plan(
-        batch, vocab, x.dtype, None if interpret else generation, allowed is not None, chunked=variant == "tpu-chunked"
+        batch,
+        vocab,
+        x.dtype,
+        None if interpret else generation,
+        allowed is not None,
+        chunked=variant == "pallas-chunked",
     )
-    tokens, new_finished, stats, *top = tpu_launch(
-        plan, x, rows, eos, allowed, pad_id=pad_token_id, interpret=interpret, **stages
-    )
+    tokens, new_finished, stats, *top = tpu_launch(plan, x, rows, eos, allowed, config=config, interpret=interpret)
     return (tokens[:batch, 0], new_finished[:batch, 0] > 0, stats[:batch], *(t[:batch] for t in top))
 
 
 def kernel_operands(
     inp: SamplerInputs, finished: jax.Array | None = None
-) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, dict[str, bool]]:
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None, KernelConfig]:
     """What every kernel variant takes: the penalised logits (B, V), the packed per-row parameters
-    (B, 8), the EOS ids (E,) int32 (-1: none), the packed mask words or None, and the stage flags."""
+    (B, ROW_COLUMNS), the EOS ids (E,) int32 (-1: none), the packed mask words or None, and the
+    `KernelConfig` of the stages the inputs need (no log-prob entries, pad id 0: the launch sets those)."""
     x = penalties.penalised_logits(inp, eos_mask=False)  # the kernels apply the min_tokens EOS mask
     eos = inp.eos_ids if inp.eos_ids is not None else jnp.full((1,), -1, jnp.int32)
-    stages = {
-        "top_k": inp.stages.top_k,
-        "top_p": inp.stages.top_p,
-        "min_p": inp.stages.min_p,
-        "random": inp.stages.random,
-        "min_tokens": penalties.masks_eos(inp),
-    }
-    return x, _packed_rows(inp, finished), eos, inp.allowed, stages
+    config = KernelConfig(
+        top_k=inp.stages.top_k,
+        top_p=inp.stages.top_p,
+        min_p=inp.stages.min_p,
+        random=inp.stages.random,
+        min_tokens=penalties.masks_eos(inp),
+    )
+    return x, _packed_rows(inp, finished), eos, inp.allowed, config
 
 
 def tpu_launch(
@@ -130,9 +128,8 @@ def tpu_launch(
     eos: jax.Array,
     allowed: jax.Array | None,
     *,
+    config: KernelConfig,
     interpret: bool,
-    pad_id: int = 0,
-    **stages: Any,
 ) -> tuple[jax.Array, ...]:
     """One launch of the TPU variant `plan` calls for, on `kernel_operands`' arrays with the batch padded
     to the plan's blocks: its outputs for the padded batch (statistics: one row per padded row)."""
@@ -141,30 +138,29 @@ def tpu_launch(
         x = jnp.pad(x, ((0, pad), (0, 0)))
         rows = jnp.pad(rows, ((0, pad), (0, 0)))
         allowed = None if allowed is None else jnp.pad(allowed, ((0, pad), (0, 0)))
-    chunking = {} if plan.chunk is None else {"chunk": plan.chunk, "buffers": plan.buffers}
     return tpu_kernel(plan)(
-        x,
-        rows,
-        eos.reshape(1, -1).astype(jnp.int32),
-        allowed,
-        pad_id=pad_id,
-        block_rows=plan.block_rows,
-        vmem_limit_bytes=None if interpret else plan.vmem_limit_bytes,
-        interpret=interpret,
-        **chunking,
-        **stages,
+        x, rows, eos.reshape(1, -1).astype(jnp.int32), allowed, config=config, plan=plan, interpret=interpret
     )
 
 
 def _packed_rows(inp: SamplerInputs, finished: jax.Array | None) -> jax.Array:
-    """The per-row parameters as the kernels read them: (B, 8) float32, columns as in `kernel`."""
+    """The per-row parameters as the kernels read them: (B, ROW_COLUMNS) float32 (`ROW_FIELDS`)."""
     p = inp.params
     batch = p.temperature.shape[0]
     u = inp.u if inp.u is not None else jnp.zeros((batch,), jnp.float32)
     done = jnp.zeros((batch,), jnp.float32) if finished is None else finished.astype(jnp.float32)
     early = penalties.too_early_for_eos(inp).astype(jnp.float32) if penalties.masks_eos(inp) else jnp.zeros_like(u)
     empty = jnp.broadcast_to(jnp.asarray(inp.empty_token, jnp.float32), (batch,))
-    return jnp.stack([p.temperature, p.top_k.astype(jnp.float32), p.top_p, p.min_p, u, done, early, empty], axis=1)
+    return pack_rows(
+        temperature=p.temperature,
+        top_k=p.top_k,
+        top_p=p.top_p,
+        min_p=p.min_p,
+        u=u,
+        finished=done,
+        eos_too_early=early,
+        empty_token=empty,
+    )
 
 
 def sample(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
@@ -217,3 +213,46 @@ def process_logits(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
     only_token = (jnp.arange(x.shape[1])[None, :] == tokens[:, None]) & (x > NEG_INF)
     kept = jnp.where(greedy, only_token, kept)
     return jnp.where(kept, s, NEG_INF)
+
+
+def step(
+    inp: SamplerInputs,
+    finished: jax.Array,
+    pad_token_id: int,
+    request: lp.LogprobsRequest | None,
+    variant: str | None = None,
+) -> tuple[jax.Array, ...]:
+    """The fused decode step (`vsampler.core.sampling.sample_step`'s contract): spec stage 8 inside the
+    one launch; log-probs of finished rows as `vsampler.core.logprobs.for_finished_rows` says."""
+    outputs = launch(
+        inp,
+        finished=finished,
+        pad_token_id=pad_token_id,
+        variant=variant,
+        top_n=None if request is None else request.n,
+    )
+    tokens, new_finished = outputs[0], outputs[1]
+    if request is None:
+        return tokens, new_finished
+    values = finish_logprobs(inp, request, outputs, tokens)  # finished rows: replaced below
+    return tokens, new_finished, lp.for_finished_rows(values, finished, pad_token_id)
+
+
+_DESCRIPTIONS = {
+    "pallas": "the fused Pallas kernel, one launch per call (TPU Mosaic; Triton on GPU; interpret mode on CPU)",
+    "pallas-chunked": "the fused kernel's chunked TPU variant by name (passes over 4096-lane chunks)",
+    "pallas-triton": "the fused kernel's GPU (Triton) variant by name: one program per row",
+}
+for _variant in VARIANTS:
+    registry.register(
+        registry.Implementation(
+            name=_variant,
+            sample=functools.partial(sample_with_logprobs, variant=_variant),
+            process_logits=functools.partial(process_logits, variant=_variant),
+            step=functools.partial(step, variant=_variant),
+            description=_DESCRIPTIONS[_variant],
+            kernel=True,
+            auto_backends=("tpu",) if _variant == "pallas" else (),
+            auto_rank=0,
+        )
+    )

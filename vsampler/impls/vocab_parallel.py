@@ -28,7 +28,7 @@ statistics; the shards agree on every per-row decision through collectives of a 
   5    NaN -> -inf; the row maximum (a +inf anywhere: +inf tokens share the mass).           pmax (B, 1)
   6    greedy: the lowest global index holding the maximum.                                  pmin (B, 1)
        sampled rows: s = x * (1 / T), e = exp(s - max s), the maximum's e exactly 1.
-  7    top-k: the k-th largest s by `vsampler.kernels.sampler.largest_value_with` (value-snapping
+  7    top-k: the k-th largest s by `vsampler.core.numerics.largest_value_with` (value-snapping
        bisection) on a count psum'ed over the shards, with pmin / pmax as its row min / max.
        pmin + psum (B, 1), then 12 plain passes of one psum (B, 1) and snapping passes of psum, pmin
        and pmax (B, 1), about log2(#values in the last bracket) of them.
@@ -45,7 +45,7 @@ statistics; the shards agree on every per-row decision through collectives of a 
        One pmax of (B, 2) ints (the owner's id; the last kept id, for a total that rounding leaves at
        u * total, and for a row with nothing kept: token 0) settles it.  all-gather (B, n), pmax (B, 2)
 
-Communication per call does not depend on V. Measured from the compiled HLO (`collectives`,
+Communication per call does not depend on V. Measured from the compiled HLO (`vsampler.tools.communication`:
 `communication_report`; `pytest bench/test_vocab_parallel.py --benchmark-only`) for B = 8, V = 128256
 on 8 shards with top-k, top-p, min-p and a repetition penalty: 19 collective instructions, 1152 bytes
 per device outside the data-dependent loops plus 192 per snapping pass (at most 13440 in all), against
@@ -65,23 +65,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
-from jax.sharding import AbstractMesh, Mesh, NamedSharding
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 
-from vsampler.core import penalties
+from vsampler.core import penalties, registry
 from vsampler.core.inputs import RowParams, SamplerInputs, unpack_allowed
-from vsampler.core.params import SamplingParams, Stages
-from vsampler.core.reference import weight
-from vsampler.kernels import sampler as kernel
+from vsampler.core.numerics import NEG_INF, first_crossing, largest_value_with, weight
+from vsampler.core.params import Stages
+from vsampler.core.sampling import VOCAB_PARALLEL
 
-NEG_INF = float("-inf")
 CHUNK = 128  # columns per chunk in the owner's draw search
 GROUP = 32  # chunks per group in the owner's draw search
 
@@ -199,15 +196,6 @@ def _penalised(
     return x
 
 
-def _first_crossing(sums: jax.Array, start: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per row of `sums` (B, N): (the first position whose prefix `start + cumsum(sums)` exceeds target,
-    clipped to N - 1; the prefix before it), both (B, 1)."""
-    prefix = start + jnp.cumsum(sums, axis=1)
-    position = jnp.minimum(jnp.sum(prefix <= target, axis=1, keepdims=True), sums.shape[1] - 1)
-    before = jnp.take_along_axis(prefix, jnp.maximum(position - 1, 0), axis=1)
-    return position, jnp.where(position > 0, before, start)
-
-
 def _draw(kept: jax.Array, kept_e: jax.Array, u: jax.Array, sh: _Shard) -> jax.Array:
     """Stage 10: the smallest global index whose inclusive prefix of kept mass exceeds u * total
     (rounding short of it: the last kept id), 0 for rows with nothing kept. (B, 1) int32."""
@@ -222,12 +210,12 @@ def _draw(kept: jax.Array, kept_e: jax.Array, u: jax.Array, sh: _Shard) -> jax.A
     masses = sh.gather(jnp.sum(group_sums, axis=1))  # (B, n)
     total = jnp.cumsum(masses, axis=1)[:, -1:]
     target = u[:, None] * total
-    owner, before = _first_crossing(masses, jnp.zeros_like(total), target)
+    owner, before = first_crossing(masses, jnp.zeros_like(total), target)
     crosses = total > target  # False only where rounding leaves u * total at the total: the last kept id
 
     # the owner: the group, the chunk, the column where its prefix (started at `before`) crosses
-    group, before = _first_crossing(group_sums, before, target)
-    inner, before = _first_crossing(jnp.take_along_axis(groups, group[:, :, None], axis=1)[:, 0], before, target)
+    group, before = first_crossing(group_sums, before, target)
+    inner, before = first_crossing(jnp.take_along_axis(groups, group[:, :, None], axis=1)[:, 0], before, target)
     chunk = jnp.minimum(group * GROUP + inner, n_chunks - 1)
     inside = jnp.take_along_axis(chunks, chunk[:, :, None], axis=1)[:, 0]  # (B, C)
     positive = inside > 0
@@ -277,7 +265,7 @@ def _sample_shard(
     e = weight(s, s_max)  # the reference's: exactly 1 at the maximum, whatever a fused multiply-add does
     sampled = ~greedy & (s_max > NEG_INF)
     kept = s > NEG_INF
-    search = functools.partial(kernel.largest_value_with, column_min=sh.min, column_max=sh.max)
+    search = functools.partial(largest_value_with, column_min=sh.min, column_max=sh.max)
 
     # 7. top-k: values >= the k-th largest (a count search; ties at the boundary all kept)
     if stages.top_k:
@@ -363,162 +351,17 @@ def sample(inp: SamplerInputs, *, mesh: AnyMesh, vocab_axis: str) -> jax.Array:
     return run(*sharded, replicated)
 
 
-# ------------------------------------------------------------------------- communication accounting
-#
-# What a compiled program communicates, read off its HLO text (after SPMD partitioning: per-device
-# shapes). The tests use it to prove that `sample` never moves a vocabulary-sized array; the benchmark
-# (`communication_report`, `bench/test_vocab_parallel.py`) to count the bytes per call.
-
-COLLECTIVE_OPS = ("all-gather", "all-reduce", "all-to-all", "collective-permute", "reduce-scatter")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4}
-_DTYPE_BYTES |= {"f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
-_CALLED = re.compile(r"\b(body|condition|to_apply|calls|true_computation|false_computation|branch_computations)=")
+def _sample_sharded(inp: SamplerInputs, *, mesh: AnyMesh, vocab_axis: str) -> jax.Array:
+    return sample(inp, mesh=mesh, vocab_axis=vocab_axis)
 
 
-@dataclasses.dataclass(frozen=True)
-class Collective:
-    """One collective instruction of a compiled, SPMD-partitioned HLO module (per-device shapes)."""
-
-    op: str  # all-gather | all-reduce | all-to-all | collective-permute | reduce-scatter
-    name: str  # the instruction's name
-    operand_shapes: tuple[tuple[int, ...], ...]
-    result_shapes: tuple[tuple[int, ...], ...]
-    operand_bytes: int  # what one device puts in per execution
-    runs: int | None  # executions per call: 1, a counted loop's trip count; None in a data-dependent loop
-
-    @property
-    def largest_dim(self) -> int:
-        """The largest dimension of any operand or result (0 for scalars)."""
-        return max((d for shape in self.operand_shapes + self.result_shapes for d in shape), default=0)
-
-
-def _shapes(text: str) -> list[tuple[str, tuple[int, ...]]]:
-    return [(dtype, tuple(int(d) for d in dims.split(",") if d)) for dtype, dims in _SHAPE.findall(text)]
-
-
-def _split_instruction(rest: str) -> tuple[str, str, str, str]:
-    """`<type> <opcode>(<operands>), <attributes>` -> (type, opcode, operands, attributes)."""
-    depth, i = 0, 0
-    while i < len(rest):  # the type: a shape or a parenthesised tuple of shapes
-        depth += {"(": 1, ")": -1}.get(rest[i], 0)
-        if rest[i] == " " and depth == 0:
-            break
-        i += 1
-    type_text, rest = rest[:i], rest[i + 1 :]
-    opcode, _, rest = rest.partition("(")
-    depth, j = 1, 0
-    while j < len(rest) and depth:
-        depth += {"(": 1, ")": -1}.get(rest[j], 0)
-        j += 1
-    return type_text, opcode.strip(), rest[: j - 1], rest[j:]
-
-
-def collectives(hlo_text: str) -> list[Collective]:
-    """Every collective in `hlo_text` (`jax.jit(f).lower(...).compile().as_text()`), with the shapes of
-    its operands and results and how often it runs per call (loops with a known trip count multiply;
-    a data-dependent loop leaves `runs` None)."""
-    types: dict[str, str] = {}  # instruction -> its result type
-    found: list[tuple[str, str, str, str, str]] = []  # (computation, name, opcode, type, operands)
-    calls: list[tuple[str, str, int | None]] = []  # (caller, callee, runs per caller run)
-    computation = ""
-    for line in hlo_text.splitlines():
-        if (head := _COMPUTATION.match(line)) and " = " not in line.split("(")[0]:
-            computation = "ENTRY" if line.startswith("ENTRY") else head.group(1)
-            continue
-        if not (inst := _INSTRUCTION.match(line)):
-            continue
-        type_text, opcode, operands, attributes = _split_instruction(line[inst.end() :])
-        types[inst.group(1)] = type_text
-        base = opcode.removesuffix("-start")
-        if base in COLLECTIVE_OPS and not opcode.endswith("-done"):
-            found.append((computation, inst.group(1), base, type_text, operands))
-        trip = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', attributes)
-        for match in _CALLED.finditer(attributes):
-            in_loop = opcode == "while" and match.group(1) in ("body", "condition")
-            names = re.match(r"\{?([^}]*?)\}?(?:,\s*\w+=|$)", attributes[match.end() :])
-            for callee in re.findall(r"%?([\w.\-]+)", names.group(1) if names else ""):
-                calls.append((computation, callee, (int(trip.group(1)) if trip else None) if in_loop else 1))
-
-    @functools.cache
-    def runs(name: str) -> int | None:
-        if name == "ENTRY":
-            return 1
-        total = 0
-        for caller, callee, times in calls:
-            if callee == name and caller != name:
-                outer = runs(caller)
-                if outer is None or times is None:
-                    return None
-                total += outer * times
-        return total
-
-    result = []
-    for comp, name, op, type_text, operands in found:
-        operand_shapes = _shapes(operands)
-        if not operand_shapes:  # compiled HLO names its operands without their types: look them up
-            for operand in re.findall(r"%([\w.\-]+)", operands):
-                operand_shapes += _shapes(types.get(operand, ""))
-        result.append(
-            Collective(
-                op=op,
-                name=name,
-                operand_shapes=tuple(shape for _, shape in operand_shapes),
-                result_shapes=tuple(shape for _, shape in _shapes(type_text)),
-                operand_bytes=sum(_DTYPE_BYTES[dtype] * int(np.prod(shape)) for dtype, shape in operand_shapes),
-                runs=runs(comp),
-            )
-        )
-    return result
-
-
-def communication_report(
-    batch: int = 8, vocab: int = 128256, shards: int = 8, dtype: str = "float32"
-) -> dict[str, Any]:
-    """Bytes one call of the vocabulary-parallel `sample` communicates, from its compiled HLO, against
-    one all-gather of the same logits. Needs `shards` devices (on CPU:
-    `XLA_FLAGS=--xla_force_host_platform_device_count=8`). The workload is the "full" one of the
-    benchmarks: T 0.7, top-k 50, top-p 0.9, min-p 0.05, repetition 1.1 over a 512-token history.
-
-    Returns `fixed_bytes` (collectives outside data-dependent loops, times their trip counts),
-    `per_pass_bytes` (those inside the top-k / top-p snapping loops, per pass), `bound_bytes` (fixed +
-    per pass x `MAX_PASSES`, the loops' cap), `gather_operand_bytes` / `gather_result_bytes` (what one
-    device puts into / receives from an all-gather of the logits), `collectives` (count) and
-    `largest_dim` (the largest dimension any collective moves)."""
-    from vsampler.core.sampling import (
-        sample as public_sample,  # imported here: vsampler.core.sampling imports this module
+registry.register(
+    registry.Implementation(
+        name=VOCAB_PARALLEL,
+        sample=_sample_sharded,
+        process_logits=None,
+        description="vocabulary-parallel: logits sharded over a mesh axis, sampled where they lie",
+        selectable=False,
+        extras={"resolve_mesh": resolve_mesh},
     )
-
-    devices = jax.devices()
-    if len(devices) < shards:
-        raise ValueError(f"communication_report needs {shards} devices, this process has {len(devices)}")
-    mesh = Mesh(np.array(devices[:shards]), ("vocab",))
-    width = -(-vocab // shards)
-    sharding = NamedSharding(mesh, P(None, "vocab") if vocab % shards == 0 else P())
-    logits = jax.device_put(jnp.zeros((batch, vocab), dtype), sharding)
-    params = SamplingParams(temperature=0.7, top_k=50, top_p=0.9, min_p=0.05, repetition_penalty=1.1)
-    history = jnp.zeros((batch, 512), jnp.int32)
-    keys = jax.random.split(jax.random.key(0), batch)
-
-    def sharded(x: jax.Array, p: SamplingParams, k: jax.Array, h: jax.Array) -> jax.Array:
-        return public_sample(x, p, k, history=h, mesh=mesh, vocab_axis="vocab")
-
-    found = collectives(jax.jit(sharded).lower(logits, params, keys, history).compile().as_text())
-    fixed = sum(c.operand_bytes * c.runs for c in found if c.runs is not None)
-    per_pass = sum(c.operand_bytes for c in found if c.runs is None)
-    gather = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
-    gathered = [c for c in collectives(gather.lower(logits).compile().as_text()) if c.op == "all-gather"]
-    return {
-        "batch": batch,
-        "vocab": vocab,
-        "shards": shards,
-        "fixed_bytes": fixed,
-        "per_pass_bytes": per_pass,
-        "bound_bytes": fixed + per_pass * kernel.MAX_PASSES,
-        "gather_operand_bytes": sum(c.operand_bytes for c in gathered),
-        "gather_result_bytes": batch * shards * width * jnp.dtype(dtype).itemsize,
-        "collectives": len(found),
-        "largest_dim": max((c.largest_dim for c in found), default=0),
-    }
+)

@@ -41,16 +41,13 @@ import jax.numpy as jnp
 from jax import lax
 
 from vsampler.core import logprobs as lp
-from vsampler.core import penalties
+from vsampler.core import numerics, penalties, registry
 from vsampler.core.inputs import SamplerInputs, unpack_allowed
+from vsampler.core.numerics import NEG_INF, draw, weight
 from vsampler.core.params import Stages
-from vsampler.core.reference import weight
-from vsampler.kernels import sampler as kernel
 
-NEG_INF = float("-inf")
 K_CANDIDATES = 64  # static width of the exact top-k candidate path
-CHUNK = 128  # vocabulary chunk for candidate selection and the two-pass draw
-GROUP = 32  # chunks per group in the draw's prefix search
+CHUNK = 128  # vocabulary chunk for candidate selection (the draw's: `numerics.DRAW_CHUNK`)
 
 
 # ------------------------------------------------------------------------------- stage 5, per row
@@ -131,9 +128,8 @@ def largest_value_with(
     statistic: Callable[[jax.Array], jax.Array], target: jax.Array, s: jax.Array, lo: jax.Array, hi: jax.Array
 ) -> jax.Array:
     """The largest value v of the row `s` with `statistic(v) >= target`, given `statistic(lo) >= target`
-    and `hi` the row's maximum: the kernel's search (`vsampler.kernels.sampler.largest_value_with`)
-    on one row."""
-    found = kernel.largest_value_with(
+    and `hi` the row's maximum: the shared search (`vsampler.core.numerics.largest_value_with`) on one row."""
+    found = numerics.largest_value_with(
         statistic, target, s, jnp.reshape(lo, (1,)), jnp.reshape(hi, (1,)), jnp.ones((1,), bool)
     )
     return found[0]
@@ -216,39 +212,6 @@ def _top_p_threshold(r: _Row, e: jax.Array, s_max: jax.Array, kth: jax.Array, to
         return lax.cond(off, lambda: jnp.float32(NEG_INF), on_vocabulary)
     use_candidates = (r.k > 0) & (r.k <= top.shape[0])
     return lax.cond(off, lambda: jnp.float32(NEG_INF), lambda: lax.cond(use_candidates, on_candidates, on_vocabulary))
-
-
-def _first_crossing(sums: jax.Array, start: jax.Array, target: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """(position of the first prefix sum `start + cumsum(sums)` above target (clipped to the last),
-    the prefix before it)."""
-    prefix = start + jnp.cumsum(sums)
-    position = jnp.minimum(jnp.sum(prefix <= target), sums.shape[0] - 1)
-    before = jnp.where(position > 0, prefix[jnp.maximum(position - 1, 0)], start)
-    return position, before
-
-
-def draw(kept: jax.Array, e: jax.Array, u: jax.Array) -> jax.Array:
-    """Smallest index whose cumulative kept mass exceeds `u * total`: sums per chunk and per group of
-    `GROUP` chunks, then the group, the chunk and the index where the prefix crosses (short cumsums
-    only: XLA's CPU cumsum is quadratic in its length)."""
-    vocab = e.shape[0]
-    mass = _chunked(jnp.where(kept, e, 0.0), 0.0)  # (NC, C)
-    chunk_sums = jnp.sum(mass, axis=1)
-    n_chunks = chunk_sums.shape[0]
-    groups = jnp.pad(chunk_sums, (0, (-n_chunks) % GROUP)).reshape(-1, GROUP)
-    group_sums = jnp.sum(groups, axis=1)
-    target = u * jnp.sum(group_sums)
-    group, before = _first_crossing(group_sums, jnp.float32(0.0), target)
-    local, before = _first_crossing(groups[group], before, target)
-    chunk = jnp.minimum(group * GROUP + local, n_chunks - 1)
-    inside = mass[chunk]
-    kept_inside = inside > 0
-    crossed = (before + jnp.cumsum(inside) > target) & kept_inside
-    last_inside = CHUNK - 1 - jnp.argmax(kept_inside[::-1])
-    token = chunk * CHUNK + jnp.where(jnp.any(crossed), jnp.argmax(crossed), last_inside)
-    last_kept = vocab - 1 - jnp.argmax(kept[::-1])
-    token = jnp.where(jnp.any(kept_inside), token, last_kept)
-    return jnp.where(jnp.any(kept), jnp.clip(token, 0, vocab - 1), 0).astype(jnp.int32)
 
 
 def _kept_row(
@@ -432,3 +395,15 @@ def process_logits(inp: SamplerInputs) -> jax.Array:
         return jnp.where(kept, r.s, NEG_INF)
 
     return _map_rows(inp, greedy, sampled)
+
+
+registry.register(
+    registry.Implementation(
+        name="xla",
+        sample=sample_with_logprobs,
+        process_logits=process_logits,
+        description="sort-free XLA: candidate top-k, value-snapping bisection, two-level draw",
+        auto_backends=("*",),
+        auto_rank=1,
+    )
+)

@@ -20,6 +20,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from vsampler.core import registry
+
 EXIT_OK, EXIT_MISMATCH, EXIT_USAGE = 0, 1, 2
 
 
@@ -135,10 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     verify.add_argument(
         "--impl",
-        type=_choice_list(("xla", "pallas", "pallas-triton", "pallas-chunked", "all")),
+        type=_choice_list((*registry.names(fast=True), "all")),
         default=("xla",),
-        help="implementation(s) to check: xla, pallas (the kernel's variant for this backend), pallas-triton "
-        "(its GPU variant, wherever it runs), pallas-chunked (its TPU chunked variant) or all (default xla)",
+        help="implementation(s) to check, by registered name ("
+        + "; ".join(f"{i.name}: {i.description}" for i in registry.implementations() if i.name != "reference")
+        + "), or all (default xla)",
     )
     verify.add_argument("--quick", action="store_true", help="a short grid: B in {1, 8}, V in {1000, 32000}")
     verify.add_argument(
@@ -305,7 +308,6 @@ def _environment() -> dict[str, str]:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from vsampler.core import sampling
     from vsampler.tools import sampler_benchmark as bm
     from vsampler.tools import workloads
 
@@ -327,7 +329,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
     # the kernel is timed only where it runs compiled (on GPU "pallas" is its Triton variant already)
     on_accelerator = jax.default_backend() in ("tpu", "gpu")
-    native = [i for i in sampling.available_impls() if not i.startswith("pallas") or (i == "pallas" and on_accelerator)]
+    native = [i.name for i in registry.implementations() if not i.kernel or (i.name == "pallas" and on_accelerator)]
     runners: dict[str, bm.Runner] = {impl: bm.impl_runner(impl) for impl in native}
     peers: dict[str, bm.Runner] = {}
     notes: list[str] = []
@@ -529,7 +531,7 @@ def _bench_features(
 def _run_verify(args: argparse.Namespace) -> int:
     from vsampler.tools import verification
 
-    impls = ("xla", "pallas", "pallas-triton", "pallas-chunked") if "all" in args.impl else args.impl
+    impls = registry.names(fast=True) if "all" in args.impl else args.impl
     batches = args.batch or ((1, 8) if args.quick else (1, 3, 8, 64))
     vocabs = args.vocab or ((1000, 32000) if args.quick else (1000, 32000, 50257, 128256, 152064, 256000))
     dtypes = args.dtype or ("float32", "bfloat16")

@@ -19,10 +19,10 @@ import jax
 import jax.numpy as jnp
 
 from vsampler.core.inputs import allowed_words
+from vsampler.core.trips import FixedTrips
 from vsampler.impls import pallas as pallas_impl
 from vsampler.kernels import block_sizes
-from vsampler.kernels import sampler as kernel
-from vsampler.kernels.trips import FixedTrips
+from vsampler.kernels.config import ROW_COLUMNS, KernelConfig
 
 
 class TpuCompilerUnavailable(RuntimeError):
@@ -112,27 +112,15 @@ def compile_tpu(
     batch_p = plan.padded_batch
     args = (
         jax.ShapeDtypeStruct((batch_p, vocab), jnp.dtype(dtype), sharding=sharding),
-        jax.ShapeDtypeStruct((batch_p, kernel.ROW_COLUMNS), jnp.float32, sharding=sharding),
+        jax.ShapeDtypeStruct((batch_p, ROW_COLUMNS), jnp.float32, sharding=sharding),
         jax.ShapeDtypeStruct((1, 2), jnp.int32, sharding=sharding),
     )
     if allowed:
         args += (jax.ShapeDtypeStruct((batch_p, allowed_words(vocab)), jnp.int32, sharding=sharding),)
-    chunking = {} if plan.chunk is None else {"chunk": plan.chunk, "buffers": plan.buffers}
-    fn = functools.partial(
-        pallas_impl.tpu_kernel(plan),
-        **chunking,
-        top_n=top_n,
-        pad_id=0,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        random=random,
-        min_tokens=min_tokens,
-        block_rows=plan.block_rows,
-        vmem_limit_bytes=plan.vmem_limit_bytes,
-        interpret=False,
-        trips=trips,
+    config = KernelConfig(
+        top_k=top_k, top_p=top_p, min_p=min_p, random=random, min_tokens=min_tokens, top_n=top_n, trips=trips
     )
+    fn = functools.partial(pallas_impl.tpu_kernel(plan), config=config, plan=plan, interpret=False)
     try:
         # Mosaic asks the default device which chip it lowers for: make it the described TPU
         with jax.default_device(device):
@@ -173,22 +161,11 @@ def lower_triton(
 
     plan = block_sizes.gpu_plan(vocab)
     result = TritonLowering(batch, vocab, dtype, ok=False, chunk=plan.chunk, num_warps=plan.num_warps)
-    fn = functools.partial(
-        sampler_triton.fused_sample_triton,
-        pad_id=0,
-        top_k=True,
-        top_p=True,
-        min_p=True,
-        random=True,
-        min_tokens=True,
-        chunk=plan.chunk,
-        num_warps=plan.num_warps,
-        interpret=False,
-        top_n=top_n,
-    )
+    config = KernelConfig(top_k=True, top_p=True, min_p=True, random=True, min_tokens=True, top_n=top_n)
+    fn = functools.partial(sampler_triton.fused_sample_triton, config=config, plan=plan, interpret=False)
     args = (
         jax.ShapeDtypeStruct((batch, vocab), jnp.dtype(dtype)),
-        jax.ShapeDtypeStruct((batch, kernel.ROW_COLUMNS), jnp.float32),
+        jax.ShapeDtypeStruct((batch, ROW_COLUMNS), jnp.float32),
         jax.ShapeDtypeStruct((2,), jnp.int32),
     )
     if allowed:

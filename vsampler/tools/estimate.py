@@ -5,7 +5,7 @@ for one configuration (TPU generation x B x V x dtype x the stages a workload tu
 
 1. **Trips.** The kernel runs in Pallas interpret mode on the workload's rows (`vsampler.tools.workloads`),
    with the generation's block plan, and writes how many trips each data-dependent loop took in each
-   block of rows (`vsampler.kernels.trips`: the top-k and top-p searches' snapping passes, the draw's
+   block of rows (`vsampler.core.trips`: the top-k and top-p searches' snapping passes, the draw's
    bisection; a cond around a search: taken or not). Their means over the blocks are the trips.
 2. **Compiles with fixed trips.** libtpu's cost model counts a static-trip loop exactly but a
    data-dependent `while_loop` as 0 trips (and a data-dependent cond as not taken), so each loop is
@@ -160,7 +160,7 @@ class ProfileWorker:
 def run_worker(directory: str, jobs: Iterator[str], out: Any) -> None:
     """The worker's loop (`python -m vsampler.tools._estimate_worker DIR`): compile each job, answer with the
     cycles libtpu's profile gives for it, then clear the profile for the next one."""
-    from vsampler.kernels.trips import FixedTrips
+    from vsampler.core.trips import FixedTrips
     from vsampler.tools import compile_check
 
     for line in jobs:
@@ -311,9 +311,10 @@ def measure_trips(case: EstimateCase, plan: Any) -> tuple[dict[str, bool], Any]:
 
     from vsampler.impls import pallas
 
-    x, rows, eos, allowed, stages = _workload_operands(case)
-    launch = functools.partial(pallas.tpu_launch, plan, interpret=True, top_n=case.top_n, **stages)
+    x, rows, eos, allowed, config = _workload_operands(case)
+    launch = functools.partial(pallas.tpu_launch, plan, config=config.replace(top_n=case.top_n), interpret=True)
     stats = jax.jit(launch)(x, rows, eos, allowed)[2]
+    stages = {**config.filters, "random": config.random, "min_tokens": config.min_tokens}
     return stages, np.asarray(stats)[:: plan.block_rows]
 
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler.core import sampling as _sampling
+from vsampler.core import registry
 from vsampler.core.inputs import pack_allowed
 from vsampler.core.logprobs import MODES
 from vsampler.core.params import SamplingParams
@@ -302,7 +302,8 @@ def _frozen(a: np.ndarray) -> np.ndarray:
 
 
 def _reference_key(*key: Any) -> tuple:
-    return (*key, _sampling._SAMPLERS.get("reference"), _sampling._PROCESSORS.get("reference"))
+    reference = registry.get("reference")  # a replaced reference (a test's) is cached apart
+    return (*key, reference.sample, reference.process_logits)
 
 
 def _concurrently(calls: list[Callable[[], Any]]) -> list[Any]:

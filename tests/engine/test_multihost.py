@@ -14,7 +14,7 @@ import pytest
 pytestmark = pytest.mark.multihost
 
 WORKER = os.path.join(os.path.dirname(__file__), "multihost_worker.py")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def free_port() -> int:

@@ -13,6 +13,7 @@ import pytest
 from vsampler.kernels import block_sizes, chunked_passes
 from vsampler.kernels import sampler as kernel
 
+from vsampler.core.numerics import MAX_PASSES
 from vsampler.tools import estimate
 
 PROFILE = """hlo_op_estimate {
@@ -185,7 +186,7 @@ def test_greedy_has_no_loops_and_v4_is_refused_before_any_compile(monkeypatch):
     assert any("Dma latency model" in line for line in estimate.notes([r, v4]))
 
 
-@pytest.mark.parametrize("variant", ["tpu", "tpu-chunked"])
+@pytest.mark.parametrize("variant", ["resident", "chunked"])
 def test_the_kernel_reports_its_loop_trips_per_block(variant):
     """Interpret mode: every row of a block carries its block's trips (what the estimate measures), whole
     numbers within the searches' bounds; with them fixed, the kernel compiles its loops as fixed trips."""
@@ -194,27 +195,26 @@ def test_the_kernel_reports_its_loop_trips_per_block(variant):
     from vsampler.impls import pallas
 
     case = estimate.EstimateCase("v5e", 16, 9000, "float32", "full")
-    plan = block_sizes.plan(16, 9000, "float32", "v5e", chunked=variant == "tpu-chunked")
-    x, rows, eos, allowed, stages = estimate._workload_operands(case)
-    assert stages["top_k"] and stages["top_p"] and stages["random"]
-    stats = np.asarray(pallas.tpu_launch(plan, x, rows, eos, allowed, interpret=True, **stages)[2])
+    plan = block_sizes.plan(16, 9000, "float32", "v5e", chunked=variant == "chunked")
+    x, rows, eos, allowed, config = estimate._workload_operands(case)
+    assert config.top_k and config.top_p and config.random
+    stats = np.asarray(pallas.tpu_launch(plan, x, rows, eos, allowed, config=config, interpret=True)[2])
     sites = kernel.SITES if plan.chunk is None else chunked_passes.SITES
     trips = stats[:, [site.column for site in sites]].reshape(-1, plan.block_rows, len(sites))
     assert (trips == trips[:, :1]).all()  # one count per block
-    assert (trips == np.round(trips)).all() and (trips >= 0).all() and (trips <= kernel.MAX_PASSES + 1).all()
+    assert (trips == np.round(trips)).all() and (trips >= 0).all() and (trips <= MAX_PASSES + 1).all()
     _, per_block = estimate.measure_trips(case, plan)
     assert (per_block[:, [site.column for site in sites]] == trips[:, 0]).all()
     if plan.chunk is None:  # the whole-row draw's index bisection, where the fallback ran: ceil(log2 V) trips
         draw = next(site.column for site in sites if site.loop == "draw")
         assert np.isin(per_block[:, draw], [0, 1 + np.ceil(np.log2(9000))]).all()
-    fixed = jax.jit(lambda *a: pallas.tpu_launch(plan, *a, interpret=True, trips=trips_of(sites, 2), **stages))(
-        x, rows, eos, allowed
-    )
+    fixed_config = config.replace(trips=trips_of(sites, 2))
+    fixed = jax.jit(lambda *a: pallas.tpu_launch(plan, *a, config=fixed_config, interpret=True))(x, rows, eos, allowed)
     assert fixed[0].shape == (16, 1)  # the fixed-trip form traces and runs (its results mean nothing)
 
 
 def trips_of(sites, n):
-    from vsampler.kernels.trips import FixedTrips
+    from vsampler.core.trips import FixedTrips
 
     return FixedTrips.of({**{site.loop: n for site in sites}, **{site.guard: 1 for site in sites if site.guard}})
 

@@ -88,11 +88,11 @@ def _launch(x, case_params, vocab, keys, **kw):
 
     batch = x.shape[0]
     inp = prepare(x, case_params, keys, **kw)
-    xs, rows, eos, allowed, stages = pallas.kernel_operands(inp)
+    xs, rows, eos, allowed, config = pallas.kernel_operands(inp)
     plan = block_sizes.plan(batch, vocab, str(x.dtype), "v5e")
     assert plan.chunk is None
-    out = jax.jit(functools.partial(pallas.tpu_launch, plan, interpret=True, **stages))(xs, rows, eos, allowed)
-    return np.asarray(out[0])[:, 0], np.asarray(out[2]), stages
+    out = jax.jit(functools.partial(pallas.tpu_launch, plan, config=config, interpret=True))(xs, rows, eos, allowed)
+    return np.asarray(out[0])[:, 0], np.asarray(out[2]), config
 
 
 FALLBACK_COLUMN = next(site.column for site in kernel.SITES if site.loop == "draw")
@@ -110,8 +110,8 @@ def test_blocks_decided_by_the_candidates_and_blocks_that_fall_back_both_match_t
     hist, prompt = verification.history(batch, vocab, 1)
     kw = {"history": hist, "prompt_len": prompt, "eos_token_id": verification.EOS}
     keys = jax.random.split(jax.random.key(3), batch)
-    tokens, stats, stages = _launch(x, params, vocab, keys, **kw)
-    assert kernel.uses_candidates(vocab, allowed=False, **{k: stages[k] for k in ("top_k", "top_p", "min_p", "random")})
+    tokens, stats, kernel_config = _launch(x, params, vocab, keys, **kw)
+    assert kernel.uses_candidates(vocab, allowed=False, random=kernel_config.random, **kernel_config.filters)
     fell_back = stats[::8, FALLBACK_COLUMN] > 0
     assert fell_back[1], "the tied block falls back to the whole-row path"
     # the normal block is decided by its candidates (heterogeneous rows include temperature-only and

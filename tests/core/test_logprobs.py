@@ -8,10 +8,11 @@ import pytest
 from grid import EOS, Case, check, history, logits, params
 
 from vsampler import SamplingParams, process_logits, sample, sample_step
+from vsampler.core import registry
 from vsampler.core.logprobs import MAX_LOGPROBS
 from vsampler.tools.verification import logprobs_close
 
-FAST = ["xla", "pallas", "pallas-triton", "pallas-chunked"]
+FAST = list(registry.names(fast=True))
 
 
 def _log_softmax(rows: np.ndarray) -> np.ndarray:

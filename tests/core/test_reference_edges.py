@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from vsampler import SamplingParams, process_logits, sample
+from vsampler.core import registry
 
 NEG = -np.inf
 KEY = jax.random.key(0)
@@ -123,7 +124,7 @@ def test_greedy_needs_no_key():
     assert sample(jnp.asarray([[0.0, 1.0]]), SamplingParams(temperature=0.0), None).tolist() == [1]
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "pallas-triton", "pallas-chunked"])
+@pytest.mark.parametrize("impl", list(registry.names()))
 @pytest.mark.parametrize("top_k", [0, 5])
 def test_min_p_one_keeps_exactly_the_maximum_on_every_impl(impl, top_k):
     """min_p = 1 keeps the tokens whose probability equals the largest: the maximum's relative weight must

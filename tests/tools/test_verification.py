@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from vsampler.core import sampling
+from vsampler.core import reference, registry, sampling
 from vsampler.tools import verification
 from vsampler.tools.verification import Case, ResultCache, _Warped, check
 
@@ -67,13 +67,13 @@ def test_a_replaced_reference_is_not_answered_from_the_cache(monkeypatch):
     assert check("xla", case, logprobs_modes=()).ok  # the reference's tokens are now cached
 
     def shifted(inp, request):
-        tokens, values = sampling.reference.sample_with_logprobs(inp, request)
+        tokens, values = reference.sample_with_logprobs(inp, request)
         return (tokens + 1) % inp.logits.shape[1], values
 
-    monkeypatch.setitem(sampling._SAMPLERS, "reference", shifted)
     sampling._sample_jit.clear_cache()
     try:
-        assert check("xla", case, logprobs_modes=()).agreeing_rows == 0
+        with registry.replaced("reference", sample=shifted):
+            assert check("xla", case, logprobs_modes=()).agreeing_rows == 0
     finally:
         sampling._sample_jit.clear_cache()
     jax.clear_caches()

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from vsampler import SamplingParams, pack_allowed, process_logits, sample, sample_step, unpack_allowed
+from vsampler.core import registry
 
-IMPLS = ["reference", "xla", "pallas", "pallas-triton", "pallas-chunked"]
+IMPLS = list(registry.names())
 EOS = 3
 
 
@@ -35,13 +36,13 @@ def test_bits_past_the_vocabulary_are_ignored():
     assert np.array_equal(np.asarray(unpack_allowed(jnp.asarray(words), 50)), allowed)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton", "pallas-chunked"])
+@pytest.mark.parametrize("impl", list(registry.names(fast=True)))
 @pytest.mark.parametrize("config", ["heterogeneous", "combined"])
 def test_masked_grid_equals_reference(impl, config):
     compare(impl, "normal", config, 8, 1000, "float32", masked=True)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton", "pallas-chunked"])
+@pytest.mark.parametrize("impl", list(registry.names(fast=True)))
 @pytest.mark.parametrize("kind", ["ties", "one_finite"])
 def test_masked_hard_logits_equal_reference(impl, kind):
     compare(impl, kind, "heterogeneous", 3, 5000, "bfloat16", masked=True)

@@ -3,6 +3,7 @@
 import pytest
 
 from vsampler import available_impls, resolve_impl
+from vsampler.core import registry
 
 
 @pytest.mark.parametrize(("backend", "want"), [("tpu", "pallas"), ("gpu", "xla"), ("cpu", "xla")])
@@ -27,7 +28,7 @@ def test_runs_from_a_source_checkout_without_install():
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     code = (
         f"import sys; sys.path[:0] = {[root, *site.getsitepackages()]!r}\n"
         "import vsampler.kernels.sampler_triton as k, vsampler\n"
@@ -44,7 +45,7 @@ def test_runs_from_a_source_checkout_without_install():
     assert "pallas" in out.stdout.splitlines()[1]
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "pallas-triton", "pallas-chunked"])
+@pytest.mark.parametrize("impl", list(registry.names()))
 def test_sample_step_applies_the_eos_rule_the_same_on_every_impl(impl):
     """Spec stage 8 through the step entry: finished rows emit pad and stay finished; a row that samples
     an EOS id comes back finished with the EOS token; running rows get `sample`'s token."""

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vsampler import SamplingParams, process_logits, sample
+from vsampler.core import registry
 from vsampler.tools import verification
 
 VOCABS = (1, 7, 64, 129)
@@ -89,7 +90,7 @@ def test_reference_matches_the_numpy_definition(case):
             np.testing.assert_allclose(out[i][got], (x / c["t"][i])[got], rtol=1e-6)
 
 
-@pytest.mark.parametrize("impl", ["xla", "pallas", "pallas-triton", "pallas-chunked"])
+@pytest.mark.parametrize("impl", list(registry.names(fast=True)))
 @given(case=cases())
 def test_fast_paths_equal_the_reference_on_random_inputs(impl, case):
     want, want_tokens = _run(*_args(case))

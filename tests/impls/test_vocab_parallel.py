@@ -14,7 +14,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from vsampler import SamplingParams, sample
-from vsampler.impls import vocab_parallel as vp
+from vsampler.tools import communication
 from vsampler.tools import verification as ver
 
 B = 8
@@ -92,17 +92,19 @@ def compile_sharded(mesh: Mesh, x, params, history, prompt_len, eos, axis: str =
     return jax.jit(run).lower(x, params, keys_for(0), history, prompt_len).compile()
 
 
-def vocab_sized(found: list[vp.Collective], width: int, ops=("all-gather", "all-to-all")) -> list[vp.Collective]:
+def vocab_sized(
+    found: list[communication.Collective], width: int, ops=("all-gather", "all-to-all")
+) -> list[communication.Collective]:
     """The collectives among `ops` with an operand or result dimension >= one shard's vocabulary width."""
     return [c for c in found if c.op in ops and c.largest_dim >= width]
 
 
 def assert_moves_nothing_vocabulary_sized(hlo_text: str, vocab: int, shards: int) -> None:
     width = -(-vocab // shards)
-    found = vp.collectives(hlo_text)
+    found = communication.collectives(hlo_text)
     gathers = vocab_sized(found, width)
     assert not gathers, f"an all-gather / all-to-all moves a vocabulary-sized array: {gathers}"
-    others = vocab_sized(found, width, ops=vp.COLLECTIVE_OPS)
+    others = vocab_sized(found, width, ops=communication.COLLECTIVE_OPS)
     assert not others, f"a collective moves a vocabulary-sized array: {others}"
     ops = {c.op for c in found}
     assert {"all-reduce", "all-gather"} <= ops, f"expected the sampler's collectives, found {ops}"  # parsed
@@ -258,10 +260,10 @@ def test_hlo_check_catches_programs_that_gather_the_logits():
         (replicate_then_argmax, ("all-gather",)),
         (gather, ("all-gather",)),
         (to_all, ("all-to-all",)),
-        (xla_sampler, vp.COLLECTIVE_OPS),
+        (xla_sampler, communication.COLLECTIVE_OPS),
     ]:
         text = jax.jit(fn).lower(xs).compile().as_text()
-        assert vocab_sized(vp.collectives(text), width, ops), f"{fn.__name__}: the check missed it"
+        assert vocab_sized(communication.collectives(text), width, ops), f"{fn.__name__}: the check missed it"
         with pytest.raises(AssertionError, match="moves a vocabulary-sized array"):
             assert_moves_nothing_vocabulary_sized(text, vocab, shards)
 
@@ -287,7 +289,7 @@ ENTRY %main (x: bf16[8,16032]) -> f32[8] {
   %u = (s32[], f32[8,1]{1,0}) while(%t1), condition=%c2, body=%loop
 }
 """
-    found = {c.name: c for c in vp.collectives(text)}
+    found = {c.name: c for c in communication.collectives(text)}
     assert set(found) == {"r", "g", "a"}
     assert found["a"].operand_shapes == ((8, 16032),) and found["a"].operand_bytes == 8 * 16032 * 2
     assert found["a"].result_shapes == ((8, 128256),) and found["a"].runs == 1

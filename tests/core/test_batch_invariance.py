@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from vsampler import SamplingParams, sample
+from vsampler.core import registry
 
 V = 32000
 FIELDS = {
@@ -42,7 +43,7 @@ def with_request(size: int, row: int):
     return logits, params, history, keys.at[row].set(r_keys[0])
 
 
-@pytest.mark.parametrize("impl", ["reference", "xla", "pallas", "pallas-triton", "pallas-chunked"])
+@pytest.mark.parametrize("impl", list(registry.names()))
 def test_a_request_gets_the_same_token_alone_in_8_and_in_64(impl):
     tokens = []
     for size, row in ((1, 0), (8, 5), (64, 37)):

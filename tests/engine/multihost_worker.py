@@ -1,4 +1,4 @@
-"""One process of the 2-process test (tests/test_multihost.py): 4 CPU devices of its own, gloo collectives.
+"""One process of the 2-process test (tests/engine/test_multihost.py): 4 CPU devices of its own, gloo collectives.
 
     python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_JSON
 

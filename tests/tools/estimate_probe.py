@@ -1,4 +1,4 @@
-"""Run as a script by tests/test_estimate.py, with libtpu's static profile flag pointing at argv[1]: a
+"""Run as a script by tests/tools/test_estimate.py, with libtpu's static profile flag pointing at argv[1]: a
 small Pallas kernel whose cost is known in shape (a count pass over an (8, 16384) VMEM block, repeated by
 a loop), compiled deviceless for v5e with a fixed-trip loop of each trip count in argv[2:] and once with a
 data-dependent `while_loop`; prints {"fori N": cycles, ..., "while": cycles} as JSON."""

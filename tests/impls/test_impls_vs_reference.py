@@ -1,0 +1,115 @@
+"""Every registered implementation against the reference (the spec) on the verification grid: kept sets
+equal exactly (values included), the reference's token for the same key on every row, the reference's
+processed log-probs (`grid.compare`).
+
+One table of cases per implementation, by registered name; a kernel variant or fast path registered
+without a table of its own gets the shared one of its kind (`KERNEL_CASES` or `FAST_CASES`), so a new
+registration brings its tests. The kernel variants run in Pallas interpret mode (the same kernel code
+Mosaic and Triton compile). Every case carries its grid key as an `xdist_group` (tests/conftest.py):
+under `--dist loadgroup` the implementations of one case run on one worker, which computes the
+reference's results once (`verification.REFERENCE_CACHE`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import NamedTuple
+
+import grid
+import pytest
+from grid import compare
+
+from vsampler.core import registry
+
+DTYPES = ("float32", "bfloat16")
+
+
+class GridCase(NamedTuple):
+    kind: str  # the logits: "normal", "ties", "one_finite", "nan"
+    config: str  # the sampling parameters (`verification.params`)
+    batch: int
+    vocab: int
+    dtype: str
+    slow: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}-{self.config}-B{self.batch}-V{self.vocab}-{self.dtype}"
+
+
+def _cases(kinds, configs, batches, vocabs, dtypes, slow=False) -> list[GridCase]:
+    return [GridCase(*c, slow=slow) for c in itertools.product(kinds, configs, batches, vocabs, dtypes)]
+
+
+HARD = ("ties", "one_finite", "nan")
+# stages 1-3 (bias and penalties) are the shared pre-pass every kernel variant gets already applied
+KERNEL_STAGE_CASES = [case for case in grid.STAGE_CASES if case not in ("bias", "bias_dense", "repetition")]
+
+XLA_CASES = [
+    *_cases(["normal"], grid.STAGE_CASES, [8], [1000, 32000], ["float32"]),
+    *_cases(HARD, ["combined", "heterogeneous", "top_k_large", "top_p"], [8], [1000], ["float32"]),
+    *_cases(["normal"], ["heterogeneous"], [1, 3], [32000], ["float32"]),
+    *_cases(["normal"], ["heterogeneous"], [1, 3, 8], [1000, 32000, 50257, 128256, 152064, 256000], DTYPES, True),
+    *_cases(["normal"], ["combined", "top_p", "top_k_large"], [64], [50257, 128256, 256000], DTYPES, True),
+    *_cases(["normal"], grid.STAGE_CASES, [8], [50257], ["float32"], True),
+    *_cases(["ties"], grid.STAGE_CASES, [8], [50257], ["bfloat16"], True),
+]
+# the resident TPU kernel (interpret mode): its row blocks, batches that are not a block multiple
+PALLAS_CASES = [
+    *_cases(["normal"], grid.STAGE_CASES, [8], [1000], ["float32"]),
+    *_cases(HARD, ["combined", "heterogeneous"], [8], [1000], ["float32"]),
+    *[GridCase("normal", "heterogeneous", b, 32000, d) for b, d in ((1, "float32"), (3, "bfloat16"), (12, "float32"))],
+    GridCase("normal", "heterogeneous", 20, 32000, "bfloat16"),
+    *_cases(["normal"], ["heterogeneous"], [8], [32000, 50257, 128256, 152064, 256000], DTYPES, True),
+    *_cases(["normal"], ["combined", "top_p", "top_k_large"], [64], [128256], ["bfloat16"], True),
+    *_cases(["ties"], grid.STAGE_CASES, [8], [50257], ["bfloat16"], True),
+]
+CASES: dict[str, list[GridCase]] = {
+    "xla": XLA_CASES,
+    "pallas": PALLAS_CASES,
+    # the GPU variant: one program per row over power-of-two chunks
+    "pallas-triton": [
+        *_cases(["normal"], ["combined", "heterogeneous", "top_k_large", "greedy", "min_p"], [8], [1000], ["float32"]),
+        *_cases(HARD, ["heterogeneous"], [3], [5000], ["bfloat16"]),
+        *_cases(["normal"], ["heterogeneous"], [8], [32000, 50257, 128256, 256000], DTYPES, True),
+    ],
+    # the TPU chunked variant: V=9000 is three 4096-lane chunks with an overhang, so rows cross the
+    # draw's threshold in different chunks
+    "pallas-chunked": [
+        *_cases(["normal"], KERNEL_STAGE_CASES, [8], [9000], ["float32"]),
+        *_cases(HARD, ["heterogeneous"], [20], [9000], ["bfloat16"]),
+        *_cases(["normal"], ["heterogeneous"], [8], [50257, 128256, 256000], DTYPES, True),
+        GridCase("normal", "combined", 64, 128256, "float32", slow=True),
+    ],
+}
+# what a registered implementation without its own table gets
+KERNEL_CASES = [c for c in PALLAS_CASES if not c.slow]
+FAST_CASES = [c for c in XLA_CASES if not c.slow]
+
+
+def cases_for(name: str) -> list[GridCase]:
+    if name in CASES:
+        return CASES[name]
+    return KERNEL_CASES if registry.get(name).kernel else FAST_CASES
+
+
+PAIRS = [
+    pytest.param(
+        impl,
+        case,
+        id=f"{impl}-{case.label}",
+        marks=[pytest.mark.xdist_group(case.label), *([pytest.mark.slow] if case.slow else [])],
+    )
+    for impl in registry.names(fast=True)
+    for case in cases_for(impl)
+]
+
+
+@pytest.mark.parametrize(("impl", "case"), PAIRS)
+def test_the_implementation_keeps_and_draws_what_the_reference_does(impl: str, case: GridCase) -> None:
+    compare(impl, case.kind, case.config, case.batch, case.vocab, case.dtype)
+
+
+def test_every_fast_implementation_has_cases() -> None:
+    """A registered implementation is never left untested: each has a non-empty table."""
+    assert {impl for impl, *_ in (p.values for p in PAIRS)} == set(registry.names(fast=True))
