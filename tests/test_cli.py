@@ -29,6 +29,7 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatc
             str(out),
             "--plot",
             str(png),
+            "--estimate",
         ]
     )
     assert code == EXIT_OK
@@ -39,6 +40,7 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatc
     for r in rows:
         assert r["verified"] and r["agree_rows"] == r["rows"] == 2
         assert r["median_ms"] > 0 and r["x_floor"] > 0 and r["speedup_vs_categorical"] > 0
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["spread"] >= 0 and r["calls"] == 1
     features = data["features"]  # timed on the "full" workload only, by each fast path
     assert {(f["impl"], f["feature"]) for f in features} == {
         ("xla", "logprobs raw"),
@@ -46,8 +48,14 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatc
         ("xla", "allowed_tokens"),
     }
     for f in features:
-        assert f["verified"] and f["workload"].startswith("full") and f["cost_ratio"] > 0
-    assert "measurements, 0 failed verification (logprobs raw" in capsys.readouterr().out
+        assert f["verified"] and f["workload"].startswith("full")
+        assert 0 < f["ratio_min"] <= f["cost_ratio"] <= f["ratio_max"]
+    printed = capsys.readouterr().out
+    assert "measurements, 0 failed verification (logprobs raw" in printed
+    # piped (pytest captures stdout): one line per finished phase, and tables at their own width
+    assert re.search(r"^timing: 2/2 done in \d+ s$", printed, re.M)
+    assert re.search(r"^serving features: 1/1 done in \d+ s$", printed, re.M)
+    assert re.search(r"│ greedy +│ 2 │ 300 │ f32 +│ reference │.*│ yes +│$", printed, re.M), "a table row wrapped"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from vsampler import estimate
 
@@ -59,6 +67,44 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatc
         for e in estimates:
             assert e["ok"] and e["estimated_us"] > 0 and e["x_floor"] > 0 and e["label"] == estimate.LABEL
         assert (tmp_path / "vsampler" / "estimates.json").exists()
+
+
+def test_bench_defaults_to_the_headline_and_full_is_the_whole_grid():
+    from vsampler import workloads
+    from vsampler.cli import bench_cases, build_parser
+
+    def cases(*argv):
+        return [(c.config, c.batch, c.vocab, c.dtype) for c in bench_cases(build_parser().parse_args(["bench", *argv]))]
+
+    assert cases() == [(c, 64, 128256, "float32") for c in workloads.CONFIGS]
+    assert len(cases("--full")) == len(workloads.CONFIGS) * 3 * 2 * 2 == len(set(cases("--full")))
+    assert {c[1:] for c in cases("--quick")} == {(1, 32000, "float32"), (8, 32000, "float32")}
+    assert cases("--full", "--dtype", "bfloat16", "--configs", "greedy") == [
+        ("greedy", b, v, "bfloat16") for v in (32000, 128256) for b in (1, 8, 64)
+    ]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--full", "--quick"])
+
+
+def test_interleaved_timing_keeps_outputs_and_stops_slow_calls_after_three(monkeypatch):
+    from vsampler import benchmarking as bm
+
+    clock = iter(range(10_000))
+    monkeypatch.setattr(bm.time, "perf_counter", lambda: float(next(clock)))  # every call "takes" 1 s
+    monkeypatch.setattr(bm, "SLOW_CALL_S", 0.5)
+    calls = {"a": 0}
+
+    def a():
+        calls["a"] += 1
+        return calls["a"]
+
+    (timing,) = bm.time_interleaved([a], 5)
+    assert timing.samples == (1.0, 1.0, 1.0) and calls["a"] == 4 and timing.output == 4  # warm-up + 3
+    assert timing.median == 1.0 and timing.spread == 0.0
+    monkeypatch.setattr(bm, "SLOW_CALL_S", 2.0)
+    fast, other = bm.time_interleaved([a, a], 5)
+    assert len(fast.samples) == len(other.samples) == 5
+    assert bm.paired_ratios(bm.Timing((2.0, 4.0, 9.0)), bm.Timing((1.0, 2.0))) == [2.0, 2.0]
 
 
 @pytest.mark.parametrize(

@@ -615,10 +615,11 @@ def default_cache_path() -> Path:
 
 
 def cached_estimates(
-    cases: Sequence[EstimateCase], cache_path: Path | None = None, progress: Any = None
-) -> list[dict[str, Any]]:
+    cases: Sequence[EstimateCase], cache_path: Path | None = None, progress: Any = None, compute: bool = True
+) -> list[dict[str, Any]] | None:
     """`estimate_grid(cases)` as `KernelEstimate.as_dict()`s, reusing those computed before by the same
-    code (`_code_fingerprint`) and libtpu, from a JSON file (default `~/.cache/vsampler/estimates.json`)."""
+    code (`_code_fingerprint`) and libtpu, from a JSON file (default `~/.cache/vsampler/estimates.json`).
+    `compute=False`: from the cache only, None where some case is not in it."""
     path = cache_path or default_cache_path()
     fingerprint = _code_fingerprint()
     try:
@@ -627,6 +628,8 @@ def cached_estimates(
         stored = {}
     known = stored.get(fingerprint, {})
     missing = [c for c in cases if c.label not in known]
+    if missing and not compute:
+        return None
     fresh = {r.case.label: r.as_dict() for r in (estimate_grid(missing, progress=progress) if missing else [])}
     out = [known.get(c.label) or fresh[c.label] for c in cases]
     known.update({label: r for label, r in fresh.items() if r["ok"]})
