@@ -255,3 +255,20 @@ def test_verify_drops_compiled_programs_to_keep_its_memory_mappings_bounded(monk
     assert any(released), "the cases compiled past the bound"
     assert max(after_each) <= bound + 100, "mappings stay near the bound"
     assert "0 disagree" in capsys.readouterr().out
+
+
+def test_every_generate_flag_says_what_it_does_and_its_default():
+    import argparse
+
+    from vsampler.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    gen = sub.choices["generate"]
+    flags = [a for a in gen._actions if a.option_strings and a.dest != "help"]
+    for action in flags:
+        assert action.help, f"{action.option_strings[0]} has no help"
+        if action.default is not None and action.default is not False:
+            assert str(action.default) in action.help, f"{action.option_strings[0]}: default not shown"
+    sampling = {a.dest: a for a in flags}
+    assert "a float in (0, 1] (1 disables it) (default 0.95)" in sampling["top_p"].help  # params' own range
+    assert "(default 0.8)" in gen.format_help()

@@ -270,17 +270,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per row (default 32)")
     gen.add_argument("--chunks", type=int, default=8, help="decode steps per compiled call (default 8)")
     gen.add_argument("--vocab", type=int, default=32000, help="the tiny decoder's vocabulary size (default 32000)")
-    gen.add_argument("--model-seed", type=int, default=0, help="seed of the decoder's random weights")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (row r draws from fold_in(key, r))")
+    gen.add_argument("--model-seed", type=int, default=0, help="seed of the decoder's random weights (default 0)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (row r draws from fold_in(key, r); default 0)")
     gen.add_argument("--eos", type=_int_list, default=None, help="comma-separated EOS ids (default: none)")
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--presence-penalty", type=float, default=0.0)
-    gen.add_argument("--frequency-penalty", type=float, default=0.0)
-    gen.add_argument("--min-tokens", type=int, default=0)
+    from vsampler.params import _RANGES
+
+    sampling_flags = gen.add_argument_group("sampling", "SamplingParams fields, the same for every row")
+    for flag, kind, default, text in (
+        ("--temperature", float, 0.8, "softmax temperature"),
+        ("--top-k", int, 50, "keep the tokens >= the k-th largest logit (ties kept)"),
+        ("--top-p", float, 0.95, "keep the most probable tokens up to this share of the mass (the crossing one kept)"),
+        ("--min-p", float, 0.0, "keep the tokens whose probability is >= min_p x the largest's"),
+        ("--repetition-penalty", float, 1.0, "divides the history's positive logits, multiplies its negative ones"),
+        ("--presence-penalty", float, 0.0, "subtracted once from each token generated so far"),
+        ("--frequency-penalty", float, 0.0, "subtracted per occurrence of each token generated so far"),
+        ("--min-tokens", int, 0, "the EOS ids are banned until a row has generated this many tokens"),
+    ):
+        allowed = _RANGES[flag[2:].replace("-", "_")][5]
+        sampling_flags.add_argument(flag, type=kind, default=default, help=f"{text}: {allowed} (default {default})")
     gen.add_argument(
         "--impl",
         choices=("auto", "reference", "xla", "pallas"),
