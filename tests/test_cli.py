@@ -272,3 +272,38 @@ def test_every_generate_flag_says_what_it_does_and_its_default():
     sampling = {a.dest: a for a in flags}
     assert "a float in (0, 1] (1 disables it) (default 0.95)" in sampling["top_p"].help  # params' own range
     assert "(default 0.8)" in gen.format_help()
+
+
+def test_small_figures_keep_three_significant_digits():
+    from vsampler.estimate import _us, significant
+
+    assert [significant(v) for v in (0.0048828, 0.052, 41.23, 290.4, 1234.5, 0.0)] == [
+        "0.00488",
+        "0.0520",
+        "41.2",
+        "290",
+        "1234",
+        "0",
+    ]
+    assert _us(8.74e-9) == "0.00874"  # once "~0 us"
+
+
+@pytest.mark.tpu_compile
+def test_compile_check_piped_is_quiet_and_unwrapped():
+    """In a fresh process (libtpu loads once per process) with JAX_PLATFORMS=cpu and stdout piped:
+    nothing from libtpu's start-up on stderr, each table row on one line, small figures not ~0."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("libtpu")
+    argv = ["compile-check", "--tpu", "v5e", "--batch", "1", "--vocab", "1000", "--dtype", "float32"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "COLUMNS": "80"}
+    done = subprocess.run(
+        [sys.executable, "-m", "vsampler.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == EXIT_OK, done.stderr
+    assert done.stderr == ""
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("│ v5e")]
+    assert re.search(r"│ compiled │ resident │ .* MiB +│ ~0\.\d+ us \(floor ~0\.\d+ us\) +│$", row)
+    assert "~0 us" not in done.stdout

@@ -491,10 +491,11 @@ def _bench_estimates(
     batch, vocab = max(c.batch for c in cases), max(c.vocab for c in cases)
     configs = list(dict.fromkeys(c.config for c in cases))
     headline = estimate.headline_cases(configs, batch, vocab)
-    compute = args.estimate or args.full
     try:
-        with ui.progress(len(headline), "TPU estimate") as advance:
-            found = estimate.cached_estimates(headline, progress=advance, compute=compute)
+        found = estimate.cached_estimates(headline, compute=False)
+        if found is None and (args.estimate or args.full):
+            with ui.progress(len(headline), "TPU estimate") as advance:
+                found = estimate.cached_estimates(headline, progress=advance)
     except estimate.TpuEstimateUnavailable as err:
         ui.note(f"TPU estimate skipped: {err}")
         return []
@@ -703,6 +704,7 @@ def _run_compile_check(args: argparse.Namespace) -> int:
     import itertools
 
     from vsampler import compile_check
+    from vsampler.estimate import significant
     from vsampler.kernels import block_sizes
 
     if args.estimate:
@@ -735,8 +737,9 @@ def _run_compile_check(args: argparse.Namespace) -> int:
                         "compiled",
                         variant,
                         f"{r.vmem_used_bytes / mib:.1f} / {r.vmem_limit_bytes / mib:.0f}",
-                        f"{r.hbm_bytes / r.logits_bytes:.3f}x of {r.logits_bytes / mib:.1f} MiB",
-                        f"~{r.estimated_seconds() * 1e6:.0f} us (floor ~{r.logits_bytes / bw * 1e6:.0f} us)",
+                        f"{r.hbm_bytes / r.logits_bytes:.3f}x of {significant(r.logits_bytes / mib)} MiB",
+                        f"~{significant(r.estimated_seconds() * 1e6)} us "
+                        f"(floor ~{significant(r.logits_bytes / bw * 1e6)} us)",
                     ]
                 )
             elif r.block_rows == 0:  # refused by the policy: not a claimed configuration

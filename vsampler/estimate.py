@@ -494,9 +494,16 @@ def estimate_grid(
 # reports
 
 
+def significant(value: float, digits: int = 3) -> str:
+    """`value` to `digits` significant digits and no exponent (0.00488, 41.2, 290, 1234): a small
+    estimate never rounds to 0."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    return f"{value:.{max(0, digits - 1 - math.floor(math.log10(abs(value))))}f}"
+
+
 def _us(seconds: float) -> str:
-    us = seconds * 1e6
-    return f"{us:.1f}" if us < 100 else f"{us:.0f}"
+    return significant(seconds * 1e6)
 
 
 def loops_summary(r: KernelEstimate) -> str:
