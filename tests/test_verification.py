@@ -138,3 +138,21 @@ def test_check_reports_a_boundary_row_apart_and_fails_a_neighbour_away_from_it(m
     finally:
         sampling._sample_jit.clear_cache()
     jax.clear_caches()
+
+
+def test_bench_counts_a_boundary_row_as_verified_and_a_neighbour_elsewhere_as_not():
+    from vsampler import benchmarking, workloads
+    from vsampler.params import SamplingParams
+
+    key = jax.random.split(jax.random.key(3), 1)
+    u = float(np.asarray(draw_uniforms(key, 1))[0])
+    w = workloads.Workload("top_p", 1, 300)
+    for shift, verified in ((0.0, True), (1e-3, False)):
+        row = _two_token_row(u, shift=shift)
+        inp = workloads.WorkloadInputs(
+            jnp.asarray(row), SamplingParams(temperature=np.ones(1, np.float32)), key, None, None
+        )
+        want = np.asarray(sampling.sample(inp.logits, inp.params, key, impl="reference"))
+        got = np.where(want == 10, 20, 10)
+        result = benchmarking.check_tokens(w, inp, got, want)
+        assert (result.ok, result.boundary, result.agree) == (verified, int(verified), 0)

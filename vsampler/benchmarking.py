@@ -237,10 +237,11 @@ class Check:
     agree: int  # rows whose token equals the reference's for the same key
     in_kept_set: int  # rows whose token the reference keeps
     greedy_ok: bool  # greedy rows equal the penalised argmax
+    boundary: int = 0  # rows drawing the reference's kept neighbour where rounding decides (verify's rule)
 
     @property
     def ok(self) -> bool:
-        return self.agree == self.rows and self.in_kept_set == self.rows and self.greedy_ok
+        return self.agree + self.boundary == self.rows and self.in_kept_set == self.rows and self.greedy_ok
 
 
 def check_tokens(w: Workload, inp: WorkloadInputs, tokens: jax.Array, reference_tokens: jax.Array) -> Check:
@@ -252,9 +253,21 @@ def check_tokens(w: Workload, inp: WorkloadInputs, tokens: jax.Array, reference_
     kept = in_range & (warped[rows, np.clip(tokens, 0, w.vocab - 1)] > -np.inf)
     greedy = np.asarray(jnp.broadcast_to(jnp.asarray(inp.params.temperature), (w.batch,))) == 0
     greedy_ok = bool(np.all(tokens[greedy] == np.argmax(warped[greedy], axis=1))) if greedy.any() else True
+    reference_tokens = np.asarray(reference_tokens)
+    boundary = 0
+    if in_range.all() and not np.array_equal(tokens, reference_tokens):
+        from vsampler.inputs import draw_uniforms
+        from vsampler.verification import rounding_boundary
+
+        reference_warped = sampling.process_logits(
+            inp.logits, inp.params, history=inp.history, prompt_len=inp.prompt_len, impl="reference"
+        )
+        u = np.asarray(draw_uniforms(inp.key, w.batch))
+        boundary = int(rounding_boundary(np.asarray(reference_warped), u, reference_tokens, tokens).sum())
     return Check(
         rows=w.batch,
-        agree=int(np.sum(tokens == np.asarray(reference_tokens))),
+        agree=int(np.sum(tokens == reference_tokens)),
         in_kept_set=int(kept.sum()),
         greedy_ok=greedy_ok,
+        boundary=boundary,
     )

@@ -434,6 +434,7 @@ def _run_bench(args: argparse.Namespace) -> int:
                         **{f"{name}_ms": timed[name].median * 1e3 for name in peers},
                         "verified": check.ok,
                         "agree_rows": check.agree,
+                        "boundary_rows": check.boundary,
                         "kept_rows": check.in_kept_set,
                         "rows": check.rows,
                     }
@@ -923,6 +924,12 @@ def _yes(flag: bool) -> str:
     return "equal" if flag else "DIFFERENT"
 
 
+def _verified(r: dict[str, Any]) -> str:
+    """A bench row's verification: yes (with its rounding-boundary rows, if any), or the agreeing rows."""
+    boundary = f" ({r['boundary_rows']} at a rounding boundary)" if r.get("boundary_rows") else ""
+    return ("yes" if r["verified"] else f"NO {r['agree_rows']}/{r['rows']}") + boundary
+
+
 class _PlainUI:
     """Text output for when rich (the `bench` extra) is not installed."""
 
@@ -987,7 +994,7 @@ class _PlainUI:
                 f"{100 * r['spread']:.0f}%",
                 f"{r['x_floor']:.1f}",
                 *[f"{r[f'speedup_vs_{p}']:.1f}x" for p in peers],
-                "yes" if r["verified"] else f"NO {r['agree_rows']}/{r['rows']}",
+                _verified(r),
             ]
             print("  ".join(f"{c!s:>12}" for c in cells))
 
@@ -1066,7 +1073,7 @@ class _RichUI(_PlainUI):
             left = col in ("config", "dtype", "impl", "verified")
             table.add_column(col, justify="left" if left else "right", no_wrap=True)
         for r in results:
-            verified = "[green]yes" if r["verified"] else f"[red]NO {r['agree_rows']}/{r['rows']}"
+            verified = f"[green]{_verified(r)}" if r["verified"] else f"[red]{_verified(r)}"
             table.add_row(
                 r["config"],
                 str(r["batch"]),
