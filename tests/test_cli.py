@@ -254,7 +254,11 @@ def test_verify_drops_compiled_programs_to_keep_its_memory_mappings_bounded(monk
     assert code == EXIT_OK
     assert any(released), "the cases compiled past the bound"
     assert max(after_each) <= bound + 100, "mappings stay near the bound"
-    assert "0 disagree" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0 disagree" in printed
+    # piped: a line per finished phase, named for what it does
+    assert re.search(r"^verifying: 6/6 done in \d+ s$", printed, re.M)
+    assert re.search(r"^distribution checks: 3/3 done in \d+ s$", printed, re.M)
 
 
 def test_every_generate_flag_says_what_it_does_and_its_default():

@@ -639,12 +639,14 @@ def _run_verify(args: argparse.Namespace) -> int:
     ]
     ui.rows(["impl", "case", "kept set", "values", "tokens agree", "log-probs", "mask held", "result"], rows)
     dist_rows, dist_failures = [], 0
-    for impl in impls:
-        for name in verification.DISTRIBUTION_PARAMS:
-            tv, bound, dropped = verification.distribution(impl, name, n_draws=args.draws)
-            ok = tv < bound and not dropped
-            dist_failures += not ok
-            dist_rows.append([impl, name, f"{tv:.4f}", f"{bound:.4f}", "ok" if ok else "MISMATCH"])
+    with ui.progress(len(impls) * len(verification.DISTRIBUTION_PARAMS), "distribution checks") as advance:
+        for impl in impls:
+            for name in verification.DISTRIBUTION_PARAMS:
+                tv, bound, dropped = verification.distribution(impl, name, n_draws=args.draws)
+                ok = tv < bound and not dropped
+                dist_failures += not ok
+                dist_rows.append([impl, name, f"{tv:.4f}", f"{bound:.4f}", "ok" if ok else "MISMATCH"])
+                advance(f"{impl} {name}")
     ui.rows(["impl", "distribution", "total variation", "bound", "result"], dist_rows)
     failures = sum(not r.ok for r in results)
     agree = sum(r.agreeing_rows for r in results)
