@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Times every vsampler implementation that can run here and the samplers a user would otherwise "
             "pick (HF transformers' Flax warpers + jax.random.categorical; full-vocabulary "
-            "jax.random.categorical) on an embedded grid of workloads. Reports the median time per call, "
+            "jax.random.categorical) on embedded workloads: by default the headline, each config at one serving "
+            "shape (about 2 minutes of CPU time on 2 cores); --full the whole grid. Reports the median time per call, "
             "the speedup over each peer, the ratio to one sum(exp(x - max)) pass measured in the same run "
             "(the floor), and whether each implementation's tokens were checked against the reference "
             "on the same inputs and key."
@@ -124,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--repeats",
         type=int,
         default=5,
-        help="timed rounds per workload (calls over 0.5 s stop after 3); the median is kept, the spread reported",
+        help="timed rounds per workload (default 5; calls over 0.5 s stop after 3); the median is kept, the spread "
+        "reported",
     )
     bench.add_argument("--no-peers", action="store_true", help="time vsampler's implementations only")
     bench.add_argument(
