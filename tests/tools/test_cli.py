@@ -29,6 +29,7 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatc
             str(out),
             "--plot",
             str(png),
+            "--estimate",
         ]
     )
     assert code == EXIT_OK
@@ -39,6 +40,7 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatc
     for r in rows:
         assert r["verified"] and r["agree_rows"] == r["rows"] == 2
         assert r["median_ms"] > 0 and r["x_floor"] > 0 and r["speedup_vs_categorical"] > 0
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["spread"] >= 0 and r["calls"] == 1
     features = data["features"]  # timed on the "full" workload only, by each fast path
     assert {(f["impl"], f["feature"]) for f in features} == {
         ("xla", "logprobs raw"),
@@ -46,8 +48,14 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatc
         ("xla", "allowed_tokens"),
     }
     for f in features:
-        assert f["verified"] and f["workload"].startswith("full") and f["cost_ratio"] > 0
-    assert "measurements, 0 failed verification (logprobs raw" in capsys.readouterr().out
+        assert f["verified"] and f["workload"].startswith("full")
+        assert 0 < f["ratio_min"] <= f["cost_ratio"] <= f["ratio_max"]
+    printed = capsys.readouterr().out
+    assert "measurements, 0 failed verification (logprobs raw" in printed
+    # piped (pytest captures stdout): one line per finished phase, and tables at their own width
+    assert re.search(r"^timing: 2/2 done in \d+ s$", printed, re.M)
+    assert re.search(r"^serving features: 1/1 done in \d+ s$", printed, re.M)
+    assert re.search(r"│ greedy +│ 2 │ 300 │ f32 +│ reference │.*│ yes +│$", printed, re.M), "a table row wrapped"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     from vsampler.tools import estimate
 
@@ -59,6 +67,44 @@ def test_bench_runs_checks_and_writes_json_and_plot(tmp_path, capsys, monkeypatc
         for e in estimates:
             assert e["ok"] and e["estimated_us"] > 0 and e["x_floor"] > 0 and e["label"] == estimate.LABEL
         assert (tmp_path / "vsampler" / "estimates.json").exists()
+
+
+def test_bench_defaults_to_the_headline_and_full_is_the_whole_grid():
+    from vsampler.tools import workloads
+    from vsampler.tools.cli import bench_cases, build_parser
+
+    def cases(*argv):
+        return [(c.config, c.batch, c.vocab, c.dtype) for c in bench_cases(build_parser().parse_args(["bench", *argv]))]
+
+    assert cases() == [(c, 64, 128256, "float32") for c in workloads.CONFIGS]
+    assert len(cases("--full")) == len(workloads.CONFIGS) * 3 * 2 * 2 == len(set(cases("--full")))
+    assert {c[1:] for c in cases("--quick")} == {(1, 32000, "float32"), (8, 32000, "float32")}
+    assert cases("--full", "--dtype", "bfloat16", "--configs", "greedy") == [
+        ("greedy", b, v, "bfloat16") for v in (32000, 128256) for b in (1, 8, 64)
+    ]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "--full", "--quick"])
+
+
+def test_interleaved_timing_keeps_outputs_and_stops_slow_calls_after_three(monkeypatch):
+    from vsampler.tools import sampler_benchmark as bm
+
+    clock = iter(range(10_000))
+    monkeypatch.setattr(bm.time, "perf_counter", lambda: float(next(clock)))  # every call "takes" 1 s
+    monkeypatch.setattr(bm, "SLOW_CALL_S", 0.5)
+    calls = {"a": 0}
+
+    def a():
+        calls["a"] += 1
+        return calls["a"]
+
+    (timing,) = bm.time_interleaved([a], 5)
+    assert timing.samples == (1.0, 1.0, 1.0) and calls["a"] == 4 and timing.output == 4  # warm-up + 3
+    assert timing.median == 1.0 and timing.spread == 0.0
+    monkeypatch.setattr(bm, "SLOW_CALL_S", 2.0)
+    fast, other = bm.time_interleaved([a, a], 5)
+    assert len(fast.samples) == len(other.samples) == 5
+    assert bm.paired_ratios(bm.Timing((2.0, 4.0, 9.0)), bm.Timing((1.0, 2.0))) == [2.0, 2.0]
 
 
 @pytest.mark.parametrize(
@@ -120,7 +166,8 @@ def test_verify_reports_agreement_and_exits_0(capsys):
     assert code == EXIT_OK
     out = capsys.readouterr().out
     # 2 impls x (2 configs + the masked heterogeneous case), each with log-probs in both modes
-    assert "6 cases, 0 disagree; token agreement 12/12 rows (100.00%); distribution checks: 0 failed" in out
+    summary = "6 cases, 0 disagree; token agreement 12/12 rows (100.00%), 0 at a rounding boundary; "
+    assert summary + "distribution checks: 0 failed" in out
     assert "masked" in out and "log-probs" in out
 
 
@@ -220,4 +267,60 @@ def test_verify_drops_compiled_programs_to_keep_its_memory_mappings_bounded(monk
     assert code == EXIT_OK
     assert any(released), "the cases compiled past the bound"
     assert max(after_each) <= bound + 100, "mappings stay near the bound"
-    assert "0 disagree" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0 disagree" in printed
+    # piped: a line per finished phase, named for what it does
+    assert re.search(r"^verifying: 6/6 done in \d+ s$", printed, re.M)
+    assert re.search(r"^distribution checks: 3/3 done in \d+ s$", printed, re.M)
+
+
+def test_every_generate_flag_says_what_it_does_and_its_default():
+    import argparse
+
+    from vsampler.tools.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    gen = sub.choices["generate"]
+    flags = [a for a in gen._actions if a.option_strings and a.dest != "help"]
+    for action in flags:
+        assert action.help, f"{action.option_strings[0]} has no help"
+        if action.default is not None and action.default is not False:
+            assert str(action.default) in action.help, f"{action.option_strings[0]}: default not shown"
+    sampling = {a.dest: a for a in flags}
+    assert "a float in (0, 1] (1 disables it) (default 0.95)" in sampling["top_p"].help  # params' own range
+    assert "(default 0.8)" in gen.format_help()
+
+
+def test_small_figures_keep_three_significant_digits():
+    from vsampler.tools.estimate import _us, significant
+
+    assert [significant(v) for v in (0.0048828, 0.052, 41.23, 290.4, 1234.5, 0.0)] == [
+        "0.00488",
+        "0.0520",
+        "41.2",
+        "290",
+        "1234",
+        "0",
+    ]
+    assert _us(8.74e-9) == "0.00874"  # once "~0 us"
+
+
+@pytest.mark.tpu_compile
+def test_compile_check_piped_is_quiet_and_unwrapped():
+    """In a fresh process (libtpu loads once per process) with JAX_PLATFORMS=cpu and stdout piped:
+    nothing from libtpu's start-up on stderr, each table row on one line, small figures not ~0."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("libtpu")
+    argv = ["compile-check", "--tpu", "v5e", "--batch", "1", "--vocab", "1000", "--dtype", "float32"]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "COLUMNS": "80"}
+    done = subprocess.run(
+        [sys.executable, "-m", "vsampler.tools.cli", *argv], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == EXIT_OK, done.stderr
+    assert done.stderr == ""
+    (row,) = [line for line in done.stdout.splitlines() if line.startswith("│ v5e")]
+    assert re.search(r"│ compiled │ resident │ .* MiB +│ ~0\.\d+ us \(floor ~0\.\d+ us\) +│$", row)
+    assert "~0 us" not in done.stdout

@@ -3,10 +3,12 @@ bits, the caches drop their least recently used entries beyond their bound, and 
 whether the reference's results come from the cache or not, its calls side by side or one by one."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from vsampler.core import reference, registry, sampling
+from vsampler.core.inputs import draw_uniforms
 from vsampler.tools import verification
 from vsampler.tools.verification import Case, ResultCache, _Warped, check
 
@@ -77,3 +79,82 @@ def test_a_replaced_reference_is_not_answered_from_the_cache(monkeypatch):
     finally:
         sampling._sample_jit.clear_cache()
     jax.clear_caches()
+
+
+def _two_token_row(u: float, vocab: int = 300, lo: int = 10, hi: int = 20, shift: float = 0.0) -> np.ndarray:
+    """One warped row keeping `lo` and `hi` only, with `hi` the maximum (weight 1) and `lo` the weight
+    that puts the boundary between them, lo's share of the mass, at `u + shift`."""
+    share = u + shift
+    row = np.full((1, vocab), -np.inf, np.float32)
+    row[0, hi] = 0.0
+    row[0, lo] = np.log(share / (1 - share))
+    return row
+
+
+def test_a_neighbour_drawn_where_rounding_decides_is_a_boundary_row_and_nothing_else_is():
+    u = np.array([0.37], np.float32)
+    at_boundary = _two_token_row(float(u[0]))
+    for want, got in ((10, 20), (20, 10)):  # either side of the boundary
+        assert verification.rounding_boundary(at_boundary, u, np.array([want]), np.array([got])).tolist() == [True]
+    far = _two_token_row(float(u[0]), shift=1e-4)  # 1e-4 of the mass away: beyond float32 rounding
+    assert verification.rounding_boundary(far, u, np.array([10]), np.array([20])).tolist() == [False]
+    between = at_boundary.copy()
+    between[0, 15] = -3.0  # a kept token between the two: not neighbours
+    assert verification.rounding_boundary(between, u, np.array([10]), np.array([20])).tolist() == [False]
+    for got in (11, 300, -1):  # a dropped token, ids outside [0, V)
+        assert verification.rounding_boundary(at_boundary, u, np.array([10]), np.array([got])).tolist() == [False]
+    assert verification.rounding_boundary(at_boundary, u, np.array([10]), np.array([10])).tolist() == [False]
+
+
+def test_the_rounding_bound_is_the_tree_sums_and_far_below_the_gap_between_kept_tokens():
+    assert verification.draw_rounding_bound(1) == verification.draw_rounding_bound(2) == 4 * 2.0**-24
+    assert verification.draw_rounding_bound(5667) == 16 * 2.0**-24  # the diagnosed row: 5667 kept tokens
+    # the diagnosed row's u lay 5.2e-8 of the total short of its boundary; its mean gap is 1 / 5667
+    assert 5.2e-8 < verification.draw_rounding_bound(5667) < 0.01 / 5667
+
+
+def test_check_reports_a_boundary_row_apart_and_fails_a_neighbour_away_from_it(monkeypatch):
+    """Logits built so that u * total lies on the boundary between two kept tokens, and an xla that
+    draws the reference's neighbour: a boundary row, counted apart, not a disagreement; the same xla on
+    logits whose boundary lies 1e-3 of the mass away from u disagrees."""
+    case = Case("normal", "temperature", 1, 300, "float32")
+    key = jax.random.split(jax.random.key(0), 1)
+    u = float(np.asarray(draw_uniforms(key, 1))[0])
+    monkeypatch.setattr(verification, "REFERENCE_CACHE", ResultCache(max_bytes=0))
+    monkeypatch.setattr(verification, "INPUT_CACHE", ResultCache(max_bytes=0))
+
+    def neighbour(inp, request):
+        tokens, values = reference.sample_with_logprobs(inp, request)
+        return jnp.where(tokens == 10, 20, 10).astype(tokens.dtype), values
+
+    sampling._sample_jit.clear_cache()
+    try:
+        with registry.replaced("xla", sample=neighbour):
+            for shift, boundary in ((0.0, True), (1e-3, False)):
+                row = _two_token_row(u, shift=shift) * 0.7  # the "temperature" config divides by 0.7
+                monkeypatch.setattr(verification, "logits", lambda *_, row=row: jnp.asarray(row))
+                result = check("xla", case, logprobs_modes=("processed",))
+                assert result.agreeing_rows == 0 and result.kept_equal
+                assert (result.boundary_rows, result.ok) == ((1, True) if boundary else (0, False))
+    finally:
+        sampling._sample_jit.clear_cache()
+    jax.clear_caches()
+
+
+def test_bench_counts_a_boundary_row_as_verified_and_a_neighbour_elsewhere_as_not():
+    from vsampler.core.params import SamplingParams
+    from vsampler.tools import sampler_benchmark as benchmarking
+    from vsampler.tools import workloads
+
+    key = jax.random.split(jax.random.key(3), 1)
+    u = float(np.asarray(draw_uniforms(key, 1))[0])
+    w = workloads.Workload("top_p", 1, 300)
+    for shift, verified in ((0.0, True), (1e-3, False)):
+        row = _two_token_row(u, shift=shift)
+        inp = workloads.WorkloadInputs(
+            jnp.asarray(row), SamplingParams(temperature=np.ones(1, np.float32)), key, None, None
+        )
+        want = np.asarray(sampling.sample(inp.logits, inp.params, key, impl="reference"))
+        got = np.where(want == 10, 20, 10)
+        result = benchmarking.check_tokens(w, inp, got, want)
+        assert (result.ok, result.boundary, result.agree) == (verified, int(verified), 0)

@@ -16,7 +16,9 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,40 +87,65 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Times every vsampler implementation that can run here and the samplers a user would otherwise "
             "pick (HF transformers' Flax warpers + jax.random.categorical; full-vocabulary "
-            "jax.random.categorical) on an embedded grid of workloads. Reports the median time per call, "
+            "jax.random.categorical) on embedded workloads: by default the headline, each config at one serving "
+            "shape (about 2 minutes of CPU time on 2 cores); --full the whole grid. Reports the median time per call, "
             "the speedup over each peer, the ratio to one sum(exp(x - max)) pass measured in the same run "
             "(the floor), and whether each implementation's tokens were checked against the reference "
             "on the same inputs and key."
         ),
     )
-    bench.add_argument("--quick", action="store_true", help="a short run: B in {1, 8}, V=32000, float32")
+    scope = bench.add_mutually_exclusive_group()
+    scope.add_argument(
+        "--full",
+        action="store_true",
+        help="the whole grid: every config x B in {1, 8, 64} x V in {32000, 128256} x float32, bfloat16 "
+        "(about 15-30 minutes on 2 cores); the default is the headline, each config at B=64, V=128256, float32",
+    )
+    scope.add_argument("--quick", action="store_true", help="a short run: B in {1, 8}, V=32000, float32")
     bench.add_argument(
         "--configs",
         type=_choice_list(tuple(workloads.CONFIGS)),
         default=tuple(workloads.CONFIGS),
         help=f"comma-separated configs (default: all of {', '.join(workloads.CONFIGS)})",
     )
-    bench.add_argument("--batch", type=_int_list, default=None, help="comma-separated batch sizes (default 1,8,64)")
     bench.add_argument(
-        "--vocab", type=_int_list, default=None, help="comma-separated vocabulary sizes (default 32000,128256)"
+        "--batch", type=_int_list, default=None, help="comma-separated batch sizes (default 64; --full: 1,8,64)"
+    )
+    bench.add_argument(
+        "--vocab",
+        type=_int_list,
+        default=None,
+        help="comma-separated vocabulary sizes (default 128256; --full: 32000,128256)",
     )
     bench.add_argument(
         "--dtype",
         type=_choice_list(("float32", "bfloat16")),
         default=None,
-        help="comma-separated logits dtypes (default float32,bfloat16)",
+        help="comma-separated logits dtypes (default float32; --full: float32,bfloat16)",
     )
-    bench.add_argument("--repeats", type=int, default=5, help="timed calls per measurement; the median is kept")
+    bench.add_argument(
+        "--repeats",
+        type=int,
+        default=5,
+        help="timed rounds per workload (default 5; calls over 0.5 s stop after 3); the median is kept, the spread "
+        "reported",
+    )
     bench.add_argument("--no-peers", action="store_true", help="time vsampler's implementations only")
     bench.add_argument(
         "--no-features",
         action="store_true",
         help="skip the serving features (log-probs, allowed-token mask) timed on the 'full' workloads",
     )
-    bench.add_argument(
-        "--no-estimate",
+    estimate_flags = bench.add_mutually_exclusive_group()
+    estimate_flags.add_argument(
+        "--estimate",
         action="store_true",
-        help="skip the TPU kernel's static estimate (libtpu's cost model) for the headline workloads",
+        help="compute the TPU kernel's static estimate (libtpu's cost model) for the headline workloads "
+        "where it is not cached (minutes of compiles); by default only --full computes it, and the headline "
+        "shows it from the cache",
+    )
+    estimate_flags.add_argument(
+        "--no-estimate", action="store_true", help="skip the TPU kernel's static estimate, even with --full"
     )
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     bench.add_argument("--plot", metavar="PATH", help="also draw the speedups per workload as a PNG at PATH")
@@ -248,17 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per row (default 32)")
     gen.add_argument("--chunks", type=int, default=8, help="decode steps per compiled call (default 8)")
     gen.add_argument("--vocab", type=int, default=32000, help="the tiny decoder's vocabulary size (default 32000)")
-    gen.add_argument("--model-seed", type=int, default=0, help="seed of the decoder's random weights")
-    gen.add_argument("--seed", type=int, default=0, help="sampling seed (row r draws from fold_in(key, r))")
+    gen.add_argument("--model-seed", type=int, default=0, help="seed of the decoder's random weights (default 0)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (row r draws from fold_in(key, r); default 0)")
     gen.add_argument("--eos", type=_int_list, default=None, help="comma-separated EOS ids (default: none)")
-    gen.add_argument("--temperature", type=float, default=0.8)
-    gen.add_argument("--top-k", type=int, default=50)
-    gen.add_argument("--top-p", type=float, default=0.95)
-    gen.add_argument("--min-p", type=float, default=0.0)
-    gen.add_argument("--repetition-penalty", type=float, default=1.0)
-    gen.add_argument("--presence-penalty", type=float, default=0.0)
-    gen.add_argument("--frequency-penalty", type=float, default=0.0)
-    gen.add_argument("--min-tokens", type=int, default=0)
+    from vsampler.core.params import _RANGES
+
+    sampling_flags = gen.add_argument_group("sampling", "SamplingParams fields, the same for every row")
+    for flag, kind, default, text in (
+        ("--temperature", float, 0.8, "softmax temperature"),
+        ("--top-k", int, 50, "keep the tokens >= the k-th largest logit (ties kept)"),
+        ("--top-p", float, 0.95, "keep the most probable tokens up to this share of the mass (the crossing one kept)"),
+        ("--min-p", float, 0.0, "keep the tokens whose probability is >= min_p x the largest's"),
+        ("--repetition-penalty", float, 1.0, "divides the history's positive logits, multiplies its negative ones"),
+        ("--presence-penalty", float, 0.0, "subtracted once from each token generated so far"),
+        ("--frequency-penalty", float, 0.0, "subtracted per occurrence of each token generated so far"),
+        ("--min-tokens", int, 0, "the EOS ids are banned until a row has generated this many tokens"),
+    ):
+        allowed = _RANGES[flag[2:].replace("-", "_")][5]
+        sampling_flags.add_argument(flag, type=kind, default=default, help=f"{text}: {allowed} (default {default})")
     gen.add_argument(
         "--impl",
         choices=("auto", "reference", "xla", "pallas"),
@@ -307,6 +341,20 @@ def _environment() -> dict[str, str]:
     }
 
 
+def bench_cases(args: argparse.Namespace) -> list[Any]:
+    """The workloads `vsampler bench` times: the headline (each config at B=64, V=128256, float32) by
+    default, the whole grid with --full, a short grid with --quick; --batch, --vocab, --dtype override."""
+    from vsampler.tools import workloads
+
+    if args.full:
+        scope = (workloads.DEFAULT_BATCHES, workloads.DEFAULT_VOCABS, workloads.DEFAULT_DTYPES)
+    elif args.quick:
+        scope = ((1, 8), (32000,), ("float32",))
+    else:
+        scope = (workloads.HEADLINE_BATCHES, workloads.HEADLINE_VOCABS, workloads.HEADLINE_DTYPES)
+    return list(workloads.grid(args.configs, args.batch or scope[0], args.vocab or scope[1], args.dtype or scope[2]))
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from vsampler.tools import sampler_benchmark as bm
     from vsampler.tools import workloads
@@ -319,10 +367,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             "vsampler bench: --plot draws speedups over the peers; it cannot be used with --no-peers", file=sys.stderr
         )
         return EXIT_USAGE
-    batches = args.batch or ((1, 8) if args.quick else workloads.DEFAULT_BATCHES)
-    vocabs = args.vocab or ((32000,) if args.quick else workloads.DEFAULT_VOCABS)
-    dtypes = args.dtype or (("float32",) if args.quick else workloads.DEFAULT_DTYPES)
-    cases = list(workloads.grid(args.configs, batches, vocabs, dtypes))
+    cases = bench_cases(args)
+    batches, vocabs, dtypes = (sorted({getattr(c, f) for c in cases}) for f in ("batch", "vocab", "dtype"))
     repeats = min(args.repeats, 3) if args.quick else args.repeats
 
     import jax
@@ -347,21 +393,33 @@ def _run_bench(args: argparse.Namespace) -> int:
             notes.append("hf_flax has no min-p or repetition penalty: on 'full' it runs temperature + top-k + top-p")
         peers["categorical"] = bm.categorical_runner
         notes.append("categorical: full-vocabulary jax.random.categorical after temperature, no filtering")
+    notes.append(
+        "each workload's calls are timed in turn within every round (floor, implementations, peers), and every "
+        "ratio is the median of the per-round ratios, so that a slow moment of the machine falls on both sides; "
+        "spread: (slowest - fastest) / median of the implementation's calls"
+    )
 
     ui = _ui()
     env = _environment()
     ui.header("vsampler bench", env)
+    if not (args.full or args.quick or args.batch or args.vocab or args.dtype):
+        ui.note(
+            f"the headline: {len(cases)} workloads at B={batches[0]}, V={vocabs[0]}, {dtypes[0]}; "
+            "--full for the whole grid (B 1, 8, 64 x V 32000, 128256 x float32, bfloat16)"
+        )
     results: list[dict[str, Any]] = []
     failures = 0
-    with ui.progress(len(cases)) as advance:
+    with ui.progress(len(cases), "timing") as advance:
         for w in cases:
             inp = workloads.make_inputs(w)
-            floor_s = bm.time_call(lambda inp=inp: bm.floor_runner(inp), repeats)
-            reference_tokens = runners["reference"](inp)
-            peer_s = {name: bm.time_call(lambda r=r, inp=inp: r(inp), repeats) for name, r in peers.items()}
-            for impl, run in runners.items():
-                seconds = bm.time_call(lambda run=run, inp=inp: run(inp), repeats)
-                check = bm.check_tokens(w, inp, run(inp), reference_tokens)
+            names = ["floor", *runners, *peers]
+            fns = [bm.floor_runner, *runners.values(), *peers.values()]
+            timings = bm.time_interleaved([lambda f=f, inp=inp: f(inp) for f in fns], repeats)
+            timed = dict(zip(names, timings, strict=True))
+            reference_tokens = timed["reference"].output
+            for impl in runners:
+                t = timed[impl]
+                check = bm.check_tokens(w, inp, t.output, reference_tokens)
                 failures += not check.ok
                 results.append(
                     {
@@ -370,13 +428,18 @@ def _run_bench(args: argparse.Namespace) -> int:
                         "vocab": w.vocab,
                         "dtype": w.dtype,
                         "impl": impl,
-                        "median_ms": seconds * 1e3,
-                        "floor_ms": floor_s * 1e3,
-                        "x_floor": seconds / floor_s,
-                        **{f"speedup_vs_{name}": s / seconds for name, s in peer_s.items()},
-                        **{f"{name}_ms": s * 1e3 for name, s in peer_s.items()},
+                        "median_ms": t.median * 1e3,
+                        "min_ms": min(t.samples) * 1e3,
+                        "max_ms": max(t.samples) * 1e3,
+                        "spread": t.spread,
+                        "calls": len(t.samples),
+                        "floor_ms": timed["floor"].median * 1e3,
+                        "x_floor": statistics.median(bm.paired_ratios(t, timed["floor"])),
+                        **{f"speedup_vs_{name}": statistics.median(bm.paired_ratios(timed[name], t)) for name in peers},
+                        **{f"{name}_ms": timed[name].median * 1e3 for name in peers},
                         "verified": check.ok,
                         "agree_rows": check.agree,
+                        "boundary_rows": check.boundary,
                         "kept_rows": check.in_kept_set,
                         "rows": check.rows,
                     }
@@ -384,7 +447,7 @@ def _run_bench(args: argparse.Namespace) -> int:
             advance(w.label)
     ui.table(results, list(peers))
     tpu_estimates = _bench_estimates(args, cases, results, ui)
-    feature_rows, feature_failures = _bench_features(args, cases, runners, results, repeats, ui)
+    feature_rows, feature_failures = _bench_features(args, cases, runners, repeats, ui)
     failures += feature_failures
     for note in notes:
         ui.note(note)
@@ -435,10 +498,18 @@ def _bench_estimates(
     configs = list(dict.fromkeys(c.config for c in cases))
     headline = estimate.headline_cases(configs, batch, vocab)
     try:
-        with ui.progress(len(headline)) as advance:
-            found = estimate.cached_estimates(headline, progress=advance)
+        found = estimate.cached_estimates(headline, compute=False)
+        if found is None and (args.estimate or args.full):
+            with ui.progress(len(headline), "TPU estimate") as advance:
+                found = estimate.cached_estimates(headline, progress=advance)
     except estimate.TpuEstimateUnavailable as err:
         ui.note(f"TPU estimate skipped: {err}")
+        return []
+    if found is None:
+        ui.note(
+            "TPU estimate: not cached for this code; --estimate computes it (libtpu's compiles, a few minutes "
+            "on 2 cores) and caches it, as --full and compile-check --estimate do"
+        )
         return []
     by_case = {(e["case"]["generation"], e["case"]["config"]): e for e in found}
     cpu = {
@@ -462,11 +533,16 @@ def _bench_estimates(
 
 
 def _feature_summary(rows: list[dict[str, Any]]) -> list[str]:
-    """Per feature: the range of its cost over plain sampling across the workloads."""
+    """Per feature: its cost over plain sampling (the median of per-round ratios); over several workloads,
+    the range of those medians."""
     out = []
     for feature in dict.fromkeys(r["feature"] for r in rows):
         ratios = [r["cost_ratio"] for r in rows if r["feature"] == feature]
-        out.append(f"{feature} {min(ratios):.2f}-{max(ratios):.2f}x plain")
+        if len(ratios) == 1:
+            (r,) = (r for r in rows if r["feature"] == feature)
+            out.append(f"{feature} {r['cost_ratio']:.2f}x plain (rounds {r['ratio_min']:.2f}-{r['ratio_max']:.2f})")
+        else:
+            out.append(f"{feature} {min(ratios):.2f}-{max(ratios):.2f}x plain")
     return out
 
 
@@ -474,57 +550,63 @@ def _bench_features(
     args: argparse.Namespace,
     cases: list[Any],
     runners: dict[str, Any],
-    results: list[dict[str, Any]],
     repeats: int,
     ui: Any,
 ) -> tuple[list[dict[str, Any]], int]:
     """The serving features (log-probs in both modes, the allowed-token mask) on the "full" workloads:
-    each one's median time as a ratio to plain sampling by the same implementation, timed interleaved
-    with it, and its output checked against the reference's."""
+    each one's cost as the median of its per-round ratios to plain sampling by the same implementation,
+    timed in turn with it within every round (a slow moment of the machine falls on both), with the
+    rounds' range; its output checked against the reference's."""
     from vsampler.tools import sampler_benchmark as bm
     from vsampler.tools import workloads
 
-    if args.no_features:
+    full = [c for c in cases if c.config == "full"]
+    impls = [i for i in runners if i != "reference"]
+    if args.no_features or not full or not impls:
         return [], 0
-    del results  # plain sampling is re-timed here, interleaved with the features, for the ratios
     rows: list[dict[str, Any]] = []
     failures = 0
-    for w in (c for c in cases if c.config == "full"):
-        inp = workloads.make_inputs(w)
-        for impl in (i for i in runners if i != "reference"):
-            features = list(bm.FEATURES)
-            fns = [runners[impl]] + [bm.feature_runner(impl, f, w.batch, w.vocab) for f in features]
-            plain_s, *feature_s = bm.time_interleaved([lambda fn=fn, inp=inp: fn(inp) for fn in fns], repeats)
-            for feature, seconds in zip(features, feature_s, strict=True):
-                ok = bm.check_feature(inp, impl, feature, w.batch, w.vocab)
-                failures += not ok
-                rows.append(
-                    {
-                        "workload": w.label,
-                        "impl": impl,
-                        "feature": feature,
-                        "median_ms": seconds * 1e3,
-                        "plain_ms": plain_s * 1e3,
-                        "cost_ratio": seconds / plain_s,
-                        "verified": ok,
-                    }
-                )
-    if rows:
-        ui.rows(
-            ["workload", "impl", "feature", "ms", "plain ms", "cost (x plain)", "verified"],
+    with ui.progress(len(full) * len(impls), "serving features") as advance:
+        for w in full:
+            inp = workloads.make_inputs(w)
+            for impl in impls:
+                features = list(bm.FEATURES)
+                fns = [runners[impl]] + [bm.feature_runner(impl, f, w.batch, w.vocab) for f in features]
+                plain, *timed = bm.time_interleaved([lambda fn=fn, inp=inp: fn(inp) for fn in fns], repeats)
+                for feature, t in zip(features, timed, strict=True):
+                    ok = bm.check_feature(inp, impl, feature, w.batch, w.vocab)
+                    failures += not ok
+                    ratios = bm.paired_ratios(t, plain)
+                    rows.append(
+                        {
+                            "workload": w.label,
+                            "impl": impl,
+                            "feature": feature,
+                            "median_ms": t.median * 1e3,
+                            "plain_ms": plain.median * 1e3,
+                            "cost_ratio": statistics.median(ratios),
+                            "ratio_min": min(ratios),
+                            "ratio_max": max(ratios),
+                            "verified": ok,
+                        }
+                    )
+                advance(f"{impl} {w.label}")
+    ui.rows(
+        ["workload", "impl", "feature", "ms", "plain ms", "cost (x plain)", "rounds", "verified"],
+        [
             [
-                [
-                    r["workload"],
-                    r["impl"],
-                    r["feature"],
-                    f"{r['median_ms']:.2f}",
-                    f"{r['plain_ms']:.2f}",
-                    f"{r['cost_ratio']:.2f}x",
-                    _yes(r["verified"]),
-                ]
-                for r in rows
-            ],
-        )
+                r["workload"],
+                r["impl"],
+                r["feature"],
+                f"{r['median_ms']:.2f}",
+                f"{r['plain_ms']:.2f}",
+                f"{r['cost_ratio']:.2f}x",
+                f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x",
+                _yes(r["verified"]),
+            ]
+            for r in rows
+        ],
+    )
     return rows, failures
 
 
@@ -541,7 +623,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     ui = _ui()
     ui.header("vsampler verify", _environment())
     results = []
-    with ui.progress(len(cases) * len(impls)) as advance:
+    with ui.progress(len(cases) * len(impls), "verifying") as advance:
         for impl in impls:
             for case in cases:
                 results.append(verification.check(impl, case))
@@ -553,7 +635,7 @@ def _run_verify(args: argparse.Namespace) -> int:
             r.case.label,
             _yes(r.kept_equal),
             _yes(r.values_equal),
-            f"{r.agreeing_rows}/{r.case.batch}",
+            f"{r.agreeing_rows}/{r.case.batch}" + (f" +{r.boundary_rows} boundary" if r.boundary_rows else ""),
             _yes(r.logprobs_equal),
             _yes(r.mask_respected) if r.case.masked else "-",
             "ok" if r.ok else "MISMATCH",
@@ -562,20 +644,31 @@ def _run_verify(args: argparse.Namespace) -> int:
     ]
     ui.rows(["impl", "case", "kept set", "values", "tokens agree", "log-probs", "mask held", "result"], rows)
     dist_rows, dist_failures = [], 0
-    for impl in impls:
-        for name in verification.DISTRIBUTION_PARAMS:
-            tv, bound, dropped = verification.distribution(impl, name, n_draws=args.draws)
-            ok = tv < bound and not dropped
-            dist_failures += not ok
-            dist_rows.append([impl, name, f"{tv:.4f}", f"{bound:.4f}", "ok" if ok else "MISMATCH"])
+    with ui.progress(len(impls) * len(verification.DISTRIBUTION_PARAMS), "distribution checks") as advance:
+        for impl in impls:
+            for name in verification.DISTRIBUTION_PARAMS:
+                tv, bound, dropped = verification.distribution(impl, name, n_draws=args.draws)
+                ok = tv < bound and not dropped
+                dist_failures += not ok
+                dist_rows.append([impl, name, f"{tv:.4f}", f"{bound:.4f}", "ok" if ok else "MISMATCH"])
+                advance(f"{impl} {name}")
     ui.rows(["impl", "distribution", "total variation", "bound", "result"], dist_rows)
     failures = sum(not r.ok for r in results)
     agree = sum(r.agreeing_rows for r in results)
+    boundary = sum(r.boundary_rows for r in results)
     total = sum(r.case.batch for r in results)
     ui.note(
         f"{len(results)} cases, {failures} disagree; token agreement {agree}/{total} rows "
-        f"({100 * agree / max(total, 1):.2f}%); distribution checks: {dist_failures} failed"
+        f"({100 * agree / max(total, 1):.2f}%), {boundary} at a rounding boundary; "
+        f"distribution checks: {dist_failures} failed"
     )
+    if boundary:
+        ui.note(
+            "rounding boundary: the row drew the kept token next to the reference's, and u * total lies within "
+            "float32 rounding (verification.draw_rounding_bound, computed in float64) of the cumulative mass "
+            "between the two (the spec's draw rule: the same key gives the same token except where rounding "
+            "moves a boundary)"
+        )
     return EXIT_MISMATCH if failures or dist_failures else EXIT_OK
 
 
@@ -594,7 +687,7 @@ def _run_estimate(args: argparse.Namespace) -> int:
     ui = _ui()
     ui.header("vsampler compile-check --estimate", {**_environment(), "libtpu": str(estimate.libtpu_version())})
     try:
-        with ui.progress(len(cases)) as advance:
+        with ui.progress(len(cases), "estimating") as advance:
             results = estimate.estimate_grid(cases, breakdown=args.breakdown, progress=advance)
     except estimate.TpuEstimateUnavailable as err:
         print(f"vsampler compile-check: {err}", file=sys.stderr)
@@ -620,6 +713,7 @@ def _run_compile_check(args: argparse.Namespace) -> int:
 
     from vsampler.kernels import block_sizes
     from vsampler.tools import compile_check
+    from vsampler.tools.estimate import significant
 
     if args.estimate:
         return _run_estimate(args)
@@ -636,7 +730,7 @@ def _run_compile_check(args: argparse.Namespace) -> int:
     ui.header("vsampler compile-check", _environment())
     rows, failures, unclaimed = [], 0, 0
     mib = 1 << 20
-    with ui.progress(len(configs)) as advance:
+    with ui.progress(len(configs), "compiling") as advance:
         for gen, vocab, dtype, batch in configs:
             r = compile_check.compile_tpu(gen, batch, vocab, dtype)
             label = [gen, str(batch), str(vocab), dtype]
@@ -651,8 +745,9 @@ def _run_compile_check(args: argparse.Namespace) -> int:
                         "compiled",
                         variant,
                         f"{r.vmem_used_bytes / mib:.1f} / {r.vmem_limit_bytes / mib:.0f}",
-                        f"{r.hbm_bytes / r.logits_bytes:.3f}x of {r.logits_bytes / mib:.1f} MiB",
-                        f"~{r.estimated_seconds() * 1e6:.0f} us (floor ~{r.logits_bytes / bw * 1e6:.0f} us)",
+                        f"{r.hbm_bytes / r.logits_bytes:.3f}x of {significant(r.logits_bytes / mib)} MiB",
+                        f"~{significant(r.estimated_seconds() * 1e6)} us "
+                        f"(floor ~{significant(r.logits_bytes / bw * 1e6)} us)",
                     ]
                 )
             elif r.block_rows == 0:  # refused by the policy: not a claimed configuration
@@ -836,6 +931,12 @@ def _yes(flag: bool) -> str:
     return "equal" if flag else "DIFFERENT"
 
 
+def _verified(r: dict[str, Any]) -> str:
+    """A bench row's verification: yes (with its rounding-boundary rows, if any), or the agreeing rows."""
+    boundary = f" ({r['boundary_rows']} at a rounding boundary)" if r.get("boundary_rows") else ""
+    return ("yes" if r["verified"] else f"NO {r['agree_rows']}/{r['rows']}") + boundary
+
+
 class _PlainUI:
     """Text output for when rich (the `bench` extra) is not installed."""
 
@@ -844,23 +945,50 @@ class _PlainUI:
         for k, v in env.items():
             print(f"  {k}: {v}")
 
-    def progress(self, total: int) -> Any:
+    def progress(self, total: int, phase: str) -> Any:
+        """A context yielding `advance(label)`, called after each of `total` items of one phase: one line
+        per item on stderr where it is a terminal, and one line on stdout when the phase ends."""
+        return self._phase(total, phase, self._item_lines(total, phase) if sys.stderr.isatty() else None)
+
+    @staticmethod
+    def _item_lines(total: int, phase: str) -> Any:
         import contextlib
 
         @contextlib.contextmanager
-        def bar() -> Any:
+        def lines() -> Any:
             done = [0]
 
             def advance(label: str) -> None:
                 done[0] += 1
-                print(f"[{done[0]}/{total}] {label}", file=sys.stderr, flush=True)
+                print(f"{phase} [{done[0]}/{total}] {label}", file=sys.stderr, flush=True)
 
             yield advance
 
-        return bar()
+        return lines()
+
+    def _phase(self, total: int, phase: str, items: Any) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def run() -> Any:
+            start = time.perf_counter()
+            done = [0]
+            with items if items is not None else contextlib.nullcontext(None) as item:
+
+                def advance(label: str) -> None:
+                    done[0] += 1
+                    if item is not None:
+                        item(label)
+
+                yield advance
+            self.note(f"{phase}: {done[0]}/{total} done in {time.perf_counter() - start:.0f} s")
+            sys.stdout.flush()
+
+        return run()
 
     def table(self, results: list[dict[str, Any]], peers: list[str]) -> None:
-        cols = ["config", "B", "V", "dtype", "impl", "ms", "x floor", *[f"vs {p}" for p in peers], "verified"]
+        cols = ["config", "B", "V", "dtype", "impl", "ms", "spread", "x floor", *[f"vs {p}" for p in peers]]
+        cols.append("verified")
         print("  ".join(f"{c:>12}" for c in cols))
         for r in results:
             cells = [
@@ -870,9 +998,10 @@ class _PlainUI:
                 r["dtype"],
                 r["impl"],
                 f"{r['median_ms']:.2f}",
+                f"{100 * r['spread']:.0f}%",
                 f"{r['x_floor']:.1f}",
                 *[f"{r[f'speedup_vs_{p}']:.1f}x" for p in peers],
-                "yes" if r["verified"] else f"NO {r['agree_rows']}/{r['rows']}",
+                _verified(r),
             ]
             print("  ".join(f"{c!s:>12}" for c in cells))
 
@@ -889,28 +1018,31 @@ class _RichUI(_PlainUI):
     def __init__(self) -> None:
         from rich.console import Console
 
-        self.console = Console(width=None if sys.stdout.isatty() else 110)
+        self.console = Console()
+        self.progress_console = Console(stderr=True)  # progress stays off piped stdout (CI logs, | tee)
 
     def header(self, title: str, env: dict[str, str]) -> None:
         self.console.rule(f"[bold]{title}")
-        self.console.print("  ".join(f"[dim]{k}[/dim] {v}" for k, v in env.items()))
+        line = "  ".join(f"[dim]{k}[/dim] {v}" for k, v in env.items())
+        self.console.print(line, soft_wrap=not self.console.is_terminal)
 
-    def progress(self, total: int) -> Any:
+    def progress(self, total: int, phase: str) -> Any:
         import contextlib
 
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        if not self.console.is_terminal:  # piped (CI logs, | tee): one line per finished item instead
-            return super().progress(total)
+        if not self.progress_console.is_terminal:
+            return self._phase(total, phase, None)
 
         @contextlib.contextmanager
         def bar() -> Any:
             with Progress(
+                TextColumn(f"[bold]{phase}[/bold]"),
                 TextColumn("{task.description}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TimeElapsedColumn(),
-                console=self.console,
+                console=self.progress_console,
                 transient=True,
             ) as progress:
                 task = progress.add_task("starting", total=total)
@@ -920,20 +1052,35 @@ class _RichUI(_PlainUI):
 
                 yield advance
 
-        return bar()
+        return self._phase(total, phase, bar())
+
+    def _print(self, renderable: Any) -> None:
+        """On a terminal, at its width; piped, at the renderable's own width (a table never wraps)."""
+        if self.console.is_terminal:
+            self.console.print(renderable)
+            return
+        console_width = self.console.width
+        try:
+            self.console.width = 10_000
+            self.console.width = max(console_width, self.console.measure(renderable).maximum)
+            self.console.print(renderable, crop=False)
+        finally:
+            self.console.width = console_width
 
     def table(self, results: list[dict[str, Any]], peers: list[str]) -> None:
         from rich.table import Table
 
         table = Table(
-            caption="ms: median per call. x floor: impl / one sum(exp(x - max)) pass. "
-            "vs PEER: peer time / impl time (>1: vsampler faster)."
+            caption="ms: median per call. spread: (slowest - fastest) / median. x floor: impl / one "
+            "sum(exp(x - max)) pass. vs PEER: peer time / impl time (>1: vsampler faster); ratios are "
+            "medians of per-round ratios."
         )
-        for col in ["config", "B", "V", "dtype", "impl", "ms", "x floor", *[f"vs {p}" for p in peers], "verified"]:
+        cols = ["config", "B", "V", "dtype", "impl", "ms", "spread", "x floor", *[f"vs {p}" for p in peers]]
+        for col in [*cols, "verified"]:
             left = col in ("config", "dtype", "impl", "verified")
             table.add_column(col, justify="left" if left else "right", no_wrap=True)
         for r in results:
-            verified = "[green]yes" if r["verified"] else f"[red]NO {r['agree_rows']}/{r['rows']}"
+            verified = f"[green]{_verified(r)}" if r["verified"] else f"[red]{_verified(r)}"
             table.add_row(
                 r["config"],
                 str(r["batch"]),
@@ -941,11 +1088,12 @@ class _RichUI(_PlainUI):
                 r["dtype"].replace("float", "f"),
                 r["impl"],
                 f"{r['median_ms']:.2f}",
+                f"{100 * r['spread']:.0f}%",
                 f"{r['x_floor']:.1f}",
                 *[f"{r[f'speedup_vs_{p}']:.2f}x" for p in peers],
                 verified,
             )
-        self.console.print(table)
+        self._print(table)
 
     def rows(self, columns: list[str], rows: list[list[str]]) -> None:
         from rich.table import Table
@@ -955,10 +1103,10 @@ class _RichUI(_PlainUI):
             table.add_column(col, overflow="fold")
         for row in rows:
             table.add_row(*[f"[red]{c}" if c in ("MISMATCH", "DIFFERENT", "FAILED") else c for c in row])
-        self.console.print(table)
+        self._print(table)
 
     def note(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(text, soft_wrap=not self.console.is_terminal)
 
 
 def _ui() -> _PlainUI:

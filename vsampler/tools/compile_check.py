@@ -9,10 +9,14 @@ time per call by libtpu's static cost model (`vsampler.tools.estimate`). Used by
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
 import re
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -64,19 +68,40 @@ def vmem_used(hlo_text: str) -> int:
     return max((int(size) for size in _USED_VMEM.findall(hlo_text)), default=0)
 
 
+@contextlib.contextmanager
+def _stderr_captured() -> Iterator[Callable[[], str]]:
+    """Sends this process's file descriptor 2 to a temporary file while the block runs (libtpu writes
+    its start-up warnings there from C++, past `sys.stderr`); yields a function returning what was
+    written."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield lambda: (captured.seek(0), captured.read().decode(errors="replace"))[1]
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 @functools.cache
 def tpu_device(generation: str) -> jax.Device:
+    """A device of `generation`'s topology, described without a TPU. libtpu's start-up noise (it looks
+    for the TPU metadata a TPU VM has: accelerator type, worker host names) is kept off stderr; where
+    the description fails, it is part of the error."""
     # deviceless compilation touches no TPU: it need not hold libtpu's one-process-per-host lock
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        from jax.experimental import topologies
+    with _stderr_captured() as written:
+        try:
+            from jax.experimental import topologies
 
-        topology = topologies.get_topology_desc(platform="tpu", topology_name=block_sizes.TOPOLOGIES[generation])
-    except Exception as err:
-        raise TpuCompilerUnavailable(
-            f"cannot describe a {generation} TPU without libtpu: install the tpu extra "
-            f"(pip install 'vsampler[tpu]'); the error was: {err}"
-        ) from err
+            topology = topologies.get_topology_desc(platform="tpu", topology_name=block_sizes.TOPOLOGIES[generation])
+        except Exception as err:
+            raise TpuCompilerUnavailable(
+                f"cannot describe a {generation} TPU without libtpu: install the tpu extra "
+                f"(pip install 'vsampler[tpu]'); the error was: {err}; libtpu wrote: {written().strip() or '-'}"
+            ) from err
     return topology.devices[0]
 
 

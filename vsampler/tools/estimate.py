@@ -497,9 +497,16 @@ def estimate_grid(
 # reports
 
 
+def significant(value: float, digits: int = 3) -> str:
+    """`value` to `digits` significant digits and no exponent (0.00488, 41.2, 290, 1234): a small
+    estimate never rounds to 0."""
+    if value == 0 or not math.isfinite(value):
+        return f"{value:g}"
+    return f"{value:.{max(0, digits - 1 - math.floor(math.log10(abs(value))))}f}"
+
+
 def _us(seconds: float) -> str:
-    us = seconds * 1e6
-    return f"{us:.1f}" if us < 100 else f"{us:.0f}"
+    return significant(seconds * 1e6)
 
 
 def loops_summary(r: KernelEstimate) -> str:
@@ -575,7 +582,7 @@ def notes(results: Sequence[KernelEstimate]) -> list[str]:
     out = [
         f"All times: {LABEL}. Clocks: {clocks}. HBM floor: the bytes one call moves (from the compiled "
         "executable) at the generation's HBM bandwidth. Loop trips: mean per block of rows, measured in "
-        "interpret mode on the workload; the estimate counts them (vsampler/estimate.py says how).",
+        "interpret mode on the workload; the estimate counts them (vsampler/tools/estimate.py says how).",
     ]
     if any(g in UNMODELLED for g in gens):
         out.append(UNMODELLED_DETAIL)
@@ -618,10 +625,11 @@ def default_cache_path() -> Path:
 
 
 def cached_estimates(
-    cases: Sequence[EstimateCase], cache_path: Path | None = None, progress: Any = None
-) -> list[dict[str, Any]]:
+    cases: Sequence[EstimateCase], cache_path: Path | None = None, progress: Any = None, compute: bool = True
+) -> list[dict[str, Any]] | None:
     """`estimate_grid(cases)` as `KernelEstimate.as_dict()`s, reusing those computed before by the same
-    code (`_code_fingerprint`) and libtpu, from a JSON file (default `~/.cache/vsampler/estimates.json`)."""
+    code (`_code_fingerprint`) and libtpu, from a JSON file (default `~/.cache/vsampler/estimates.json`).
+    `compute=False`: from the cache only, None where some case is not in it."""
     path = cache_path or default_cache_path()
     fingerprint = _code_fingerprint()
     try:
@@ -630,6 +638,8 @@ def cached_estimates(
         stored = {}
     known = stored.get(fingerprint, {})
     missing = [c for c in cases if c.label not in known]
+    if missing and not compute:
+        return None
     fresh = {r.case.label: r.as_dict() for r in (estimate_grid(missing, progress=progress) if missing else [])}
     out = [known.get(c.label) or fresh[c.label] for c in cases]
     known.update({label: r for label, r in fresh.items() if r["ok"]})

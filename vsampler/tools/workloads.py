@@ -95,6 +95,11 @@ def make_inputs(w: Workload, seed: int = 0) -> WorkloadInputs:
     return WorkloadInputs(logits, config_params(w.config, w.batch), k_draw, history, prompt_len)
 
 
+# `vsampler bench` with no scope flag: each config at one serving shape, about 2 minutes on 2 CPU cores
+HEADLINE_BATCHES = (64,)
+HEADLINE_VOCABS = (128256,)
+HEADLINE_DTYPES = ("float32",)
+# `vsampler bench --full` and `bench/`: the whole grid
 DEFAULT_BATCHES = (1, 8, 64)
 DEFAULT_VOCABS = (32000, 128256)
 DEFAULT_DTYPES = ("float32", "bfloat16")
