@@ -6,10 +6,16 @@ Shapes and dtypes:
   target_logits  (B, K + 1, V) float32 / bfloat16: the target's logits at the K draft positions and one
                  more (the bonus position after the last draft token).
   draft_tokens   (B, K) integer ids the draft proposed.
-  draft_probs    (B, K, V) float, the draft's probabilities for those positions (each row sums to 1), or
-                 None for a deterministic draft (probability 1 on its token).
+                 Concrete ids outside [0, V) and non-integer dtypes are refused; traced ids outside
+                 [0, V) (vLLM pads ragged drafts with -1) have probability 0: always rejected, never
+                 emitted, and the target draws that position's token from its own distribution p.
+  draft_probs    (B, K, V) float, the draft's probabilities for those positions, or None for a
+                 deterministic draft (probability 1 on its token). Concrete values must be finite,
+                 >= 0 and sum to 1 per row within `DRAFT_PROBS_ATOL` (1e-3), else ValueError; traced
+                 values are sanitised (`sanitise_draft_probs`): NaN / inf / negative entries count as 0,
+                 each row is divided by its sum, and a row with no mass left counts as deterministic.
   params, key, history, prompt_len, eos_token_id, impl: as `vsampler.sample`. `key` is one key or one
-                 per row (per-request streams).
+                 per row (per-request streams); None is allowed when every row is greedy.
   returns        accepted (B, K + 1) int32: the draft's tokens up to the first rejection, then one token
                  drawn by the target (the resampled or bonus token), then -1; and num_accepted (B,) int32,
                  the number of draft tokens kept (0..K). A row emits num_accepted + 1 tokens.
@@ -59,9 +65,14 @@ def _uniforms(key: Any, batch: int, positions: int) -> jax.Array:
     """(B, K + 1, 2) uniforms: row r, position j from `fold_in(key_r, j)`."""
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    if not typed and (key.dtype != jnp.uint32 or key.shape[-1:] != (2,)):
+        raise ValueError(
+            "key must be a PRNG key (jax.random.key / PRNGKey) or a (B,) batch of keys, "
+            f"got dtype {key.dtype} and shape {key.shape}"
+        )
     single = key.ndim == (0 if typed else 1)
     keys = jax.random.split(key, batch) if single else key
-    if keys.shape[0] != batch:
+    if keys.ndim != (1 if typed else 2) or keys.shape[0] != batch:
         raise ValueError(f"key must be one PRNG key or one per row ({batch}), got shape {key.shape}")
 
     def row(k: jax.Array) -> jax.Array:
@@ -70,19 +81,70 @@ def _uniforms(key: Any, batch: int, positions: int) -> jax.Array:
     return jax.vmap(row)(keys)
 
 
+def _check_draft_tokens(draft_tokens: Any, batch: int, k: int, vocab: int) -> jax.Array:
+    """Integer ids `(B, K)` as int32; concrete ids outside [0, V) are refused (traced ones: module docstring)."""
+    dtype = getattr(draft_tokens, "dtype", None)
+    dtype = np.asarray(draft_tokens).dtype if dtype is None else dtype
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"draft_tokens must hold integer token ids, got dtype {dtype}")
+    if not isinstance(draft_tokens, jax.core.Tracer) and k:
+        ids = np.asarray(draft_tokens)
+        bad = ids[(ids < 0) | (ids >= vocab)]
+        if bad.size:
+            raise ValueError(
+                f"draft_tokens hold ids outside the vocabulary [0, {vocab}): {sorted(set(bad.tolist()))[:8]} "
+                "(inside jax.jit such ids, e.g. -1 padding, are always rejected instead)"
+            )
+    return jnp.asarray(draft_tokens).astype(jnp.int32)
+
+
+DRAFT_PROBS_ATOL = 1e-3  # concrete draft_probs rows must sum to 1 within this (float32 sums over V)
+
+
+def _check_draft_probs(draft_probs: Any) -> jax.Array | None:
+    """Concrete `draft_probs` must be finite, >= 0 and sum to 1 per row within `DRAFT_PROBS_ATOL`."""
+    if draft_probs is None:
+        return None
+    dtype = getattr(draft_probs, "dtype", None)
+    dtype = np.asarray(draft_probs).dtype if dtype is None else dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"draft_probs must be a float array of probabilities, got dtype {dtype}")
+    q = jnp.asarray(draft_probs, jnp.float32)
+    if isinstance(draft_probs, jax.core.Tracer):
+        return q
+    if not bool(jnp.all(jnp.isfinite(q))):
+        raise ValueError("draft_probs must be finite probabilities: it holds NaN or inf")
+    if not bool(jnp.all(q >= 0)):
+        raise ValueError(
+            "draft_probs must be probabilities (>= 0): it holds negative values (log-probabilities? pass exp of them)"
+        )
+    sums = jnp.sum(q, axis=-1)
+    worst = float(jnp.max(jnp.abs(sums - 1.0))) if q.size else 0.0
+    if worst > DRAFT_PROBS_ATOL:
+        raise ValueError(
+            f"draft_probs rows must each sum to 1 (within {DRAFT_PROBS_ATOL}); the worst row is off by {worst:.3g}"
+        )
+    return q
+
+
 def verify_draft(
     target_logits: jax.Array,
     draft_tokens: jax.Array,
     draft_probs: jax.Array | None,
     params: SamplingParams,
-    key: jax.Array,
+    key: jax.Array | None,
     *,
     history: jax.Array | None = None,
     prompt_len: jax.Array | int | None = None,
     eos_token_id: EosIds = None,
     impl: Impl = "auto",
 ) -> tuple[jax.Array, jax.Array]:
-    """Exact speculative verification of `draft_tokens` (module docstring): `(accepted, num_accepted)`."""
+    """Exact speculative verification of `draft_tokens` (module docstring): `(accepted, num_accepted)`.
+
+    Per request (row): its own parameters, key (one key is split into one per row), history and
+    prompt length; its drafts are kept up to its first rejection, then one token is drawn from its
+    target distribution. `key` may be None when no row samples (every temperature 0), as in `sample`.
+    """
     if np.ndim(target_logits) != 3:
         raise ValueError(f"target_logits must be (B, K + 1, V), got shape {np.shape(target_logits)}")
     batch, positions, vocab = np.shape(target_logits)
@@ -94,23 +156,32 @@ def verify_draft(
         )
     if draft_probs is not None and np.shape(draft_probs) != (batch, k, vocab):
         raise ValueError(f"draft_probs must be (B, K, V) = {(batch, k, vocab)} or None, got {np.shape(draft_probs)}")
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
     if params.batch_size not in (None, batch):
         raise ValueError(f"SamplingParams has {params.batch_size} per-row values but the batch has {batch} rows")
-    draft = jnp.asarray(draft_tokens, jnp.int32)
-    if k and not isinstance(draft, jax.core.Tracer) and bool(jnp.any((draft < 0) | (draft >= vocab))):
-        raise ValueError(f"draft_tokens hold ids outside the vocabulary [0, {vocab})")
+    draft = _check_draft_tokens(draft_tokens, batch, k, vocab)
+    q = _check_draft_probs(draft_probs)
+    if key is None:
+        if params.stages.random:
+            raise ValueError("key is None but some row samples (temperature > 0): pass a PRNG key")
+        u = jnp.zeros((batch, positions, 2), jnp.float32)  # greedy rows never read their uniforms
+    else:
+        u = _uniforms(key, batch, positions)
 
     # the target's warped distribution at every position, the drafts before it counted as generated
     before = jnp.arange(k)[None, :] < jnp.arange(positions)[:, None]  # (K + 1, K): draft i precedes j
     drafts_seen = jnp.where(before[None], draft[:, None, :], -1)  # (B, K + 1, K)
-    flat_history = None
+    flat_history = flat_prompt_len = None
     if history is not None or k:
         base = jnp.full((batch, 0), -1, jnp.int32) if history is None else jnp.asarray(history, jnp.int32)
         base = jnp.broadcast_to(base[:, None, :], (batch, positions, base.shape[1]))
         flat_history = jnp.concatenate([base, drafts_seen], axis=2).reshape(batch * positions, -1)
-    if prompt_len is None:
-        prompt_len = 0 if history is None else np.shape(history)[1]
-    flat_prompt_len = jnp.repeat(jnp.broadcast_to(jnp.asarray(prompt_len, jnp.int32), (batch,)), positions)
+        if prompt_len is None:
+            prompt_len = 0 if history is None else np.shape(history)[1]
+        flat_prompt_len = jnp.repeat(jnp.broadcast_to(jnp.asarray(prompt_len, jnp.int32), (batch,)), positions)
+    elif prompt_len is not None:
+        raise ValueError("prompt_len was given without history: it says where the history's prompt ends")
     warped = process_logits(
         jnp.reshape(target_logits, (batch * positions, vocab)),
         _repeat_rows(params, positions),
@@ -119,7 +190,20 @@ def verify_draft(
         eos_token_id=eos_token_id,
         impl=impl,
     )
-    return _accept(warped.reshape(batch, positions, vocab), draft, draft_probs, _uniforms(key, batch, positions))
+    return _accept(warped.reshape(batch, positions, vocab), draft, q, u)
+
+
+def sanitise_draft_probs(q: jax.Array, draft: jax.Array, valid: jax.Array) -> jax.Array:
+    """The rule for `draft_probs` values only known at run time (concrete ones are checked instead):
+    NaN, infinite and negative entries count as 0 and each row is divided by its sum; a row left with
+    no mass (log-probabilities passed by mistake, say) counts as a deterministic draft (one-hot on its
+    token). At a draft id outside [0, V) the row is no proposal: the position draws from the target."""
+    vocab = q.shape[-1]
+    q = jnp.where(jnp.isfinite(q) & (q > 0), q, 0.0)
+    total = jnp.sum(q, axis=-1, keepdims=True)
+    one_hot = jax.nn.one_hot(draft, vocab, dtype=jnp.float32)  # all zeros at an id outside [0, V)
+    q = jnp.where(total > 0, q / jnp.where(total > 0, total, 1.0), one_hot)
+    return jnp.where(valid[..., None], q, 0.0)
 
 
 @jax.jit
@@ -129,12 +213,14 @@ def _accept(warped: jax.Array, draft: jax.Array, draft_probs: jax.Array | None, 
     finite = jnp.any(warped > NEG_INF, axis=-1, keepdims=True)
     p = jnp.where(finite, jax.nn.softmax(jnp.where(finite, warped, 0.0), axis=-1), 0.0)
     p = jnp.where(finite, p, jax.nn.one_hot(0, vocab))  # nothing left: token 0, as `sample`
-    q = jax.nn.one_hot(draft, vocab) if draft_probs is None else jnp.asarray(draft_probs, jnp.float32)
+    valid = (draft >= 0) & (draft < vocab)  # traced ids outside [0, V) (e.g. -1 padding): always rejected
+    q = jax.nn.one_hot(draft, vocab) if draft_probs is None else sanitise_draft_probs(draft_probs, draft, valid)
+    safe = jnp.where(valid, draft, 0)
     rows = jnp.arange(batch)[:, None]
     cols = jnp.arange(k)[None, :]
-    p_d = p[rows, cols, draft]
-    q_d = q[rows, cols, draft]
-    accepted = u[:, :k, 0] * q_d < p_d  # probability min(1, p / q)
+    p_d = jnp.where(valid, p[rows, cols, safe], 0.0)
+    q_d = jnp.where(valid, q[rows, cols, safe], 0.0)
+    accepted = valid & (u[:, :k, 0] * q_d < p_d)  # probability min(1, p / q)
     num_accepted = jnp.sum(jnp.cumprod(accepted.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
     residual = jnp.maximum(p[:, :k] - q, 0.0)
     residual = jnp.where(jnp.sum(residual, axis=-1, keepdims=True) > 0, residual, p[:, :k])
