@@ -25,6 +25,13 @@ def test_hard_logits(kind, case):
     compare("pallas", kind, case, 8, 1000, "float32")
 
 
+@pytest.mark.parametrize("impl", ["pallas", "pallas-triton", "pallas-chunked"])
+@pytest.mark.parametrize("case", grid.TEXTBOOK_CASES)
+def test_textbook_top_p_boundaries(impl, case):
+    """Decimal top-p boundaries (verification.TEXTBOOK_TOP_P): the hand-computed kept sets, as the reference."""
+    compare(impl, "textbook", case, len(grid.TEXTBOOK_TOP_P), 9000 if impl == "pallas-chunked" else 1000, "float32")
+
+
 @pytest.mark.parametrize(("batch", "dtype"), [(1, "float32"), (3, "bfloat16"), (12, "float32"), (20, "bfloat16")])
 def test_batches_that_are_not_a_block_multiple(batch, dtype):
     compare("pallas", "normal", "heterogeneous", batch, 32000, dtype)

@@ -12,6 +12,13 @@ def test_each_stage(case, vocab):
     compare("xla", "normal", case, 8, vocab, "float32")
 
 
+@pytest.mark.parametrize("case", grid.TEXTBOOK_CASES)
+@pytest.mark.parametrize(("vocab", "dtype"), [(1000, "float32"), (50257, "float32"), (1000, "bfloat16")])
+def test_textbook_top_p_boundaries(case, vocab, dtype):
+    """Decimal top-p boundaries (verification.TEXTBOOK_TOP_P): the hand-computed kept sets, as the reference."""
+    compare("xla", "textbook", case, len(grid.TEXTBOOK_TOP_P), vocab, dtype)
+
+
 @pytest.mark.parametrize("kind", ["ties", "one_finite", "nan"])
 @pytest.mark.parametrize("case", ["combined", "heterogeneous", "top_k_large", "top_p"])
 def test_hard_logits(kind, case):

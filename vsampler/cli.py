@@ -535,6 +535,9 @@ def _run_verify(args: argparse.Namespace) -> int:
     configs = verification.STAGE_CASES if args.quick else ("combined", "heterogeneous")
     cases = list(verification.grid(batches, vocabs, dtypes, configs))
     cases += list(verification.grid(batches, vocabs, dtypes, ("heterogeneous",), masked=(True,)))
+    # decimal top-p boundaries, also against the hand-computed kept sets (one batch: every textbook row)
+    textbook_batch = (len(verification.TEXTBOOK_TOP_P),)
+    cases += list(verification.grid(textbook_batch, vocabs, dtypes, verification.TEXTBOOK_CASES, kinds=("textbook",)))
     ui = _ui()
     ui.header("vsampler verify", _environment())
     results = []
@@ -553,11 +556,14 @@ def _run_verify(args: argparse.Namespace) -> int:
             f"{r.agreeing_rows}/{r.case.batch}",
             _yes(r.logprobs_equal),
             _yes(r.mask_respected) if r.case.masked else "-",
+            _yes(r.exact) if r.case.kind == "textbook" else "-",
             "ok" if r.ok else "MISMATCH",
         ]
         for r in results
     ]
-    ui.rows(["impl", "case", "kept set", "values", "tokens agree", "log-probs", "mask held", "result"], rows)
+    ui.rows(
+        ["impl", "case", "kept set", "values", "tokens agree", "log-probs", "mask held", "textbook", "result"], rows
+    )
     dist_rows, dist_failures = [], 0
     for impl in impls:
         for name in verification.DISTRIBUTION_PARAMS:

@@ -12,6 +12,10 @@ cannot raise; they are sanitised as follows, and the tests pin it:
 * temperature NaN or < 0 -> 0 (greedy);
 * top_k < 0 or >= V -> 0 (off); top_p NaN -> 1, else clipped to [tiny, 1] (top_p <= 0 keeps only
   the most probable tokens); min_p NaN -> 0, else clipped to [0, 1];
+* top_p < 1 (concrete or traced) is applied as `max(top_p - TOP_P_SLACK, tiny)`: a mass above a token
+  within 2^-20 of p counts as reaching p, so decimal boundaries come out as exact arithmetic says
+  (probabilities {0.3, 0.1, 0.1, 0.5} at top_p 0.8: the mass above the 0.1 pair is 0.8, and they are
+  dropped), not as float32 rounding of log(p), softmax and the sums happens to fall;
 * repetition_penalty NaN, <= 0 or inf -> 1 (off); presence / frequency NaN -> 0, else clipped to [-2, 2];
 * min_tokens < 0 -> 0; max_tokens < 1 -> 1;
 * history ids < 0 are empty slots; ids >= V are ignored like empty slots; traced EOS ids outside
@@ -44,7 +48,7 @@ class RowParams(NamedTuple):
     min_tokens: jax.Array  # int32
     temperature: jax.Array  # float32
     top_k: jax.Array  # int32, 0 = off (also when the request was >= V)
-    top_p: jax.Array  # float32 in [tiny, 1]
+    top_p: jax.Array  # float32 in [tiny, 1], the slack applied (1 = off)
     min_p: jax.Array  # float32 in [0, 1]
     repetition_penalty: jax.Array  # float32 > 0
     presence_penalty: jax.Array  # float32 in [-2, 2]
@@ -69,6 +73,10 @@ class SamplerInputs(NamedTuple):
 
 
 _INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
+# top-p's tolerance (module docstring): far above the float32 rounding of the masses (~1e-7 relative in
+# the reference's compensated sums, ~log2(V) * 6e-8 in the fast paths' float32 sums), far below any
+# boundary a person writes with a few decimals; it moves each row's kept set by at most that much mass
+TOP_P_SLACK = 2.0**-20
 
 
 def _row_array(name: str, value: Any, batch: int) -> jax.Array:
@@ -92,7 +100,7 @@ def sanitise_row_params(params: SamplingParams, batch: int, vocab: int) -> RowPa
         min_tokens=jnp.maximum(v["min_tokens"], 0),
         temperature=jnp.where(jnp.isnan(t) | (t < 0), 0.0, t),
         top_k=jnp.where((k < 0) | (k >= vocab), 0, k),
-        top_p=jnp.where(jnp.isnan(p), 1.0, jnp.clip(p, jnp.finfo(jnp.float32).tiny, 1.0)),
+        top_p=jnp.where(jnp.isnan(p) | (p >= 1.0), 1.0, jnp.maximum(p - TOP_P_SLACK, jnp.finfo(jnp.float32).tiny)),
         min_p=jnp.where(jnp.isnan(mp), 0.0, jnp.clip(mp, 0.0, 1.0)),
         repetition_penalty=jnp.where(jnp.isnan(r) | (r <= 0) | jnp.isinf(r), 1.0, r),
         presence_penalty=jnp.clip(jnp.nan_to_num(v["presence_penalty"], nan=0.0), -2.0, 2.0),

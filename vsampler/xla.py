@@ -21,7 +21,8 @@ How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUN
 * draw: per-chunk sums of the kept mass, the chunk where the cumulative sum crosses `u * total`, then
   the prefix inside that chunk: the spec's inverse-CDF rule in one pass plus one chunk.
 * log-probs: one more pass for the chunk maxima and the raw log-normaliser together, the top-n entries
-  from the n best chunks (the top-k candidates' rule), and the kept mass (`vsampler.logprobs`).
+  from the n best chunks (the top-k candidates' rule), and the kept mass (`vsampler.logprobs`); the
+  token's rank is one compare-and-count pass over the row while it is in cache.
 
 Rows are mapped one at a time (`lax.map`): a row stays in cache across its passes, each pass is one
 fused loop, and `lax.cond` runs only the searches a row needs.
@@ -298,10 +299,10 @@ def _map_rows(
     inp: SamplerInputs,
     greedy_fn: Callable,
     sampled_fn: Callable,
-    finish: Callable[[jax.Array, jax.Array, jax.Array], object] | None = None,
+    finish: Callable[[jax.Array, jax.Array, jax.Array, _RowInputs], object] | None = None,
 ) -> object:
     """Maps over rows: the allowed-token mask, sanitising, then the greedy or the sampled branch (only
-    those the stages allow); `finish(x, x_max, result)` post-processes a row's result."""
+    those the stages allow); `finish(x, x_max, result, row_inputs)` post-processes a row's result."""
     stages = inp.stages
     vocab = inp.logits.shape[1]
 
@@ -320,7 +321,7 @@ def _map_rows(
             result = sampled()
         else:
             result = lax.cond(ri.temperature == 0.0, lambda: greedy_fn(x, x_max), sampled)
-        return result if finish is None else finish(x, x_max, result)
+        return result if finish is None else finish(x, x_max, result, ri)
 
     return lax.map(one, _row_inputs(inp))
 
@@ -388,12 +389,14 @@ def sample_with_logprobs(
     and its log-probabilities when `request` asks for them."""
     empty_token = jnp.int32(inp.empty_token)
 
-    def finish(x: jax.Array, x_max: jax.Array, d: _Drawn) -> tuple:
+    def finish(x: jax.Array, x_max: jax.Array, d: _Drawn, ri: _RowInputs) -> tuple:
         token = jnp.where(x_max > NEG_INF, d.token, empty_token).astype(jnp.int32)
         if request is None:
             return token, None
         chunk_max, log_z_raw = chunk_stats(x, x_max)
         top_x, top_ids = top_entries(x, request.n, chunk_max)
+        min_p_row = ri.min_p if inp.stages.min_p else None
+        rank = lp.token_rank(x, x[token], ri.temperature, d.threshold, d.s_max, min_p_row, request.mode)
         values = lp.RowValues(
             token_x=x[token],
             top_x=top_x,
@@ -402,6 +405,7 @@ def sample_with_logprobs(
             threshold=d.threshold,
             s_max=d.s_max,
             kept_mass=d.kept_mass,
+            rank=rank,
         )
         return token, values
 
