@@ -194,3 +194,110 @@ def test_traced_draft_probs_are_sanitised():
     fives = jnp.full((b, k), 5, jnp.int32)
     fn = jax.jit(lambda q: verify_draft(logits, fives, q, SamplingParams(temperature=1.0), keys))
     assert np.asarray(fn(q)[0]).tolist() == np.asarray(fn(4 * q)[0]).tolist()
+
+
+def test_ragged_batches_keep_each_rows_own_drafts_and_bonus_position():
+    """Row r proposes num_draft_tokens[r] drafts (padding -1 after them, as vLLM pads); greedy drafts that
+    match the target are all kept and the bonus token comes from the row's own position n_r."""
+    b, k, v = 3, 3, 40
+    logits = jax.random.normal(jax.random.key(5), (b, k + 1, v)) * 3
+    argmax = np.asarray(jnp.argmax(logits, axis=-1))
+    n = np.array([3, 1, 0])
+    draft = np.where(np.arange(k)[None, :] < n[:, None], argmax[:, :k], -1)
+    out, accepted = verify_draft(logits, draft, None, SamplingParams(temperature=0.0), None, num_draft_tokens=n)
+    assert np.asarray(accepted).tolist() == n.tolist()
+    for r in range(b):
+        assert np.asarray(out)[r].tolist() == [*argmax[r, : n[r] + 1].tolist(), *[-1] * (k - n[r])]
+
+
+@pytest.mark.parametrize("stochastic_draft", [False, True])
+def test_a_ragged_row_is_the_row_verified_with_its_own_k(stochastic_draft):
+    """Same keys: a ragged row gives exactly the tokens of that row verified alone with K = n_r (also
+    inside jax.jit, where the padding is traced)."""
+    b, k, v = 4, 3, 30
+    logits = jax.random.normal(jax.random.key(6), (b, k + 1, v))
+    draft = jax.random.randint(jax.random.key(7), (b, k), 0, v)
+    probs = jax.nn.softmax(jax.random.normal(jax.random.key(8), (b, k, v)), axis=-1) if stochastic_draft else None
+    n = jnp.asarray([2, 0, 3, 1])
+    params = SamplingParams(temperature=0.8, top_k=10)
+    for seed in range(3):
+        keys = jax.random.split(jax.random.key(seed), b)
+        out, accepted = jax.jit(lambda d, n, keys: verify_draft(logits, d, probs, params, keys, num_draft_tokens=n))(
+            jnp.where(jnp.arange(k)[None, :] < n[:, None], draft, -1), n, keys
+        )
+        for r in range(b):
+            m = int(n[r])
+            q = None if probs is None else probs[r : r + 1, :m]
+            want, want_n = verify_draft(logits[r : r + 1, : m + 1], draft[r : r + 1, :m], q, params, keys[r : r + 1])
+            assert int(accepted[r]) == int(want_n[0])
+            assert np.asarray(out)[r, : m + 1].tolist() == np.asarray(want)[0].tolist()
+            assert (np.asarray(out)[r, m + 1 :] == -1).all()
+
+
+def test_num_draft_tokens_is_checked():
+    logits, draft = jnp.zeros((2, 3, 10)), jnp.zeros((2, 2), jnp.int32)
+    for bad, message in (
+        (np.array([3, 0]), r"\[0, K=2\]"),
+        (np.array([1]), r"\(2,\) integer"),
+        (np.array([1.0, 1.0]), "integer"),
+    ):
+        with pytest.raises(ValueError, match=f"num_draft_tokens must.*{message}"):
+            verify_draft(logits, draft, None, SamplingParams(), jax.random.key(0), num_draft_tokens=bad)
+    with pytest.raises(ValueError, match="outside the vocabulary"):  # a row's real drafts are still checked
+        verify_draft(
+            logits,
+            jnp.asarray([[1, 10], [1, 1]]),
+            None,
+            SamplingParams(),
+            jax.random.key(0),
+            num_draft_tokens=np.array([2, 2]),
+        )
+    # padding past a row's drafts is never read, so -1 there is fine
+    verify_draft(
+        logits,
+        jnp.asarray([[1, -1], [1, 1]]),
+        None,
+        SamplingParams(),
+        jax.random.key(0),
+        num_draft_tokens=np.array([1, 2]),
+    )
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
+def test_allowed_tokens_hold_at_every_position_draft_and_bonus(impl):
+    from vsampler import pack_allowed
+
+    b, k, v = 32, 2, 64
+    logits = jax.random.normal(jax.random.key(9), (b, k + 1, v))
+    rng = np.random.default_rng(0)
+    allowed = rng.random((b, k + 1, v)) < 0.3
+    allowed[:, :, 5] = False  # the draft's token is never allowed: always rejected at position 0
+    allowed[0, 0] = False  # row 0's first position allows nothing: it emits the first EOS id
+    draft = jnp.full((b, k), 5, jnp.int32)
+    keys = jax.random.split(jax.random.key(10), b)
+    kw = {"allowed_tokens": pack_allowed(allowed.reshape(-1, v)).reshape(b, k + 1, -1), "eos_token_id": [7, 3]}
+    out, accepted = verify_draft(logits, draft, None, SamplingParams(temperature=1.0), keys, impl=impl, **kw)
+    out, accepted = np.asarray(out), np.asarray(accepted)
+    assert (accepted == 0).all()
+    assert out[0, 0] == 7
+    assert all(allowed[r, 0, out[r, 0]] for r in range(1, b))
+    # one (B, W) mask for every position: a draft the mask allows can be kept, and the bonus obeys it too
+    flat = allowed[:, 1] | (np.arange(v) == 5)
+    out, accepted = verify_draft(
+        logits,
+        draft,
+        None,
+        SamplingParams(temperature=1.0),
+        keys,
+        impl=impl,
+        allowed_tokens=pack_allowed(flat),
+        eos_token_id=[7],
+    )
+    out, accepted = np.asarray(out), np.asarray(accepted)
+    for r in range(b):
+        emitted = out[r, : accepted[r] + 1]
+        assert all(flat[r, t] for t in emitted)
+    with pytest.raises(ValueError, match="allowed_tokens needs eos_token_id"):
+        verify_draft(logits, draft, None, SamplingParams(), keys, allowed_tokens=pack_allowed(flat))
+    with pytest.raises(ValueError, match=r"allowed_tokens must be \(B, ceil\(V / 32\)\)"):
+        verify_draft(logits, draft, None, SamplingParams(), keys, allowed_tokens=pack_allowed(flat)[:1], eos_token_id=7)

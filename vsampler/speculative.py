@@ -16,6 +16,16 @@ Shapes and dtypes:
                  each row is divided by its sum, and a row with no mass left counts as deterministic.
   params, key, history, prompt_len, eos_token_id, impl: as `vsampler.sample`. `key` is one key or one
                  per row (per-request streams); None is allowed when every row is greedy.
+  num_draft_tokens (B,) integer or None (every row K): ragged batches, as vLLM's rejection sampler
+                 takes them. Row r's drafts are its first n_r entries (the rest is padding, never read:
+                 treated as ids outside [0, V)), and when all n_r are kept its bonus token is drawn from
+                 the target at position n_r (target_logits[r, n_r]). Concrete values must lie in [0, K];
+                 traced ones are clipped to it.
+  allowed_tokens (B, ceil(V / 32)) or (B, K + 1, ceil(V / 32)) packed int32 bitmask (`vsampler.sample`'s;
+                 per position, as a grammar advances with each draft token), applied to the target at every
+                 position, draft and bonus alike: a disallowed draft token has probability 0 and is
+                 rejected, and no emitted token is one the mask disallows. Needs `eos_token_id`: a position
+                 the mask leaves without a token emits the first EOS id.
   returns        accepted (B, K + 1) int32: the draft's tokens up to the first rejection, then one token
                  drawn by the target (the resampled or bonus token), then -1; and num_accepted (B,) int32,
                  the number of draft tokens kept (0..K). A row emits num_accepted + 1 tokens.
@@ -44,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsampler import xla
-from vsampler.inputs import EosIds
+from vsampler.inputs import EosIds, allowed_words
 from vsampler.params import NUMERIC_FIELDS, SamplingParams
 from vsampler.sampling import Impl, process_logits
 
@@ -81,15 +91,17 @@ def _uniforms(key: Any, batch: int, positions: int) -> jax.Array:
     return jax.vmap(row)(keys)
 
 
-def _check_draft_tokens(draft_tokens: Any, batch: int, k: int, vocab: int) -> jax.Array:
-    """Integer ids `(B, K)` as int32; concrete ids outside [0, V) are refused (traced ones: module docstring)."""
+def _check_draft_tokens(draft_tokens: Any, batch: int, k: int, vocab: int, used: Any = None) -> jax.Array:
+    """Integer ids `(B, K)` as int32; concrete ids outside [0, V) are refused (traced ones: module docstring),
+    among the first `used[r]` of each row when `used` (concrete num_draft_tokens) is given."""
     dtype = getattr(draft_tokens, "dtype", None)
     dtype = np.asarray(draft_tokens).dtype if dtype is None else dtype
     if not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"draft_tokens must hold integer token ids, got dtype {dtype}")
     if not isinstance(draft_tokens, jax.core.Tracer) and k:
         ids = np.asarray(draft_tokens)
-        bad = ids[(ids < 0) | (ids >= vocab)]
+        read = np.ones(ids.shape, bool) if used is None else np.arange(k)[None, :] < np.asarray(used)[:, None]
+        bad = ids[read & ((ids < 0) | (ids >= vocab))]
         if bad.size:
             raise ValueError(
                 f"draft_tokens hold ids outside the vocabulary [0, {vocab}): {sorted(set(bad.tolist()))[:8]} "
@@ -109,17 +121,18 @@ def _check_draft_probs(draft_probs: Any) -> jax.Array | None:
     dtype = np.asarray(draft_probs).dtype if dtype is None else dtype
     if not jnp.issubdtype(dtype, jnp.floating):
         raise ValueError(f"draft_probs must be a float array of probabilities, got dtype {dtype}")
-    q = jnp.asarray(draft_probs, jnp.float32)
     if isinstance(draft_probs, jax.core.Tracer):
-        return q
-    if not bool(jnp.all(jnp.isfinite(q))):
+        return jnp.asarray(draft_probs, jnp.float32)
+    with jax.ensure_compile_time_eval():  # concrete values (a constant inside the caller's jit too): checked
+        q = jnp.asarray(draft_probs, jnp.float32)
+        finite, non_negative = bool(jnp.all(jnp.isfinite(q))), bool(jnp.all(q >= 0))
+        worst = float(jnp.max(jnp.abs(jnp.sum(q, axis=-1) - 1.0))) if q.size else 0.0
+    if not finite:
         raise ValueError("draft_probs must be finite probabilities: it holds NaN or inf")
-    if not bool(jnp.all(q >= 0)):
+    if not non_negative:
         raise ValueError(
             "draft_probs must be probabilities (>= 0): it holds negative values (log-probabilities? pass exp of them)"
         )
-    sums = jnp.sum(q, axis=-1)
-    worst = float(jnp.max(jnp.abs(sums - 1.0))) if q.size else 0.0
     if worst > DRAFT_PROBS_ATOL:
         raise ValueError(
             f"draft_probs rows must each sum to 1 (within {DRAFT_PROBS_ATOL}); the worst row is off by {worst:.3g}"
@@ -137,6 +150,8 @@ def verify_draft(
     history: jax.Array | None = None,
     prompt_len: jax.Array | int | None = None,
     eos_token_id: EosIds = None,
+    num_draft_tokens: jax.Array | None = None,
+    allowed_tokens: jax.Array | None = None,
     impl: Impl = "auto",
 ) -> tuple[jax.Array, jax.Array]:
     """Exact speculative verification of `draft_tokens` (module docstring): `(accepted, num_accepted)`.
@@ -160,7 +175,11 @@ def verify_draft(
         raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
     if params.batch_size not in (None, batch):
         raise ValueError(f"SamplingParams has {params.batch_size} per-row values but the batch has {batch} rows")
-    draft = _check_draft_tokens(draft_tokens, batch, k, vocab)
+    n_draft = None if num_draft_tokens is None else _check_num_draft(num_draft_tokens, batch, k)
+    concrete_n = None if isinstance(num_draft_tokens, jax.core.Tracer) else num_draft_tokens
+    draft = _check_draft_tokens(draft_tokens, batch, k, vocab, used=concrete_n)
+    if n_draft is not None:  # ragged: row r's drafts past its n_r are padding
+        draft = jnp.where(jnp.arange(k)[None, :] < n_draft[:, None], draft, -1)
     q = _check_draft_probs(draft_probs)
     if key is None:
         if params.stages.random:
@@ -182,15 +201,56 @@ def verify_draft(
         flat_prompt_len = jnp.repeat(jnp.broadcast_to(jnp.asarray(prompt_len, jnp.int32), (batch,)), positions)
     elif prompt_len is not None:
         raise ValueError("prompt_len was given without history: it says where the history's prompt ends")
+    flat_allowed, empty_token = _flat_allowed(allowed_tokens, eos_token_id, batch, positions, vocab)
     warped = process_logits(
         jnp.reshape(target_logits, (batch * positions, vocab)),
         _repeat_rows(params, positions),
         history=flat_history,
         prompt_len=flat_prompt_len,
         eos_token_id=eos_token_id,
+        allowed_tokens=flat_allowed,
         impl=impl,
     )
-    return _accept(warped.reshape(batch, positions, vocab), draft, q, u)
+    return _accept(warped.reshape(batch, positions, vocab), draft, q, u, empty_token)
+
+
+def _check_num_draft(num_draft_tokens: Any, batch: int, k: int) -> jax.Array:
+    """(B,) int32 in [0, K]: concrete values are checked, traced ones clipped."""
+    dtype = getattr(num_draft_tokens, "dtype", None)
+    dtype = np.asarray(num_draft_tokens).dtype if dtype is None else dtype
+    if np.shape(num_draft_tokens) != (batch,) or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"num_draft_tokens must be a ({batch},) integer array (each row's number of drafts), "
+            f"got shape {np.shape(num_draft_tokens)} dtype {dtype}"
+        )
+    if not isinstance(num_draft_tokens, jax.core.Tracer):
+        n = np.asarray(num_draft_tokens)
+        if np.any(n < 0) or np.any(n > k):
+            raise ValueError(f"num_draft_tokens must lie in [0, K={k}], got {n.tolist()}")
+    return jnp.clip(jnp.asarray(num_draft_tokens), 0, k).astype(jnp.int32)
+
+
+def _flat_allowed(allowed_tokens: Any, eos_token_id: EosIds, batch: int, positions: int, vocab: int):
+    """The mask per (row, position) as (B * (K + 1), W) words for `process_logits`, and the token a
+    position the mask empties emits (the first EOS id; 0 without a mask, as `sample`)."""
+    if allowed_tokens is None:
+        return None, jnp.int32(0)
+    words = allowed_words(vocab)
+    shape = np.shape(allowed_tokens)
+    if shape not in ((batch, words), (batch, positions, words)):
+        raise ValueError(
+            f"allowed_tokens must be (B, ceil(V / 32)) = {(batch, words)} or (B, K + 1, ceil(V / 32)) = "
+            f"{(batch, positions, words)}, got {shape}"
+        )
+    if eos_token_id is None or (eos_token_id.size if hasattr(eos_token_id, "size") else np.size(eos_token_id)) == 0:
+        raise ValueError(
+            "allowed_tokens needs eos_token_id: a position whose mask leaves no token emits the first EOS id"
+        )
+    mask = jnp.asarray(allowed_tokens)
+    if mask.ndim == 2:
+        mask = jnp.broadcast_to(mask[:, None, :], (batch, positions, words))
+    first_eos = jnp.asarray(eos_token_id).reshape(-1)[0].astype(jnp.int32)
+    return mask.reshape(batch * positions, words), jnp.maximum(first_eos, 0)
 
 
 def sanitise_draft_probs(q: jax.Array, draft: jax.Array, valid: jax.Array) -> jax.Array:
@@ -207,12 +267,12 @@ def sanitise_draft_probs(q: jax.Array, draft: jax.Array, valid: jax.Array) -> ja
 
 
 @jax.jit
-def _accept(warped: jax.Array, draft: jax.Array, draft_probs: jax.Array | None, u: jax.Array):
+def _accept(warped: jax.Array, draft: jax.Array, draft_probs: jax.Array | None, u: jax.Array, empty_token: jax.Array):
     batch, positions, vocab = warped.shape
     k = positions - 1
     finite = jnp.any(warped > NEG_INF, axis=-1, keepdims=True)
     p = jnp.where(finite, jax.nn.softmax(jnp.where(finite, warped, 0.0), axis=-1), 0.0)
-    p = jnp.where(finite, p, jax.nn.one_hot(0, vocab))  # nothing left: token 0, as `sample`
+    p = jnp.where(finite, p, jax.nn.one_hot(empty_token, vocab))  # nothing left: as `sample` (0, or EOS)
     valid = (draft >= 0) & (draft < vocab)  # traced ids outside [0, V) (e.g. -1 padding): always rejected
     q = jax.nn.one_hot(draft, vocab) if draft_probs is None else sanitise_draft_probs(draft_probs, draft, valid)
     safe = jnp.where(valid, draft, 0)
