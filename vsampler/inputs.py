@@ -66,10 +66,10 @@ class SamplerInputs(NamedTuple):
     bias_values: jax.Array | None  # (N,) float32
     history: jax.Array | None  # (B, L) int32, negative = empty
     prompt_len: jax.Array  # (B,) int32
-    eos_ids: jax.Array | None  # (E,) int32
+    eos_ids: jax.Array | None  # (E,) int32, or (B, S) per-request stop ids (-1 = padding)
     u: jax.Array | None  # (B,) float32 in [0, 1): one uniform per row
     allowed: jax.Array | None = None  # (B, ceil(V / 32)) int32 packed bitmask, 1 = allowed
-    empty_token: jax.Array | int = 0  # the token of a row with no finite logit left (int32 scalar)
+    empty_token: jax.Array | int = 0  # the token of a row with no finite logit left (int32 scalar or (B,))
 
 
 _INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
@@ -213,10 +213,33 @@ def check_prompt_len_range(prompt_len: Any, history_len: int) -> None:
         raise ValueError(f"prompt_len must lie in [0, L={history_len}], got {prompt_len!r}")
 
 
-def normalise_eos(eos_token_id: EosIds, vocab: int) -> jax.Array | None:
-    """EOS ids as an (E,) int32 array; concrete ids are checked against the vocabulary."""
+def check_eos_rows(eos_token_id: Any, batch: int, vocab: int) -> None:
+    """Per-request stop ids, a (B, S) integer array with -1 as padding: the shape, dtype and (when
+    concrete) every id in [-1, V) are checked."""
+    dtype = getattr(eos_token_id, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or eos_token_id.shape[0] != batch:
+        raise ValueError(
+            f"eos_token_id as per-request stop ids must be a (B, S) = ({batch}, S) integer array (-1 = padding), "
+            f"got shape {np.shape(eos_token_id)} dtype {dtype}"
+        )
+    if not isinstance(eos_token_id, jax.core.Tracer):
+        ids = np.asarray(eos_token_id)
+        bad = ids[(ids < -1) | (ids >= vocab)]
+        if bad.size:
+            raise ValueError(
+                f"eos_token_id {sorted(set(bad.tolist()))[:8]} outside the vocabulary [0, {vocab}) (-1 = padding)"
+            )
+
+
+def normalise_eos(eos_token_id: EosIds, vocab: int, batch: int | None = None) -> jax.Array | None:
+    """EOS ids as an (E,) int32 array, or (B, S) per-request stop ids (-1 = padding); concrete ids are
+    checked against the vocabulary, traced ones outside [0, V) are ignored."""
     if eos_token_id is None:
         return None
+    if np.ndim(eos_token_id) == 2 and batch is not None:
+        check_eos_rows(eos_token_id, batch, vocab)
+        ids = jnp.asarray(eos_token_id).astype(jnp.int32)
+        return jnp.where((ids >= 0) & (ids < vocab), ids, -1)
     if isinstance(eos_token_id, jax.core.Tracer):
         ids = jnp.asarray(eos_token_id).reshape(-1).astype(jnp.int32)
         return jnp.where((ids >= 0) & (ids < vocab), ids, -1)  # out of range: ignored
@@ -277,7 +300,7 @@ def prepare(
             "repetition/presence/frequency penalties are set but history is None: pass the (B, L) token "
             "history the penalties apply to"
         )
-    eos_ids = normalise_eos(eos_token_id, vocab)
+    eos_ids = normalise_eos(eos_token_id, vocab, batch)
     if stages.min_tokens and eos_ids is None:
         raise ValueError("SamplingParams.min_tokens > 0 needs eos_token_id: the ids it keeps masked")
     allowed = _check_allowed(allowed_tokens, batch, vocab)
@@ -288,7 +311,7 @@ def prepare(
                 "allowed_tokens needs eos_token_id: a row whose mask leaves no token samples the first EOS id "
                 "(the request ends) instead of an arbitrary token"
             )
-        empty_token = jnp.maximum(eos_ids[0], 0)
+        empty_token = first_eos(eos_ids)
     u = None
     if draw and stages.random:
         if key is None:
@@ -308,6 +331,19 @@ def prepare(
         allowed=allowed,
         empty_token=empty_token,
     )
+
+
+def first_eos(eos_ids: jax.Array) -> jax.Array:
+    """The first EOS id (a scalar), or with per-request ids (B, S) each row's first id (B,) (0: none)."""
+    if eos_ids.ndim == 1:
+        return jnp.maximum(eos_ids[0], 0)
+    first = jnp.take_along_axis(eos_ids, jnp.argmax(eos_ids >= 0, axis=1)[:, None], axis=1)[:, 0]
+    return jnp.maximum(first, 0)
+
+
+def eos_rows(eos_ids: jax.Array) -> jax.Array:
+    """EOS ids broadcastable against (B, S) rows: (1, E) for one set, (B, S) for per-request ids."""
+    return eos_ids[None, :] if eos_ids.ndim == 1 else eos_ids
 
 
 def history_masks(history: jax.Array, prompt_len: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:

@@ -81,28 +81,17 @@ class RowValues(NamedTuple):
     rank: jax.Array  # (B,) int32, `token_rank`'s
 
 
-def token_rank(
-    x: jax.Array,
-    token_x: jax.Array,
-    temperature: jax.Array,
-    threshold: jax.Array,
-    s_max: jax.Array,
-    min_p: jax.Array | None,
-    mode: str,
-) -> jax.Array:
-    """The sampled token's rank (module docstring) from the penalised row(s) `x` (..., V) (stages 0-5) and
-    per-row values (...): the token's penalised logit, and, for "processed", what decides the kept set
-    (threshold and maximum in scaled units, as `RowValues`). One compare-and-count pass."""
+def token_rank(x: jax.Array, token_x: jax.Array, temperature: jax.Array, mode: str) -> jax.Array:
+    """The sampled token's rank (module docstring) from the penalised row(s) `x` (..., V) (stages 0-5),
+    the token's penalised logit and the row's temperature (...). One compare-and-count pass: every
+    filter keeps an upper set of scaled values, so the kept tokens at least as likely as the (kept)
+    sampled token are all tokens with `s >= s_token`, and no kept-set test is needed."""
     vocab = x.shape[-1]
     if mode == "raw":
         return jnp.sum(x >= token_x[..., None], axis=-1, dtype=jnp.int32)
     greedy = temperature == 0.0
     inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
-    s = x * inverse_t[..., None]
-    kept = (s > NEG_INF) & (s >= threshold[..., None])
-    if min_p is not None:
-        kept &= weight(s, s_max[..., None]) >= min_p[..., None]
-    count = jnp.sum(kept & (s >= (token_x * inverse_t)[..., None]), axis=-1, dtype=jnp.int32)
+    count = jnp.sum(x * inverse_t[..., None] >= (token_x * inverse_t)[..., None], axis=-1, dtype=jnp.int32)
     empty = ~(token_x > NEG_INF)
     return jnp.where(empty, jnp.int32(vocab), jnp.where(greedy, jnp.int32(1), count))
 

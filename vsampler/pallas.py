@@ -180,9 +180,7 @@ def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, 
     # the token's rank is not counted in the kernel yet: one fused XLA pass over the penalised logits
     x = reference.penalised_logits(inp)  # stages 0-5
     token_x = jnp.take_along_axis(x, tokens[:, None], axis=1)[:, 0]
-    min_p = inp.params.min_p if inp.stages.min_p else None
-    threshold, s_max = stats[:, kernel.THRESHOLD], stats[:, kernel.S_MAX]
-    rank = lp.token_rank(x, token_x, inp.params.temperature, threshold, s_max, min_p, request.mode)
+    rank = lp.token_rank(x, token_x, inp.params.temperature, request.mode)
     return lp.RowValues(
         token_x=stats[:, kernel.TOKEN_X],
         top_x=top_x,

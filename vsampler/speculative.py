@@ -14,7 +14,8 @@ Shapes and dtypes:
                  >= 0 and sum to 1 per row within `DRAFT_PROBS_ATOL` (1e-3), else ValueError; traced
                  values are sanitised (`sanitise_draft_probs`): NaN / inf / negative entries count as 0,
                  each row is divided by its sum, and a row with no mass left counts as deterministic.
-  params, key, history, prompt_len, eos_token_id, impl: as `vsampler.sample`. `key` is one key or one
+  params, key, history, prompt_len, eos_token_id, impl: as `vsampler.sample` (`eos_token_id` may be
+                 per-request stop ids (B, S), -1 padded). `key` is one key or one
                  per row (per-request streams); None is allowed when every row is greedy.
   num_draft_tokens (B,) integer or None (every row K): ragged batches, as vLLM's rejection sampler
                  takes them. Row r's drafts are its first n_r entries (the rest is padding, never read:
@@ -54,7 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vsampler import xla
-from vsampler.inputs import EosIds, allowed_words
+from vsampler.inputs import EosIds, allowed_words, first_eos
 from vsampler.params import NUMERIC_FIELDS, SamplingParams
 from vsampler.sampling import Impl, process_logits
 
@@ -202,6 +203,8 @@ def verify_draft(
     elif prompt_len is not None:
         raise ValueError("prompt_len was given without history: it says where the history's prompt ends")
     flat_allowed, empty_token = _flat_allowed(allowed_tokens, eos_token_id, batch, positions, vocab)
+    if np.ndim(eos_token_id) == 2:  # per-request stop ids: each row's own at each of its positions
+        eos_token_id = jnp.repeat(jnp.asarray(eos_token_id), positions, axis=0)
     warped = process_logits(
         jnp.reshape(target_logits, (batch * positions, vocab)),
         _repeat_rows(params, positions),
@@ -234,7 +237,7 @@ def _flat_allowed(allowed_tokens: Any, eos_token_id: EosIds, batch: int, positio
     """The mask per (row, position) as (B * (K + 1), W) words for `process_logits`, and the token a
     position the mask empties emits (the first EOS id; 0 without a mask, as `sample`)."""
     if allowed_tokens is None:
-        return None, jnp.int32(0)
+        return None, jnp.zeros((batch,), jnp.int32)
     words = allowed_words(vocab)
     shape = np.shape(allowed_tokens)
     if shape not in ((batch, words), (batch, positions, words)):
@@ -249,8 +252,9 @@ def _flat_allowed(allowed_tokens: Any, eos_token_id: EosIds, batch: int, positio
     mask = jnp.asarray(allowed_tokens)
     if mask.ndim == 2:
         mask = jnp.broadcast_to(mask[:, None, :], (batch, positions, words))
-    first_eos = jnp.asarray(eos_token_id).reshape(-1)[0].astype(jnp.int32)
-    return mask.reshape(batch * positions, words), jnp.maximum(first_eos, 0)
+    eos = jnp.asarray(eos_token_id, jnp.int32)
+    first = first_eos(eos if eos.ndim == 2 else eos.reshape(-1))
+    return mask.reshape(batch * positions, words), jnp.broadcast_to(first, (batch,))
 
 
 def sanitise_draft_probs(q: jax.Array, draft: jax.Array, valid: jax.Array) -> jax.Array:
@@ -272,7 +276,7 @@ def _accept(warped: jax.Array, draft: jax.Array, draft_probs: jax.Array | None, 
     k = positions - 1
     finite = jnp.any(warped > NEG_INF, axis=-1, keepdims=True)
     p = jnp.where(finite, jax.nn.softmax(jnp.where(finite, warped, 0.0), axis=-1), 0.0)
-    p = jnp.where(finite, p, jax.nn.one_hot(empty_token, vocab))  # nothing left: as `sample` (0, or EOS)
+    p = jnp.where(finite, p, jax.nn.one_hot(empty_token, vocab)[:, None, :])  # nothing left: as `sample` (0 or EOS)
     valid = (draft >= 0) & (draft < vocab)  # traced ids outside [0, V) (e.g. -1 padding): always rejected
     q = jax.nn.one_hot(draft, vocab) if draft_probs is None else sanitise_draft_probs(draft_probs, draft, valid)
     safe = jnp.where(valid, draft, 0)

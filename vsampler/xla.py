@@ -387,16 +387,16 @@ def sample_with_logprobs(
 ) -> tuple[jax.Array, lp.LogProbs | None]:
     """The token per row, `(B,)` int32 (`vsampler.reference.sample` without a sort, module docstring),
     and its log-probabilities when `request` asks for them."""
-    empty_token = jnp.int32(inp.empty_token)
+    empty_token = jnp.asarray(inp.empty_token, jnp.int32)
+    per_row_empty = empty_token if empty_token.ndim == 1 else None  # per-request stop ids: set after the map
 
     def finish(x: jax.Array, x_max: jax.Array, d: _Drawn, ri: _RowInputs) -> tuple:
-        token = jnp.where(x_max > NEG_INF, d.token, empty_token).astype(jnp.int32)
+        token = jnp.where(x_max > NEG_INF, d.token, empty_token if per_row_empty is None else -1).astype(jnp.int32)
         if request is None:
             return token, None
         chunk_max, log_z_raw = chunk_stats(x, x_max)
         top_x, top_ids = top_entries(x, request.n, chunk_max)
-        min_p_row = ri.min_p if inp.stages.min_p else None
-        rank = lp.token_rank(x, x[token], ri.temperature, d.threshold, d.s_max, min_p_row, request.mode)
+        rank = lp.token_rank(x, x[token], ri.temperature, request.mode)
         values = lp.RowValues(
             token_x=x[token],
             top_x=top_x,
@@ -411,6 +411,8 @@ def sample_with_logprobs(
 
     needs_mass = request is not None and request.mode == "processed"
     token, values = _map_rows(inp, _greedy_row, _sampled_row(inp.stages, needs_mass), finish)
+    if per_row_empty is not None:
+        token = jnp.where(token < 0, per_row_empty, token)
     if request is None:
         return token, None
     min_p = inp.params.min_p if inp.stages.min_p else None
