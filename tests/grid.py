@@ -1,6 +1,17 @@
 """Test-side helpers over `vsampler.tools.verification`: the same grid, asserting instead of reporting."""
 
-from vsampler.tools.verification import EOS, STAGE_CASES, Case, allowed_mask, check, history, logits, params  # noqa: F401
+from vsampler.tools.verification import (  # noqa: F401
+    EOS,
+    STAGE_CASES,
+    TEXTBOOK_CASES,
+    TEXTBOOK_TOP_P,
+    Case,
+    allowed_mask,
+    check,
+    history,
+    logits,
+    params,
+)
 
 
 def compare(
@@ -17,3 +28,4 @@ def compare(
     assert result.agreement == 1.0, f"token agreement {result.agreement:.4f}"
     assert result.logprobs_equal, "log-probs differ"
     assert result.mask_respected, "a token the mask disallows was sampled"
+    assert result.exact, "kept sets differ from the hand-computed textbook ones"

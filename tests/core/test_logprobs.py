@@ -45,9 +45,32 @@ def test_reference_is_the_definition():
         assert np.array_equal(np.asarray(lp.top_ids), order)
         assert logprobs_close(lp.top, np.take_along_axis(want, order, axis=1))
         assert logprobs_close(lp.token, want[np.arange(8), tokens])
+        # rank: how many tokens are at least as likely as the sampled one (vLLM's selected_token_ranks)
+        want_rank = np.sum(want >= want[np.arange(8), tokens][:, None], axis=1)
+        assert np.asarray(lp.rank).tolist() == want_rank.tolist()
     greedy_rows = np.asarray(sampling.temperature) == 0
     _, lp = sample(x, sampling, key, logprobs=3, logprobs_mode="processed", **kw)
     assert np.all(np.asarray(lp.token)[greedy_rows] == 0.0)  # a greedy row's token is certain
+    assert np.all(np.asarray(lp.rank)[greedy_rows] == 1)
+
+
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_token_rank_by_hand(impl):
+    """Ties count against the token (vLLM's >=); a greedy row is rank 1 in the processed distribution,
+    and in the raw one ranks behind the tokens tied with it."""
+    x = jnp.asarray([[1.0, 3.0, 3.0, 2.0, -jnp.inf]] * 2)
+    greedy = SamplingParams(temperature=0.0)
+    for mode, want in (("raw", 2), ("processed", 1)):
+        tokens, lp = sample(x, greedy, None, logprobs=1, logprobs_mode=mode, impl=impl)
+        assert np.asarray(tokens).tolist() == [1, 1] and np.asarray(lp.rank).tolist() == [want, want]
+    # sampled rows: top-k 3 keeps {1, 2, 3}; whatever is drawn, its rank is fixed by its logit
+    keys = jax.random.split(jax.random.key(0), 64)
+    x = jnp.broadcast_to(jnp.asarray([1.0, 3.0, 3.0, 2.0, -jnp.inf]), (64, 5))
+    by_token = {"raw": {0: 4, 1: 2, 2: 2, 3: 3}, "processed": {1: 2, 2: 2, 3: 3}}
+    for mode, table in by_token.items():
+        tokens, lp = sample(x, SamplingParams(top_k=3), keys, logprobs=0, logprobs_mode=mode, impl=impl)
+        assert set(np.asarray(tokens).tolist()) == {1, 2, 3}
+        assert np.asarray(lp.rank).tolist() == [table[t] for t in np.asarray(tokens).tolist()]
 
 
 @pytest.mark.parametrize("impl", FAST)
@@ -90,6 +113,8 @@ def test_top_entries_of_any_width_and_edge_rows(impl, n):
         assert logprobs_close(lp.top, want.top) and logprobs_close(lp.token, want.token)
         assert np.all(np.asarray(lp.top)[1] == -np.inf) and np.asarray(lp.token)[1] == -np.inf
         assert np.asarray(lp.token)[3] == 0.0 and np.asarray(tokens)[3] == 17
+        assert np.array_equal(np.asarray(lp.rank), np.asarray(want.rank)), mode
+        assert np.asarray(lp.rank)[1] == 300 and np.asarray(lp.rank)[3] == 1  # empty row: V; +inf: certain
 
 
 @pytest.mark.parametrize("impl", ["xla", "pallas"])
@@ -102,6 +127,8 @@ def test_sample_step_reports_finished_rows_as_certain_pads(impl):
     want_tokens, want = sample(x, sampling, jax.random.key(6), logprobs=4, logprobs_mode="processed", impl="reference")
     assert np.asarray(tokens)[1] == 499 and np.asarray(done).tolist() == [False, True, False]
     assert np.asarray(lp.token)[1] == 0.0 and np.all(np.asarray(lp.top_ids)[1] == 499)
+    assert np.asarray(lp.rank)[1] == 1
+    assert np.array_equal(np.asarray(lp.rank)[[0, 2]], np.asarray(want.rank)[[0, 2]])
     assert np.all(np.asarray(lp.top)[1] == -np.inf)
     live = [0, 2]
     assert np.array_equal(np.asarray(tokens)[live], np.asarray(want_tokens)[live])

@@ -6,6 +6,7 @@ import numpy as np
 
 from vsampler import SamplingParams, process_logits, sample
 from vsampler.core import reference as ref
+from vsampler.tools.verification import TEXTBOOK_TOP_P
 
 NEG = -np.inf
 KEY = jax.random.key(0)
@@ -89,6 +90,23 @@ def test_top_p_keeps_the_token_that_crosses_p_and_ties_together():
     assert kept(ties, params={"top_p": 0.5})[0] == [0, 1, 2]  # mass above each 0.3 is 0.4 < 0.5
     assert kept(ties, params={"top_p": 0.35})[0] == [1]
     assert kept(np.log([0.25] * 4), params={"top_p": 0.01})[0] == [0, 1, 2, 3]
+
+
+def test_top_p_at_textbook_boundaries_is_exact():
+    """A mass above a token of exactly p (in decimals) drops it, whatever float32 rounding of log, softmax
+    and the sums says (HF's example: the reference's float32 running sum reached 0.79999995 and kept the
+    0.1 pair); just above p keeps it."""
+    for probs, top_p, want in TEXTBOOK_TOP_P:
+        assert kept(np.log(np.asarray(probs, np.float32)), params={"top_p": top_p})[0] == list(want), (probs, top_p)
+    assert kept(np.log([0.3, 0.1, 0.1, 0.5]), params={"top_p": 0.8 + 1e-5})[0] == [0, 1, 2, 3]
+
+
+def test_exact_cumsum_is_right_to_one_rounding_at_any_length():
+    e = np.random.default_rng(0).random((2, 100_000)).astype(np.float32) ** 4
+    want = np.cumsum(e.astype(np.float64), axis=1)
+    got = np.asarray(jax.jit(ref.exact_cumsum)(jnp.asarray(e)))
+    assert np.max(np.abs(got - want) / want) <= 2**-23  # a float32 cumsum drifts far past this here
+    assert np.max(np.abs(np.asarray(jnp.cumsum(e, axis=1)) - want) / want) > 2**-23
 
 
 def test_top_p_applies_to_what_top_k_left_renormalised():

@@ -69,6 +69,10 @@ def test_logprobs_are_written_beside_each_token(model):
         assert np.array_equal(np.asarray(state.top_logprob_ids[r, start:end]), want_ids)
         want_top = np.stack([np.asarray(s.top[0]) for s in steps])
         np.testing.assert_allclose(np.asarray(state.top_logprobs[r, start:end]), want_top, atol=1e-4)
+        want_ranks = [int(s.rank[0]) for s in steps]
+        assert np.asarray(state.token_ranks[r, start:end]).tolist() == want_ranks
+        ranks = np.asarray(state.token_ranks[r])
+        assert np.all(ranks[:start] == 0) and np.all(ranks[end:] == 0)  # prompt and unwritten slots
         assert np.all(np.asarray(state.token_logprobs[r, :start]) == 0.0)  # prompt slots
         assert np.all(np.asarray(state.token_logprobs[r, end:]) == 0.0)  # never written
     assert np.all(np.asarray(state.token_logprobs)[0, start : start + 1] == 0.0)  # greedy row: certain

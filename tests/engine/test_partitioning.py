@@ -31,7 +31,7 @@ INTENDED = [
     (r"^model_kwargs/past_key_values/views/\d+/(key|value)/(weight|scale)$", 2),
     (r"^model_kwargs/past_key_values/views/\d+/(key|value)/(packed|absmax)$", 3),
     (r"^model_kwargs/past_key_values/views/\d+/(key|value)$", 4),
-    (r"^(allowed_tokens|token_logprobs|top_logprob_ids|top_logprobs)$", 5),
+    (r"^(allowed_tokens|token_logprobs|top_logprob_ids|top_logprobs|token_ranks)$", 5),
     (
         r"^(current_length|is_sequence_finished|prng_key|model_kwargs/cache_index|tokens_per_second|"
         r"generated_tokens|_time_spent_computing)$",
@@ -61,9 +61,8 @@ def test_every_state_leaf_is_matched_by_its_intended_rule(mode, serving):
     state = loop_state(mode, serving)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     names = [leaf_name(path) for path, _ in leaves]
-    assert sum(n in ("allowed_tokens", "token_logprobs", "top_logprob_ids", "top_logprobs") for n in names) == (
-        4 if serving else 0
-    )
+    serving_leaves = ("allowed_tokens", "token_logprobs", "top_logprob_ids", "top_logprobs", "token_ranks")
+    assert sum(n in serving_leaves for n in names) == (5 if serving else 0)
     assert sum("past_key_values" in n for n in names) == 2 * 2 * (1 if mode == "fp" else 2)
     for name in names:
         assert rule_index(RULES, name) == intended_rule(name), name

@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16")
 
 
 class GridCase(NamedTuple):
-    kind: str  # the logits: "normal", "ties", "one_finite", "nan"
+    kind: str  # the logits: "normal", "ties", "one_finite", "nan", "textbook"
     config: str  # the sampling parameters (`verification.params`)
     batch: int
     vocab: int
@@ -42,6 +42,15 @@ def _cases(kinds, configs, batches, vocabs, dtypes, slow=False) -> list[GridCase
 
 
 HARD = ("ties", "one_finite", "nan")
+# decimal top-p boundaries (`verification.TEXTBOOK_TOP_P`), one row each; `compare` also checks the
+# hand-computed kept sets
+TEXTBOOK_ROWS = len(grid.TEXTBOOK_TOP_P)
+
+
+def _textbook(vocab: int, dtype: str = "float32") -> list[GridCase]:
+    return _cases(["textbook"], grid.TEXTBOOK_CASES, [TEXTBOOK_ROWS], [vocab], [dtype])
+
+
 # stages 1-3 (bias and penalties) are the shared pre-pass every kernel variant gets already applied
 KERNEL_STAGE_CASES = [case for case in grid.STAGE_CASES if case not in ("bias", "bias_dense", "repetition")]
 
@@ -49,6 +58,9 @@ XLA_CASES = [
     *_cases(["normal"], grid.STAGE_CASES, [8], [1000, 32000], ["float32"]),
     *_cases(HARD, ["combined", "heterogeneous", "top_k_large", "top_p"], [8], [1000], ["float32"]),
     *_cases(["normal"], ["heterogeneous"], [1, 3], [32000], ["float32"]),
+    *_textbook(1000),
+    *_textbook(50257),
+    *_textbook(1000, "bfloat16"),
     *_cases(["normal"], ["heterogeneous"], [1, 3, 8], [1000, 32000, 50257, 128256, 152064, 256000], DTYPES, True),
     *_cases(["normal"], ["combined", "top_p", "top_k_large"], [64], [50257, 128256, 256000], DTYPES, True),
     *_cases(["normal"], grid.STAGE_CASES, [8], [50257], ["float32"], True),
@@ -60,6 +72,7 @@ PALLAS_CASES = [
     *_cases(HARD, ["combined", "heterogeneous"], [8], [1000], ["float32"]),
     *[GridCase("normal", "heterogeneous", b, 32000, d) for b, d in ((1, "float32"), (3, "bfloat16"), (12, "float32"))],
     GridCase("normal", "heterogeneous", 20, 32000, "bfloat16"),
+    *_textbook(1000),
     *_cases(["normal"], ["heterogeneous"], [8], [32000, 50257, 128256, 152064, 256000], DTYPES, True),
     *_cases(["normal"], ["combined", "top_p", "top_k_large"], [64], [128256], ["bfloat16"], True),
     *_cases(["ties"], grid.STAGE_CASES, [8], [50257], ["bfloat16"], True),
@@ -71,6 +84,7 @@ CASES: dict[str, list[GridCase]] = {
     "pallas-triton": [
         *_cases(["normal"], ["combined", "heterogeneous", "top_k_large", "greedy", "min_p"], [8], [1000], ["float32"]),
         *_cases(HARD, ["heterogeneous"], [3], [5000], ["bfloat16"]),
+        *_textbook(1000),
         *_cases(["normal"], ["heterogeneous"], [8], [32000, 50257, 128256, 256000], DTYPES, True),
     ],
     # the TPU chunked variant: V=9000 is three 4096-lane chunks with an overhang, so rows cross the
@@ -78,6 +92,7 @@ CASES: dict[str, list[GridCase]] = {
     "pallas-chunked": [
         *_cases(["normal"], KERNEL_STAGE_CASES, [8], [9000], ["float32"]),
         *_cases(HARD, ["heterogeneous"], [20], [9000], ["bfloat16"]),
+        *_textbook(9000),
         *_cases(["normal"], ["heterogeneous"], [8], [50257, 128256, 256000], DTYPES, True),
         GridCase("normal", "combined", 64, 128256, "float32", slow=True),
     ],

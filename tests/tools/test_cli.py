@@ -165,8 +165,9 @@ def test_verify_reports_agreement_and_exits_0(capsys):
     code = main([*argv, "--draws", "3000"])
     assert code == EXIT_OK
     out = capsys.readouterr().out
-    # 2 impls x (2 configs + the masked heterogeneous case), each with log-probs in both modes
-    summary = "6 cases, 0 disagree; token agreement 12/12 rows (100.00%), 0 at a rounding boundary; "
+    # 2 impls x (2 configs + the masked heterogeneous case + 2 textbook top-p cases of 14 rows), each with
+    # log-probs in both modes
+    summary = "10 cases, 0 disagree; token agreement 68/68 rows (100.00%), 0 at a rounding boundary; "
     assert summary + "distribution checks: 0 failed" in out
     assert "masked" in out and "log-probs" in out
 
@@ -263,7 +264,7 @@ def test_verify_drops_compiled_programs_to_keep_its_memory_mappings_bounded(monk
 
     monkeypatch.setattr(verification, "bound_mappings", watched)
     argv = ["verify", "--impl", "xla", "--batch", "2", "--vocab", "300,310", "--dtype", "float32", "--draws", "300"]
-    code = main(argv)  # 6 cases, a dozen compiled programs each
+    code = main(argv)  # 10 cases, a dozen compiled programs each
     assert code == EXIT_OK
     assert any(released), "the cases compiled past the bound"
     assert max(after_each) <= bound + 100, "mappings stay near the bound"

@@ -12,6 +12,10 @@ cannot raise; they are sanitised as follows, and the tests pin it:
 * temperature NaN or < 0 -> 0 (greedy);
 * top_k < 0 or >= V -> 0 (off); top_p NaN -> 1, else clipped to [tiny, 1] (top_p <= 0 keeps only
   the most probable tokens); min_p NaN -> 0, else clipped to [0, 1];
+* top_p < 1 (concrete or traced) is applied as `max(top_p - TOP_P_SLACK, tiny)`: a mass above a token
+  within 2^-20 of p counts as reaching p, so decimal boundaries come out as exact arithmetic says
+  (probabilities {0.3, 0.1, 0.1, 0.5} at top_p 0.8: the mass above the 0.1 pair is 0.8, and they are
+  dropped), not as float32 rounding of log(p), softmax and the sums happens to fall;
 * repetition_penalty NaN, <= 0 or inf -> 1 (off); presence / frequency NaN -> 0, else clipped to [-2, 2];
 * min_tokens < 0 -> 0; max_tokens < 1 -> 1;
 * history ids < 0 are empty slots; ids >= V are ignored like empty slots; traced EOS ids outside
@@ -44,7 +48,7 @@ class RowParams(NamedTuple):
     min_tokens: jax.Array  # int32
     temperature: jax.Array  # float32
     top_k: jax.Array  # int32, 0 = off (also when the request was >= V)
-    top_p: jax.Array  # float32 in [tiny, 1]
+    top_p: jax.Array  # float32 in [tiny, 1], the slack applied (1 = off)
     min_p: jax.Array  # float32 in [0, 1]
     repetition_penalty: jax.Array  # float32 > 0
     presence_penalty: jax.Array  # float32 in [-2, 2]
@@ -62,13 +66,17 @@ class SamplerInputs(NamedTuple):
     bias_values: jax.Array | None  # (N,) float32
     history: jax.Array | None  # (B, L) int32, negative = empty
     prompt_len: jax.Array  # (B,) int32
-    eos_ids: jax.Array | None  # (E,) int32
+    eos_ids: jax.Array | None  # (E,) int32, or (B, S) per-request stop ids (-1 = padding)
     u: jax.Array | None  # (B,) float32 in [0, 1): one uniform per row
     allowed: jax.Array | None = None  # (B, ceil(V / 32)) int32 packed bitmask, 1 = allowed
-    empty_token: jax.Array | int = 0  # the token of a row with no finite logit left (int32 scalar)
+    empty_token: jax.Array | int = 0  # the token of a row with no finite logit left (int32 scalar or (B,))
 
 
 _INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
+# top-p's tolerance (module docstring): far above the float32 rounding of the masses (~1e-7 relative in
+# the reference's compensated sums, ~log2(V) * 6e-8 in the fast paths' float32 sums), far below any
+# boundary a person writes with a few decimals; it moves each row's kept set by at most that much mass
+TOP_P_SLACK = 2.0**-20
 
 
 def _row_array(name: str, value: Any, batch: int) -> jax.Array:
@@ -92,7 +100,7 @@ def sanitise_row_params(params: SamplingParams, batch: int, vocab: int) -> RowPa
         min_tokens=jnp.maximum(v["min_tokens"], 0),
         temperature=jnp.where(jnp.isnan(t) | (t < 0), 0.0, t),
         top_k=jnp.where((k < 0) | (k >= vocab), 0, k),
-        top_p=jnp.where(jnp.isnan(p), 1.0, jnp.clip(p, jnp.finfo(jnp.float32).tiny, 1.0)),
+        top_p=jnp.where(jnp.isnan(p) | (p >= 1.0), 1.0, jnp.maximum(p - TOP_P_SLACK, jnp.finfo(jnp.float32).tiny)),
         min_p=jnp.where(jnp.isnan(mp), 0.0, jnp.clip(mp, 0.0, 1.0)),
         repetition_penalty=jnp.where(jnp.isnan(r) | (r <= 0) | jnp.isinf(r), 1.0, r),
         presence_penalty=jnp.clip(jnp.nan_to_num(v["presence_penalty"], nan=0.0), -2.0, 2.0),
@@ -205,10 +213,33 @@ def check_prompt_len_range(prompt_len: Any, history_len: int) -> None:
         raise ValueError(f"prompt_len must lie in [0, L={history_len}], got {prompt_len!r}")
 
 
-def normalise_eos(eos_token_id: EosIds, vocab: int) -> jax.Array | None:
-    """EOS ids as an (E,) int32 array; concrete ids are checked against the vocabulary."""
+def check_eos_rows(eos_token_id: Any, batch: int, vocab: int) -> None:
+    """Per-request stop ids, a (B, S) integer array with -1 as padding: the shape, dtype and (when
+    concrete) every id in [-1, V) are checked."""
+    dtype = getattr(eos_token_id, "dtype", None)
+    if dtype is None or not jnp.issubdtype(dtype, jnp.integer) or eos_token_id.shape[0] != batch:
+        raise ValueError(
+            f"eos_token_id as per-request stop ids must be a (B, S) = ({batch}, S) integer array (-1 = padding), "
+            f"got shape {np.shape(eos_token_id)} dtype {dtype}"
+        )
+    if not isinstance(eos_token_id, jax.core.Tracer):
+        ids = np.asarray(eos_token_id)
+        bad = ids[(ids < -1) | (ids >= vocab)]
+        if bad.size:
+            raise ValueError(
+                f"eos_token_id {sorted(set(bad.tolist()))[:8]} outside the vocabulary [0, {vocab}) (-1 = padding)"
+            )
+
+
+def normalise_eos(eos_token_id: EosIds, vocab: int, batch: int | None = None) -> jax.Array | None:
+    """EOS ids as an (E,) int32 array, or (B, S) per-request stop ids (-1 = padding); concrete ids are
+    checked against the vocabulary, traced ones outside [0, V) are ignored."""
     if eos_token_id is None:
         return None
+    if np.ndim(eos_token_id) == 2 and batch is not None:
+        check_eos_rows(eos_token_id, batch, vocab)
+        ids = jnp.asarray(eos_token_id).astype(jnp.int32)
+        return jnp.where((ids >= 0) & (ids < vocab), ids, -1)
     if isinstance(eos_token_id, jax.core.Tracer):
         ids = jnp.asarray(eos_token_id).reshape(-1).astype(jnp.int32)
         return jnp.where((ids >= 0) & (ids < vocab), ids, -1)  # out of range: ignored
@@ -269,7 +300,7 @@ def prepare(
             "repetition/presence/frequency penalties are set but history is None: pass the (B, L) token "
             "history the penalties apply to"
         )
-    eos_ids = normalise_eos(eos_token_id, vocab)
+    eos_ids = normalise_eos(eos_token_id, vocab, batch)
     if stages.min_tokens and eos_ids is None:
         raise ValueError("SamplingParams.min_tokens > 0 needs eos_token_id: the ids it keeps masked")
     allowed = _check_allowed(allowed_tokens, batch, vocab)
@@ -280,7 +311,7 @@ def prepare(
                 "allowed_tokens needs eos_token_id: a row whose mask leaves no token samples the first EOS id "
                 "(the request ends) instead of an arbitrary token"
             )
-        empty_token = jnp.maximum(eos_ids[0], 0)
+        empty_token = first_eos(eos_ids)
     u = None
     if draw and stages.random:
         if key is None:
@@ -300,6 +331,19 @@ def prepare(
         allowed=allowed,
         empty_token=empty_token,
     )
+
+
+def first_eos(eos_ids: jax.Array) -> jax.Array:
+    """The first EOS id (a scalar), or with per-request ids (B, S) each row's first id (B,) (0: none)."""
+    if eos_ids.ndim == 1:
+        return jnp.maximum(eos_ids[0], 0)
+    first = jnp.take_along_axis(eos_ids, jnp.argmax(eos_ids >= 0, axis=1)[:, None], axis=1)[:, 0]
+    return jnp.maximum(first, 0)
+
+
+def eos_rows(eos_ids: jax.Array) -> jax.Array:
+    """EOS ids broadcastable against (B, S) rows: (1, E) for one set, (B, S) for per-request ids."""
+    return eos_ids[None, :] if eos_ids.ndim == 1 else eos_ids
 
 
 def history_masks(history: jax.Array, prompt_len: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:

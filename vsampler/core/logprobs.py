@@ -10,8 +10,14 @@ distributions:
 * "processed": `log_softmax` of `process_logits`, the distribution the token was drawn from: tokens
   top-k / top-p / min-p dropped get -inf, a greedy row's argmax gets 0.
 
+`rank` (vLLM's `selected_token_ranks`) is the sampled token's rank in the same distribution: the number
+of tokens whose log-probability is >= the token's (1 = the most likely; ties count against it, as
+vLLM's). It compares the values the log-probabilities are taken from (penalised logits for "raw", the
+kept scaled logits for "processed"), so it never depends on how a log-normaliser rounds; a greedy row's
+processed rank is 1, and a row with no finite logit has rank V. One counting pass over the row, no sort.
+
 A row with no finite logit gets -inf everywhere. In `sample_step`, a finished row (it emits the pad id)
-reports 0 for its token and -inf for its top entries, whose ids are the pad id.
+reports 0 for its token, rank 1, and -inf for its top entries, whose ids are the pad id.
 
 The fast paths never build a `(B, V)` array of log-probabilities: they return per-row values (the raw
 log-normaliser, the kept threshold, the scaled maximum, the kept mass, the token's logit and the top-n
@@ -38,6 +44,7 @@ class LogProbs(NamedTuple):
     token: jax.Array  # (B,) float32: the sampled token's log-probability
     top_ids: jax.Array  # (B, n) int32: the n most likely tokens by penalised logit, best first
     top: jax.Array  # (B, n) float32: their log-probabilities
+    rank: jax.Array  # (B,) int32: the sampled token's rank, 1 = most likely (module docstring)
 
 
 class LogprobsRequest(NamedTuple):
@@ -70,6 +77,22 @@ class RowValues(NamedTuple):
     threshold: jax.Array  # (B,) kept threshold in scaled units (-inf: none)
     s_max: jax.Array  # (B,) the row's scaled maximum
     kept_mass: jax.Array  # (B,) sum of exp(s - s_max) over the kept tokens
+    rank: jax.Array  # (B,) int32, `token_rank`'s
+
+
+def token_rank(x: jax.Array, token_x: jax.Array, temperature: jax.Array, mode: str) -> jax.Array:
+    """The sampled token's rank (module docstring) from the penalised row(s) `x` (..., V) (stages 0-5),
+    the token's penalised logit and the row's temperature (...). One compare-and-count pass: every
+    filter keeps an upper set of scaled values, so the kept tokens at least as likely as the (kept)
+    sampled token are all tokens with `s >= s_token`, and no kept-set test is needed."""
+    vocab = x.shape[-1]
+    if mode == "raw":
+        return jnp.sum(x >= token_x[..., None], axis=-1, dtype=jnp.int32)
+    greedy = temperature == 0.0
+    inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+    count = jnp.sum(x * inverse_t[..., None] >= (token_x * inverse_t)[..., None], axis=-1, dtype=jnp.int32)
+    empty = ~(token_x > NEG_INF)
+    return jnp.where(empty, jnp.int32(vocab), jnp.where(greedy, jnp.int32(1), count))
 
 
 def from_row_values(
@@ -104,6 +127,7 @@ def from_row_values(
         token=logp(v.token_x[:, None], token[:, None])[:, 0],
         top_ids=v.top_ids,
         top=logp(v.top_x, v.top_ids),
+        rank=v.rank,
     )
 
 
@@ -114,4 +138,5 @@ def for_finished_rows(lp: LogProbs, finished: jax.Array, pad_token_id: int) -> L
         token=jnp.where(finished, 0.0, lp.token),
         top_ids=jnp.where(done, jnp.int32(pad_token_id), lp.top_ids),
         top=jnp.where(done, NEG_INF, lp.top),
+        rank=jnp.where(finished, jnp.int32(1), lp.rank),
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vsampler.core.inputs import SamplerInputs, history_masks
+from vsampler.core.inputs import SamplerInputs, eos_rows, history_masks
 from vsampler.core.numerics import NEG_INF
 
 
@@ -86,7 +86,7 @@ def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
 
     if eos_mask and masks_eos(inp):
         too_early = too_early_for_eos(inp)[:, None]
-        eos = jnp.where(inp.eos_ids >= 0, inp.eos_ids, vocab)[None, :]
+        eos = eos_rows(jnp.where(inp.eos_ids >= 0, inp.eos_ids, vocab))  # (1, E) or per request (B, S)
         x = x.at[rows, eos].set(jnp.where(too_early, NEG_INF, x[rows, jnp.minimum(eos, vocab - 1)]), mode="drop")
 
     return x

@@ -22,8 +22,15 @@ For logits `(B, V)` (math in float32) and per-row parameters, each row goes thro
  7. top-k: keep tokens whose value is >= the k-th largest value (ties at the boundary all kept);
     `k == 0` or `k >= V` keeps everything.
  8. top-p over what top-k kept: with `e_i = exp(x_i - max)` over the kept tokens, keep token i when the
-    mass strictly above it, `sum(e_j for e_j > e_i)`, is `< top_p * sum(e)`. The most probable tokens
-    are always kept; ties are kept or dropped together; `top_p == 1` keeps everything.
+    mass strictly above it, `sum(e_j for e_j > e_i)`, is `< p' * sum(e)`, where `p' = top_p - 2^-20`
+    (`vsampler.core.inputs.TOP_P_SLACK`): a mass within 2^-20 of p counts as reaching it, so boundaries a
+    person computes by hand come out as exact arithmetic says ({0.3, 0.1, 0.1, 0.5} at top_p 0.8: the
+    mass above the 0.1 pair is 0.8, not < 0.8, so they are dropped; float32 sums say 0.79999995 or
+    0.8000001 by luck). Here the sums are compensated (double-float, `exact_cumsum`), so they are right
+    to one float32 rounding at any V; the fast paths sum in float32 in their own order, so they can
+    differ from this only for a token whose mass above lies within their rounding of `p' * sum(e)`.
+    The most probable tokens are always kept; ties are kept or dropped together; `top_p == 1` keeps
+    everything.
  9. min-p: keep tokens with `p_i >= min_p * p_max`, i.e. `exp(x_i - max) >= min_p`.
 10. draw: `u` is one uniform per row (see `vsampler.core.inputs.draw_uniforms`); the token is the smallest
     index whose inclusive cumulative kept mass, summed in vocabulary order, exceeds `u * total`
@@ -38,7 +45,8 @@ logits (stages 0-5; ties: lower id first), in one of two distributions:
   "raw":       `log_softmax` of the penalised logits (after stages 0-5, before temperature and filtering);
   "processed": `log_softmax` of `process_logits`: the distribution the token was drawn from (tokens the
                filters dropped have -inf; a greedy row's argmax has 0).
-An empty row's log-probabilities are all -inf.
+An empty row's log-probabilities are all -inf. The token's rank is the count of tokens whose value in
+that distribution is >= the token's (1 = most likely; an empty row: V).
 """
 
 from __future__ import annotations
@@ -81,6 +89,27 @@ def empty_rows(x: jax.Array) -> jax.Array:
     return ~jnp.any(x > NEG_INF, axis=1)
 
 
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`a + b` as a float32 sum and its exact rounding error (Knuth's TwoSum; additions only)."""
+    s = a + b
+    bb = s - a
+    return s, (a - (s - bb)) + (b - bb)
+
+
+def exact_cumsum(e: jax.Array, axis: int = 1) -> jax.Array:
+    """Inclusive cumulative sums along `axis`, compensated: each prefix is carried as a double-float pair
+    (hi, lo) through an associative scan and rounded once to float32 at the end, so the result is the
+    exact prefix sum to within about one float32 rounding whatever the length (float32 `cumsum` drifts
+    by up to length x 6e-8). Works with `jax_enable_x64` off."""
+
+    def combine(a: tuple[jax.Array, jax.Array], b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        hi, err = _two_sum(a[0], b[0])
+        return _two_sum(hi, err + (a[1] + b[1]))
+
+    hi, lo = jax.lax.associative_scan(combine, (e, jnp.zeros_like(e)), axis=axis)
+    return hi + lo
+
+
 def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Stages 6-9 on penalised logits `x`: `(kept (B, V) bool, scaled (B, V) float32)`.
 
@@ -104,11 +133,12 @@ def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         row_max = jnp.max(jnp.where(kept, scaled, NEG_INF), axis=1, keepdims=True)
         e = jnp.where(kept, weight(scaled, row_max), 0.0)
         e_desc = -jnp.sort(-e, axis=1)
-        exclusive = jnp.cumsum(e_desc, axis=1) - e_desc
+        inclusive = exact_cumsum(e_desc)
+        exclusive = jnp.pad(inclusive[:, :-1], ((0, 0), (1, 0)))  # the exact sum before each position
         # the mass strictly above a value is the exclusive sum at the first position holding that value
         first_of_value = jax.vmap(lambda row: jnp.searchsorted(-row, -row, side="left"))(e_desc)
         above = jnp.take_along_axis(exclusive, first_of_value, axis=1)
-        total = jnp.sum(e, axis=1, keepdims=True)
+        total = inclusive[:, -1:]
         keep_sorted = above < p.top_p[:, None] * total
         smallest_kept = jnp.min(jnp.where(keep_sorted, e_desc, jnp.inf), axis=1, keepdims=True)
         kept &= (e >= smallest_kept) | (p.top_p[:, None] >= 1.0)
@@ -172,10 +202,12 @@ def sample_with_logprobs(inp: SamplerInputs, logprobs: LogprobsRequest | None) -
     log_z = jax.nn.logsumexp(distribution, axis=1, keepdims=True)
     logp = jnp.where(distribution > NEG_INF, distribution - log_z, NEG_INF)
     top_ids = jnp.argsort(-x, axis=1, stable=True)[:, : logprobs.n].astype(jnp.int32)
+    token_value = jnp.take_along_axis(distribution, token[:, None], axis=1)
     return token, LogProbs(
         token=jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0],
         top_ids=top_ids,
         top=jnp.take_along_axis(logp, top_ids, axis=1),
+        rank=jnp.sum(distribution >= token_value, axis=1, dtype=jnp.int32),
     )
 
 

@@ -37,6 +37,7 @@ class Implementation:
                    only; the tests mark it `interpret`).
     auto_backends: the backends on which `impl="auto"` may pick it ("*": any; empty: never), and
                    `auto_rank` its preference there (lower first).
+    per_row_stop_ids: whether it takes per-request EOS ids ((B, S)); False: such calls run on xla.
     selectable:    False for an implementation reached another way than `impl=` (the
                    vocabulary-parallel sampler: `vocab_axis=`).
     description:   one line, for `available_impls()`' readers and the CLI's help.
@@ -52,6 +53,7 @@ class Implementation:
     kernel: bool = False
     auto_backends: tuple[str, ...] = ()
     auto_rank: int = 0
+    per_row_stop_ids: bool = True
     selectable: bool = True
     extras: dict[str, Callable[..., Any]] = dataclasses.field(default_factory=dict, compare=False, hash=False)
 

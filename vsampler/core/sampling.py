@@ -9,7 +9,10 @@ Shapes and dtypes:
   prompt_len:   scalar or (B,) integer: history positions >= prompt_len are the generated tokens
                 (presence / frequency penalties and `min_tokens` count only those). Default 0.
   eos_token_id: one id or several (int, sequence or 1-D array); needed when `min_tokens > 0` or with
-                `allowed_tokens`.
+                `allowed_tokens`. Or per-request stop ids: a (B, S) integer array, -1 = padding (concrete
+                ids must lie in [-1, V)): row r's `min_tokens` masks its own ids, it finishes on its own
+                ids (`sample_step`), and a row `allowed_tokens` empties samples its own first id (0 if
+                it has none). The kernels take one set per call: impl="pallas" runs such calls on xla.
   allowed_tokens: (B, ceil(V / 32)) int32, the packed bitmask grammar engines (xgrammar, llguidance) write:
                 bit j % 32 of word j // 32 set = token j allowed. Applied before every other stage (inside
                 the fused kernel on impl="pallas"); a row it leaves without a token samples the first EOS
@@ -39,7 +42,7 @@ import numpy as np
 
 from vsampler.core import logprobs as lp
 from vsampler.core import registry
-from vsampler.core.inputs import EosIds, SamplerInputs, check_prompt_len_range, prepare
+from vsampler.core.inputs import EosIds, SamplerInputs, check_eos_rows, check_prompt_len_range, eos_rows, prepare
 from vsampler.core.logprobs import LogProbs
 from vsampler.core.params import SamplingParams
 
@@ -66,8 +69,15 @@ def resolve_impl(impl: str, backend: str | None = None) -> str:
     return impl
 
 
-def _static_eos(eos_token_id: EosIds) -> tuple[tuple[int, ...] | None, Any]:
-    """Concrete EOS ids become a static tuple (checked against V at trace time); traced ones stay dynamic."""
+def _static_eos(eos_token_id: EosIds, logits: Any) -> tuple[tuple[int, ...] | None, Any]:
+    """Concrete EOS ids become a static tuple (checked against V at trace time); traced ones and per-request
+    stop ids (a (B, S) array, checked here) stay dynamic."""
+    if np.ndim(eos_token_id) == 2:
+        ids = eos_token_id if hasattr(eos_token_id, "dtype") else np.asarray(eos_token_id)
+        shape = np.shape(logits)
+        if len(shape) == 2:
+            check_eos_rows(ids, shape[0], shape[1])
+        return None, ids
     if eos_token_id is None or isinstance(eos_token_id, jax.core.Tracer):
         return None, eos_token_id
     arr = np.asarray(eos_token_id)
@@ -150,13 +160,20 @@ def _sample_step_jit(
         return implementation.step(inp, finished, pad_token_id, logprobs)
     tokens, values = implementation.sample(inp, logprobs)
     if inp.eos_ids is not None:
-        finished_now = jnp.any(tokens[:, None] == inp.eos_ids[None, :], axis=1)
+        finished_now = jnp.any(tokens[:, None] == eos_rows(inp.eos_ids), axis=1)  # padding -1: never
     else:
         finished_now = jnp.zeros_like(finished)
     out = jnp.where(finished, jnp.int32(pad_token_id), tokens), finished | finished_now
     if logprobs is None:
         return out
     return (*out, lp.for_finished_rows(values, finished, pad_token_id))
+
+
+def _per_request_eos_impl(impl: str, eos_dynamic: Any) -> str:
+    """An implementation that takes one set of EOS ids for the whole batch (the kernels: registered with
+    `per_row_stop_ids=False`) runs calls with per-request stop ids ((B, S)) on xla instead (the README
+    says so)."""
+    return "xla" if np.ndim(eos_dynamic) == 2 and not registry.get(impl).per_row_stop_ids else impl
 
 
 def _check_pad(pad_token_id: Any) -> int:
@@ -194,7 +211,7 @@ def sample_step(
     apply the rule after sampling. `max_tokens` is the caller's: only it knows how many tokens each row
     has generated.
     """
-    eos_static, eos_dynamic = _static_eos(eos_token_id)
+    eos_static, eos_dynamic = _static_eos(eos_token_id, logits)
     _check_prompt_len(prompt_len, history)
     return _sample_step_jit(
         logits,
@@ -206,7 +223,7 @@ def sample_step(
         finished,
         allowed_tokens,
         eos_static=eos_static,
-        impl=resolve_impl(impl),
+        impl=_per_request_eos_impl(resolve_impl(impl), eos_dynamic),
         pad_token_id=_check_pad(pad_token_id),
         logprobs=lp.request(logprobs, logprobs_mode, _vocab(logits)),
     )
@@ -247,19 +264,24 @@ def sample(
     instead of gathering them, and returns the tokens replicated. It is its own implementation: `impl`
     must stay "auto". A V the axis size does not divide is padded with -inf columns (never drawn).
     """
-    eos_static, eos_dynamic = _static_eos(eos_token_id)
+    eos_static, eos_dynamic = _static_eos(eos_token_id, logits)
     _check_prompt_len(prompt_len, history)
     request = lp.request(logprobs, logprobs_mode, _vocab(logits))
     sharded: dict[str, Any] = {}
     if vocab_axis is None:
         if mesh is not None:
             raise ValueError("mesh was given without vocab_axis: name the mesh axis the vocabulary is sharded on")
-        impl = resolve_impl(impl)
+        impl = _per_request_eos_impl(resolve_impl(impl), eos_dynamic)
     else:
         if impl != "auto":
             raise ValueError(
                 f"impl={impl!r} cannot be combined with vocab_axis: the vocabulary-parallel sampler is its own "
                 "implementation (leave impl='auto')"
+            )
+        if np.ndim(eos_dynamic) == 2:
+            raise ValueError(
+                "per-request stop ids (a (B, S) eos_token_id) cannot be combined with vocab_axis yet: pass one "
+                "set of EOS ids, or sample without vocab_axis"
             )
         if request is not None:
             raise ValueError(
@@ -298,7 +320,7 @@ def process_logits(
     `penalised_logit / temperature`; a greedy row keeps only its argmax (lowest index on ties), carrying
     its penalised logit. `softmax` of a row is the distribution `sample` draws from.
     """
-    eos_static, eos_dynamic = _static_eos(eos_token_id)
+    eos_static, eos_dynamic = _static_eos(eos_token_id, logits)
     _check_prompt_len(prompt_len, history)
     return _process_jit(
         logits,
@@ -308,5 +330,5 @@ def process_logits(
         eos_dynamic,
         allowed_tokens,
         eos_static=eos_static,
-        impl=resolve_impl(impl),
+        impl=_per_request_eos_impl(resolve_impl(impl), eos_dynamic),
     )

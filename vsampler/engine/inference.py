@@ -23,8 +23,8 @@
 * Serving features: `generate(..., allowed_tokens=mask)` applies a packed (B, ceil(V / 32)) mask at
   every step; the generator also takes a new mask by `send` between chunks (with `streaming_chunks=1`,
   a host grammar engine can advance on each yielded token and send the next mask).
-  `generate(..., logprobs=n, logprobs_mode=...)` fills the state's `token_logprobs`, `top_logprob_ids`
-  and `top_logprobs`. Each feature set compiles its own executables (keyed like the stages).
+  `generate(..., logprobs=n, logprobs_mode=...)` fills the state's `token_logprobs`, `top_logprob_ids`,
+  `top_logprobs` and `token_ranks`. Each feature set compiles its own executables (keyed like the stages).
 * Donation: each decode chunk donates the incoming `model_kwargs` (the attention cache: nearly all the
   state's bytes). A yielded state's `sequences` and flags stay valid; its `model_kwargs` are consumed by
   the next chunk (copy them first if you need them).
@@ -337,6 +337,7 @@ class vInference:
             "token_logprobs": jnp.zeros((rows, total), jnp.float32),
             "top_logprob_ids": jnp.full((rows, total, n), self.pad_token_id, jnp.int32),
             "top_logprobs": jnp.full((rows, total, n), -jnp.inf, jnp.float32),
+            "token_ranks": jnp.zeros((rows, total), jnp.int32),
         }
 
     def _decode_fn(self, serving: _Serving):

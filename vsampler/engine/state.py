@@ -38,6 +38,8 @@ class SampleState(Serializable):
         `sequences` (0 on prompt and unwritten slots), in the loop's `logprobs_mode`.
       top_logprob_ids: (B, max_sequence_length, n) int32, the n most likely tokens at each generated
         slot (pad elsewhere); top_logprobs: (B, max_sequence_length, n) float32, theirs (-inf elsewhere).
+      token_ranks: (B, max_sequence_length) int32, each generated token's rank in that distribution
+        (vLLM's `selected_token_ranks`, `vsampler.core.logprobs`; 1 = most likely), 0 on prompt and unwritten slots.
     """
 
     current_length: jax.Array
@@ -55,6 +57,7 @@ class SampleState(Serializable):
     token_logprobs: jax.Array | None = None
     top_logprob_ids: jax.Array | None = None
     top_logprobs: jax.Array | None = None
+    token_ranks: jax.Array | None = None
 
 
 register_dataclass_pytree(
@@ -73,5 +76,6 @@ register_dataclass_pytree(
         "token_logprobs",
         "top_logprob_ids",
         "top_logprobs",
+        "token_ranks",
     ),
 )

@@ -35,8 +35,8 @@ the reference implementation of this contract.
   `cache_index`.
 * `generated_tokens`: real (non-pad) tokens generated so far, all rows together.
 * `allowed_tokens` (B, ceil(V / 32)) or None: the packed mask every step applies (structured output).
-* `token_logprobs` (B, T), `top_logprob_ids` / `top_logprobs` (B, T, n), when the step was created with
-  `logprobs=n`: written at the same slot as the token.
+* `token_logprobs` (B, T), `top_logprob_ids` / `top_logprobs` (B, T, n), `token_ranks` (B, T), when the
+  step was created with `logprobs=n`: written at the same slot as the token.
 """
 
 from __future__ import annotations
@@ -150,6 +150,7 @@ def create_sampling_step(
                 "token_logprobs": state.token_logprobs.at[rows, slot].set(lp.token, mode="drop"),
                 "top_logprob_ids": state.top_logprob_ids.at[rows, slot].set(lp.top_ids, mode="drop"),
                 "top_logprobs": state.top_logprobs.at[rows, slot].set(lp.top, mode="drop"),
+                "token_ranks": state.token_ranks.at[rows, slot].set(lp.rank, mode="drop"),
             }
         return SampleState(
             current_length=state.current_length + running.astype(jnp.int32),
@@ -167,6 +168,7 @@ def create_sampling_step(
             token_logprobs=written.get("token_logprobs", state.token_logprobs),
             top_logprob_ids=written.get("top_logprob_ids", state.top_logprob_ids),
             top_logprobs=written.get("top_logprobs", state.top_logprobs),
+            token_ranks=written.get("token_ranks", state.token_ranks),
         )
 
     return sampling_step

@@ -168,11 +168,15 @@ def sample(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
     return launch(inp, variant=variant)[0]
 
 
-def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple) -> lp.RowValues:
-    """The kernel's per-row outputs as `vsampler.core.logprobs.RowValues`."""
+def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, tokens: jax.Array) -> lp.RowValues:
+    """The kernel's per-row outputs as `vsampler.core.logprobs.RowValues` (`tokens`: the sampled ones)."""
     _, _, stats, *top = outputs
     batch = stats.shape[0]
     top_x, top_ids = top if request.n else (jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32))
+    # the token's rank is not counted in the kernel yet: one fused XLA pass over the penalised logits
+    x = reference.penalised_logits(inp)  # stages 0-5
+    token_x = jnp.take_along_axis(x, tokens[:, None], axis=1)[:, 0]
+    rank = lp.token_rank(x, token_x, inp.params.temperature, request.mode)
     return lp.RowValues(
         token_x=stats[:, kernel.TOKEN_X],
         top_x=top_x,
@@ -181,13 +185,14 @@ def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple) 
         threshold=stats[:, kernel.THRESHOLD],
         s_max=stats[:, kernel.S_MAX],
         kept_mass=stats[:, kernel.KEPT_MASS],
+        rank=rank,
     )
 
 
 def finish_logprobs(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, tokens: jax.Array) -> lp.LogProbs:
     """The log-probabilities from one launch's outputs (`tokens`: before the pad of finished rows)."""
     min_p = inp.params.min_p if inp.stages.min_p else None
-    return lp.from_row_values(row_values(inp, request, outputs), tokens, inp.params.temperature, min_p, request)
+    return lp.from_row_values(row_values(inp, request, outputs, tokens), tokens, inp.params.temperature, min_p, request)
 
 
 def sample_with_logprobs(
@@ -252,6 +257,7 @@ for _variant in VARIANTS:
             step=functools.partial(step, variant=_variant),
             description=_DESCRIPTIONS[_variant],
             kernel=True,
+            per_row_stop_ids=False,  # one set of EOS ids per launch
             auto_backends=("tpu",) if _variant == "pallas" else (),
             auto_rank=0,
         )

@@ -21,7 +21,8 @@ How each stage avoids a sort (shapes: B rows, V vocabulary, L history, C = `CHUN
 * draw: per-chunk sums of the kept mass, the chunk where the cumulative sum crosses `u * total`, then
   the prefix inside that chunk: the spec's inverse-CDF rule in one pass plus one chunk.
 * log-probs: one more pass for the chunk maxima and the raw log-normaliser together, the top-n entries
-  from the n best chunks (the top-k candidates' rule), and the kept mass (`vsampler.core.logprobs`).
+  from the n best chunks (the top-k candidates' rule), and the kept mass (`vsampler.core.logprobs`); the
+  token's rank is one compare-and-count pass over the row while it is in cache.
 
 Rows are mapped one at a time (`lax.map`): a row stays in cache across its passes, each pass is one
 fused loop, and `lax.cond` runs only the searches a row needs.
@@ -261,10 +262,10 @@ def _map_rows(
     inp: SamplerInputs,
     greedy_fn: Callable,
     sampled_fn: Callable,
-    finish: Callable[[jax.Array, jax.Array, jax.Array], object] | None = None,
+    finish: Callable[[jax.Array, jax.Array, jax.Array, _RowInputs], object] | None = None,
 ) -> object:
     """Maps over rows: the allowed-token mask, sanitising, then the greedy or the sampled branch (only
-    those the stages allow); `finish(x, x_max, result)` post-processes a row's result."""
+    those the stages allow); `finish(x, x_max, result, row_inputs)` post-processes a row's result."""
     stages = inp.stages
     vocab = inp.logits.shape[1]
 
@@ -283,7 +284,7 @@ def _map_rows(
             result = sampled()
         else:
             result = lax.cond(ri.temperature == 0.0, lambda: greedy_fn(x, x_max), sampled)
-        return result if finish is None else finish(x, x_max, result)
+        return result if finish is None else finish(x, x_max, result, ri)
 
     return lax.map(one, _row_inputs(inp))
 
@@ -349,14 +350,16 @@ def sample_with_logprobs(
 ) -> tuple[jax.Array, lp.LogProbs | None]:
     """The token per row, `(B,)` int32 (`vsampler.core.reference.sample` without a sort, module docstring),
     and its log-probabilities when `request` asks for them."""
-    empty_token = jnp.int32(inp.empty_token)
+    empty_token = jnp.asarray(inp.empty_token, jnp.int32)
+    per_row_empty = empty_token if empty_token.ndim == 1 else None  # per-request stop ids: set after the map
 
-    def finish(x: jax.Array, x_max: jax.Array, d: _Drawn) -> tuple:
-        token = jnp.where(x_max > NEG_INF, d.token, empty_token).astype(jnp.int32)
+    def finish(x: jax.Array, x_max: jax.Array, d: _Drawn, ri: _RowInputs) -> tuple:
+        token = jnp.where(x_max > NEG_INF, d.token, empty_token if per_row_empty is None else -1).astype(jnp.int32)
         if request is None:
             return token, None
         chunk_max, log_z_raw = chunk_stats(x, x_max)
         top_x, top_ids = top_entries(x, request.n, chunk_max)
+        rank = lp.token_rank(x, x[token], ri.temperature, request.mode)
         values = lp.RowValues(
             token_x=x[token],
             top_x=top_x,
@@ -365,11 +368,14 @@ def sample_with_logprobs(
             threshold=d.threshold,
             s_max=d.s_max,
             kept_mass=d.kept_mass,
+            rank=rank,
         )
         return token, values
 
     needs_mass = request is not None and request.mode == "processed"
     token, values = _map_rows(inp, _greedy_row, _sampled_row(inp.stages, needs_mass), finish)
+    if per_row_empty is not None:
+        token = jnp.where(token < 0, per_row_empty, token)
     if request is None:
         return token, None
     min_p = inp.params.min_p if inp.stages.min_p else None

@@ -31,9 +31,55 @@ LOGPROBS_N = 5  # top entries each case checks, in both modes
 LOGPROBS_TOLERANCE = 1e-4  # |log-prob - reference| (sums taken in another order round differently)
 
 
+# Top-p at boundaries a person checks by hand: (probabilities, top_p, the indices exact arithmetic keeps).
+# Ties exactly at p, masses above a token that sum decimal probabilities to exactly p, and just below it.
+TEXTBOOK_TOP_P: tuple[tuple[tuple[float, ...], float, tuple[int, ...]], ...] = (
+    ((0.3, 0.1, 0.1, 0.5), 0.8, (0, 3)),  # HF's example: the mass above the 0.1 pair is exactly 0.8
+    ((0.3, 0.1, 0.1, 0.5), 0.81, (0, 1, 2, 3)),
+    ((0.2, 0.2, 0.3, 0.3), 0.6, (2, 3)),  # a tie exactly at p: both dropped
+    ((0.4, 0.3, 0.2, 0.1), 0.7, (0, 1)),
+    ((0.4, 0.3, 0.2, 0.1), 0.9, (0, 1, 2)),
+    ((0.4, 0.2, 0.2, 0.2), 0.4, (0,)),
+    ((0.4, 0.2, 0.2, 0.2), 0.41, (0, 1, 2, 3)),  # ties kept together
+    ((0.15, 0.25, 0.35, 0.05, 0.2), 0.6, (1, 2)),
+    ((0.15, 0.25, 0.35, 0.05, 0.2), 0.8, (1, 2, 4)),
+    ((0.15, 0.25, 0.35, 0.05, 0.2), 0.95, (0, 1, 2, 4)),
+    ((0.7, 0.2, 0.1), 0.7, (0,)),
+    ((0.6, 0.3, 0.1), 0.9, (0, 1)),
+    ((0.1,) * 10, 0.3, tuple(range(10))),  # ten-way tie: the mass above each is 0
+    ((0.5, 0.25, 0.125, 0.125), 0.75, (0, 1)),
+)
+
+
+def textbook_positions(batch: int, vocab: int) -> np.ndarray:
+    """(B, V) int: where row r's textbook probabilities lie (`TEXTBOOK_TOP_P[r % n]`, -1 elsewhere):
+    spread over the vocabulary, in a per-row shuffled order."""
+    rng = np.random.default_rng(vocab * 13 + batch)
+    where = np.full((batch, vocab), -1)
+    for r in range(batch):
+        probs = TEXTBOOK_TOP_P[r % len(TEXTBOOK_TOP_P)][0]
+        where[r, rng.choice(vocab, len(probs), replace=False)] = np.arange(len(probs))
+    return where
+
+
+def textbook_kept(batch: int, vocab: int) -> np.ndarray:
+    """(B, V) bool: the kept sets exact arithmetic gives the textbook rows."""
+    where = textbook_positions(batch, vocab)
+    kept = np.zeros((batch, vocab), bool)
+    for r in range(batch):
+        kept[r] = np.isin(where[r], TEXTBOOK_TOP_P[r % len(TEXTBOOK_TOP_P)][2])
+    return kept
+
+
 def logits(kind: str, batch: int, vocab: int, dtype: str, seed: int = 0) -> jax.Array:
     """normal: normal * 3. ties: rounded to 0.5 steps (heavy ties). one_finite: all -inf but one per row.
-    nan: normal with a NaN per 50 values."""
+    nan: normal with a NaN per 50 values. textbook: row r is `log` of `TEXTBOOK_TOP_P[r % n]`'s
+    probabilities (softmax gives them back), -inf elsewhere (`textbook_positions`)."""
+    if kind == "textbook":
+        where = textbook_positions(batch, vocab)
+        probs = [np.log(np.asarray(TEXTBOOK_TOP_P[r % len(TEXTBOOK_TOP_P)][0], np.float32)) for r in range(batch)]
+        x = np.stack([np.where(where[r] >= 0, probs[r][where[r]], -np.inf) for r in range(batch)])
+        return jnp.asarray(x, jnp.float32).astype(dtype)
     key = jax.random.key(seed * 7919 + batch * 31 + vocab)
     x = jax.random.normal(key, (batch, vocab), jnp.float32) * 3
     if kind == "ties":
@@ -107,6 +153,10 @@ def params(name: str, batch: int, vocab: int) -> SamplingParams:
             min_tokens=3,
             logit_bias={1: 1.0},
         )
+    if name in ("top_p_textbook", "top_p_textbook_top_k"):  # the textbook rows' own top_p (logits "textbook")
+        top_p = _rows(batch, [case[1] for case in TEXTBOOK_TOP_P]).astype(f32)
+        # top_k 20 keeps every finite textbook token, but puts the fast paths on their candidate paths
+        return SamplingParams(temperature=1.0, top_p=top_p, top_k=20 if name.endswith("top_k") else 0)
     if name == "heterogeneous":
         return SamplingParams(
             temperature=_rows(batch, [0.0, 0.7, 1.0, 1.5, 0.3, 1.0, 0.0, 2.0]).astype(f32),
@@ -134,6 +184,9 @@ STAGE_CASES = (
     "combined",
     "heterogeneous",
 )
+# configs for the "textbook" logits kind (`TEXTBOOK_TOP_P`): their kept sets are also checked against
+# the hand-computed ones (float32 logits)
+TEXTBOOK_CASES = ("top_p_textbook", "top_p_textbook_top_k")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,9 +212,10 @@ class CaseResult:
     values_equal: bool  # ... with bit-identical values
     agreeing_rows: int  # rows whose token equals the reference's for the same key
     in_range: bool  # every token id in [0, V)
-    logprobs_equal: bool = True  # both modes: the same top ids, log-probs within LOGPROBS_TOLERANCE
+    logprobs_equal: bool = True  # both modes: the same top ids and ranks, log-probs within LOGPROBS_TOLERANCE
     mask_respected: bool = True  # no token the mask disallows (a row it empties: EOS[0])
     boundary_rows: int = 0  # rows drawing the reference's neighbour where rounding decides (`rounding_boundary`)
+    exact: bool = True  # textbook cases (float32): the kept sets exact arithmetic gives (`TEXTBOOK_TOP_P`)
 
     @property
     def agreement(self) -> float:
@@ -176,6 +230,7 @@ class CaseResult:
             and self.agreeing_rows + self.boundary_rows == self.case.batch
             and self.logprobs_equal
             and self.mask_respected
+            and self.exact
         )
 
 
@@ -375,14 +430,14 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
         if mode is None:
             return (_frozen(np.array(sample(x, sampling, key, impl="reference", **kw))),)
         tokens, lp = sample(x, sampling, key, impl="reference", logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
-        return tuple(_frozen(np.array(a)) for a in (tokens, lp.top_ids, lp.top, lp.token))
+        return tuple(_frozen(np.array(a)) for a in (tokens, lp.top_ids, lp.top, lp.token, lp.rank))
 
     def reference(call: tuple, compute: Callable[[], Any]) -> Callable[[], Any]:
         return lambda: REFERENCE_CACHE.get(_reference_key(case, seed, *call), compute)
 
     def impl_sample(mode: str) -> tuple[np.ndarray, ...]:
         tokens, lp = sample(x, sampling, key, impl=impl, logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
-        return tuple(np.asarray(a) for a in (tokens, lp.top_ids, lp.top, lp.token))
+        return tuple(np.asarray(a) for a in (tokens, lp.top_ids, lp.top, lp.token, lp.rank))
 
     # the reference's tokens come from its first log-prob call (the same tokens by construction: one sort
     # less); without log-probs, from a plain call
@@ -408,15 +463,20 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
     if in_range and not np.array_equal(tokens, ref_tokens):
         boundary = rounding_boundary(want, np.asarray(draw_uniforms(key, b)), ref_tokens, tokens)
     logprobs_equal = True
-    for (_, want_top_ids, want_top, want_token), (got_tokens, got_top_ids, got_top, got_token) in zip(
-        reference_samples if logprobs_modes else [], impl_samples, strict=True
-    ):
-        # a boundary row's token is another token than the reference's: its log-prob is another value
+    for (_, want_top_ids, want_top, want_token, want_rank), (
+        got_tokens,
+        got_top_ids,
+        got_top,
+        got_token,
+        got_rank,
+    ) in zip(reference_samples if logprobs_modes else [], impl_samples, strict=True):
+        # a boundary row's token is another token than the reference's: its log-prob and rank are others
         logprobs_equal &= (
             np.array_equal(got_tokens, tokens)
             and np.array_equal(got_top_ids, want_top_ids)
             and logprobs_close(got_top, want_top)
             and logprobs_close(got_token[~boundary], want_token[~boundary])
+            and np.array_equal(got_rank[~boundary], want_rank[~boundary])
         )
     return CaseResult(
         case=case,
@@ -428,6 +488,9 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
         logprobs_equal=bool(logprobs_equal),
         mask_respected=allowed is None or (in_range and _mask_respected(tokens, allowed, want)),
         boundary_rows=int(boundary.sum()),
+        exact=case.kind != "textbook"
+        or case.dtype != "float32"
+        or bool(np.array_equal(got > -np.inf, textbook_kept(b, v)) and np.array_equal(want > -np.inf, got > -np.inf)),
     )
 
 
