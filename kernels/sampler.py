@@ -62,6 +62,7 @@ ROW_COLUMNS = 8
 # columns of the per-row statistics output (the last three: the block's trips of each data-dependent loop)
 THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
 STAT_COLUMNS = 16
+X_MAX = STAT_COLUMNS - 1  # the row's largest penalised logit (stage 6's `inverse_temperature` reads it)
 # the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.estimate`):
 # the candidate path's searches and its whole-row mass pass, then the whole-row path's loops, which run
 # only where the candidates are not exact for some row of the block (the cond "fallback")
@@ -99,6 +100,28 @@ def stats_block(columns: dict[int, jax.Array], trips: dict[int, jax.Array]) -> j
 
 def _column_max(a: jax.Array) -> jax.Array:
     return jnp.max(a, axis=-1, keepdims=True)
+
+
+# 1/T's cap: half the float32 maximum, so that x_max * (1/T) stays finite with room to spare
+SCALE_CAP = float(jnp.finfo(jnp.float32).max) / 2
+
+
+def inverse_temperature(temperature: jax.Array, x_max: jax.Array) -> jax.Array:
+    """Stage 6's factor, `1 / T` (1 for a greedy row), the same arithmetic on every implementation.
+
+    For a sampled row it is capped at `SCALE_CAP / max(|x_max|, 1)` (`x_max`: the row's largest penalised
+    logit), so that `x * (1 / T)` never overflows: without the cap, tokens whose `x / T` passed the float32
+    range became +inf and shared the mass equally (a row [2.5e38, 2e38, 0] at T = 0.5 alternated between
+    tokens 0 and 1), and processed log-probs were NaN. The cap changes no token anywhere it acts: it acts
+    only where `|x_max| / T > SCALE_CAP`, and there every token below the maximum has weight
+    `exp((x - x_max) / T)` and `exp((x - x_max) * cap)` both exactly 0 in float32 (the gap to the maximum
+    is at least one float32 step, `|x_max| * 2**-24`, and the capped factor makes it >= 1e31). So such a
+    row samples among its maxima, uniformly over ties: the argmax-like limit of the exact distribution.
+    It also keeps `1 / T` finite for a subnormal T (where the reciprocal overflows)."""
+    greedy = temperature == 0.0
+    inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+    cap = jnp.float32(SCALE_CAP) / jnp.maximum(jnp.where(x_max > NEG_INF, jnp.abs(x_max), 1.0), 1.0)
+    return jnp.where(greedy, inverse_t, jnp.minimum(inverse_t, cap))
 
 
 def relative_weight(s: jax.Array, s_max: jax.Array) -> jax.Array:
@@ -297,7 +320,7 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
     row_reductions = {"column_min": _row_min, "column_max": _row_max}
     threshold = jnp.full_like(x_max, NEG_INF)
     greedy = temperature == 0.0
-    inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+    inverse_t = inverse_temperature(temperature, x_max)
     s = x * inverse_t
     s_max = x_max * inverse_t
     e = relative_weight(s, s_max)
@@ -307,7 +330,7 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
         k = rows[:, TOP_K : TOP_K + 1]
 
         def count_ge(t: jax.Array) -> jax.Array:
-            return _row_sum(jnp.where(s >= t, 1.0, 0.0))
+            return _row_sum(jnp.where(s >= t, jnp.float32(1), jnp.float32(0)))
 
         lowest = _row_min(jnp.where(s > NEG_INF, s, jnp.inf))
         on = (k > 0) & has_values & (count_ge(lowest) > k)
@@ -454,6 +477,7 @@ def fused_sampler_kernel(
             ),
             search=largest_value_with_trips,
             weight=relative_weight,
+            inverse_temperature=inverse_temperature,
             reductions=candidates.RowReductions(tree=not interpret),
             fixed=trips,
         )
@@ -486,6 +510,7 @@ def fused_sampler_kernel(
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
     values = {THRESHOLD: threshold, S_MAX: s_max, KEPT_MASS: kept_mass, LOG_Z_RAW: log_z_raw, TOKEN_X: token_x}
+    values[X_MAX] = x_max
     site_trips = {**fast_trips, **{n: taken * (1 + t) for n, t in zip(loops, whole_trips, strict=True)}}
     stats_ref[...] = stats_block(values, {site.column: site_trips.get(site.loop, jnp.int32(0)) for site in SITES})
 

@@ -38,6 +38,7 @@ from vsampler.kernels.sampler import (
     TOKEN_X,
     TOP_K,
     TOP_P,
+    X_MAX,
     T,
     U,
     row_block_call,
@@ -142,6 +143,7 @@ def chunked_sampler_kernel(
         KEPT_MASS: result.kept_mass,
         LOG_Z_RAW: result.log_z_raw,
         TOKEN_X: result.token_x,
+        X_MAX: result.x_max,
     }
     stats_ref[...] = stats_block(values, {site.column: n for site, n in zip(SITES, result.loop_trips, strict=True)})
 

@@ -42,6 +42,7 @@ from vsampler.kernels.sampler import (
     TOKEN_X,
     TOP_K,
     TOP_P,
+    X_MAX,
     T,
     U,
     output_shapes,
@@ -125,6 +126,7 @@ def triton_sampler_kernel(
         (KEPT_MASS, result.kept_mass),
         (LOG_Z_RAW, result.log_z_raw),
         (TOKEN_X, result.token_x),
+        (X_MAX, result.x_max),
         *((site.column, n.astype(jnp.float32)) for site, n in zip(SITES, result.loop_trips, strict=True)),
     ):
         stats = jnp.where(column == where, value, stats)

@@ -24,7 +24,9 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from vsampler.kernels.sampler import inverse_temperature
 from vsampler.kernels.sampler import relative_weight as weight
 
 NEG_INF = float("-inf")
@@ -54,8 +56,11 @@ def request(n: int | None, mode: str, vocab: int | None = None) -> LogprobsReque
         raise ValueError(f"logprobs_mode must be one of {MODES}, got {mode!r}")
     if n is None:
         return None
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS:
+    if isinstance(n, np.ndarray) and n.ndim == 0:
+        n = n[()]
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or not 0 <= n <= MAX_LOGPROBS:
         raise ValueError(f"logprobs must be an int in [0, {MAX_LOGPROBS}] (top entries per row), got {n!r}")
+    n = int(n)  # numpy integers too: the request is static, a plain int
     if vocab is not None and n > vocab:
         raise ValueError(f"logprobs={n} asks for more top entries than the vocabulary has ({vocab})")
     return LogprobsRequest(n, mode)
@@ -71,6 +76,7 @@ class RowValues(NamedTuple):
     threshold: jax.Array  # (B,) kept threshold in scaled units (-inf: none)
     s_max: jax.Array  # (B,) the row's scaled maximum
     kept_mass: jax.Array  # (B,) sum of exp(s - s_max) over the kept tokens
+    x_max: jax.Array  # (B,) the largest penalised logit (stage 6's factor reads it)
 
 
 def from_row_values(
@@ -89,7 +95,7 @@ def from_row_values(
 
     else:
         greedy = temperature == 0.0
-        inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+        inverse_t = inverse_temperature(temperature, v.x_max)
         log_z = (v.s_max + jnp.log(v.kept_mass))[:, None]
 
         def logp(x: jax.Array, ids: jax.Array) -> jax.Array:

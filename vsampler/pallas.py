@@ -185,6 +185,7 @@ def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple) 
         threshold=stats[:, kernel.THRESHOLD],
         s_max=stats[:, kernel.S_MAX],
         kept_mass=stats[:, kernel.KEPT_MASS],
+        x_max=stats[:, kernel.X_MAX],
     )
 
 
@@ -210,7 +211,7 @@ def process_logits(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
     x = reference.penalised_logits(inp)  # stages 0-5
     p = inp.params
     greedy = (p.temperature == 0.0)[:, None]
-    s = x * (1.0 / jnp.where(greedy[:, 0], 1.0, p.temperature))[:, None]
+    s = x * kernel.inverse_temperature(p.temperature, jnp.max(x, axis=1))[:, None]
     kept = (s > NEG_INF) & (s >= stats[:, kernel.THRESHOLD : kernel.THRESHOLD + 1])
     if inp.stages.min_p:
         kept &= jnp.exp(s - stats[:, kernel.S_MAX : kernel.S_MAX + 1]) >= p.min_p[:, None]

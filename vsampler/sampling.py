@@ -40,7 +40,7 @@ import numpy as np
 
 from vsampler import logprobs as lp
 from vsampler import pallas, reference, vocab_parallel, xla
-from vsampler.inputs import EosIds, SamplerInputs, check_prompt_len_range, prepare
+from vsampler.inputs import EosIds, SamplerInputs, check_prompt_len_range, ids_as_int32, mask_words, prepare
 from vsampler.logprobs import LogProbs, LogprobsRequest
 from vsampler.params import SamplingParams
 
@@ -90,6 +90,8 @@ def _static_eos(eos_token_id: EosIds) -> tuple[tuple[int, ...] | None, Any]:
     if eos_token_id is None or isinstance(eos_token_id, jax.core.Tracer):
         return None, eos_token_id
     arr = np.asarray(eos_token_id)
+    if arr.size == 0:
+        raise ValueError("eos_token_id is empty: pass None for no EOS id, or one id or more")
     if arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"eos_token_id must be an integer id or a sequence of ids, got {eos_token_id!r}")
     return tuple(int(i) for i in arr.reshape(-1)), None
@@ -99,6 +101,20 @@ def _check_prompt_len(prompt_len: Any, history: Any) -> None:
     """Checks concrete prompt lengths before jit turns them into tracers (shape errors come later)."""
     if history is not None and np.ndim(history) == 2:
         check_prompt_len_range(prompt_len, np.shape(history)[1])
+
+
+def _at_the_boundary(params: Any, history: Any, prompt_len: Any, allowed_tokens: Any) -> tuple[Any, Any, Any]:
+    """Concrete arguments checked and converted before `jit` sees them: jit's own conversion of an int64
+    array under 32-bit mode wraps (a `top_k` of 2**32 + 1 would act as 1, a history id 2**32 + 10 as
+    10), and a Python list would become one leaf per element. Returns `(params, history, allowed)` in
+    the dtypes they are used in (`SamplingParams.in_used_dtypes`, `vsampler.inputs.ids_as_int32`,
+    `vsampler.inputs.mask_words`)."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    _check_prompt_len(prompt_len, history)
+    if history is not None:
+        history = ids_as_int32(history, "history")
+    return params.in_used_dtypes(), history, mask_words(allowed_tokens)
 
 
 def _prepare(logits, params, key, history, prompt_len, eos_static, eos_dynamic, allowed, draw=True) -> SamplerInputs:
@@ -188,9 +204,20 @@ def _sample_step_jit(
     return (*out, lp.for_finished_rows(values, finished, pad_token_id))
 
 
-def _check_pad(pad_token_id: Any) -> int:
-    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
-        raise ValueError(f"pad_token_id must be a token id (an integer >= 0), got {pad_token_id!r}")
+def _check_pad(pad_token_id: Any, vocab: int | None) -> int:
+    """The pad id finished rows emit: one concrete integer in [0, V) (it is static: part of the program),
+    so that `sample_step`, like `sample`, never returns an id outside the vocabulary."""
+    if isinstance(pad_token_id, jax.core.Tracer):
+        raise ValueError(
+            "pad_token_id must be a concrete integer token id (it is static, compiled into the step), got a traced "
+            "value: pass it as a Python int, outside jit"
+        )
+    if isinstance(pad_token_id, np.ndarray) and pad_token_id.ndim == 0:
+        pad_token_id = pad_token_id[()]
+    if isinstance(pad_token_id, (bool, np.bool_)) or not isinstance(pad_token_id, (int, np.integer)):
+        raise ValueError(f"pad_token_id must be one token id (an integer in [0, V)), got {pad_token_id!r}")
+    if pad_token_id < 0 or (vocab is not None and pad_token_id >= vocab):
+        raise ValueError(f"pad_token_id must be a token id in [0, V={vocab}), got {int(pad_token_id)}")
     return int(pad_token_id)
 
 
@@ -224,7 +251,7 @@ def sample_step(
     has generated.
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id)
-    _check_prompt_len(prompt_len, history)
+    params, history, allowed_tokens = _at_the_boundary(params, history, prompt_len, allowed_tokens)
     return _sample_step_jit(
         logits,
         params,
@@ -236,7 +263,7 @@ def sample_step(
         allowed_tokens,
         eos_static=eos_static,
         impl=resolve_impl(impl),
-        pad_token_id=_check_pad(pad_token_id),
+        pad_token_id=_check_pad(pad_token_id, _vocab(logits)),
         logprobs=lp.request(logprobs, logprobs_mode, _vocab(logits)),
     )
 
@@ -277,7 +304,7 @@ def sample(
     must stay "auto". A V the axis size does not divide is padded with -inf columns (never drawn).
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id)
-    _check_prompt_len(prompt_len, history)
+    params, history, allowed_tokens = _at_the_boundary(params, history, prompt_len, allowed_tokens)
     request = lp.request(logprobs, logprobs_mode, _vocab(logits))
     sharded: dict[str, Any] = {}
     if vocab_axis is None:
@@ -327,7 +354,7 @@ def process_logits(
     its penalised logit. `softmax` of a row is the distribution `sample` draws from.
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id)
-    _check_prompt_len(prompt_len, history)
+    params, history, allowed_tokens = _at_the_boundary(params, history, prompt_len, allowed_tokens)
     return _process_jit(
         logits,
         params,
