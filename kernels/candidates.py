@@ -239,13 +239,15 @@ def sample(
     row_mass: Callable[[jax.Array, jax.Array], jax.Array],
     search: Callable,
     weight: Callable,
+    inverse_temperature: Callable[[jax.Array, jax.Array], jax.Array],
     reductions: RowReductions = RowReductions(),
     fixed: loop_trips.FixedTrips | None,
 ) -> CandidateResult:
     """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, 2C),
     `third` (R, C); per-row (R, 1) parameters (`k`, `p`, `min_p`: None when the stage is off for the
     block). `row_mass(inverse_t, s_max)`: the whole rows' mass (needed by top-p without top-k).
-    `search` is `vsampler.core.numerics.largest_value_with_trips`, `weight` `numerics.weight`.
+    `search` is `vsampler.core.numerics.largest_value_with_trips`, `weight` `numerics.weight`,
+    `inverse_temperature` stage 6's factor (`numerics.inverse_temperature`).
 
     A random row is exact (`fallback` stays False for it) when no value outside the candidates can be
     kept (all are <= s3, the largest third value):
@@ -261,7 +263,7 @@ def sample(
     first_max = row_min(jnp.where(values == x_max, ids, vocab))
     first_max = jnp.where(first_max == vocab, 0, first_max)
     greedy = temperature == 0.0
-    inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+    inverse_t = inverse_temperature(temperature, x_max)
     s = values * inverse_t
     s_max = x_max * inverse_t
     s3 = row_max(third) * inverse_t  # the largest value outside the candidates
@@ -277,7 +279,7 @@ def sample(
     if k is not None:
 
         def count_ge(t):
-            return row_sum(jnp.where(s >= t, 1.0, 0.0))
+            return row_sum(jnp.where(s >= t, jnp.float32(1), jnp.float32(0)))
 
         on = (k > 0) & has_values & (count_ge(lowest) > k)
         kth, trips["candidate_top_k"] = search(

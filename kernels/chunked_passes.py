@@ -27,7 +27,14 @@ import jax.numpy as jnp
 from jax import lax
 
 from vsampler.core import trips as loop_trips
-from vsampler.core.numerics import NEG_INF, any_set, largest_value_with_trips, snapping_search, weight
+from vsampler.core.numerics import (
+    NEG_INF,
+    any_set,
+    inverse_temperature,
+    largest_value_with_trips,
+    snapping_search,
+    weight,
+)
 
 Reduction = Callable[[jax.Array], jax.Array]
 # the data-dependent loops (`vsampler.core.trips`): top-k's search over the column maxima and its search
@@ -98,6 +105,7 @@ class RowResult:
     top_x: list[jax.Array]
     top_ids: list[jax.Array]
     loop_trips: tuple[jax.Array, ...]  # int32 scalars, one per `SITES` entry (as its column holds them)
+    x_max: jax.Array  # the largest penalised logit (stage 6's `numerics.inverse_temperature` reads it)
 
 
 def _traced_zero(flag: jax.Array) -> jax.Array:
@@ -121,13 +129,13 @@ def column_bound(
     share a column, so the bound is usually the k-th value itself. Rows with fewer than k finite
     columns (or off) get `lowest`. The search runs on the `chunk`-wide maxima only. Also returns the
     search's trips as its `SITES` column holds them (0: not run; else 1 + its snapping passes)."""
-    finite_cols = rows.row_sum(jnp.where(col_max > NEG_INF, 1.0, 0.0))
+    finite_cols = rows.row_sum(jnp.where(col_max > NEG_INF, jnp.float32(1), jnp.float32(0)))
     use = on & (finite_cols >= k)
 
     def kth_column_max() -> jax.Array:
         lowest_col = rows.row_min(jnp.where(col_max > NEG_INF, col_max, jnp.inf))
         return largest_value_with_trips(
-            lambda t: rows.row_sum(jnp.where(col_max >= t, 1.0, 0.0)),
+            lambda t: rows.row_sum(jnp.where(col_max >= t, jnp.float32(1), jnp.float32(0))),
             k,
             col_max,
             jnp.where(use, lowest_col, s_max),
@@ -200,7 +208,7 @@ def sample_rows(
     site_trips = {site.loop: jnp.int32(0) for site in SITES}
     if random:
         greedy = params.temperature == 0.0
-        inverse_t = 1.0 / jnp.where(greedy, 1.0, params.temperature)
+        inverse_t = inverse_temperature(params.temperature, x_max)
         s_max = x_max * inverse_t
 
         def scaled_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -252,7 +260,7 @@ def sample_rows(
             lowest, n_finite, col_max = rows.reduce(
                 lambda a, i, s, e: (
                     jnp.minimum(a[0], rows.row_min(jnp.where(s > NEG_INF, s, jnp.inf))),
-                    a[1] + rows.row_sum(jnp.where(s > NEG_INF, 1.0, 0.0)),
+                    a[1] + rows.row_sum(jnp.where(s > NEG_INF, jnp.float32(1), jnp.float32(0))),
                     jnp.maximum(a[2], s),
                 ),
                 (rows.full(jnp.inf), rows.full(0.0), rows.full_chunk(NEG_INF)),
@@ -262,7 +270,7 @@ def sample_rows(
             bound, site_trips["top_k_bound"] = column_bound(rows, col_max, k, on, s_max, lowest, trips)
             lo = jnp.where(on, bound, s_max)
             # the values >= lo number at least k; exactly k (the common case), and lo is the k-th
-            count = lambda t, s, e: jnp.where(s >= t, 1.0, 0.0)  # noqa: E731
+            count = lambda t, s, e: jnp.where(s >= t, jnp.float32(1), jnp.float32(0))  # noqa: E731
             (at_lo,) = rows.reduce(
                 lambda a, i, s, e: (a[0] + rows.row_sum(count(lo, s, e)),), (rows.full(0.0),), scaled_chunk
             )
@@ -372,4 +380,4 @@ def sample_rows(
             top_ids.append(prev_i)
 
     loops = tuple(site_trips[site.loop] for site in SITES)
-    return RowResult(token, threshold, s_max, kept_mass, log_z_raw, token_x, top_x, top_ids, loops)
+    return RowResult(token, threshold, s_max, kept_mass, log_z_raw, token_x, top_x, top_ids, loops, x_max)

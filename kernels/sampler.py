@@ -64,11 +64,13 @@ from vsampler.kernels.config import (
 )
 
 from vsampler.core import trips as loop_trips
-from vsampler.core.numerics import NEG_INF, largest_value_with_trips, weight
+from vsampler.core.numerics import NEG_INF, inverse_temperature, largest_value_with_trips, weight
 
 # columns of the per-row statistics output (the last three: the block's trips of each data-dependent loop)
 THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
 STAT_COLUMNS = 16
+X_MAX = STAT_COLUMNS - 1  # the row's largest penalised logit (stage 6's `inverse_temperature` reads it)
+# the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.tools.estimate`):
 # the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.tools.estimate`):
 # the candidate path's searches and its whole-row mass pass, then the whole-row path's loops, which run
 # only where the candidates are not exact for some row of the block (the cond "fallback")
@@ -189,7 +191,7 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
     row_reductions = {"column_min": _row_min, "column_max": _row_max}
     threshold = jnp.full_like(x_max, NEG_INF)
     greedy = temperature == 0.0
-    inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+    inverse_t = inverse_temperature(temperature, x_max)
     s = x * inverse_t
     s_max = x_max * inverse_t
     e = weight(s, s_max)
@@ -199,7 +201,7 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
         k = rows[:, TOP_K : TOP_K + 1]
 
         def count_ge(t: jax.Array) -> jax.Array:
-            return _row_sum(jnp.where(s >= t, 1.0, 0.0))
+            return _row_sum(jnp.where(s >= t, jnp.float32(1), jnp.float32(0)))
 
         lowest = _row_min(jnp.where(s > NEG_INF, s, jnp.inf))
         on = (k > 0) & has_values & (count_ge(lowest) > k)
@@ -339,6 +341,7 @@ def fused_sampler_kernel(
             row_mass=lambda inverse_t, s_max: candidates.row_mass(x_ref, layout, prepare, inverse_t, s_max, weight),
             search=largest_value_with_trips,
             weight=weight,
+            inverse_temperature=inverse_temperature,
             reductions=candidates.RowReductions(tree=not interpret),
             fixed=trips,
         )
@@ -371,6 +374,7 @@ def fused_sampler_kernel(
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
     values = {THRESHOLD: threshold, S_MAX: s_max, KEPT_MASS: kept_mass, LOG_Z_RAW: log_z_raw, TOKEN_X: token_x}
+    values[X_MAX] = x_max
     site_trips = {**fast_trips, **{n: taken * (1 + t) for n, t in zip(loops, whole_trips, strict=True)}}
     stats_ref[...] = stats_block(values, {site.column: site_trips.get(site.loop, jnp.int32(0)) for site in SITES})
 

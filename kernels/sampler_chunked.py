@@ -33,6 +33,7 @@ from vsampler.kernels.sampler import (
     S_MAX,
     THRESHOLD,
     TOKEN_X,
+    X_MAX,
     row_block_call,
     stats_block,
     unpack_allowed_block,
@@ -130,6 +131,7 @@ def chunked_sampler_kernel(
         KEPT_MASS: result.kept_mass,
         LOG_Z_RAW: result.log_z_raw,
         TOKEN_X: result.token_x,
+        X_MAX: result.x_max,
     }
     stats_ref[...] = stats_block(values, {site.column: n for site, n in zip(SITES, result.loop_trips, strict=True)})
 

@@ -41,7 +41,7 @@ from vsampler.kernels.config import (
     T,
     U,
 )
-from vsampler.kernels.sampler import KEPT_MASS, LOG_Z_RAW, S_MAX, STAT_COLUMNS, THRESHOLD, TOKEN_X, output_shapes
+from vsampler.kernels.sampler import KEPT_MASS, LOG_Z_RAW, S_MAX, STAT_COLUMNS, THRESHOLD, TOKEN_X, X_MAX, output_shapes
 
 from vsampler.core.numerics import NEG_INF
 
@@ -118,6 +118,7 @@ def triton_sampler_kernel(
         (KEPT_MASS, result.kept_mass),
         (LOG_Z_RAW, result.log_z_raw),
         (TOKEN_X, result.token_x),
+        (X_MAX, result.x_max),
         *((site.column, n.astype(jnp.float32)) for site, n in zip(SITES, result.loop_trips, strict=True)),
     ):
         stats = jnp.where(column == where, value, stats)

@@ -35,7 +35,8 @@ def test_rows_with_nothing_left_return_token_zero(temperature, fill):
 
 def test_min_tokens_masking_the_only_finite_token_empties_the_row():
     x = jnp.asarray([[NEG, 3.0, NEG]])
-    assert sample(x, SamplingParams(min_tokens=1), KEY, eos_token_id=1).tolist() == [0]
+    nothing_yet = jnp.full((1, 2), -1, jnp.int32)
+    assert sample(x, SamplingParams(min_tokens=1), KEY, history=nothing_yet, eos_token_id=1).tolist() == [0]
 
 
 def test_positive_infinity_shares_the_mass():

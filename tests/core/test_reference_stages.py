@@ -58,8 +58,8 @@ def test_min_tokens_masks_every_eos_until_enough_generated():
     assert idx == [2]
     idx, _ = kept(x, params=params, history=jnp.array([[0, 0, 2, 2]]), prompt_len=2, eos_token_id=[1, 3])
     assert idx == [1]
-    # no history at all: nothing generated yet
-    assert kept(x, params=params, eos_token_id=1)[0] == [3]
+    # nothing generated yet: an empty history (no history at all is an error, as for the penalties)
+    assert kept(x, params=params, history=jnp.full((1, 4), -1), eos_token_id=1)[0] == [3]
 
 
 def test_temperature_scales_kept_logits_and_zero_is_greedy_lowest_index():

@@ -9,7 +9,12 @@ Errors known at trace time (shapes, dtypes, static ids, stages that need an argu
 raise `ValueError` naming the argument. Values only known at run time (traced parameters, history ids)
 cannot raise; they are sanitised as follows, and the tests pin it:
 
-* temperature NaN or < 0 -> 0 (greedy);
+* every float field: a subnormal float32 value is 0 (XLA flushes subnormals in some operations and not
+  others; concrete subnormal values are refused);
+* temperature NaN or < 0 -> 0 (greedy); +inf -> 1 / T = 0, every finite token the same weight: uniform
+  sampling over what the filters keep (top-k, top-p and min-p on equal values keep every tie);
+* integer fields are used as int32: larger values saturate (`vsampler.core.params.as_used`: a huge top_k is
+  off), a traced float `top_k=3.7` is truncated toward zero (3), NaN -> 0;
 * top_k < 0 or >= V -> 0 (off); top_p NaN -> 1, else clipped to [tiny, 1] (top_p <= 0 keeps only
   the most probable tokens); min_p NaN -> 0, else clipped to [0, 1];
 * top_p < 1 (concrete or traced) is applied as `max(top_p - TOP_P_SLACK, tiny)`: a mass above a token
@@ -36,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler.core.params import NUMERIC_FIELDS, SamplingParams, Stages
+from vsampler.core.params import INT32_MAX, INT32_MIN, NUMERIC_FIELDS, SamplingParams, Stages, as_used
 
 EosIds = int | Sequence[int] | jax.Array | np.ndarray | None
 
@@ -72,7 +77,6 @@ class SamplerInputs(NamedTuple):
     empty_token: jax.Array | int = 0  # the token of a row with no finite logit left (int32 scalar or (B,))
 
 
-_INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
 # top-p's tolerance (module docstring): far above the float32 rounding of the masses (~1e-7 relative in
 # the reference's compensated sums, ~log2(V) * 6e-8 in the fast paths' float32 sums), far below any
 # boundary a person writes with a few decimals; it moves each row's kept set by at most that much mass
@@ -80,8 +84,7 @@ TOP_P_SLACK = 2.0**-20
 
 
 def _row_array(name: str, value: Any, batch: int) -> jax.Array:
-    dtype = jnp.int32 if name in _INT_FIELDS else jnp.float32
-    arr = jnp.asarray(value, dtype=dtype)
+    arr = jnp.asarray(as_used(name, value))  # int32 (saturating) / float32, also under jax_enable_x64
     if arr.ndim == 1 and arr.shape[0] != batch:
         raise ValueError(f"SamplingParams.{name} has {arr.shape[0]} per-row values but the logits have {batch} rows")
     return jnp.broadcast_to(arr, (batch,))
@@ -90,6 +93,10 @@ def _row_array(name: str, value: Any, batch: int) -> jax.Array:
 def sanitise_row_params(params: SamplingParams, batch: int, vocab: int) -> RowParams:
     """Per-row arrays with out-of-range (traced) values mapped as the module docstring says."""
     v = {name: _row_array(name, getattr(params, name), batch) for name in NUMERIC_FIELDS}
+    tiny = jnp.finfo(jnp.float32).tiny
+    for name, value in v.items():  # subnormal floats are 0: XLA flushes them in some operations, not others
+        if jnp.issubdtype(value.dtype, jnp.floating):
+            v[name] = jnp.where(jnp.abs(value) < tiny, jnp.float32(0), value)
     t = v["temperature"]
     k = v["top_k"]
     p = v["top_p"]
@@ -144,12 +151,9 @@ def _check_bias(params: SamplingParams, batch: int, vocab: int) -> tuple[Any, An
 
 def _check_history(history: Any, prompt_len: Any, batch: int) -> tuple[Any, jax.Array]:
     if history is not None:
-        history = jnp.asarray(history)
+        history = ids_as_int32(history, "history")
         if history.ndim != 2 or history.shape[0] != batch:
             raise ValueError(f"history must be a (B, L) = ({batch}, L) array of token ids, got shape {history.shape}")
-        if not jnp.issubdtype(history.dtype, jnp.integer):
-            raise ValueError(f"history must hold integer token ids, got dtype {history.dtype}")
-        history = history.astype(jnp.int32)
     if prompt_len is None:
         return history, jnp.zeros((batch,), jnp.int32)
     if history is None:
@@ -163,9 +167,61 @@ def _check_history(history: Any, prompt_len: Any, batch: int) -> tuple[Any, jax.
     return history, jnp.broadcast_to(pl.astype(jnp.int32), (batch,))
 
 
+def ids_as_int32(ids: Any, name: str) -> jax.Array:
+    """Integer token ids as int32 without wrapping: an id beyond int32's range (an int64 / uint64 history
+    id of 2**32 + 10, say) is outside every vocabulary, so it becomes -1, an empty slot, instead of
+    wrapping onto a real token (10). Concrete ids are converted in numpy, before jax could truncate them."""
+    if not isinstance(ids, jax.core.Tracer):
+        if isinstance(ids, (list, tuple)):
+            ids = np.asarray(ids)
+        if not hasattr(ids, "dtype"):
+            raise ValueError(f"{name} must be an integer array of token ids, got {type(ids).__name__}")
+        if not np.issubdtype(np.dtype(ids.dtype), np.integer):
+            raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+        if isinstance(ids, np.ndarray) and ids.dtype.itemsize >= 4 and ids.dtype != np.int32:
+            ids = np.where((ids < INT32_MIN) | (ids > INT32_MAX), -1, ids).astype(np.int32)
+        return jnp.asarray(ids).astype(jnp.int32)
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.dtype.itemsize >= 4 and ids.dtype != jnp.int32:  # int64 / uint32 / uint64 (x64 on)
+        ids = jnp.where((ids < INT32_MIN) | (ids > INT32_MAX), -1, ids)
+    return ids.astype(jnp.int32)
+
+
 def allowed_words(vocab: int) -> int:
     """Words of the packed `allowed_tokens` bitmask for a vocabulary of V tokens: ceil(V / 32)."""
     return -(-vocab // 32)
+
+
+def mask_words(allowed_tokens: Any) -> Any:
+    """The one dtype rule for a packed `allowed_tokens` mask, in `sample`, `sample_step`, `generate` and
+    `send`: 32-bit words, int32 or uint32 (xgrammar's and llguidance's); a wider integer array (numpy's
+    default int64) is accepted when every value is a 32-bit word (in [-2**31, 2**32)), and taken as
+    that word. Anything else (floats, bools, lists of them, wider values) is refused, naming the
+    argument. Concrete masks come back as int32 numpy words; traced ones as int32 tracers."""
+    if allowed_tokens is None:
+        return None
+    if isinstance(allowed_tokens, jax.core.Tracer):
+        dtype = allowed_tokens.dtype
+        if not jnp.issubdtype(dtype, jnp.integer) or dtype.itemsize < 4:
+            raise ValueError(f"allowed_tokens must be int32 (or uint32) packed words, got dtype {dtype}")
+        if dtype == jnp.uint32:
+            return jax.lax.bitcast_convert_type(allowed_tokens, jnp.int32)
+        return allowed_tokens.astype(jnp.uint32).astype(jnp.int32) if dtype != jnp.int32 else allowed_tokens
+    try:
+        words = np.asarray(allowed_tokens)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"allowed_tokens must be an int32 (or uint32) array of packed words: {e}") from e
+    if words.dtype in (np.int32, np.uint32):
+        return words.view(np.int32)
+    if not np.issubdtype(words.dtype, np.integer) or words.dtype.itemsize < 4:
+        raise ValueError(f"allowed_tokens must be int32 (or uint32) packed words, got dtype {words.dtype}")
+    if words.size and (words.min() < INT32_MIN or words.max() > np.iinfo(np.uint32).max):
+        raise ValueError(
+            f"allowed_tokens holds values outside 32-bit words (min {words.min()}, max {words.max()}): "
+            "pack the mask as int32 or uint32 (vsampler.pack_allowed)"
+        )
+    return words.astype(np.int64).astype(np.uint32).view(np.int32)
 
 
 def _check_allowed(allowed_tokens: Any, batch: int, vocab: int) -> jax.Array | None:
@@ -179,9 +235,7 @@ def _check_allowed(allowed_tokens: Any, batch: int, vocab: int) -> jax.Array | N
             f"allowed_tokens must be the packed bitmask (B, ceil(V / 32)) = ({batch}, {words}) for V={vocab}, "
             f"got shape {tuple(allowed_tokens.shape)}"
         )
-    if allowed_tokens.dtype not in (np.int32, np.uint32):
-        raise ValueError(f"allowed_tokens must be int32 (or uint32) packed words, got dtype {allowed_tokens.dtype}")
-    return jax.lax.bitcast_convert_type(jnp.asarray(allowed_tokens), jnp.int32)
+    return jnp.asarray(mask_words(allowed_tokens))
 
 
 def unpack_allowed(words: jax.Array, vocab: int) -> jax.Array:
@@ -303,6 +357,12 @@ def prepare(
     eos_ids = normalise_eos(eos_token_id, vocab, batch)
     if stages.min_tokens and eos_ids is None:
         raise ValueError("SamplingParams.min_tokens > 0 needs eos_token_id: the ids it keeps masked")
+    if stages.min_tokens and history is None:  # the penalties' rule: a stage that counts tokens needs them
+        raise ValueError(
+            "SamplingParams.min_tokens > 0 is set but history is None: it counts each row's generated tokens "
+            "(history positions >= prompt_len); pass the (B, L) history (all -1 for rows that have generated "
+            "nothing yet)"
+        )
     allowed = _check_allowed(allowed_tokens, batch, vocab)
     empty_token: jax.Array | int = 0
     if allowed is not None:

@@ -30,8 +30,9 @@ from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from vsampler.core.numerics import NEG_INF, weight
+from vsampler.core.numerics import NEG_INF, inverse_temperature, weight
 
 Mode = Literal["raw", "processed"]
 MODES: tuple[str, ...] = ("raw", "processed")
@@ -60,8 +61,11 @@ def request(n: int | None, mode: str, vocab: int | None = None) -> LogprobsReque
         raise ValueError(f"logprobs_mode must be one of {MODES}, got {mode!r}")
     if n is None:
         return None
-    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS:
+    if isinstance(n, np.ndarray) and n.ndim == 0:
+        n = n[()]
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or not 0 <= n <= MAX_LOGPROBS:
         raise ValueError(f"logprobs must be an int in [0, {MAX_LOGPROBS}] (top entries per row), got {n!r}")
+    n = int(n)  # numpy integers too: the request is static, a plain int
     if vocab is not None and n > vocab:
         raise ValueError(f"logprobs={n} asks for more top entries than the vocabulary has ({vocab})")
     return LogprobsRequest(n, mode)
@@ -78,6 +82,7 @@ class RowValues(NamedTuple):
     s_max: jax.Array  # (B,) the row's scaled maximum
     kept_mass: jax.Array  # (B,) sum of exp(s - s_max) over the kept tokens
     rank: jax.Array  # (B,) int32, `token_rank`'s
+    x_max: jax.Array  # (B,) the largest penalised logit (stage 6's factor reads it)
 
 
 def token_rank(x: jax.Array, token_x: jax.Array, temperature: jax.Array, mode: str) -> jax.Array:
@@ -111,7 +116,7 @@ def from_row_values(
 
     else:
         greedy = temperature == 0.0
-        inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+        inverse_t = inverse_temperature(temperature, v.x_max)
         log_z = (v.s_max + jnp.log(v.kept_mass))[:, None]
 
         def logp(x: jax.Array, ids: jax.Array) -> jax.Array:

@@ -31,6 +31,28 @@ def weight(s: jax.Array, s_max: jax.Array) -> jax.Array:
     return jnp.where(s >= s_max, 1.0, jnp.exp(s - s_max))
 
 
+# 1/T's cap: half the float32 maximum, so that x_max * (1/T) stays finite with room to spare
+SCALE_CAP = float(jnp.finfo(jnp.float32).max) / 2
+
+
+def inverse_temperature(temperature: jax.Array, x_max: jax.Array) -> jax.Array:
+    """Stage 6's factor, `1 / T` (1 for a greedy row), the same arithmetic on every implementation.
+
+    For a sampled row it is capped at `SCALE_CAP / max(|x_max|, 1)` (`x_max`: the row's largest penalised
+    logit), so that `x * (1 / T)` never overflows: without the cap, tokens whose `x / T` passed the float32
+    range became +inf and shared the mass equally (a row [2.5e38, 2e38, 0] at T = 0.5 alternated between
+    tokens 0 and 1), and processed log-probs were NaN. The cap changes no token anywhere it acts: it acts
+    only where `|x_max| / T > SCALE_CAP`, and there every token below the maximum has weight
+    `exp((x - x_max) / T)` and `exp((x - x_max) * cap)` both exactly 0 in float32 (the gap to the maximum
+    is at least one float32 step, `|x_max| * 2**-24`, and the capped factor makes it >= 1e31). So such a
+    row samples among its maxima, uniformly over ties: the argmax-like limit of the exact distribution.
+    It also keeps `1 / T` finite for a subnormal T (where the reciprocal overflows)."""
+    greedy = temperature == 0.0
+    inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
+    cap = jnp.float32(SCALE_CAP) / jnp.maximum(jnp.where(x_max > NEG_INF, jnp.abs(x_max), 1.0), 1.0)
+    return jnp.where(greedy, inverse_t, jnp.minimum(inverse_t, cap))
+
+
 def any_set(flags: jax.Array) -> jax.Array:
     """Whether any of `flags` is set; a scalar flag is itself (Triton lowers no `reduce_or`)."""
     return flags if flags.ndim == 0 else jnp.any(flags)

@@ -68,68 +68,163 @@ _RANGES: dict[str, tuple[bool, float, bool, float, bool, str]] = {
 NUMERIC_FIELDS: tuple[str, ...] = tuple(_RANGES)
 
 
+INT32_MIN, INT32_MAX = int(np.iinfo(np.int32).min), int(np.iinfo(np.int32).max)
+INT_FIELDS: tuple[str, ...] = tuple(name for name, r in _RANGES.items() if r[0])
+
+
 def _is_traced(value: Any) -> bool:
     return isinstance(value, jax.core.Tracer)
 
 
+def as_used(name: str, value: Any) -> Any:
+    """A numeric field's value in the dtype every implementation uses it in: int32 for the integer
+    fields, float32 for the others (numpy for concrete values, jnp for traced ones).
+
+    Integers beyond int32's range saturate at its bounds instead of wrapping: every use of an integer
+    field reads a value that large as "never reached" (`top_k >= V` is off; a `min_tokens` or
+    `max_tokens` of 2**31 - 1 is more than any row generates), so 2**40 means what it says. A traced
+    float (`top_k=3.7` inside jit) is truncated toward zero (3), NaN becomes 0. Floats round to the
+    nearest float32 (concrete values are validated after that rounding, by `SamplingParams`)."""
+    if name not in INT_FIELDS:
+        if _is_traced(value):
+            return jax.numpy.asarray(value).astype(np.float32)
+        with np.errstate(over="ignore"):  # beyond float32: inf, refused by the validation that follows
+            return np.asarray(value).astype(np.float32)
+    jnp = jax.numpy
+    if not _is_traced(value):
+        arr = np.asarray(value)
+        if np.issubdtype(arr.dtype, np.integer):
+            return np.clip(arr, INT32_MIN, INT32_MAX).astype(np.int32)
+        xp, arr = np, arr.astype(np.float64)
+    else:
+        arr = jnp.asarray(value)
+        if jnp.issubdtype(arr.dtype, jnp.integer):
+            if arr.dtype.itemsize < 4 or arr.dtype == jnp.int32:
+                return arr.astype(jnp.int32)
+            return jnp.clip(arr, INT32_MIN, INT32_MAX).astype(jnp.int32)
+        xp = jnp
+    # floats (traced only: concrete floats are refused for the integer fields): truncate, saturate, NaN -> 0
+    big = arr >= 2.0**31
+    small = arr <= -(2.0**31)
+    inside = xp.where(big | small | xp.isnan(arr), 0, arr).astype(xp.int32)
+    return xp.where(big, np.int32(INT32_MAX), xp.where(small, np.int32(INT32_MIN), inside))
+
+
 def _check_numeric(name: str, value: Any) -> Any:
-    """Validates one concrete numeric field; returns the value to store (lists become numpy arrays)."""
+    """Validates one concrete numeric field in the dtype it is used in (`as_used`); returns the value to
+    store (lists become numpy arrays)."""
     is_int, lo, lo_incl, hi, hi_incl, allowed = _RANGES[name]
     if _is_traced(value):
         if np.ndim(value) > 1:
             raise ValueError(f"SamplingParams.{name} must be a scalar or a (B,) array, got shape {value.shape}")
         return value
     if isinstance(value, (list, tuple)):
-        value = np.asarray(value)
+        try:
+            value = np.asarray(value)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"SamplingParams.{name} must be {allowed}, or a (B,) array of them, got {value!r}") from e
     if isinstance(value, bool) or (hasattr(value, "dtype") and np.dtype(value.dtype) == np.bool_):
         raise ValueError(f"SamplingParams.{name} must be {allowed}, got a boolean {value!r}")
-    arr = np.asarray(value)
+    arr = np.asarray(value) if isinstance(value, (int, float, np.generic, np.ndarray, jax.Array)) else None
+    if arr is None or arr.dtype == object:
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r} of type {type(value).__name__}")
     if arr.ndim > 1:
         raise ValueError(f"SamplingParams.{name} must be a scalar or a (B,) array, got shape {arr.shape}")
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r} of dtype {arr.dtype}")
     if is_int and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r} of dtype {arr.dtype}")
-    flat = arr.astype(np.float64).reshape(-1)
-    bad = np.isnan(flat)
+    given = arr.reshape(-1)
+    if not is_int:
+        # the value each implementation uses: validated after rounding to float32
+        flat = as_used(name, given).astype(np.float64)
+    else:  # integers are compared exactly (int64, or uint64 above it: never below any bound)
+        flat = given
+    bad = np.isnan(flat) if not is_int else np.zeros(flat.shape, bool)
     bad |= (flat < lo) if lo_incl else (flat <= lo)
     bad |= (flat > hi) if hi_incl else (flat >= hi)
     if bad.any():
-        where = "" if arr.ndim == 0 else f" at row {int(np.argmax(bad))}"
-        shown = arr.reshape(-1)[int(np.argmax(bad))].item()
-        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {shown!r}{where}")
+        row = int(np.argmax(bad))
+        where = "" if arr.ndim == 0 else f" at row {row}"
+        shown = given[row].item()
+        note = ""
+        if not is_int and np.isfinite(float(shown)) and not np.isfinite(flat[row]):
+            note = " (beyond the float32 range: every implementation computes in float32)"
+        elif not is_int and float(shown) != 0 and flat[row] == 0:
+            note = " (0 or subnormal in float32, the dtype every implementation computes in)"
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {shown!r}{where}{note}")
+    if not is_int:
+        tiny = float(np.finfo(np.float32).tiny)
+        subnormal = (given != 0) & (np.abs(flat) < tiny)
+        if subnormal.any():
+            row = int(np.argmax(subnormal))
+            where = "" if arr.ndim == 0 else f" at row {row}"
+            raise ValueError(
+                f"SamplingParams.{name} {given[row].item()!r}{where} is not 0 but is 0 or subnormal in float32, the "
+                "dtype every implementation computes in (XLA flushes subnormals to 0 in some operations and not "
+                f"others, so implementations would disagree): pass 0, or a magnitude >= {tiny:.4g}"
+            )
     return value
 
 
 def _check_logit_bias(value: Any) -> Any:
+    """A mapping {token id: bias} (ids as Python or numpy integers, biases as real numbers, each checked
+    in float32) or a float (V,) / (B, V) array; a list is taken as the array. Returns the value to store:
+    a dict of int -> float, or an array."""
     if value is None or _is_traced(value):
         return value
     if isinstance(value, Mapping):
         checked = {}
         for token, bias in value.items():
-            if isinstance(token, bool) or not isinstance(token, (int, np.integer)) or token < 0:
+            if isinstance(token, (bool, np.bool_)) or not isinstance(token, (int, np.integer)) or token < 0:
                 raise ValueError(f"SamplingParams.logit_bias keys must be token ids (integers >= 0), got {token!r}")
-            b = float(bias)
+            if isinstance(bias, (bool, np.bool_)) or not isinstance(bias, (int, float, np.integer, np.floating)):
+                if not (isinstance(bias, (np.ndarray, jax.Array)) and np.ndim(bias) == 0 and not _is_traced(bias)):
+                    raise ValueError(
+                        f"SamplingParams.logit_bias[{int(token)}] must be a real number (finite, or -inf to ban), "
+                        f"got {bias!r} of type {type(bias).__name__}"
+                    )
+            with np.errstate(over="ignore"):  # beyond float32: inf, refused below
+                b = float(np.float32(bias))  # the value used: float32
             if np.isnan(b) or b == np.inf:
-                raise ValueError(f"SamplingParams.logit_bias[{int(token)}] must be finite or -inf (a ban), got {b!r}")
+                note = " (beyond the float32 range)" if np.isfinite(float(bias)) else ""
+                raise ValueError(
+                    f"SamplingParams.logit_bias[{int(token)}] must be finite or -inf (a ban), got {bias!r}{note}"
+                )
             checked[int(token)] = b
         return checked
+    if isinstance(value, (list, tuple)):
+        try:
+            value = np.asarray(value, dtype=np.float32)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"SamplingParams.logit_bias as a list must be a (V,) or (B, V) list of floats: {e}") from e
+    if not hasattr(value, "dtype") or not hasattr(value, "shape"):
+        raise ValueError(
+            "SamplingParams.logit_bias must be a mapping {token_id: bias} or a float (V,) or (B, V) array, "
+            f"got {type(value).__name__}"
+        )
     arr = np.asarray(value)
     if arr.ndim not in (1, 2) or not np.issubdtype(arr.dtype, np.floating):
         raise ValueError(
             "SamplingParams.logit_bias must be a mapping {token_id: bias} or a float (V,) or (B, V) "
             f"array, got {type(value).__name__} with shape {arr.shape} and dtype {arr.dtype}"
         )
-    if np.isnan(arr).any() or (arr == np.inf).any():
-        raise ValueError("SamplingParams.logit_bias must hold finite values or -inf (a ban), found NaN or +inf")
+    with np.errstate(over="ignore"):  # beyond float32: inf, refused below
+        used = arr.astype(np.float32)
+    if np.isnan(used).any() or (used == np.inf).any():
+        raise ValueError(
+            "SamplingParams.logit_bias must hold finite values or -inf (a ban), found NaN or +inf "
+            "(in float32, the dtype it is added in)"
+        )
     return value
 
 
-def _any(value: Any, predicate: Any) -> bool:
-    """Whether the stage can be active: always for traced values, else whether any row needs it."""
+def _any(name: str, value: Any, predicate: Any) -> bool:
+    """Whether the stage can be active: always for traced values, else whether any row needs it, read
+    off the value in the dtype it is used in (`as_used`)."""
     if _is_traced(value):
         return True
-    return bool(np.any(predicate(np.asarray(value, dtype=np.float64))))
+    return bool(np.any(predicate(as_used(name, value))))
 
 
 @serializable
@@ -182,15 +277,15 @@ class SamplingParams(Serializable):
     def _infer_stages(self) -> Stages:
         return Stages(
             logit_bias=self.logit_bias is not None,
-            repetition=_any(self.repetition_penalty, lambda r: r != 1.0),
-            presence=_any(self.presence_penalty, lambda p: p != 0.0),
-            frequency=_any(self.frequency_penalty, lambda f: f != 0.0),
-            min_tokens=_any(self.min_tokens, lambda m: m > 0),
-            top_k=_any(self.top_k, lambda k: k > 0),
-            top_p=_any(self.top_p, lambda p: p < 1.0),
-            min_p=_any(self.min_p, lambda p: p > 0.0),
-            greedy=_any(self.temperature, lambda t: t == 0.0),
-            random=_any(self.temperature, lambda t: t != 0.0),
+            repetition=_any("repetition_penalty", self.repetition_penalty, lambda r: r != 1.0),
+            presence=_any("presence_penalty", self.presence_penalty, lambda p: p != 0.0),
+            frequency=_any("frequency_penalty", self.frequency_penalty, lambda f: f != 0.0),
+            min_tokens=_any("min_tokens", self.min_tokens, lambda m: m > 0),
+            top_k=_any("top_k", self.top_k, lambda k: k > 0),
+            top_p=_any("top_p", self.top_p, lambda p: p < 1.0),
+            min_p=_any("min_p", self.min_p, lambda p: p > 0.0),
+            greedy=_any("temperature", self.temperature, lambda t: t == 0.0),
+            random=_any("temperature", self.temperature, lambda t: t != 0.0),
         )
 
     @property
@@ -208,8 +303,8 @@ class SamplingParams(Serializable):
         greedy=True, random=True)`, and the step compiles once: a stage that is on where no row needs it
         changes no token (its neutral values: top_k 0, top_p 1, min_p 0), it only costs its pass.
         Keep the other static parts fixed too: the shapes, `logit_bias`'s form (None, a dict of the same
-        ids, or a dense array) and whether `history` / `eos_token_id` are passed (penalties need history,
-        `min_tokens` EOS ids, whatever the values).
+        ids, or a dense array) and whether `history` / `eos_token_id` are passed (penalties and
+        `min_tokens` need history, `min_tokens` EOS ids, whatever the values).
 
         Raises ValueError if these values need a stage `stages` leaves off (known for concrete values),
         or if `stages.logit_bias` disagrees with whether a `logit_bias` is set."""
@@ -229,6 +324,17 @@ class SamplingParams(Serializable):
             )
         children, _ = self.tree_flatten()
         return SamplingParams.tree_unflatten(stages, children)
+
+    def in_used_dtypes(self) -> SamplingParams:
+        """The same params with every concrete numeric field as the array it is used as (`as_used`: int32,
+        saturating, and float32), the same stages. The public entries call it before `jit`, whose own
+        conversion of an int64 argument under 32-bit mode would wrap (2**32 + 1 -> 1)."""
+        children, stages = self.tree_flatten()
+        converted = [
+            value if _is_traced(value) else as_used(name, value)
+            for name, value in zip(NUMERIC_FIELDS, children[: len(NUMERIC_FIELDS)], strict=True)
+        ]
+        return SamplingParams.tree_unflatten(stages, (*converted, children[-1]))
 
     @property
     def batch_size(self) -> int | None:

@@ -18,7 +18,12 @@ For logits `(B, V)` (math in float32) and per-row parameters, each row goes thro
     share all the mass equally (they become 0, every other token -inf).
  6. temperature: `x *= 1 / T` (the reciprocal, then one multiply: the same rounding in every
     implementation and under every XLA lowering). A row with `T == 0` is greedy: its token is the
-    lowest index of its maximum, and stages 7-9 do not apply to it.
+    lowest index of its maximum, and stages 7-9 do not apply to it. Overflow: `1 / T` is capped at
+    `FLT_MAX / 2 / max(|x_max|, 1)` (`x_max`: the row's largest penalised logit), so `x / T` never
+    leaves the float32 range; the cap acts only where `|x_max| / T > FLT_MAX / 2`, and there it changes no
+    token: every token below the maximum has weight exactly 0 either way, so the row samples among its
+    maxima, uniformly over ties (the argmax-like limit), and no log-prob is NaN
+    (`vsampler.core.numerics.inverse_temperature`, shared by every implementation).
  7. top-k: keep tokens whose value is >= the k-th largest value (ties at the boundary all kept);
     `k == 0` or `k >= V` keeps everything.
  8. top-p over what top-k kept: with `e_i = exp(x_i - max)` over the kept tokens, keep token i when the
@@ -57,7 +62,7 @@ import jax.numpy as jnp
 from vsampler.core import penalties, registry
 from vsampler.core.inputs import SamplerInputs, unpack_allowed
 from vsampler.core.logprobs import LogProbs, LogprobsRequest
-from vsampler.core.numerics import NEG_INF, weight
+from vsampler.core.numerics import NEG_INF, inverse_temperature, weight
 
 # ---------------------------------------------------------------------------- stages 1-5: penalties
 
@@ -118,7 +123,7 @@ def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     vocab = x.shape[1]
     p = inp.params
     greedy = p.temperature == 0.0
-    scaled = x * (1.0 / jnp.where(greedy, 1.0, p.temperature))[:, None]
+    scaled = x * inverse_temperature(p.temperature, jnp.max(x, axis=1))[:, None]
     kept = scaled > NEG_INF
 
     # 7. top-k: values >= the k-th largest

@@ -42,7 +42,16 @@ import numpy as np
 
 from vsampler.core import logprobs as lp
 from vsampler.core import registry
-from vsampler.core.inputs import EosIds, SamplerInputs, check_eos_rows, check_prompt_len_range, eos_rows, prepare
+from vsampler.core.inputs import (
+    EosIds,
+    SamplerInputs,
+    check_eos_rows,
+    check_prompt_len_range,
+    eos_rows,
+    ids_as_int32,
+    mask_words,
+    prepare,
+)
 from vsampler.core.logprobs import LogProbs
 from vsampler.core.params import SamplingParams
 
@@ -81,6 +90,8 @@ def _static_eos(eos_token_id: EosIds, logits: Any) -> tuple[tuple[int, ...] | No
     if eos_token_id is None or isinstance(eos_token_id, jax.core.Tracer):
         return None, eos_token_id
     arr = np.asarray(eos_token_id)
+    if arr.size == 0:
+        raise ValueError("eos_token_id is empty: pass None for no EOS id, or one id or more")
     if arr.ndim > 1 or not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"eos_token_id must be an integer id or a sequence of ids, got {eos_token_id!r}")
     return tuple(int(i) for i in arr.reshape(-1)), None
@@ -90,6 +101,20 @@ def _check_prompt_len(prompt_len: Any, history: Any) -> None:
     """Checks concrete prompt lengths before jit turns them into tracers (shape errors come later)."""
     if history is not None and np.ndim(history) == 2:
         check_prompt_len_range(prompt_len, np.shape(history)[1])
+
+
+def _at_the_boundary(params: Any, history: Any, prompt_len: Any, allowed_tokens: Any) -> tuple[Any, Any, Any]:
+    """Concrete arguments checked and converted before `jit` sees them: jit's own conversion of an int64
+    array under 32-bit mode wraps (a `top_k` of 2**32 + 1 would act as 1, a history id 2**32 + 10 as
+    10), and a Python list would become one leaf per element. Returns `(params, history, allowed)` in
+    the dtypes they are used in (`SamplingParams.in_used_dtypes`, `vsampler.core.inputs.ids_as_int32`,
+    `vsampler.core.inputs.mask_words`)."""
+    if not isinstance(params, SamplingParams):
+        raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+    _check_prompt_len(prompt_len, history)
+    if history is not None:
+        history = ids_as_int32(history, "history")
+    return params.in_used_dtypes(), history, mask_words(allowed_tokens)
 
 
 def _prepare(logits, params, key, history, prompt_len, eos_static, eos_dynamic, allowed, draw=True) -> SamplerInputs:
@@ -176,9 +201,20 @@ def _per_request_eos_impl(impl: str, eos_dynamic: Any) -> str:
     return "xla" if np.ndim(eos_dynamic) == 2 and not registry.get(impl).per_row_stop_ids else impl
 
 
-def _check_pad(pad_token_id: Any) -> int:
-    if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, (int, np.integer)) or pad_token_id < 0:
-        raise ValueError(f"pad_token_id must be a token id (an integer >= 0), got {pad_token_id!r}")
+def _check_pad(pad_token_id: Any, vocab: int | None) -> int:
+    """The pad id finished rows emit: one concrete integer in [0, V) (it is static: part of the program),
+    so that `sample_step`, like `sample`, never returns an id outside the vocabulary."""
+    if isinstance(pad_token_id, jax.core.Tracer):
+        raise ValueError(
+            "pad_token_id must be a concrete integer token id (it is static, compiled into the step), got a traced "
+            "value: pass it as a Python int, outside jit"
+        )
+    if isinstance(pad_token_id, np.ndarray) and pad_token_id.ndim == 0:
+        pad_token_id = pad_token_id[()]
+    if isinstance(pad_token_id, (bool, np.bool_)) or not isinstance(pad_token_id, (int, np.integer)):
+        raise ValueError(f"pad_token_id must be one token id (an integer in [0, V)), got {pad_token_id!r}")
+    if pad_token_id < 0 or (vocab is not None and pad_token_id >= vocab):
+        raise ValueError(f"pad_token_id must be a token id in [0, V={vocab}), got {int(pad_token_id)}")
     return int(pad_token_id)
 
 
@@ -212,7 +248,7 @@ def sample_step(
     has generated.
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id, logits)
-    _check_prompt_len(prompt_len, history)
+    params, history, allowed_tokens = _at_the_boundary(params, history, prompt_len, allowed_tokens)
     return _sample_step_jit(
         logits,
         params,
@@ -224,7 +260,7 @@ def sample_step(
         allowed_tokens,
         eos_static=eos_static,
         impl=_per_request_eos_impl(resolve_impl(impl), eos_dynamic),
-        pad_token_id=_check_pad(pad_token_id),
+        pad_token_id=_check_pad(pad_token_id, _vocab(logits)),
         logprobs=lp.request(logprobs, logprobs_mode, _vocab(logits)),
     )
 
@@ -265,7 +301,7 @@ def sample(
     must stay "auto". A V the axis size does not divide is padded with -inf columns (never drawn).
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id, logits)
-    _check_prompt_len(prompt_len, history)
+    params, history, allowed_tokens = _at_the_boundary(params, history, prompt_len, allowed_tokens)
     request = lp.request(logprobs, logprobs_mode, _vocab(logits))
     sharded: dict[str, Any] = {}
     if vocab_axis is None:
@@ -321,7 +357,7 @@ def process_logits(
     its penalised logit. `softmax` of a row is the distribution `sample` draws from.
     """
     eos_static, eos_dynamic = _static_eos(eos_token_id, logits)
-    _check_prompt_len(prompt_len, history)
+    params, history, allowed_tokens = _at_the_boundary(params, history, prompt_len, allowed_tokens)
     return _process_jit(
         logits,
         params,

@@ -12,6 +12,7 @@ named by the input.
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import json
 import math
@@ -126,26 +127,61 @@ def _encode(value: Any) -> Any:
     raise TypeError(f"cannot encode a value of type {type(value).__name__} as JSON: {value!r}")
 
 
-def _decode(value: Any) -> Any:
+def _decode(value: Any, path: str = "$") -> Any:
+    """The inverse of `_encode`; a tampered value raises ValueError naming its path (`$.sequences`, ...)."""
     if isinstance(value, list):
-        return [_decode(v) for v in value]
+        return [_decode(v, f"{path}[{i}]") for i, v in enumerate(value)]
     if not isinstance(value, dict):
         return value
-    if "__float__" in value:
-        return float(value["__float__"])
-    if "__prng_key__" in value:
-        return jax.random.wrap_key_data(jnp.asarray(_decode(value["data"])), impl=value["__prng_key__"])
-    if "__array__" in value:
-        dtype = jnp.dtype(value["dtype"])
-        arr = np.frombuffer(base64.b64decode(value["__array__"]), dtype=dtype).reshape(value["shape"]).copy()
-        return jnp.asarray(arr) if value["jax"] else arr
-    if "__pspec__" in value:
-        return PartitionSpec(*[_decode(v) for v in value["__pspec__"]])
-    if "__tuple__" in value:
-        return tuple(_decode(v) for v in value["__tuple__"])
-    if "__dict__" in value:
-        return {_hashable(_decode(k)): _decode(v) for k, v in value["__dict__"]}
-    return {k: _decode(v) for k, v in value.items()}
+    try:
+        if "__float__" in value:
+            return float(value["__float__"])
+        if "__prng_key__" in value:
+            data = _decode(value["data"], f"{path}.data")
+            return jax.random.wrap_key_data(jnp.asarray(data), impl=value["__prng_key__"])
+        if "__array__" in value:
+            return _decode_array(value, path)
+        if "__pspec__" in value:
+            return PartitionSpec(*[_decode(v, f"{path}[{i}]") for i, v in enumerate(value["__pspec__"])])
+        if "__tuple__" in value:
+            return tuple(_decode(v, f"{path}[{i}]") for i, v in enumerate(value["__tuple__"]))
+        if "__dict__" in value:
+            return {
+                _hashable(_decode(k, f"{path}[{i}]")): _decode(v, f"{path}[{k!r}]")
+                for i, (k, v) in enumerate(value["__dict__"])
+            }
+    except _Tampered:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise _Tampered(f"from_json: the value at {path} is malformed ({type(e).__name__}: {e})") from e
+    return {k: _decode(v, f"{path}.{k}") for k, v in value.items()}
+
+
+class _Tampered(ValueError):
+    """A serialised value that does not decode (tampered or truncated JSON): names the field's path."""
+
+
+def _decode_array(value: dict[str, Any], path: str) -> Any:
+    try:
+        raw = base64.b64decode(value["__array__"], validate=True)
+    except (binascii.Error, TypeError, ValueError) as e:
+        raise _Tampered(f"from_json: the array at {path} has bad base64 data ({e})") from e
+    try:
+        dtype = np.dtype(jnp.dtype(value["dtype"]))
+    except (TypeError, ValueError) as e:
+        raise _Tampered(f"from_json: the array at {path} has an unknown dtype {value['dtype']!r}") from e
+    if dtype.kind not in "biufcV" or dtype.hasobject:
+        raise _Tampered(f"from_json: the array at {path} has dtype {dtype}, not a numeric array dtype")
+    shape = value["shape"]
+    if not isinstance(shape, list) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+        raise _Tampered(f"from_json: the array at {path} has a bad shape {shape!r} (a list of sizes >= 0)")
+    if len(raw) != dtype.itemsize * math.prod(shape):
+        raise _Tampered(
+            f"from_json: the array at {path} holds {len(raw)} bytes, but shape {shape} of {dtype} needs "
+            f"{dtype.itemsize * math.prod(shape)}"
+        )
+    arr = np.frombuffer(raw, dtype=dtype).reshape(shape).copy()
+    return jnp.asarray(arr) if value.get("jax") else arr
 
 
 def _hashable(key: Any) -> Any:
@@ -158,7 +194,14 @@ def to_json_text(obj: Any, **json_kwargs: Any) -> str:
 
 
 def from_json_text(cls: type[T], text: str) -> T:
-    data = _decode(json.loads(text))
+    try:
+        parsed = json.loads(text)
+    except RecursionError as e:
+        raise ValueError(f"{cls.__name__}.from_json: the JSON is nested too deeply to be a serialised object") from e
+    try:
+        data = _decode(parsed)
+    except RecursionError as e:
+        raise ValueError(f"{cls.__name__}.from_json: the JSON is nested too deeply to be a serialised object") from e
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__}.from_json expects a JSON object, got {type(data).__name__}")
     name = data.get(_TYPE, cls.__name__)

@@ -7,9 +7,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
+import re
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from jax.sharding import PartitionSpec
 
 from vsampler.core.params import SamplingParams
@@ -72,6 +74,35 @@ def _positive_int(owner: str, name: str, value: Any) -> None:
         raise ValueError(f"{owner}.{name} must be a positive integer, got {value!r}")
 
 
+def _is_token_id(value: Any) -> bool:
+    """A token id: a Python or numpy integer (not a bool) >= 0."""
+    return not isinstance(value, (bool, np.bool_)) and isinstance(value, (int, np.integer)) and value >= 0
+
+
+def _check_partition_rules(rules: Any) -> None:
+    """`partition_rules`: None, or a sequence of `(regex, PartitionSpec)` pairs (EasyDeL's form)."""
+    if rules is None:
+        return
+    if isinstance(rules, (str, bytes, Mapping)) or not isinstance(rules, (list, tuple)):
+        raise ValueError(
+            "vInferenceConfig.partition_rules must be a sequence of (regex, PartitionSpec) pairs, "
+            f"got {type(rules).__name__} {rules!r}"
+        )
+    for i, rule in enumerate(rules):
+        if not (isinstance(rule, (list, tuple)) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise ValueError(
+                f"vInferenceConfig.partition_rules[{i}] must be a (regex, PartitionSpec) pair, got {rule!r}"
+            )
+        try:
+            re.compile(rule[0])
+        except re.error as e:
+            raise ValueError(f"vInferenceConfig.partition_rules[{i}] has an invalid regex {rule[0]!r}: {e}") from e
+        if not isinstance(rule[1], PartitionSpec) and rule[1] is not None:
+            raise ValueError(
+                f"vInferenceConfig.partition_rules[{i}] must pair its regex with a PartitionSpec, got {rule[1]!r}"
+            )
+
+
 @serializable
 @dataclasses.dataclass
 class vInferenceConfig(Serializable):
@@ -102,12 +133,21 @@ class vInferenceConfig(Serializable):
             _positive_int("vInferenceConfig", "num_return_sequences", self.num_return_sequences)
         for name in ("pad_token_id", "bos_token_id"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            if value is not None and not _is_token_id(value):
                 raise ValueError(f"vInferenceConfig.{name} must be a token id (integer >= 0) or None, got {value!r}")
+            if value is not None:
+                setattr(self, name, int(value))  # numpy integers too, stored as plain ints (JSON, static ids)
         eos = self.eos_token_id
+        if isinstance(eos, np.ndarray):
+            eos = eos.tolist()
         eos_list = eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos]
-        if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in eos_list):
+        if isinstance(eos, (list, tuple)) and not eos:
+            raise ValueError("vInferenceConfig.eos_token_id is empty: pass None for no EOS id, or one id or more")
+        if not all(_is_token_id(e) for e in eos_list):
             raise ValueError(f"vInferenceConfig.eos_token_id must be a token id or a list of ids, got {eos!r}")
+        if eos is not None:
+            self.eos_token_id = [int(e) for e in eos] if isinstance(eos, (list, tuple)) else int(eos)
+        _check_partition_rules(self.partition_rules)
         if self.partition_axis is not None and not isinstance(self.partition_axis, PartitionAxis):
             raise ValueError(f"vInferenceConfig.partition_axis must be a PartitionAxis, got {self.partition_axis!r}")
         self._loop_rows = math.ceil(self.max_new_tokens / self.streaming_chunks)

@@ -13,9 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler.core.params import NUMERIC_FIELDS, SamplingParams, Stages
+from vsampler.core.params import INT_FIELDS, NUMERIC_FIELDS, SamplingParams, Stages, as_used
 
-INT_FIELDS = ("max_tokens", "min_tokens", "top_k")
 _NEUTRAL = SamplingParams(max_tokens=1)  # values for the rows that only fill a bucket
 
 
@@ -78,10 +77,8 @@ def _per_row(name: str, value: Any, batch: int, n: int, rows: int, neutral: Any)
 
 def row_params(params: SamplingParams, stages: Stages, batch: int, n: int, rows: int, vocab: int) -> SamplingParams:
     """The params as the compiled loop takes them: (rows,) arrays of fixed dtypes, `stages` as aux data."""
-    leaves = [
-        _per_row(name, getattr(params, name), batch, n, rows, getattr(_NEUTRAL, name)).astype(
-            np.int32 if name in INT_FIELDS else np.float32
-        )
+    leaves = [  # int32 (saturating) / float32: the dtypes they are validated and used in
+        as_used(name, _per_row(name, getattr(params, name), batch, n, rows, getattr(_NEUTRAL, name)))
         for name in NUMERIC_FIELDS
     ]
     bias = None
@@ -109,6 +106,10 @@ def request_keys(key: Any, batch: int) -> tuple[np.ndarray, bool]:
     default = jax.random.key(0)
     if key is None:
         key = default
+    if not hasattr(key, "dtype") or not hasattr(key, "shape"):
+        raise ValueError(
+            f"key must be a PRNG key (jax.random.key(seed)) or one per prompt, got {type(key).__name__} {key!r}"
+        )
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if jax.random.key_impl(key) != jax.random.key_impl(default):
             raise ValueError(

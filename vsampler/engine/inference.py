@@ -42,7 +42,7 @@ import dataclasses
 import functools
 import logging
 import time
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -51,7 +51,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from vsampler.core.inputs import allowed_words
+from vsampler.core.inputs import allowed_words, mask_words
 from vsampler.core.logprobs import LogprobsRequest, request
 from vsampler.core.params import SamplingParams, Stages
 from vsampler.core.sampling import Impl, resolve_impl
@@ -401,7 +401,35 @@ class vInference:
         at every step to all its copies; `generator.send(mask)` replaces it for the chunks after the state
         just yielded (the loop must have started with a mask). `logprobs=n` / `logprobs_mode`: each token's
         log-probabilities go into the state's `token_logprobs`, `top_logprob_ids`, `top_logprobs`.
+        A mask `send` cannot take (shape, dtype, or a generation started without one) raises ValueError
+        from `send` and is dropped: the stream goes on from the same state, with the mask it had.
         """
+        checks: dict[str, Callable[[Any], np.ndarray]] = {}
+        body = self._generate(
+            checks,
+            input_ids,
+            attention_mask,
+            sampling_params=sampling_params,
+            key=key,
+            allowed_tokens=allowed_tokens,
+            logprobs=logprobs,
+            logprobs_mode=logprobs_mode,
+        )
+        return _MaskedStream(body, checks)
+
+    def _generate(
+        self,
+        checks: dict[str, Callable[[Any], np.ndarray]],
+        input_ids: Any,
+        attention_mask: Any,
+        *,
+        sampling_params: SamplingParams | None,
+        key: jax.Array | None,
+        allowed_tokens: Any,
+        logprobs: int | None,
+        logprobs_mode: str,
+    ) -> Generator[SampleState, Any, None]:
+        """`generate`'s loop; `checks["mask"]` is set to the check of a sent mask before the first yield."""
         ids, mask = check_prompts(input_ids, attention_mask)
         batch = ids.shape[0]
         lengths = mask.sum(axis=1)
@@ -450,11 +478,12 @@ class vInference:
         mask_rows = functools.partial(self._mask_rows, batch=batch, n=n, rows=rows, vocab=vocab)
         if serving.masked:
             inputs += (mask_rows(allowed_tokens),)
+        checks["mask"] = functools.partial(self._sent_mask_rows, mask_rows=mask_rows, serving=serving)
         if self.mesh is not None:  # global arrays from the host values every process holds alike
             inputs = place_global(inputs, exe.prefill.input_shardings[0][2:], self._replicated)
             loop_params = inputs[0]
         state = exe.prefill(self.graphstate, self.graphother, *inputs)
-        state = self._new_mask(state, (yield state), mask_rows, serving)
+        state = self._new_mask(state, (yield state))
         first_tokens = int(replicated_value(state.generated_tokens))
         spent = 0.0
         for _ in range(self.config._loop_rows):
@@ -473,28 +502,32 @@ class vInference:
                 _time_spent_computing=np.float32(spent),
                 tokens_per_second=np.float32(made / spent if spent > 0 else float("-inf")),
             )
-            state = self._new_mask(state, (yield state), mask_rows, serving)
+            state = self._new_mask(state, (yield state))
 
     def _mask_rows(self, allowed: Any, *, batch: int, n: int, rows: int, vocab: int) -> np.ndarray:
         """A request-level (B, ceil(V / 32)) mask as the bucket's rows: copies repeated, filler rows
         allowing everything (they are finished from the start)."""
-        mask = np.asarray(allowed)
         words = allowed_words(vocab)
-        if mask.shape != (batch, words) or mask.dtype not in (np.int32, np.uint32):
+        shape = tuple(np.shape(allowed)) if hasattr(allowed, "shape") else np.shape(np.asarray(allowed, object))
+        if shape != (batch, words):
             raise ValueError(
                 f"allowed_tokens must be an int32 packed bitmask (B, ceil(V / 32)) = ({batch}, {words}), "
-                f"got {mask.dtype} {mask.shape}"
+                f"got shape {shape}"
             )
-        mask = np.repeat(mask.view(np.int32), n, axis=0)
+        mask = np.repeat(np.asarray(mask_words(allowed)), n, axis=0)  # `sample`'s dtype rule
         return np.concatenate([mask, np.full((rows - mask.shape[0], words), -1, np.int32)])
 
-    def _new_mask(self, state: SampleState, sent: Any, mask_rows: Any, serving: _Serving) -> SampleState:
-        """The state to continue from after a yield: with the mask `send` passed in, if any."""
-        if sent is None:
-            return state
+    @staticmethod
+    def _sent_mask_rows(sent: Any, *, mask_rows: Callable[[Any], np.ndarray], serving: _Serving) -> np.ndarray:
+        """A mask `send` passed, checked (before the loop sees it) and laid out as the bucket's rows."""
         if not serving.masked:
             raise ValueError("a mask was sent to a generation started without allowed_tokens: pass one to generate")
-        mask = mask_rows(sent)
+        return mask_rows(sent)
+
+    def _new_mask(self, state: SampleState, mask: np.ndarray | None) -> SampleState:
+        """The state to continue from after a yield: with the (checked) mask `send` passed in, if any."""
+        if mask is None:
+            return state
         if self.mesh is not None:
             mask = place_global(mask, state.allowed_tokens.sharding)
         return dataclasses.replace(state, allowed_tokens=jnp.asarray(mask))
@@ -503,3 +536,26 @@ class vInference:
         """Runs `generate` to the end and returns the last state."""
         (last,) = collections.deque(self.generate(*args, **kwargs), maxlen=1)
         return last
+
+
+class _MaskedStream(Generator):
+    """`vInference.generate`'s generator: `send(mask)` checks the mask before the loop sees it, so a mask
+    it cannot take raises ValueError from `send` and leaves the stream alive (the next `next` / `send`
+    continues from the same state). Otherwise the loop generator's own behaviour."""
+
+    def __init__(self, body: Generator[SampleState, Any, None], checks: dict[str, Callable[[Any], np.ndarray]]):
+        self._body = body
+        self._checks = checks
+
+    def send(self, value: Any) -> SampleState:
+        if value is not None:
+            if "mask" not in self._checks:
+                raise TypeError("can't send a mask to a generation that has not started: call next() first")
+            value = self._checks["mask"](value)  # raises here, before the loop generator resumes
+        return self._body.send(value)
+
+    def throw(self, *args: Any) -> SampleState:
+        return self._body.throw(*args)
+
+    def close(self) -> None:
+        self._body.close()

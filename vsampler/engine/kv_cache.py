@@ -138,7 +138,8 @@ def _dequantize(x: CacheLeaf) -> jax.Array:
 
 
 def _write(cache: CacheLeaf, new: CacheLeaf, start: jax.Array) -> CacheLeaf:
-    index = (0, start, 0, 0)
+    zero = jnp.int32(0)  # every index int32, also under jax_enable_x64 (Python ints would be int64)
+    index = (zero, jnp.asarray(start, jnp.int32), zero, zero)
     return jax.tree.map(lambda c, n: jax.lax.dynamic_update_slice(c, n, index), cache, new)
 
 

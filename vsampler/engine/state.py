@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -58,6 +59,23 @@ class SampleState(Serializable):
     top_logprob_ids: jax.Array | None = None
     top_logprobs: jax.Array | None = None
     token_ranks: jax.Array | None = None
+
+    def __post_init__(self) -> None:
+        """The array fields must be arrays (jax or numpy, or abstract shapes): a string or a list there
+        would fail far from where it was passed."""
+        for name in _ARRAY_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_ARRAYS:
+                continue
+            if not (hasattr(value, "shape") and hasattr(value, "dtype")):
+                raise ValueError(f"SampleState.{name} must be an array, got {type(value).__name__} {value!r:.80}")
+        if self.model_kwargs is not None and not isinstance(self.model_kwargs, Mapping):
+            kind = type(self.model_kwargs).__name__
+            raise ValueError(f"SampleState.model_kwargs must be a dict (or None), got {kind}")
+
+
+_OPTIONAL_ARRAYS = ("allowed_tokens", "token_logprobs", "top_logprob_ids", "top_logprobs")
+_ARRAY_FIELDS = ("current_length", "sequences", "running_token", "is_sequence_finished", "prng_key", *_OPTIONAL_ARRAYS)
 
 
 register_dataclass_pytree(

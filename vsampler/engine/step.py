@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vsampler.core.params import SamplingParams
+from vsampler.core.params import SamplingParams, as_used
 from vsampler.core.sampling import Impl, sample_step
 from vsampler.engine.state import SampleState
 
@@ -92,6 +92,8 @@ def create_sampling_step(
     `top_logprob_ids` and `top_logprobs`, which must then be allocated (B, T) / (B, T, n).
     """
     eos = _token_ids("eos_token_id", eos_token_id) if eos_token_id is not None else None
+    if isinstance(pad_token_id, jax.core.Tracer) or np.ndim(pad_token_id) != 0:
+        raise ValueError(f"pad_token_id must be one concrete token id (an integer >= 0), got {pad_token_id!r}")
     (pad,) = _token_ids("pad_token_id", pad_token_id)
     if not isinstance(sampling_params, SamplingParams):
         raise ValueError(f"sampling_params must be a SamplingParams, got {type(sampling_params).__name__}")
@@ -134,7 +136,7 @@ def create_sampling_step(
         )
         running = ~was_finished
         generated = state.current_length - prompt_end + running.astype(jnp.int32)
-        limit = jnp.minimum(jnp.asarray(sampling_params.max_tokens, jnp.int32), total - prompt_end)
+        limit = jnp.minimum(jnp.asarray(as_used("max_tokens", sampling_params.max_tokens)), total - prompt_end)
         finished = finished | (running & (generated >= limit))
         rows = jnp.arange(tokens.shape[0])
         slot = jnp.where(running, state.current_length, total)  # out of range: dropped, never a clamp

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from vsampler.core import logprobs as lp
 from vsampler.core import penalties, reference, registry
 from vsampler.core.inputs import SamplerInputs
-from vsampler.core.numerics import NEG_INF
+from vsampler.core.numerics import NEG_INF, inverse_temperature
 from vsampler.kernels import block_sizes, sampler_chunked, sampler_triton
 from vsampler.kernels import sampler as kernel
 from vsampler.kernels.config import KernelConfig, pack_rows
@@ -186,6 +186,7 @@ def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, 
         s_max=stats[:, kernel.S_MAX],
         kept_mass=stats[:, kernel.KEPT_MASS],
         rank=rank,
+        x_max=stats[:, kernel.X_MAX],
     )
 
 
@@ -211,7 +212,7 @@ def process_logits(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
     x = reference.penalised_logits(inp)  # stages 0-5
     p = inp.params
     greedy = (p.temperature == 0.0)[:, None]
-    s = x * (1.0 / jnp.where(greedy[:, 0], 1.0, p.temperature))[:, None]
+    s = x * inverse_temperature(p.temperature, jnp.max(x, axis=1))[:, None]
     kept = (s > NEG_INF) & (s >= stats[:, kernel.THRESHOLD : kernel.THRESHOLD + 1])
     if inp.stages.min_p:
         kept &= jnp.exp(s - stats[:, kernel.S_MAX : kernel.S_MAX + 1]) >= p.min_p[:, None]

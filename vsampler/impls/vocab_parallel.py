@@ -75,7 +75,7 @@ from jax.sharding import PartitionSpec as P
 
 from vsampler.core import penalties, registry
 from vsampler.core.inputs import RowParams, SamplerInputs, unpack_allowed
-from vsampler.core.numerics import NEG_INF, first_crossing, largest_value_with, weight
+from vsampler.core.numerics import NEG_INF, first_crossing, inverse_temperature, largest_value_with, weight
 from vsampler.core.params import Stages
 from vsampler.core.sampling import VOCAB_PARALLEL
 
@@ -259,7 +259,7 @@ def _sample_shard(
         return jnp.where(empty, r.empty_token, first_max[:, 0])
 
     greedy = (p.temperature == 0.0)[:, None]
-    inverse_t = 1.0 / jnp.where(greedy, 1.0, p.temperature[:, None])
+    inverse_t = inverse_temperature(p.temperature[:, None], x_max)
     s = x * inverse_t
     s_max = x_max * inverse_t  # == max(s): rounding is monotone
     e = weight(s, s_max)  # the reference's: exactly 1 at the maximum, whatever a fused multiply-add does

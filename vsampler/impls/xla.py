@@ -44,7 +44,7 @@ from jax import lax
 from vsampler.core import logprobs as lp
 from vsampler.core import numerics, penalties, registry
 from vsampler.core.inputs import SamplerInputs, unpack_allowed
-from vsampler.core.numerics import NEG_INF, draw, weight
+from vsampler.core.numerics import NEG_INF, draw, inverse_temperature, weight
 from vsampler.core.params import Stages
 
 K_CANDIDATES = 64  # static width of the exact top-k candidate path
@@ -62,7 +62,7 @@ def sanitise_row(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     row_max = jnp.max(x)
     return lax.cond(
         row_max == jnp.inf,
-        lambda: (jnp.where(x == jnp.inf, 0.0, NEG_INF), jnp.float32(0.0)),
+        lambda: (jnp.where(x == jnp.inf, jnp.float32(0.0), jnp.float32(NEG_INF)), jnp.float32(0.0)),
         lambda: (x, row_max),
     )
 
@@ -153,7 +153,7 @@ def _top_k_threshold(r: _Row, s_max: jax.Array, top: jax.Array | None) -> jax.Ar
 
     def search() -> jax.Array:
         def count_ge(t: jax.Array) -> jax.Array:
-            return jnp.sum(jnp.where(r.s >= t, 1.0, 0.0))
+            return jnp.sum(jnp.where(r.s >= t, jnp.float32(1), jnp.float32(0)))
 
         n_finite = count_ge(jnp.float32(-jnp.finfo(jnp.float32).max))
         lowest = jnp.min(jnp.where(r.s > NEG_INF, r.s, jnp.inf))
@@ -189,7 +189,7 @@ def _top_p_threshold(r: _Row, e: jax.Array, s_max: jax.Array, kth: jax.Array, to
     vocab = r.s.shape[0]
 
     def on_candidates() -> jax.Array:
-        extra = jnp.sum(jnp.where(r.s >= kth, 1.0, 0.0)) - jnp.sum(top >= kth)
+        extra = jnp.sum(jnp.where(r.s >= kth, jnp.float32(1), jnp.float32(0))) - jnp.sum(top >= kth)
         return candidate_top_p(top, kth, s_max, r.top_p, extra)
 
     def on_vocabulary() -> jax.Array:
@@ -274,7 +274,7 @@ def _map_rows(
         x, x_max = sanitise_row(raw)
 
         def sampled() -> object:
-            inverse_t = 1.0 / ri.temperature
+            inverse_t = inverse_temperature(ri.temperature, x_max)
             s = x * inverse_t
             return sampled_fn(_Row(s=s, k=ri.k, top_p=ri.top_p, min_p=ri.min_p, u=ri.u), x_max * inverse_t)
 
@@ -332,7 +332,8 @@ def _sampled_row(stages: Stages, kept_mass: bool) -> Callable[[_Row, jax.Array],
         kth = top[jnp.clip(r.k - 1, 0, top.shape[0] - 1)]
 
         def no_ties_outside() -> jax.Array:  # a value above the last candidate cannot lie outside them
-            return (kth > top[-1]) | (jnp.sum(jnp.where(r.s >= kth, 1.0, 0.0)) == jnp.sum(top >= kth))
+            at_or_above = jnp.sum(jnp.where(r.s >= kth, jnp.float32(1), jnp.float32(0)))
+            return (kth > top[-1]) | (at_or_above == jnp.sum(top >= kth))
 
         on_candidates = lax.cond(small_k, no_ties_outside, lambda: jnp.bool_(False))
         return lax.cond(on_candidates, lambda: _candidate_token(r, s_max, stages, top, index), full)
@@ -369,6 +370,7 @@ def sample_with_logprobs(
             s_max=d.s_max,
             kept_mass=d.kept_mass,
             rank=rank,
+            x_max=x_max,
         )
         return token, values
 
