@@ -22,14 +22,19 @@ def peaked():
 @pytest.mark.parametrize("impl", IMPLS)
 def test_min_tokens_masks_each_rows_own_stop_ids(impl):
     params = SamplingParams(temperature=0.0, min_tokens=1)
-    tokens = np.asarray(sample(peaked(), params, None, eos_token_id=STOPS, impl=impl))
+    none_yet = jnp.full((3, 4), -1, jnp.int32)  # min_tokens counts generated tokens: none so far
+    tokens = np.asarray(sample(peaked(), params, None, history=none_yet, eos_token_id=STOPS, impl=impl))
     assert tokens.tolist() == [5, 2, 2]  # row 0 loses 2; row 1 loses 5 and 9 (2 is not its stop id)
-    warped = np.asarray(process_logits(peaked(), SamplingParams(min_tokens=1), eos_token_id=STOPS, impl=impl))
+    warped = np.asarray(
+        process_logits(peaked(), SamplingParams(min_tokens=1), history=none_yet, eos_token_id=STOPS, impl=impl)
+    )
     assert (
         np.isneginf(warped[0, 2]) and np.isneginf(warped[1, [5, 9]]).all() and np.isfinite(warped[2, [2, 5, 9]]).all()
     )
     assert np.isfinite(warped[0, [5, 9]]).all() and np.isfinite(warped[1, 2])
-    traced = jax.jit(lambda e: sample(peaked(), params, None, eos_token_id=e, impl=impl))(jnp.asarray(STOPS))
+    traced = jax.jit(lambda e: sample(peaked(), params, None, history=none_yet, eos_token_id=e, impl=impl))(
+        jnp.asarray(STOPS)
+    )
     assert np.asarray(traced).tolist() == tokens.tolist()
 
 

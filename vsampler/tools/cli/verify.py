@@ -26,6 +26,9 @@ def run(args: argparse.Namespace) -> int:
     configs = verification.STAGE_CASES if args.quick else ("combined", "heterogeneous")
     cases = list(verification.grid(batches, vocabs, dtypes, configs))
     cases += list(verification.grid(batches, vocabs, dtypes, ("heterogeneous",), masked=(True,)))
+    # decimal top-p boundaries, also against the hand-computed kept sets (one batch: every textbook row)
+    textbook_batch = (len(verification.TEXTBOOK_TOP_P),)
+    cases += list(verification.grid(textbook_batch, vocabs, dtypes, verification.TEXTBOOK_CASES, kinds=("textbook",)))
     ui = ui_for_output()
     ui.header("vsampler verify", environment())
     results = []
@@ -44,11 +47,14 @@ def run(args: argparse.Namespace) -> int:
             f"{r.agreeing_rows}/{r.case.batch}" + (f" +{r.boundary_rows} boundary" if r.boundary_rows else ""),
             yes(r.logprobs_equal),
             yes(r.mask_respected) if r.case.masked else "-",
+            yes(r.exact) if r.case.kind == "textbook" else "-",
             "ok" if r.ok else "MISMATCH",
         ]
         for r in results
     ]
-    ui.rows(["impl", "case", "kept set", "values", "tokens agree", "log-probs", "mask held", "result"], rows)
+    ui.rows(
+        ["impl", "case", "kept set", "values", "tokens agree", "log-probs", "mask held", "textbook", "result"], rows
+    )
     dist_rows, dist_failures = [], 0
     with ui.progress(len(impls) * len(verification.DISTRIBUTION_PARAMS), "distribution checks") as advance:
         for impl in impls:
