@@ -128,3 +128,24 @@ def test_the_implementation_keeps_and_draws_what_the_reference_does(impl: str, c
 def test_every_fast_implementation_has_cases() -> None:
     """A registered implementation is never left untested: each has a non-empty table."""
     assert {impl for impl, *_ in (p.values for p in PAIRS)} == set(registry.names(fast=True))
+
+
+@pytest.mark.interpret
+def test_a_kernel_variant_registered_in_one_call_is_listed_selectable_and_verified():
+    """What a new variant takes: its launcher and one `register_variant` call (here the resident TPU
+    launcher under a new name). It is then in `available_impls()`, the CLI's `--impl` choices, gets the
+    shared kernel table, and passes the same comparison."""
+    from vsampler import available_impls
+    from vsampler.impls import pallas
+    from vsampler.tools.cli import build_parser
+
+    name = "pallas-example"
+    pallas.register_variant(name, pallas._tpu_launcher(chunked=False), "the resident kernel, registered again")
+    try:
+        assert name in available_impls() and registry.get(name).kernel
+        assert build_parser().parse_args(["verify", "--impl", name]).impl == (name,)
+        assert cases_for(name) == KERNEL_CASES
+        compare(name, "normal", "combined", 8, 1000, "float32")
+    finally:
+        pallas.unregister_variant(name)
+    assert name not in available_impls()

@@ -70,6 +70,12 @@ def register(implementation: Implementation) -> Implementation:
     return implementation
 
 
+def unregister(name: str) -> None:
+    """Removes `name` (a test's temporary implementation); unknown names are a ValueError."""
+    get(name)
+    del _IMPLEMENTATIONS[name]
+
+
 def implementations(*, selectable: bool = True) -> tuple[Implementation, ...]:
     """The registered implementations (only those `impl=` takes, by default): the others before the
     kernel variants, each group in registration order (the reference registers first)."""

@@ -1,6 +1,6 @@
 """impl="pallas": the fused Pallas kernel (`vsampler.kernels.sampler`) behind the common input contract.
 
-Variants of one kernel, each registered under the name `impl=` takes (`VARIANTS`): "pallas" (the
+Variants of one kernel, each registered under the name `impl=` takes (`register_variant`): "pallas" (the
 backend's: on TPU and in interpret mode a block of rows resident in VMEM, compiled by Mosaic with the
 policy of `vsampler.kernels.block_sizes`, which picks `vsampler.kernels.sampler` where whole-row
 temporaries fit and the chunked `vsampler.kernels.sampler_chunked` where they do not; on GPU the Triton
@@ -37,9 +37,6 @@ _DEVICE_KINDS = {
 }
 
 
-VARIANTS = ("pallas", "pallas-chunked", "pallas-triton")  # the registry names, one per variant
-
-
 def tpu_kernel(plan: block_sizes.BlockPlan) -> Callable[..., tuple[jax.Array, ...]]:
     """The TPU variant a block plan calls for: resident (`sampler.fused_sample`) or chunked
     (`sampler_chunked.fused_sample_chunked`, which also takes the plan's `chunk` and `buffers`)."""
@@ -51,6 +48,13 @@ def tpu_generation() -> str | None:
     if jax.default_backend() != "tpu":
         return None
     return _DEVICE_KINDS.get(jax.devices()[0].device_kind, "v5e")
+
+
+# A variant's launcher: the kernel operands (`kernel_operands`) and the launch's `KernelConfig` ->
+# (tokens (B,) int32, finished (B,) bool, stats (B, STAT_COLUMNS) float32[, top_x (B, n), top_ids (B, n)]);
+# `generation`: the TPU block-size policy's (None: interpret mode or the device's).
+Launcher = Callable[..., tuple[jax.Array, ...]]
+_LAUNCHERS: dict[str, Launcher] = {}
 
 
 def launch(
@@ -67,40 +71,51 @@ def launch(
     (top_x (B, n) float32, top_ids (B, n) int32) when `top_n` is given (None: no log-prob values).
 
     `finished` rows emit `pad_token_id`; a row whose token is one of `inp.eos_ids` comes back finished.
-    `generation` picks the TPU block-size policy (default: the device's); `variant` is one of `VARIANTS`
-    (default "pallas": the Triton kernel on GPU, the TPU one elsewhere); `interpret` defaults to "on
-    neither TPU nor GPU".
+    `generation` picks the TPU block-size policy (default: the device's); `variant` is a registered
+    variant's name (default "pallas": the Triton kernel on GPU, the TPU one elsewhere); `interpret`
+    defaults to "on neither TPU nor GPU".
     """
-    backend = jax.default_backend()
     variant = variant or "pallas"
-    if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    if variant == "pallas" and backend == "gpu":
-        variant = "pallas-triton"
+    if variant not in _LAUNCHERS:
+        raise ValueError(f"variant must be one of {tuple(_LAUNCHERS)}, got {variant!r}")
     if interpret is None:
-        interpret = backend not in ("tpu", "gpu")
+        interpret = jax.default_backend() not in ("tpu", "gpu")
     x, rows, eos, allowed, config = kernel_operands(inp, finished)
     config = config.replace(top_n=top_n, pad_id=pad_token_id)
-    batch, vocab = x.shape
-    if variant == "pallas-triton":
-        width = 1 << (eos.shape[0] - 1).bit_length()  # Triton arrays: power-of-two shapes
-        eos = jnp.pad(eos.astype(jnp.int32), (0, width - eos.shape[0]), constant_values=-1)
-        tokens, new_finished, stats, *top = sampler_triton.fused_sample_triton(
-            x, rows, eos, allowed, config=config, plan=block_sizes.gpu_plan(vocab), interpret=interpret
-        )
-        return (tokens[:, 0], new_finished[:, 0] > 0, stats, *(t[:, :top_n] for t in top))
-    if generation is None and not interpret:
-        generation = tpu_generation()
-    plan = block_sizes.plan(
-        batch,
-        vocab,
-        x.dtype,
-        None if interpret else generation,
-        allowed is not None,
-        chunked=variant == "pallas-chunked",
+    return _LAUNCHERS[variant](x, rows, eos, allowed, config=config, interpret=interpret, generation=generation)
+
+
+def _launch_triton(x, rows, eos, allowed, *, config: KernelConfig, interpret: bool, generation: str | None):
+    """The GPU variant: one program per row over power-of-two chunks (`sampler_triton`)."""
+    width = 1 << (eos.shape[0] - 1).bit_length()  # Triton arrays: power-of-two shapes
+    eos = jnp.pad(eos.astype(jnp.int32), (0, width - eos.shape[0]), constant_values=-1)
+    tokens, new_finished, stats, *top = sampler_triton.fused_sample_triton(
+        x, rows, eos, allowed, config=config, plan=block_sizes.gpu_plan(x.shape[1]), interpret=interpret
     )
-    tokens, new_finished, stats, *top = tpu_launch(plan, x, rows, eos, allowed, config=config, interpret=interpret)
-    return (tokens[:batch, 0], new_finished[:batch, 0] > 0, stats[:batch], *(t[:batch] for t in top))
+    return (tokens[:, 0], new_finished[:, 0] > 0, stats, *(t[:, : config.top_n] for t in top))
+
+
+def _tpu_launcher(chunked: bool) -> Launcher:
+    """The TPU variants: a row block resident in VMEM, whole-row passes or (`chunked`, or where the
+    policy says whole-row temporaries do not fit) passes over chunks."""
+
+    def launch_tpu(x, rows, eos, allowed, *, config: KernelConfig, interpret: bool, generation: str | None):
+        if generation is None and not interpret:
+            generation = tpu_generation()
+        batch, vocab = x.shape
+        plan = block_sizes.plan(
+            batch, vocab, x.dtype, None if interpret else generation, allowed is not None, chunked=chunked
+        )
+        tokens, new_finished, stats, *top = tpu_launch(plan, x, rows, eos, allowed, config=config, interpret=interpret)
+        return (tokens[:batch, 0], new_finished[:batch, 0] > 0, stats[:batch], *(t[:batch] for t in top))
+
+    return launch_tpu
+
+
+def _launch_backend(x, rows, eos, allowed, **kw):
+    """ "pallas": the backend's variant (Triton on GPU; the TPU kernel on TPU and in interpret mode)."""
+    launcher = _launch_triton if jax.default_backend() == "gpu" else _tpu_launcher(chunked=False)
+    return launcher(x, rows, eos, allowed, **kw)
 
 
 def kernel_operands(
@@ -244,22 +259,42 @@ def step(
     return tokens, new_finished, lp.for_finished_rows(values, finished, pad_token_id)
 
 
-_DESCRIPTIONS = {
-    "pallas": "the fused Pallas kernel, one launch per call (TPU Mosaic; Triton on GPU; interpret mode on CPU)",
-    "pallas-chunked": "the fused kernel's chunked TPU variant by name (passes over 4096-lane chunks)",
-    "pallas-triton": "the fused kernel's GPU (Triton) variant by name: one program per row",
-}
-for _variant in VARIANTS:
+def register_variant(name: str, launcher: Launcher, description: str, *, auto_backends: tuple[str, ...] = ()) -> None:
+    """Registers a kernel variant under `name` (what `impl=` and `launch(variant=)` take): its launcher
+    (`Launcher`), and the implementation in `vsampler.core.registry` (sampling, warped logits and the
+    fused step through `launch`). A new variant is its kernel module and one call of this."""
+    _LAUNCHERS[name] = launcher
     registry.register(
         registry.Implementation(
-            name=_variant,
-            sample=functools.partial(sample_with_logprobs, variant=_variant),
-            process_logits=functools.partial(process_logits, variant=_variant),
-            step=functools.partial(step, variant=_variant),
-            description=_DESCRIPTIONS[_variant],
+            name=name,
+            sample=functools.partial(sample_with_logprobs, variant=name),
+            process_logits=functools.partial(process_logits, variant=name),
+            step=functools.partial(step, variant=name),
+            description=description,
             kernel=True,
             per_row_stop_ids=False,  # one set of EOS ids per launch
-            auto_backends=("tpu",) if _variant == "pallas" else (),
-            auto_rank=0,
+            auto_backends=auto_backends,
         )
     )
+
+
+def unregister_variant(name: str) -> None:
+    """Removes a variant `register_variant` added (a test's)."""
+    registry.unregister(name)
+    del _LAUNCHERS[name]
+
+
+register_variant(
+    "pallas",
+    _launch_backend,
+    "the fused Pallas kernel, one launch per call (TPU Mosaic; Triton on GPU; interpret mode on CPU)",
+    auto_backends=("tpu",),
+)
+register_variant(
+    "pallas-chunked",
+    _tpu_launcher(chunked=True),
+    "the fused kernel's chunked TPU variant by name (passes over 4096-lane chunks)",
+)
+register_variant(
+    "pallas-triton", _launch_triton, "the fused kernel's GPU (Triton) variant by name: one program per row"
+)
