@@ -129,32 +129,28 @@ def test_bad_arguments_exit_2(argv):
 # distributions' probabilities) are then this test's, still held
 @pytest.mark.statistics
 def test_verify_exits_1_on_a_disagreement(monkeypatch):
-    from vsampler.core import registry, sampling
+    from vsampler.core import registry
     from vsampler.impls import xla
 
     def off_by_one(inp, request):
         tokens, values = xla.sample_with_logprobs(inp, request)
         return (tokens + 1) % inp.logits.shape[1], values
 
-    sampling._sample_jit.clear_cache()
-    try:
-        with registry.replaced("xla", sample=off_by_one):
-            argv = [
-                "verify",
-                "--impl",
-                "xla",
-                "--batch",
-                "2",
-                "--vocab",
-                "300",
-                "--dtype",
-                "float32",
-                "--draws",
-                "3000",
-            ]
-            assert main(argv) == 1
-    finally:
-        sampling._sample_jit.clear_cache()
+    with registry.replaced("xla", sample=off_by_one):
+        argv = [
+            "verify",
+            "--impl",
+            "xla",
+            "--batch",
+            "2",
+            "--vocab",
+            "300",
+            "--dtype",
+            "float32",
+            "--draws",
+            "3000",
+        ]
+        assert main(argv) == 1
 
 
 @pytest.mark.slow

@@ -72,13 +72,8 @@ def test_a_replaced_reference_is_not_answered_from_the_cache(monkeypatch):
         tokens, values = reference.sample_with_logprobs(inp, request)
         return (tokens + 1) % inp.logits.shape[1], values
 
-    sampling._sample_jit.clear_cache()
-    try:
-        with registry.replaced("reference", sample=shifted):
-            assert check("xla", case, logprobs_modes=()).agreeing_rows == 0
-    finally:
-        sampling._sample_jit.clear_cache()
-    jax.clear_caches()
+    with registry.replaced("reference", sample=shifted):
+        assert check("xla", case, logprobs_modes=()).agreeing_rows == 0
 
 
 def _two_token_row(u: float, vocab: int = 300, lo: int = 10, hi: int = 20, shift: float = 0.0) -> np.ndarray:
@@ -127,18 +122,13 @@ def test_check_reports_a_boundary_row_apart_and_fails_a_neighbour_away_from_it(m
         tokens, values = reference.sample_with_logprobs(inp, request)
         return jnp.where(tokens == 10, 20, 10).astype(tokens.dtype), values
 
-    sampling._sample_jit.clear_cache()
-    try:
-        with registry.replaced("xla", sample=neighbour):
-            for shift, boundary in ((0.0, True), (1e-3, False)):
-                row = _two_token_row(u, shift=shift) * 0.7  # the "temperature" config divides by 0.7
-                monkeypatch.setattr(verification, "logits", lambda *_, row=row: jnp.asarray(row))
-                result = check("xla", case, logprobs_modes=("processed",))
-                assert result.agreeing_rows == 0 and result.kept_equal
-                assert (result.boundary_rows, result.ok) == ((1, True) if boundary else (0, False))
-    finally:
-        sampling._sample_jit.clear_cache()
-    jax.clear_caches()
+    with registry.replaced("xla", sample=neighbour):
+        for shift, boundary in ((0.0, True), (1e-3, False)):
+            row = _two_token_row(u, shift=shift) * 0.7  # the "temperature" config divides by 0.7
+            monkeypatch.setattr(verification, "logits", lambda *_, row=row: jnp.asarray(row))
+            result = check("xla", case, logprobs_modes=("processed",))
+            assert result.agreeing_rows == 0 and result.kept_equal
+            assert (result.boundary_rows, result.ok) == ((1, True) if boundary else (0, False))
 
 
 def test_bench_counts_a_boundary_row_as_verified_and_a_neighbour_elsewhere_as_not():

@@ -308,16 +308,22 @@ def normalise_eos(eos_token_id: EosIds, vocab: int, batch: int | None = None) ->
     return jnp.asarray(arr.reshape(-1), jnp.int32)
 
 
-def draw_uniforms(key: Any, batch: int) -> jax.Array:
-    """One uniform in [0, 1) per row: `uniform(key, (B,))` for one key; row i from `keys[i]` alone."""
+def key_array(key: Any) -> tuple[jax.Array, int]:
+    """`key` as a jax array of PRNG keys (typed `jax.random.key`s or raw uint32 `PRNGKey`s), and the
+    number of dimensions one key has in it (0 typed, 1 raw); anything else is a ValueError naming `key`."""
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    single_ndim = 0 if typed else 1
     if not typed and (key.dtype != jnp.uint32 or key.shape[-1:] != (2,)):
         raise ValueError(
             "key must be a PRNG key (jax.random.key / PRNGKey) or a (B,) batch of keys, "
             f"got dtype {key.dtype} and shape {key.shape}"
         )
+    return key, 0 if typed else 1
+
+
+def draw_uniforms(key: Any, batch: int) -> jax.Array:
+    """One uniform in [0, 1) per row: `uniform(key, (B,))` for one key; row i from `keys[i]` alone."""
+    key, single_ndim = key_array(key)
     if key.ndim == single_ndim:
         return jax.random.uniform(key, (batch,), dtype=jnp.float32)
     if key.ndim == single_ndim + 1 and key.shape[0] == batch:

@@ -114,11 +114,16 @@ def auto(backend: str) -> str:
 @contextlib.contextmanager
 def replaced(name: str, **fields: Any) -> Iterator[Implementation]:
     """Within the block, `name` is registered with `fields` changed (a test's wrong sampler, say); the
-    original is restored after. Jitted entries already compiled for `name` keep their old code: clear
-    their caches (`jax.clear_caches()`) on both sides of the block."""
+    original is restored after. The public entries look implementations up when they trace, so jax's
+    compiled programs are dropped on entry and on exit (`jax.clear_caches()`): none compiled with one
+    version of `name` answers for the other."""
+    import jax
+
     original = get(name)
+    jax.clear_caches()
     changed = register(dataclasses.replace(original, **fields))
     try:
         yield changed
     finally:
         register(original)
+        jax.clear_caches()

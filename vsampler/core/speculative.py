@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vsampler.core.inputs import EosIds, allowed_words, first_eos
+from vsampler.core.inputs import EosIds, allowed_words, first_eos, key_array
 from vsampler.core.numerics import NEG_INF, draw
 from vsampler.core.params import NUMERIC_FIELDS, SamplingParams
 from vsampler.core.sampling import Impl, process_logits
@@ -72,16 +72,9 @@ def _repeat_rows(params: SamplingParams, times: int) -> SamplingParams:
 
 def _uniforms(key: Any, batch: int, positions: int) -> jax.Array:
     """(B, K + 1, 2) uniforms: row r, position j from `fold_in(key_r, j)`."""
-    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    if not typed and (key.dtype != jnp.uint32 or key.shape[-1:] != (2,)):
-        raise ValueError(
-            "key must be a PRNG key (jax.random.key / PRNGKey) or a (B,) batch of keys, "
-            f"got dtype {key.dtype} and shape {key.shape}"
-        )
-    single = key.ndim == (0 if typed else 1)
-    keys = jax.random.split(key, batch) if single else key
-    if keys.ndim != (1 if typed else 2) or keys.shape[0] != batch:
+    key, single_ndim = key_array(key)
+    keys = jax.random.split(key, batch) if key.ndim == single_ndim else key
+    if keys.ndim != single_ndim + 1 or keys.shape[0] != batch:
         raise ValueError(f"key must be one PRNG key or one per row ({batch}), got shape {key.shape}")
 
     def row(k: jax.Array) -> jax.Array:

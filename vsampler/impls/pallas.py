@@ -112,9 +112,12 @@ def _tpu_launcher(chunked: bool) -> Launcher:
     return launch_tpu
 
 
+_launch_tpu_resident = _tpu_launcher(chunked=False)
+
+
 def _launch_backend(x, rows, eos, allowed, **kw):
-    """ "pallas": the backend's variant (Triton on GPU; the TPU kernel on TPU and in interpret mode)."""
-    launcher = _launch_triton if jax.default_backend() == "gpu" else _tpu_launcher(chunked=False)
+    """The "pallas" variant: the backend's (Triton on GPU; the TPU kernel on TPU and in interpret mode)."""
+    launcher = _launch_triton if jax.default_backend() == "gpu" else _launch_tpu_resident
     return launcher(x, rows, eos, allowed, **kw)
 
 

@@ -351,14 +351,10 @@ def sample(inp: SamplerInputs, *, mesh: AnyMesh, vocab_axis: str) -> jax.Array:
     return run(*sharded, replicated)
 
 
-def _sample_sharded(inp: SamplerInputs, *, mesh: AnyMesh, vocab_axis: str) -> jax.Array:
-    return sample(inp, mesh=mesh, vocab_axis=vocab_axis)
-
-
 registry.register(
     registry.Implementation(
         name=VOCAB_PARALLEL,
-        sample=_sample_sharded,
+        sample=sample,
         process_logits=None,
         description="vocabulary-parallel: logits sharded over a mesh axis, sampled where they lie",
         selectable=False,
