@@ -156,16 +156,40 @@ def test_verify_exits_1_on_a_disagreement(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.interpret  # pallas-triton
 @pytest.mark.statistics  # the distribution checks
-def test_verify_reports_agreement_and_exits_0(capsys):
+def test_verify_reports_agreement_exits_0_and_keeps_its_memory_mappings_bounded(monkeypatch, capsys):
+    """The report, and its memory: a full `vsampler verify` grid once crashed XLA's compiler past
+    vm.max_map_count (each compiled CPU program keeps its mappings); the run drops its compiled programs
+    whenever it holds more than the bound, so mappings stay near it however many cases run."""
+    from vsampler.tools import verification
+
+    start = verification.mappings()
+    if not start:
+        pytest.skip("no /proc/self/maps here")
+    bound = start + 100
+    monkeypatch.setattr(verification, "MAPPINGS_BOUND", bound)
+    after_each, released = [], []
+    bound_mappings = verification.bound_mappings
+
+    def watched() -> bool:
+        released.append(bound_mappings())
+        after_each.append(verification.mappings())
+        return released[-1]
+
+    monkeypatch.setattr(verification, "bound_mappings", watched)
     argv = ["verify", "--impl", "xla,pallas-triton", "--batch", "2", "--vocab", "300", "--dtype", "float32"]
-    code = main([*argv, "--draws", "3000"])
+    code = main([*argv, "--draws", "3000"])  # 10 cases, a dozen compiled programs each
     assert code == EXIT_OK
+    assert any(released), "the cases compiled past the bound"
+    assert max(after_each) <= bound + 100, "mappings stay near the bound"
     out = capsys.readouterr().out
     # 2 impls x (2 configs + the masked heterogeneous case + 2 textbook top-p cases of 14 rows), each with
     # log-probs in both modes
     summary = "10 cases, 0 disagree; token agreement 68/68 rows (100.00%), 0 at a rounding boundary; "
     assert summary + "distribution checks: 0 failed" in out
     assert "masked" in out and "log-probs" in out
+    # piped: a line per finished phase, named for what it does
+    assert re.search(r"^verifying: 10/10 done in \d+ s$", out, re.M)
+    assert re.search(r"^distribution checks: 6/6 done in \d+ s$", out, re.M)
 
 
 @pytest.mark.tpu_compile
@@ -237,38 +261,6 @@ def test_generate_with_a_mask_and_logprobs(tmp_path, capsys):
 def test_generate_bad_arguments_exit_2_with_the_reason(argv, message, capsys):
     assert main(["generate", "--vocab", "300", "--max-new-tokens", "3", *argv]) == 2
     assert message in capsys.readouterr().err
-
-
-def test_verify_drops_compiled_programs_to_keep_its_memory_mappings_bounded(monkeypatch, capsys):
-    """A full `vsampler verify` grid once crashed XLA's compiler past vm.max_map_count (each compiled CPU
-    program keeps its mappings): the run drops its compiled programs whenever it holds more than the
-    bound, so mappings stay near it however many cases run."""
-    from vsampler.tools import verification
-
-    start = verification.mappings()
-    if not start:
-        pytest.skip("no /proc/self/maps here")
-    bound = start + 100
-    monkeypatch.setattr(verification, "MAPPINGS_BOUND", bound)
-    after_each, released = [], []
-    bound_mappings = verification.bound_mappings
-
-    def watched() -> bool:
-        released.append(bound_mappings())
-        after_each.append(verification.mappings())
-        return released[-1]
-
-    monkeypatch.setattr(verification, "bound_mappings", watched)
-    argv = ["verify", "--impl", "xla", "--batch", "2", "--vocab", "300,310", "--dtype", "float32", "--draws", "300"]
-    code = main(argv)  # 10 cases, a dozen compiled programs each
-    assert code == EXIT_OK
-    assert any(released), "the cases compiled past the bound"
-    assert max(after_each) <= bound + 100, "mappings stay near the bound"
-    printed = capsys.readouterr().out
-    assert "0 disagree" in printed
-    # piped: a line per finished phase, named for what it does
-    assert re.search(r"^verifying: 6/6 done in \d+ s$", printed, re.M)
-    assert re.search(r"^distribution checks: 3/3 done in \d+ s$", printed, re.M)
 
 
 def test_every_generate_flag_says_what_it_does_and_its_default():

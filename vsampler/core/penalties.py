@@ -51,8 +51,9 @@ def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
 
     1. bias: `x += bias` (a mapping adds at its ids; an array elementwise).
     2. repetition `r`, once per distinct token among the history's real slots (prompt + generated):
-       `x / r` where `x > 0`, else `x * r` (a division: `x * (1 / r)` then `- presence` was contracted into
-       one fused multiply-add by the CPU compiler, so the rounding differed from the spec's).
+       `x / r` where `x > 0`, else `x * r` (a true division: `x * (1 / r)` then `- presence` was contracted
+       into one fused multiply-add by the CPU compiler, and a division by a broadcast `r` was rewritten as
+       a multiplication by its reciprocal; either way the rounding differed from the spec's).
     3. presence: `x -= presence` once per distinct generated token (slots at positions >= prompt_len);
        frequency: `x -= frequency * count`, count = the token's generated occurrences.
     4. min_tokens: EOS ids get -inf while the row's generated count (its real slots at positions
@@ -76,7 +77,9 @@ def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
         count = jnp.sum(same & generated[:, None, :], axis=2).astype(jnp.float32)  # generated occurrences
         v = x[rows, ids]
         if inp.stages.repetition:
-            r = p.repetition_penalty[:, None]
+            # r laid out at v's shape behind a barrier: XLA rewrites a division by a broadcast into a
+            # multiplication by its reciprocal, which rounds differently (14.875 / 1.25 became 11.900001)
+            r = rounded(jnp.broadcast_to(p.repetition_penalty[:, None], v.shape))
             v = rounded(jnp.where(v > 0, v / r, v * r))
         if inp.stages.presence:
             v = v - p.presence_penalty[:, None] * (count > 0)
