@@ -79,7 +79,7 @@ def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
         if inp.stages.repetition:
             # r laid out at v's shape behind a barrier: XLA rewrites a division by a broadcast into a
             # multiplication by its reciprocal, which rounds differently (14.875 / 1.25 became 11.900001)
-            r = rounded(jnp.broadcast_to(p.repetition_penalty[:, None], v.shape))
+            r = jax.lax.optimization_barrier(jnp.broadcast_to(p.repetition_penalty[:, None], v.shape))
             v = rounded(jnp.where(v > 0, v / r, v * r))
         if inp.stages.presence:
             v = v - p.presence_penalty[:, None] * (count > 0)
