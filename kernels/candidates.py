@@ -82,7 +82,7 @@ Prepare = Callable[[jax.Array, jax.Array], jax.Array]
 def _lane_tree(a: jax.Array, combine: Callable, reduce: Callable) -> jax.Array:
     """A row reduction of a candidates-sized (R, n x 128) array: its vregs combined elementwise in a
     tree (VALU operations, a few levels deep), then one cross-lane reduction; the whole-row block's
-    reductions (`sampler._split_reduce`) would cost a cross-lane reduction per slice."""
+    reductions (`sampler.BlockReductions`) would cost a cross-lane reduction per slice."""
     return reduce(tree(combine, [a[:, i : i + LANES] for i in range(0, a.shape[-1], LANES)]), axis=-1, keepdims=True)
 
 

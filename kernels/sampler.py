@@ -41,6 +41,7 @@ Reference: `vsampler.core.reference`. Block sizes: `vsampler.kernels.block_sizes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -113,28 +114,42 @@ def stats_block(columns: dict[int, jax.Array], trips: dict[int, jax.Array]) -> j
 LANE_SLICES = 8
 
 
-def _split_reduce(a: jax.Array, reduce: Callable, combine: Callable) -> jax.Array:
-    lanes = a.shape[-1]
-    per_slice = -(-lanes // LANE_SLICES)
-    width = -(-per_slice // 128) * 128  # a whole number of vregs
-    return candidates.tree(
-        combine, [reduce(a[..., i : i + width], axis=-1, keepdims=True) for i in range(0, lanes, width)]
-    )
+@dataclasses.dataclass(frozen=True)
+class BlockReductions:
+    """The whole-row reductions of a resident block, (R, V) -> (R, 1): over `slices` lane slices
+    combined pairwise (Mosaic: independent chains), or one plain reduction (`slices == 1`, interpret
+    mode, whose XLA compile time doubles with the slices). Maxima and minima are the same either way; a
+    sum's terms are added in another order (XLA's CPU reduction never had Mosaic's order anyway)."""
+
+    slices: int = LANE_SLICES
+
+    @classmethod
+    def for_mode(cls, interpret: bool) -> BlockReductions:
+        return cls(1 if interpret else LANE_SLICES)
+
+    def _split(self, a: jax.Array, reduce: Callable, combine: Callable) -> jax.Array:
+        lanes = a.shape[-1]
+        if self.slices == 1:
+            return reduce(a, axis=-1, keepdims=True)
+        per_slice = -(-lanes // self.slices)
+        width = -(-per_slice // 128) * 128  # a whole number of vregs
+        return candidates.tree(
+            combine, [reduce(a[..., i : i + width], axis=-1, keepdims=True) for i in range(0, lanes, width)]
+        )
+
+    def max(self, a: jax.Array) -> jax.Array:
+        return self._split(a, jnp.max, jnp.maximum)
+
+    def min(self, a: jax.Array) -> jax.Array:
+        return self._split(a, jnp.min, jnp.minimum)
+
+    def sum(self, a: jax.Array) -> jax.Array:
+        return self._split(a, jnp.sum, jnp.add)
 
 
-def _row_max(a: jax.Array) -> jax.Array:
-    return _split_reduce(a, jnp.max, jnp.maximum)
-
-
-def _row_min(a: jax.Array) -> jax.Array:
-    return _split_reduce(a, jnp.min, jnp.minimum)
-
-
-def _row_sum(a: jax.Array) -> jax.Array:
-    return _split_reduce(a, jnp.sum, jnp.add)
-
-
-def top_entry_columns(x: jax.Array, iota: jax.Array, n: int) -> tuple[list[jax.Array], list[jax.Array]]:
+def top_entry_columns(
+    x: jax.Array, iota: jax.Array, n: int, reductions: BlockReductions
+) -> tuple[list[jax.Array], list[jax.Array]]:
     """The n largest values of each row of `x` and their indices, ties lower index first (a stable
     sort's order), as n (R, 1) columns each: entry j is the largest value after entry j-1 in that order,
     one max and one first-index reduction per entry."""
@@ -143,8 +158,8 @@ def top_entry_columns(x: jax.Array, iota: jax.Array, n: int) -> tuple[list[jax.A
     prev_i = jnp.full((*x.shape[:-1], 1), -1, jnp.int32)
     for _ in range(n):
         after = (x < prev_v) | ((x == prev_v) & (iota > prev_i))
-        prev_v = _row_max(jnp.where(after, x, NEG_INF))
-        prev_i = _row_min(jnp.where(after & (x == prev_v), iota, jnp.iinfo(jnp.int32).max))
+        prev_v = reductions.max(jnp.where(after, x, NEG_INF))
+        prev_i = reductions.min(jnp.where(after & (x == prev_v), iota, jnp.iinfo(jnp.int32).max))
         values.append(prev_v)
         ids.append(prev_i)
     return values, ids
@@ -157,7 +172,7 @@ def unpack_allowed_block(words: jax.Array, vocab: int) -> jax.Array:
     return (lax.shift_right_logical(repeated, bit) & 1) > 0
 
 
-def _sanitized_block(x_ref, rows, eos, allowed_ref, *, vocab: int, min_tokens: bool):
+def _sanitized_block(x_ref, rows, eos, allowed_ref, *, vocab: int, min_tokens: bool, reductions: BlockReductions):
     """Stages 0, 4 and 5 on the whole resident block: (x (R, V) float32, its row maximum, the first
     index of it, the lane iota)."""
     x = x_ref[...].astype(jnp.float32)
@@ -174,21 +189,21 @@ def _sanitized_block(x_ref, rows, eos, allowed_ref, *, vocab: int, min_tokens: b
 
     # stage 5: sanitising
     x = jnp.where(jnp.isnan(x), NEG_INF, x)
-    x_max = _row_max(x)
+    x_max = reductions.max(x)
     pos_inf = x_max == jnp.inf
     x = jnp.where(pos_inf, jnp.where(x == jnp.inf, 0.0, NEG_INF), x)
     x_max = jnp.where(pos_inf, 0.0, x_max)
-    first_max = _row_min(jnp.where(x == x_max, iota, vocab))
+    first_max = reductions.min(jnp.where(x == x_max, iota, vocab))
     first_max = jnp.where(first_max == vocab, 0, first_max)
     return x, x_max, first_max, iota
 
 
-def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, min_p, trips):
+def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, min_p, trips, reductions):
     """Stages 6-10 on the whole resident block (`random` rows): (token, threshold, s_max, kept_mass,
     the trips of the loops by site)."""
     temperature = rows[:, T : T + 1]
     site_trips = {}
-    row_reductions = {"column_min": _row_min, "column_max": _row_max}
+    row_reductions = {"column_min": reductions.min, "column_max": reductions.max}
     threshold = jnp.full_like(x_max, NEG_INF)
     greedy = temperature == 0.0
     inverse_t = inverse_temperature(temperature, x_max)
@@ -201,9 +216,9 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
         k = rows[:, TOP_K : TOP_K + 1]
 
         def count_ge(t: jax.Array) -> jax.Array:
-            return _row_sum(jnp.where(s >= t, jnp.float32(1), jnp.float32(0)))
+            return reductions.sum(jnp.where(s >= t, jnp.float32(1), jnp.float32(0)))
 
-        lowest = _row_min(jnp.where(s > NEG_INF, s, jnp.inf))
+        lowest = reductions.min(jnp.where(s > NEG_INF, s, jnp.inf))
         on = (k > 0) & has_values & (count_ge(lowest) > k)
         kth, site_trips["top_k"] = largest_value_with_trips(
             count_ge, k, s, jnp.where(on, lowest, s_max), s_max, on, site="top_k", fixed=trips, **row_reductions
@@ -213,10 +228,10 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
     if top_p:  # stage 8
         p = rows[:, TOP_P : TOP_P + 1]
         kept_e = jnp.where(s >= threshold, e, 0.0)
-        target = p * _row_sum(kept_e)
+        target = p * reductions.sum(kept_e)
 
         def mass_ge(t: jax.Array) -> jax.Array:
-            return _row_sum(jnp.where(s >= t, kept_e, 0.0))
+            return reductions.sum(jnp.where(s >= t, kept_e, 0.0))
 
         on = (p < 1.0) & has_values
         bound = s_max + jnp.log(jnp.maximum(1.0 - p, 0.0) / (2.0 * vocab))
@@ -232,13 +247,13 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
 
     # stage 10: smallest index whose prefix of kept mass exceeds u * total
     kept_e = jnp.where(kept, e, 0.0)
-    kept_mass = _row_sum(kept_e)
+    kept_mass = reductions.sum(kept_e)
     target = rows[:, U : U + 1] * kept_mass
 
     def prefix_search(state: tuple) -> tuple:
         lo_, hi_ = state  # prefix(lo) <= target < prefix(hi)
         mid = (lo_ + hi_) // 2
-        over = _row_sum(jnp.where(iota <= mid, kept_e, 0.0)) > target
+        over = reductions.sum(jnp.where(iota <= mid, kept_e, 0.0)) > target
         narrowing = hi_ - lo_ > 1
         return jnp.where(narrowing & ~over, mid, lo_), jnp.where(narrowing & over, mid, hi_)
 
@@ -247,9 +262,9 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
         "draw", trips, lambda st: jnp.any(st[1] - st[0] > 1), prefix_search, bracket
     )
     any_kept = kept_mass > 0
-    is_kept = _row_max(jnp.where((iota == crossing) & kept, 1, 0)) > 0
-    next_kept = _row_min(jnp.where(kept & (iota > crossing), iota, vocab))
-    last_kept = _row_max(jnp.where(kept, iota, -1))
+    is_kept = reductions.max(jnp.where((iota == crossing) & kept, 1, 0)) > 0
+    next_kept = reductions.min(jnp.where(kept & (iota > crossing), iota, vocab))
+    last_kept = reductions.max(jnp.where(kept, iota, -1))
     sampled = jnp.where(is_kept, crossing, jnp.where(next_kept < vocab, next_kept, last_kept))
     sampled = jnp.where(kept_mass > target, sampled, last_kept)
     sampled = jnp.where(any_kept, sampled, 0)
@@ -301,7 +316,10 @@ def fused_sampler_kernel(
     rows = rows_ref[...]
     finished = rows[:, FINISHED : FINISHED + 1] > 0
     eos = eos_ref[...]  # (1, E), -1 = none
-    sanitized = functools.partial(_sanitized_block, x_ref, rows, eos, allowed_ref, vocab=vocab, min_tokens=min_tokens)
+    reductions = BlockReductions.for_mode(interpret)
+    sanitized = functools.partial(
+        _sanitized_block, x_ref, rows, eos, allowed_ref, vocab=vocab, min_tokens=min_tokens, reductions=reductions
+    )
     filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p}
     loops = ("top_k", "top_p", "draw")
 
@@ -310,7 +328,7 @@ def fused_sampler_kernel(
         if not random:
             return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, (jnp.int32(0),) * 3
         token, threshold, s_max, kept_mass, site_trips = _whole_row_sample(
-            x, x_max, first_max, iota, rows, vocab=vocab, trips=trips, **filters
+            x, x_max, first_max, iota, rows, vocab=vocab, trips=trips, reductions=reductions, **filters
         )
         return token, threshold, s_max, kept_mass, x_max, tuple(site_trips.get(n, jnp.int32(0)) for n in loops)
 
@@ -361,16 +379,16 @@ def fused_sampler_kernel(
         x, x_max, _, iota = sanitized()
         finite = x_max > NEG_INF
         shift = jnp.where(finite, x_max, 0.0)
-        log_z_raw = jnp.where(finite, shift + jnp.log(_row_sum(jnp.exp(x - shift))), NEG_INF)
-        token_x = _row_max(jnp.where(iota == token, x, NEG_INF))
+        log_z_raw = jnp.where(finite, shift + jnp.log(reductions.sum(jnp.exp(x - shift))), NEG_INF)
+        token_x = reductions.max(jnp.where(iota == token, x, NEG_INF))
         if top_n:
-            values, ids = top_entry_columns(x, iota, top_n)
+            values, ids = top_entry_columns(x, iota, top_n, reductions)
             top_x_ref, top_ids_ref = top_refs
             top_x_ref[...] = jnp.concatenate(values, axis=1)
             top_ids_ref[...] = jnp.concatenate(ids, axis=1)
 
     # EOS: finished rows emit the pad id; sampling an EOS id finishes a row
-    is_eos = _row_max(jnp.where(token == eos, 1, 0)) > 0
+    is_eos = reductions.max(jnp.where(token == eos, 1, 0)) > 0
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
     values = {THRESHOLD: threshold, S_MAX: s_max, KEPT_MASS: kept_mass, LOG_Z_RAW: log_z_raw, TOKEN_X: token_x}

@@ -4,6 +4,15 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 simulated CPU devices for the mesh tests (set before jax starts); single-device code uses device 0
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# jax's persistent compilation cache, shared by both workers, every module and the subprocesses the tests
+# start: the suite drops its compiled programs after each module and slow test (the memory-mapping bound
+# below), and a program compiled again is then read back from disk. Set `JAX_COMPILATION_CACHE_DIR=`
+# (empty) to compile everything afresh.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".jax_cache")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import hypothesis
 
