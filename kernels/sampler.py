@@ -10,8 +10,9 @@ pass, and computes, vectorised over its rows (per-row values are (R, 1) columns)
   stage 7   top-k: the k-th largest value by a count search (`largest_value_with`)
   stage 8   top-p: the largest value whose inclusive kept mass reaches p * total, by a mass search
   stage 9   min-p: e >= min_p
-  stage 10  the draw: the smallest index whose prefix of kept mass exceeds u * total, by bisection on
-            the index (masked sums over the resident block; Mosaic has no cumsum)
+  stage 10  the draw: the smallest index whose prefix of kept mass exceeds u * total: the chunk of
+            DRAW_LANES lanes where the prefix crosses, from per-chunk sums, then a bisection on the
+            index inside that chunk alone (masked sums; Mosaic has no cumsum)
   empty     a row with no finite value left gets its empty-row token (the first EOS id with a mask)
   EOS       finished rows emit the pad id; a row that samples an EOS id becomes finished
   log-probs (when asked) the raw log-normaliser, the token's logit and the top-n logits with their ids,
@@ -246,30 +247,74 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
         kept &= e >= rows[:, MIN_P : MIN_P + 1]
 
     # stage 10: smallest index whose prefix of kept mass exceeds u * total
-    kept_e = jnp.where(kept, e, 0.0)
-    kept_mass = reductions.sum(kept_e)
-    target = rows[:, U : U + 1] * kept_mass
+    sampled, kept_mass, site_trips["draw"] = _draw(
+        jnp.where(kept, e, 0.0), kept, iota, rows[:, U : U + 1], reductions=reductions, trips=trips
+    )
+    token = jnp.where(greedy, first_max, sampled)
+    return token, threshold, s_max, kept_mass, site_trips
 
-    def prefix_search(state: tuple) -> tuple:
-        lo_, hi_ = state  # prefix(lo) <= target < prefix(hi)
+
+# the draw's chunks: DRAW_LANES lanes (a whole number of vregs) of the resident block each
+DRAW_LANES = 4096
+
+
+def _draw(
+    kept_e: jax.Array, kept: jax.Array, iota: jax.Array, u: jax.Array, *, reductions: BlockReductions, trips
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Stage 10 on the resident block, kept mass `kept_e` (R, V): (token (R, 1), kept mass (R, 1), the
+    bisection's trips). The row's DRAW_LANES-lane chunks are summed (one pass) and their sums added up in
+    vocabulary order, which is the kept mass; the first chunk whose prefix exceeds `u * mass` is copied
+    out (one select pass); a bisection on the index inside that chunk alone (about log2 DRAW_LANES trips
+    over DRAW_LANES lanes) finds where the prefix crosses. A row whose total rounding leaves at or below
+    `u * mass` takes its last kept token; a row with nothing kept, 0."""
+    vocab = kept_e.shape[1]
+    width = min(DRAW_LANES, vocab)
+    n_full, tail = divmod(vocab, width)
+    starts = [c * width for c in range(n_full + (tail > 0))]
+    chunks = [kept_e[:, a : a + width] for a in starts]
+    sums = [reductions.sum(chunk) for chunk in chunks]
+    kept_mass = functools.reduce(jnp.add, sums)
+    target = u * kept_mass
+
+    # the first chunk whose prefix passes the target, and the prefix before it; len(chunks): none does
+    none = len(chunks)
+    crossing, before, prefix = jnp.full(target.shape, none, jnp.int32), jnp.zeros_like(target), jnp.zeros_like(target)
+    for c, chunk_sum in enumerate(sums):
+        crosses = (crossing == none) & (prefix + chunk_sum > target)
+        crossing = jnp.where(crosses, c, crossing)
+        before = jnp.where(crosses, prefix, before)
+        prefix = prefix + chunk_sum
+    held = chunks[0] if n_full else None  # the crossing full-width chunk of each row
+    for c in range(1, n_full):
+        held = jnp.where(crossing == c, chunks[c], held)
+    # a narrower last chunk: searched beside the full-width one
+    in_tail = crossing == n_full if tail else jnp.zeros(crossing.shape, bool)
+    tail_chunk = chunks[-1] if tail else None
+
+    def prefix_through(offset: jax.Array) -> jax.Array:  # prefix through `offset` inside the chunk
+        parts = []
+        if held is not None:
+            parts.append(reductions.sum(jnp.where(iota[:, :width] <= offset, held, 0.0)))
+        if tail_chunk is not None:
+            parts.append(reductions.sum(jnp.where(iota[:, :tail] <= offset, tail_chunk, 0.0)))
+        inside = parts[0] if len(parts) == 1 else jnp.where(in_tail, parts[1], parts[0])
+        return before + inside
+
+    def narrow(state: tuple) -> tuple:
+        lo_, hi_ = state  # prefix through lo <= target < prefix through hi
         mid = (lo_ + hi_) // 2
-        over = reductions.sum(jnp.where(iota <= mid, kept_e, 0.0)) > target
+        over = prefix_through(mid) > target
         narrowing = hi_ - lo_ > 1
         return jnp.where(narrowing & ~over, mid, lo_), jnp.where(narrowing & over, mid, hi_)
 
-    bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))
-    (_, crossing), site_trips["draw"] = loop_trips.while_loop(
-        "draw", trips, lambda st: jnp.any(st[1] - st[0] > 1), prefix_search, bracket
+    last = jnp.where(in_tail, tail - 1, width - 1)
+    (_, offset), draw_trips = loop_trips.while_loop(
+        "draw", trips, lambda st: jnp.any(st[1] - st[0] > 1), narrow, (jnp.full_like(crossing, -1), last)
     )
-    any_kept = kept_mass > 0
-    is_kept = reductions.max(jnp.where((iota == crossing) & kept, 1, 0)) > 0
-    next_kept = reductions.min(jnp.where(kept & (iota > crossing), iota, vocab))
     last_kept = reductions.max(jnp.where(kept, iota, -1))
-    sampled = jnp.where(is_kept, crossing, jnp.where(next_kept < vocab, next_kept, last_kept))
-    sampled = jnp.where(kept_mass > target, sampled, last_kept)
-    sampled = jnp.where(any_kept, sampled, 0)
-    token = jnp.where(greedy, first_max, sampled)
-    return token, threshold, s_max, kept_mass, site_trips
+    # the crossing index holds mass (the prefix grows there), so it is kept
+    token = jnp.where(crossing < none, crossing * width + offset, last_kept)
+    return jnp.where(kept_mass > 0, token, 0), kept_mass, draw_trips
 
 
 def uses_candidates(vocab: int, *, top_k: bool, top_p: bool, min_p: bool, random: bool, allowed: bool) -> bool:

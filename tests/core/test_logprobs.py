@@ -147,3 +147,13 @@ def test_bad_requests_are_refused_with_the_argument_named():
         sample(jnp.zeros((2, 8)), SamplingParams(), key, logprobs=9)
     with pytest.raises(ValueError, match="logprobs cannot be combined with vocab_axis"):
         sample(x, SamplingParams(), key, logprobs=2, vocab_axis="tp")
+
+
+def test_the_reference_orders_top_entries_as_a_stable_descending_sort():
+    """The spec's top entries: largest penalised logit first, equal values (-0.0 equals 0.0) lower id
+    first, -inf entries last."""
+    x = jnp.array([[0.0, -0.0, 1.0, -jnp.inf, 1.0, -0.0, -jnp.inf, 0.5]], jnp.float32)
+    want = np.argsort(-np.asarray(x), axis=1, kind="stable")
+    assert want.tolist() == [[2, 4, 7, 0, 1, 5, 3, 6]]
+    _, lp = sample(x, SamplingParams(temperature=0.0), jax.random.key(0), logprobs=8, impl="reference")
+    assert np.asarray(lp.top_ids).tolist() == want.tolist()

@@ -139,3 +139,20 @@ def test_min_p_one_keeps_exactly_the_maximum_on_every_impl(impl, top_k):
     assert is_max.all()
     kept = np.asarray(process_logits(logits, params, impl=impl)) > NEG
     assert (kept.sum(axis=1) == [2] + [1] * 63).all()
+
+
+def test_the_reference_sorts_rows_largest_first_as_floats_compare():
+    """`sort_descending` (int keys in the floats' order) gives `-np.sort(-x)`'s values: infinities, signed
+    zeros, subnormals, the float32 extremes, ties."""
+    from vsampler.core.reference import sort_descending
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3000)).astype(np.float32) * 3
+    x[0, :50], x[1, :50] = -np.inf, np.inf
+    x[2, :100], x[2, 100:200] = 0.0, -0.0
+    x[3] = np.round(x[3])
+    x[4, :10], x[4, 10:20] = np.float32(1e-45), np.float32(-1e-45)
+    x[5, :20], x[5, 20:40] = np.finfo(np.float32).max, -np.finfo(np.float32).max
+    got = np.asarray(sort_descending(jnp.asarray(x)))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, -np.sort(-x, axis=1))

@@ -115,6 +115,18 @@ def exact_cumsum(e: jax.Array, axis: int = 1) -> jax.Array:
     return hi + lo
 
 
+def sort_descending(a: jax.Array) -> jax.Array:
+    """Each row of float32 `a` (no NaN) sorted largest first. Sorted as int32 keys in the floats' order
+    (the bits, with a negative float's magnitude bits flipped: -inf < ... < -0.0 < 0.0 < ... < inf), the
+    same values as `-jnp.sort(-a)` (-0.0 before 0.0, which it equals) and about 5x faster on CPU, where
+    a float sort's comparator canonicalises zeros and NaNs on every comparison."""
+    bits = jax.lax.bitcast_convert_type(a.astype(jnp.float32), jnp.int32)
+    flip = jnp.int32(0x7FFFFFFF)
+    keys = jnp.where(bits < 0, bits ^ flip, bits)  # increasing with the float
+    descending = ~jnp.sort(~keys, axis=1)  # ~k = -k - 1 reverses the order
+    return jax.lax.bitcast_convert_type(jnp.where(descending < 0, descending ^ flip, descending), jnp.float32)
+
+
 def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Stages 6-9 on penalised logits `x`: `(kept (B, V) bool, scaled (B, V) float32)`.
 
@@ -128,7 +140,7 @@ def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
     # 7. top-k: values >= the k-th largest
     if inp.stages.top_k:
-        descending = -jnp.sort(-scaled, axis=1)
+        descending = sort_descending(scaled)
         k = p.top_k
         kth = jnp.take_along_axis(descending, jnp.maximum(k - 1, 0)[:, None], axis=1)
         kept &= (k[:, None] == 0) | (scaled >= kth)
@@ -137,7 +149,7 @@ def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     if inp.stages.top_p:
         row_max = jnp.max(jnp.where(kept, scaled, NEG_INF), axis=1, keepdims=True)
         e = jnp.where(kept, weight(scaled, row_max), 0.0)
-        e_desc = -jnp.sort(-e, axis=1)
+        e_desc = sort_descending(e)
         inclusive = exact_cumsum(e_desc)
         exclusive = jnp.pad(inclusive[:, :-1], ((0, 0), (1, 0)))  # the exact sum before each position
         # the mass strictly above a value is the exclusive sum at the first position holding that value
@@ -206,7 +218,9 @@ def sample_with_logprobs(inp: SamplerInputs, logprobs: LogprobsRequest | None) -
         distribution = jnp.where(kept, scaled, NEG_INF)
     log_z = jax.nn.logsumexp(distribution, axis=1, keepdims=True)
     logp = jnp.where(distribution > NEG_INF, distribution - log_z, NEG_INF)
-    top_ids = jnp.argsort(-x, axis=1, stable=True)[:, : logprobs.n].astype(jnp.int32)
+    # the n largest penalised logits, ties lower id first (`lax.top_k`'s order; -0.0 is made 0.0, which it
+    # equals, first): a stable descending sort's first n, without sorting V values per row
+    top_ids = jax.lax.top_k(jnp.where(x == 0.0, 0.0, x), logprobs.n)[1].astype(jnp.int32)
     token_value = jnp.take_along_axis(distribution, token[:, None], axis=1)
     return token, LogProbs(
         token=jnp.take_along_axis(logp, token[:, None], axis=1)[:, 0],
