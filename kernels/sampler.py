@@ -284,7 +284,7 @@ def _draw(
         crossing = jnp.where(crosses, c, crossing)
         before = jnp.where(crosses, prefix, before)
         prefix = prefix + chunk_sum
-    held = chunks[0] if n_full else None  # the crossing full-width chunk of each row
+    held = chunks[0]  # the crossing full-width chunk of each row (width <= V: there is one)
     for c in range(1, n_full):
         held = jnp.where(crossing == c, chunks[c], held)
     # a narrower last chunk: searched beside the full-width one
@@ -292,12 +292,10 @@ def _draw(
     tail_chunk = chunks[-1] if tail else None
 
     def prefix_through(offset: jax.Array) -> jax.Array:  # prefix through `offset` inside the chunk
-        parts = []
-        if held is not None:
-            parts.append(reductions.sum(jnp.where(iota[:, :width] <= offset, held, 0.0)))
+        inside = reductions.sum(jnp.where(iota[:, :width] <= offset, held, 0.0))
         if tail_chunk is not None:
-            parts.append(reductions.sum(jnp.where(iota[:, :tail] <= offset, tail_chunk, 0.0)))
-        inside = parts[0] if len(parts) == 1 else jnp.where(in_tail, parts[1], parts[0])
+            in_last = reductions.sum(jnp.where(iota[:, :tail] <= offset, tail_chunk, 0.0))
+            inside = jnp.where(in_tail, in_last, inside)
         return before + inside
 
     def narrow(state: tuple) -> tuple:

@@ -104,11 +104,11 @@ FAST_CASES = [c for c in XLA_CASES if not c.slow]
 
 def _unique(cases: list[GridCase]) -> list[GridCase]:
     """Each case once: one also listed in a slow grid runs where it is first listed (its fast entry)."""
-    seen: set[tuple] = set()
+    seen: set[GridCase] = set()
     unique = []
     for case in cases:
-        if case[:-1] not in seen:
-            seen.add(case[:-1])
+        if case._replace(slow=False) not in seen:
+            seen.add(case._replace(slow=False))
             unique.append(case)
     return unique
 
