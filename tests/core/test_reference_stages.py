@@ -107,6 +107,10 @@ def test_exact_cumsum_is_right_to_one_rounding_at_any_length():
     got = np.asarray(jax.jit(ref.exact_cumsum)(jnp.asarray(e)))
     assert np.max(np.abs(got - want) / want) <= 2**-23  # a float32 cumsum drifts far past this here
     assert np.max(np.abs(np.asarray(jnp.cumsum(e, axis=1)) - want) / want) > 2**-23
+    for n in (1, 2, 3, 5, 128, 1000):  # lengths around the scan's powers of two
+        short = e[:, :n]
+        got = np.asarray(jax.jit(ref.exact_cumsum)(jnp.asarray(short)))
+        assert np.max(np.abs(got - want[:, :n]) / want[:, :n]) <= 2**-23, n
 
 
 def test_top_p_applies_to_what_top_k_left_renormalised():
