@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from vsampler.kernels import block_sizes, candidates
+from vsampler.kernels import block_sizes, candidates, row_passes
 from vsampler.kernels.config import (
     EMPTY_TOKEN,
     EOS_TOO_EARLY,
@@ -366,7 +366,21 @@ def fused_sampler_kernel(
     filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p}
     loops = ("top_k", "top_p", "draw")
 
+    def eos_masked(x: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4 on one loaded slice
+        is_eos_id = functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
+        return jnp.where((rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0) & is_eos_id, NEG_INF, x)
+
+    def greedy_rows() -> tuple:
+        # stage 5 (NaN left out, a +inf row's first +inf) and the first index of the maximum: one pass
+        x_max, first_max = row_passes.max_and_first_index(
+            x_ref, vocab, prepare=eos_masked if min_tokens else None, unrolled=not interpret
+        )
+        x_max = jnp.where(x_max == jnp.inf, 0.0, x_max)
+        return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, (jnp.int32(0),) * 3
+
     def whole_row() -> tuple:
+        if not random and allowed_ref is None:
+            return greedy_rows()
         x, x_max, first_max, iota = sanitized()
         if not random:
             return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, (jnp.int32(0),) * 3

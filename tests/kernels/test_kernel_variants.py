@@ -53,3 +53,23 @@ def test_kernel_stats_rebuild_the_normaliser(variant):
     mass = np.where(kept, np.exp(warped - s_max[:, None]), 0.0).sum(axis=1)
     np.testing.assert_allclose(np.asarray(stats[:, 2]), mass, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(stats[:, 0]), np.where(kept, warped, np.inf).min(axis=1))
+
+
+@pytest.mark.parametrize("vocab", [100, 1000])
+def test_greedy_pass_edge_rows_equal_the_reference(vocab):
+    """The greedy-only kernel's one pass (`row_passes.max_and_first_index`: row maximum and its first
+    index in one read, slices of 512 lanes, a row narrower than a vreg or ending inside a slice): NaN
+    left out, an all-NaN and an all -inf row, the first of two +inf, ties, the maximum in the last lane,
+    and the min_tokens EOS mask on an EOS id that is the row's maximum."""
+    x = np.array(jax.random.normal(jax.random.key(vocab), (8, vocab))) * 3
+    x[0, 5], x[1, :], x[2, :] = np.nan, np.nan, -np.inf
+    x[3, 7] = x[3, vocab - 1] = np.inf
+    x[4, vocab - 1], x[5, :], x[6, 3], x[7, vocab - 2] = 50.0, 1.0, 40.0, 60.0
+    history = jnp.full((8, 4), -1, jnp.int32).at[:, 0].set(1)
+    min_tokens = SamplingParams(temperature=0.0, min_tokens=np.array([5, 0] * 4, np.int32))
+    for params, kw in ((SamplingParams(temperature=0.0), {}), (min_tokens, {"history": history, "prompt_len": 1})):
+        got, want = (
+            np.asarray(sample(jnp.asarray(x), params, None, impl=impl, eos_token_id=[3, vocab - 2], **kw))
+            for impl in ("pallas", "reference")
+        )
+        np.testing.assert_array_equal(got, want)
