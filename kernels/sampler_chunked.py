@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from vsampler.kernels import block_sizes
 from vsampler.kernels.chunked_passes import SITES, RowChunks, RowColumns, sample_rows
 from vsampler.kernels.config import EMPTY_TOKEN, EOS_TOO_EARLY, FINISHED, MIN_P, TOP_K, TOP_P, KernelConfig, T, U
+from vsampler.kernels.row_passes import lanes_max, lanes_min, lanes_sum
 from vsampler.kernels.sampler import (
     KEPT_MASS,
     LOG_Z_RAW,
@@ -40,18 +41,6 @@ from vsampler.kernels.sampler import (
 )
 
 from vsampler.core.numerics import NEG_INF
-
-
-def _row_sum(a: jax.Array) -> jax.Array:
-    return jnp.sum(a, axis=-1, keepdims=True)
-
-
-def _row_max(a: jax.Array) -> jax.Array:
-    return jnp.max(a, axis=-1, keepdims=True)
-
-
-def _row_min(a: jax.Array) -> jax.Array:
-    return jnp.min(a, axis=-1, keepdims=True)
 
 
 def chunked_sampler_kernel(
@@ -84,7 +73,7 @@ def chunked_sampler_kernel(
         return index, v
 
     rows = RowChunks(
-        vocab, chunk, pl.cdiv(vocab, chunk), (block_rows, 1), load, _row_sum, _row_max, _row_min, one_row=False
+        vocab, chunk, pl.cdiv(vocab, chunk), (block_rows, 1), load, lanes_sum, lanes_max, lanes_min, one_row=False
     )
     packed = rows_ref[...]
 
@@ -122,7 +111,7 @@ def chunked_sampler_kernel(
 
     # EOS: finished rows emit the pad id; sampling an EOS id finishes a row
     finished = column(FINISHED) > 0
-    is_eos = _row_max(jnp.where(token == eos, 1, 0)) > 0
+    is_eos = lanes_max(jnp.where(token == eos, 1, 0)) > 0
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
     values = {
