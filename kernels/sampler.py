@@ -394,11 +394,12 @@ def fused_sampler_kernel(
         layout = candidates.ColumnLayout.of(vocab)
         too_early = rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0
 
-        def prepare(x: jax.Array, idx: jax.Array) -> jax.Array:  # stages 4 and 5 on one vreg
+        def prepare(x: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4 on one vreg
+            # (stage 5's NaN needs nothing here: the column pass and the row mass only compare)
             if min_tokens:
                 is_eos_id = functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
                 x = jnp.where(too_early & is_eos_id, NEG_INF, x)
-            return jnp.where(jnp.isnan(x), NEG_INF, x)
+            return x
 
         values_ref, ids_ref, third_ref = scratch
         unroll = 1 if interpret else candidates.UNROLL
