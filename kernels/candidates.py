@@ -197,6 +197,23 @@ def column_pass(
     for_each_column(x_ref, layout, prepare, init, _top_two, finish, 0, unroll)
 
 
+def drop_candidates(values: jax.Array, ids: jax.Array, dropped: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The candidates less the `dropped` ones ((R, 2W) like `values` / `ids`: tokens masked after the
+    column pass, as stage 4 masks EOS ids): a column lane's dropped largest is replaced by its second,
+    whose slot empties, as does a dropped second's. The lane's third value stays the bound of what
+    lies outside the candidates (everything left there is at most it, a dropped third included), so
+    `sample`'s exactness checks stay sound: at worst a block falls back."""
+    width = values.shape[1] // 2
+    v1, v2, i1, i2 = values[:, :width], values[:, width:], ids[:, :width], ids[:, width:]
+    d1, d2 = dropped[:, :width], dropped[:, width:]
+    first_v = jnp.where(d1, jnp.where(d2, NEG_INF, v2), v1)
+    first_i = jnp.where(d1, jnp.where(d2, 0, i2), i1)
+    empty_second = d1 | d2
+    second_v = jnp.where(empty_second, NEG_INF, v2)
+    second_i = jnp.where(empty_second, 0, i2)
+    return jnp.concatenate([first_v, second_v], axis=1), jnp.concatenate([first_i, second_i], axis=1)
+
+
 def row_mass(
     x_ref, layout: ColumnLayout, prepare: Prepare, inverse_t: jax.Array, s_max: jax.Array, weight
 ) -> jax.Array:

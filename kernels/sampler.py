@@ -394,19 +394,23 @@ def fused_sampler_kernel(
         layout = candidates.ColumnLayout.of(vocab)
         too_early = rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0
 
-        def prepare(x: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4 on one vreg
-            # (stage 5's NaN needs nothing here: the column pass and the row mass only compare)
-            if min_tokens:
-                is_eos_id = functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
-                x = jnp.where(too_early & is_eos_id, NEG_INF, x)
-            return x
+        def eos_masked(x: jax.Array, idx: jax.Array) -> jax.Array:
+            return jnp.where(too_early & is_eos_id(idx), NEG_INF, x) if min_tokens else x
 
+        def is_eos_id(idx: jax.Array) -> jax.Array:
+            return functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
+
+        # stage 5's NaN needs nothing in these passes (they only compare); stage 4 is applied to the
+        # candidates afterwards (a few vregs), not to every vreg of the block
         values_ref, ids_ref, third_ref = scratch
         unroll = 1 if interpret else candidates.UNROLL
-        candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, prepare, unroll)
+        candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll)
+        values, ids = values_ref[...], ids_ref[...]
+        if min_tokens:
+            values, ids = candidates.drop_candidates(values, ids, too_early & is_eos_id(ids))
         fast = candidates.sample(
-            values_ref[...],
-            ids_ref[...],
+            values,
+            ids,
             third_ref[...],
             temperature=rows[:, T : T + 1],
             k=rows[:, TOP_K : TOP_K + 1] if top_k else None,
@@ -414,7 +418,7 @@ def fused_sampler_kernel(
             min_p=rows[:, MIN_P : MIN_P + 1] if min_p else None,
             u=rows[:, U : U + 1],
             vocab=vocab,
-            row_mass=lambda inverse_t, s_max: candidates.row_mass(x_ref, layout, prepare, inverse_t, s_max, weight),
+            row_mass=lambda inverse_t, s_max: candidates.row_mass(x_ref, layout, eos_masked, inverse_t, s_max, weight),
             search=largest_value_with_trips,
             weight=weight,
             inverse_temperature=inverse_temperature,

@@ -12,7 +12,7 @@ import pytest
 from vsampler.kernels import block_sizes, candidates
 from vsampler.kernels import sampler as kernel
 
-from vsampler import process_logits, sample
+from vsampler import SamplingParams, process_logits, sample
 from vsampler.impls import pallas
 from vsampler.tools import verification
 
@@ -121,3 +121,28 @@ def test_blocks_decided_by_the_candidates_and_blocks_that_fall_back_both_match_t
     np.testing.assert_array_equal(tokens, want)
     kept = np.asarray(process_logits(x, params, impl="pallas", **kw)) > -np.inf
     np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference", **kw)) > -np.inf)
+
+
+def test_min_tokens_drops_eos_candidates_as_the_reference_masks_them():
+    """Stage 4 on the candidates (`candidates.drop_candidates`): an EOS id that is its column lane's
+    largest value (and the row's), one that is its lane's second, in rows still too early (even rows)
+    and rows past min_tokens; top-k 3 on sampled rows and a greedy row. Kept sets and tokens equal the
+    reference's; where the candidates no longer decide, the block falls back, never a wrong token."""
+    vocab, eos = 9000, (700, 1500)
+    x = np.array(jax.random.normal(jax.random.key(11), (8, vocab))) * 3
+    x[:, eos[0]] = 30.0  # the row's largest
+    x[:, eos[1]] = 25.0
+    x[:, eos[1] + 32 * 128] = 26.0  # the same column lane as eos[1], above it: eos[1] is the lane's second
+    params = SamplingParams(
+        temperature=np.array([1.0] * 7 + [0.0], np.float32), top_k=3, min_tokens=np.array([4, 0] * 4, np.int32)
+    )
+    history = jnp.full((8, 4), -1, jnp.int32).at[:, 0].set(1)
+    kw = {"history": history, "prompt_len": 1, "eos_token_id": list(eos)}
+    want = np.asarray(process_logits(jnp.asarray(x), params, impl="reference", **kw))
+    got = np.asarray(process_logits(jnp.asarray(x), params, impl="pallas", **kw))
+    np.testing.assert_array_equal(got, want)
+    key = jax.random.key(12)
+    np.testing.assert_array_equal(
+        np.asarray(sample(jnp.asarray(x), params, key, impl="pallas", **kw)),
+        np.asarray(sample(jnp.asarray(x), params, key, impl="reference", **kw)),
+    )
