@@ -6,6 +6,7 @@ the test suite and `vsampler verify`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -80,8 +81,21 @@ def logits(kind: str, batch: int, vocab: int, dtype: str, seed: int = 0) -> jax.
         probs = [np.log(np.asarray(TEXTBOOK_TOP_P[r % len(TEXTBOOK_TOP_P)][0], np.float32)) for r in range(batch)]
         x = np.stack([np.where(where[r] >= 0, probs[r][where[r]], -np.inf) for r in range(batch)])
         return jnp.asarray(x, jnp.float32).astype(dtype)
-    key = jax.random.key(seed * 7919 + batch * 31 + vocab)
-    x = jax.random.normal(key, (batch, vocab), jnp.float32) * 3
+    return _generated_logits(kind, batch, vocab, dtype, seed)
+
+
+# Each generator below is one program per shape: op by op they compiled a dozen small ones, about a
+# second for every new shape. The same arrays as op by op, bit for bit.
+def _generated_logits(kind: str, batch: int, vocab: int, dtype: str, seed: int) -> jax.Array:
+    return _logits_program(kind, batch, vocab, dtype, jnp.int32(seed * 7919 + batch * 31 + vocab))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _logits_program(kind: str, batch: int, vocab: int, dtype: str, seed: jax.Array) -> jax.Array:
+    key = jax.random.key(seed)
+    # barriers: XLA would fold the constant factors together (and round otherwise than op by op)
+    barrier = jax.lax.optimization_barrier
+    x = barrier(barrier(jax.random.normal(key, (batch, vocab), jnp.float32)) * 3)
     if kind == "ties":
         x = jnp.round(x * 2) / 2
     elif kind == "one_finite":
@@ -94,12 +108,27 @@ def logits(kind: str, batch: int, vocab: int, dtype: str, seed: int = 0) -> jax.
 
 def history(batch: int, vocab: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
     """(B, HISTORY_LEN) ids with repeats and empty tail slots, and a per-row prompt length."""
-    key = jax.random.key(seed + 17)
-    ids = jax.random.randint(key, (batch, HISTORY_LEN), 0, min(vocab, 400))  # repeats guaranteed
+    return _history_program(batch, min(vocab, 400), jnp.int32(seed + 17))  # ids < 400: repeats guaranteed
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _history_program(batch: int, high: int, seed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    key = jax.random.key(seed)
+    ids = jax.random.randint(key, (batch, HISTORY_LEN), 0, high)
     real = jax.random.randint(jax.random.fold_in(key, 1), (batch, 1), HISTORY_LEN // 2, HISTORY_LEN + 1)
     ids = jnp.where(jnp.arange(HISTORY_LEN)[None, :] < real, ids, -1)
     prompt = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, HISTORY_LEN // 2)
     return ids, prompt
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _keys_program(batch: int, seed: jax.Array) -> jax.Array:
+    return jax.random.split(jax.random.key(seed), batch)
+
+
+def keys(batch: int, seed: int = 0) -> jax.Array:
+    """A case's per-row keys: `jax.random.split(jax.random.key(seed), batch)`."""
+    return _keys_program(batch, jnp.int32(seed))
 
 
 def allowed_mask(batch: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -471,7 +500,7 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
     if case.masked:
         allowed = INPUT_CACHE.get(("allowed", b, v, seed), lambda: _frozen(allowed_mask(b, v, seed)))
         kw["allowed_tokens"] = allowed
-    key = INPUT_CACHE.get(("keys", b, seed), lambda: jax.random.split(jax.random.key(seed), b))
+    key = INPUT_CACHE.get(("keys", b, seed), lambda: keys(b, seed))
 
     # the reference's tokens come from its first log-prob call (the same tokens by construction: one sort
     # less); without log-probs, from a plain call. Each call's result is cached apart; the missing ones
