@@ -466,22 +466,32 @@ def _together(
     once a call: the calls' own programs cost about twice as much compile time, most of a small case.
     The EOS ids stay static, as the public entries make concrete ones. Returns numpy arrays:
     `(warped or None, tokens or None, [(tokens, top_ids, top, token, rank) per mode])`."""
-    eos = kw["eos_token_id"]
     arrays = {name: value for name, value in kw.items() if name != "eos_token_id"}
-
-    def calls(x, sampling, key, arrays):
-        entry = {"impl": impl, "eos_token_id": eos, **arrays}
-        out_warped = process_logits(x, sampling, **entry) if warped else None
-        out_tokens = sample(x, sampling, key, **entry) if plain else None
-        with_logprobs = []
-        for mode in modes:
-            tokens, lp = sample(x, sampling, key, logprobs=LOGPROBS_N, logprobs_mode=mode, **entry)
-            with_logprobs.append((tokens, lp.top_ids, lp.top, lp.token, lp.rank))
-        return out_warped, out_tokens, with_logprobs
-
     # the public entries' own boundary conversion first, on the concrete values (`SamplingParams.in_used_dtypes`)
-    out = jax.jit(calls)(x, sampling.in_used_dtypes(), key, arrays)
+    out = _together_program(
+        x,
+        sampling.in_used_dtypes(),
+        key,
+        arrays,
+        impl=impl,
+        modes=tuple(modes),
+        warped=warped,
+        plain=plain,
+        eos=tuple(kw["eos_token_id"]),
+    )
     return jax.tree.map(np.asarray, out)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "modes", "warped", "plain", "eos"))
+def _together_program(x, sampling, key, arrays, *, impl, modes, warped, plain, eos):
+    entry = {"impl": impl, "eos_token_id": eos, **arrays}
+    out_warped = process_logits(x, sampling, **entry) if warped else None
+    out_tokens = sample(x, sampling, key, **entry) if plain else None
+    with_logprobs = []
+    for mode in modes:
+        tokens, lp = sample(x, sampling, key, logprobs=LOGPROBS_N, logprobs_mode=mode, **entry)
+        with_logprobs.append((tokens, lp.top_ids, lp.top, lp.token, lp.rank))
+    return out_warped, out_tokens, with_logprobs
 
 
 def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] = MODES) -> CaseResult:
