@@ -25,26 +25,16 @@ def _x64_env() -> dict[str, str]:
 @pytest.mark.interpret
 def test_every_public_entry_gives_the_same_results_with_x64_on(tmp_path):
     out = tmp_path / "x64.npz"
-    # the x64 side in a subprocess, while this process computes the 32-bit side (each compiles its own)
-    # (its output to a file: a pipe nobody reads until the end could fill and stall it)
-    log = tmp_path / "x64.log"
-    with open(log, "w") as output:
-        on_side = subprocess.Popen(
-            [sys.executable, str(TESTS / "x64_cases.py"), str(out)], env=_x64_env(), stdout=output, stderr=output
-        )
-        try:
-            import jax
-
-            assert not jax.config.jax_enable_x64  # this process stays 32-bit
-            off = x64_cases.run()
-        except BaseException:
-            on_side.kill()
-            raise
-        finally:
-            on_side.wait()
-    assert on_side.returncode == 0, log.read_text()[-4000:]
+    done = subprocess.run(
+        [sys.executable, str(TESTS / "x64_cases.py"), str(out)], env=_x64_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
     with np.load(out) as on:
         on = dict(on)
+    import jax
+
+    assert not jax.config.jax_enable_x64  # this process stays 32-bit
+    off = x64_cases.run()
     assert sorted(on) == sorted(off)
     for name, expected in off.items():
         assert on[name].dtype == expected.dtype, name  # int32 tokens, float32 values: no widening
