@@ -37,6 +37,10 @@ TPU_COMPILE_MODULES = frozenset({"test_tpu_compile"})
 
 
 def pytest_collection_modifyitems(items):
+    # the slow tests first (a stable sort: otherwise in collection order): under `-n 2 --dist loadgroup`
+    # the workers take the long ones early and the many short ones last, so neither waits on the other
+    # at the end (longest first); pytest-xdist then orders the groups by size, the slow grid's first
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("slow") is None)
     for item in items:
         module = getattr(item.module, "__name__", "")
         params = item.callspec.params if hasattr(item, "callspec") else {}

@@ -63,6 +63,37 @@ def test_check_gives_the_same_result_from_the_cache_and_without_it(monkeypatch):
     assert first == again == uncached and first.ok
 
 
+@pytest.mark.parametrize("impl", ["reference", "xla"])
+def test_the_calls_compiled_together_give_the_public_entries_results_bit_for_bit(impl):
+    """`check` traces an implementation's calls inside one program (`verification._together`): they must
+    return exactly what each public entry returns called on its own. (Checked once on every kernel
+    variant and more cases, 420 arrays: the same bits.)"""
+    case = Case("ties", "combined", 3, 300, "float32", masked=True)
+    x = verification.logits(case.kind, case.batch, case.vocab, case.dtype)
+    params = verification.params(case.config, case.batch, case.vocab)
+    hist, prompt = verification.history(case.batch, case.vocab)
+    kw = {
+        "history": hist,
+        "prompt_len": prompt,
+        "eos_token_id": verification.EOS,
+        "allowed_tokens": verification.allowed_mask(case.batch, case.vocab),
+    }
+    key = jax.random.split(jax.random.key(0), case.batch)
+    warped, tokens, with_logprobs = verification._together(impl, ("raw", "processed"), True, True, x, params, key, kw)
+    alone = [
+        sampling.process_logits(x, params, impl=impl, **kw),
+        sampling.sample(x, params, key, impl=impl, **kw),
+    ]
+    for mode in ("raw", "processed"):
+        got, lp = sampling.sample(x, params, key, impl=impl, logprobs=5, logprobs_mode=mode, **kw)
+        alone += [got, lp.top_ids, lp.top, lp.token, lp.rank]
+    together = [warped, tokens, *[a for call in with_logprobs for a in call]]
+    assert len(together) == len(alone) == 12
+    for a, b in zip(together, alone, strict=True):
+        b = np.asarray(b)
+        assert a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
 def test_a_replaced_reference_is_not_answered_from_the_cache(monkeypatch):
     monkeypatch.setattr(verification, "REFERENCE_CACHE", ResultCache(max_bytes=1 << 20))
     case = Case("normal", "combined", 2, 300, "float32")

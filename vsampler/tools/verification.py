@@ -6,6 +6,7 @@ the test suite and `vsampler verify`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -80,8 +81,21 @@ def logits(kind: str, batch: int, vocab: int, dtype: str, seed: int = 0) -> jax.
         probs = [np.log(np.asarray(TEXTBOOK_TOP_P[r % len(TEXTBOOK_TOP_P)][0], np.float32)) for r in range(batch)]
         x = np.stack([np.where(where[r] >= 0, probs[r][where[r]], -np.inf) for r in range(batch)])
         return jnp.asarray(x, jnp.float32).astype(dtype)
-    key = jax.random.key(seed * 7919 + batch * 31 + vocab)
-    x = jax.random.normal(key, (batch, vocab), jnp.float32) * 3
+    return _generated_logits(kind, batch, vocab, dtype, seed)
+
+
+# Each generator below is one program per shape: op by op they compiled a dozen small ones, about a
+# second for every new shape. The same arrays as op by op, bit for bit.
+def _generated_logits(kind: str, batch: int, vocab: int, dtype: str, seed: int) -> jax.Array:
+    return _logits_program(kind, batch, vocab, dtype, jnp.int32(seed * 7919 + batch * 31 + vocab))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _logits_program(kind: str, batch: int, vocab: int, dtype: str, seed: jax.Array) -> jax.Array:
+    key = jax.random.key(seed)
+    # barriers: XLA would fold the constant factors together (and round otherwise than op by op)
+    barrier = jax.lax.optimization_barrier
+    x = barrier(barrier(jax.random.normal(key, (batch, vocab), jnp.float32)) * 3)
     if kind == "ties":
         x = jnp.round(x * 2) / 2
     elif kind == "one_finite":
@@ -94,12 +108,27 @@ def logits(kind: str, batch: int, vocab: int, dtype: str, seed: int = 0) -> jax.
 
 def history(batch: int, vocab: int, seed: int = 0) -> tuple[jax.Array, jax.Array]:
     """(B, HISTORY_LEN) ids with repeats and empty tail slots, and a per-row prompt length."""
-    key = jax.random.key(seed + 17)
-    ids = jax.random.randint(key, (batch, HISTORY_LEN), 0, min(vocab, 400))  # repeats guaranteed
+    return _history_program(batch, min(vocab, 400), jnp.int32(seed + 17))  # ids < 400: repeats guaranteed
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _history_program(batch: int, high: int, seed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    key = jax.random.key(seed)
+    ids = jax.random.randint(key, (batch, HISTORY_LEN), 0, high)
     real = jax.random.randint(jax.random.fold_in(key, 1), (batch, 1), HISTORY_LEN // 2, HISTORY_LEN + 1)
     ids = jnp.where(jnp.arange(HISTORY_LEN)[None, :] < real, ids, -1)
     prompt = jax.random.randint(jax.random.fold_in(key, 2), (batch,), 0, HISTORY_LEN // 2)
     return ids, prompt
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _keys_program(batch: int, seed: jax.Array) -> jax.Array:
+    return jax.random.split(jax.random.key(seed), batch)
+
+
+def keys(batch: int, seed: int = 0) -> jax.Array:
+    """A case's per-row keys: `jax.random.split(jax.random.key(seed), batch)`."""
+    return _keys_program(batch, jnp.int32(seed))
 
 
 def allowed_mask(batch: int, vocab: int, seed: int = 0) -> np.ndarray:
@@ -355,6 +384,29 @@ class ResultCache:
                 return self._entries[key][0]
             self.misses += 1
         value = compute()
+        self._put(key, value)
+        return value
+
+    def get_many(self, keys: list[Any], compute: Callable[[list[Any]], list[Any]]) -> list[Any]:
+        """`[get(key) for key in keys]`, with the keys not held computed together: `compute(missing)`
+        returns their values in that order."""
+        found: dict[Any, Any] = {}
+        with self._lock:
+            for key in keys:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    self.hits += 1
+                    found[key] = self._entries[key][0]
+                else:
+                    self.misses += 1
+        missing = [key for key in keys if key not in found]
+        if missing:
+            for key, value in zip(missing, compute(missing), strict=True):
+                found[key] = value
+                self._put(key, value)
+        return [found[key] for key in keys]
+
+    def _put(self, key: Any, value: Any) -> None:
         size = _nbytes(value)
         with self._lock:
             if size <= self.max_bytes and key not in self._entries:
@@ -363,7 +415,6 @@ class ResultCache:
                 while self.nbytes > self.max_bytes:
                     _, (_, evicted) = self._entries.popitem(last=False)
                     self.nbytes -= evicted
-        return value
 
     def clear(self) -> None:
         with self._lock:
@@ -406,11 +457,49 @@ def _concurrently(calls: list[Callable[[], Any]]) -> list[Any]:
         return [future.result() for future in futures]
 
 
+def _together(
+    impl: str, modes: tuple[str, ...], warped: bool, plain: bool, x: jax.Array, sampling: SamplingParams, key, kw
+) -> tuple[Any, Any, list]:
+    """`impl`'s calls on one case, compiled as one program: `process_logits` (if `warped`), a plain `sample`
+    (if `plain`) and `sample` with log-probs in each of `modes`. They are the public entries, traced inside
+    one `jax.jit` (as a user's own jit calls them), so XLA compiles the stages they share once instead of
+    once a call: the calls' own programs cost about twice as much compile time, most of a small case.
+    The EOS ids stay static, as the public entries make concrete ones. Returns numpy arrays:
+    `(warped or None, tokens or None, [(tokens, top_ids, top, token, rank) per mode])`."""
+    arrays = {name: value for name, value in kw.items() if name != "eos_token_id"}
+    # the public entries' own boundary conversion first, on the concrete values (`SamplingParams.in_used_dtypes`)
+    out = _together_program(
+        x,
+        sampling.in_used_dtypes(),
+        key,
+        arrays,
+        impl=impl,
+        modes=tuple(modes),
+        warped=warped,
+        plain=plain,
+        eos=tuple(kw["eos_token_id"]),
+    )
+    return jax.tree.map(np.asarray, out)
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "modes", "warped", "plain", "eos"))
+def _together_program(x, sampling, key, arrays, *, impl, modes, warped, plain, eos):
+    entry = {"impl": impl, "eos_token_id": eos, **arrays}
+    out_warped = process_logits(x, sampling, **entry) if warped else None
+    out_tokens = sample(x, sampling, key, **entry) if plain else None
+    with_logprobs = []
+    for mode in modes:
+        tokens, lp = sample(x, sampling, key, logprobs=LOGPROBS_N, logprobs_mode=mode, **entry)
+        with_logprobs.append((tokens, lp.top_ids, lp.top, lp.token, lp.rank))
+    return out_warped, out_tokens, with_logprobs
+
+
 def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] = MODES) -> CaseResult:
     """Runs `impl` and the reference on one case with the same per-row keys: warped logits, tokens, and
     log-probs in `logprobs_modes` (their tokens must be the plain call's). Inputs and the reference's
     results come from `INPUT_CACHE` and `REFERENCE_CACHE` when this case and seed were checked before (on
-    any implementation); the calls run side by side (`_concurrently`)."""
+    any implementation); each side's calls are one program (`_together`), the two run side by side
+    (`_concurrently`)."""
     b, v = case.batch, case.vocab
     generator = (case.kind, b, v, case.dtype, seed)
     x = INPUT_CACHE.get(("logits", *generator), lambda: logits(*generator))
@@ -421,41 +510,40 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
     if case.masked:
         allowed = INPUT_CACHE.get(("allowed", b, v, seed), lambda: _frozen(allowed_mask(b, v, seed)))
         kw["allowed_tokens"] = allowed
-    key = INPUT_CACHE.get(("keys", b, seed), lambda: jax.random.split(jax.random.key(seed), b))
-
-    def reference_warped() -> _Warped:
-        return _Warped.pack(np.asarray(process_logits(x, sampling, impl="reference", **kw)))
-
-    def reference_sample(mode: str | None) -> tuple[np.ndarray, ...]:
-        if mode is None:
-            return (_frozen(np.array(sample(x, sampling, key, impl="reference", **kw))),)
-        tokens, lp = sample(x, sampling, key, impl="reference", logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
-        return tuple(_frozen(np.array(a)) for a in (tokens, lp.top_ids, lp.top, lp.token, lp.rank))
-
-    def reference(call: tuple, compute: Callable[[], Any]) -> Callable[[], Any]:
-        return lambda: REFERENCE_CACHE.get(_reference_key(case, seed, *call), compute)
-
-    def impl_sample(mode: str) -> tuple[np.ndarray, ...]:
-        tokens, lp = sample(x, sampling, key, impl=impl, logprobs=LOGPROBS_N, logprobs_mode=mode, **kw)
-        return tuple(np.asarray(a) for a in (tokens, lp.top_ids, lp.top, lp.token, lp.rank))
+    key = INPUT_CACHE.get(("keys", b, seed), lambda: keys(b, seed))
 
     # the reference's tokens come from its first log-prob call (the same tokens by construction: one sort
-    # less); without log-probs, from a plain call
-    reference_calls = [reference(("process_logits",), reference_warped)]
-    if logprobs_modes:
-        reference_calls += [
-            reference(("sample", LOGPROBS_N, mode), lambda mode=mode: reference_sample(mode)) for mode in logprobs_modes
-        ]
-    else:
-        reference_calls.append(reference(("sample",), lambda: reference_sample(None)))
-    impl_calls = [
-        lambda: np.asarray(process_logits(x, sampling, impl=impl, **kw)),
-        lambda: np.asarray(sample(x, sampling, key, impl=impl, **kw)),
-        *[lambda mode=mode: impl_sample(mode) for mode in logprobs_modes],
-    ]
-    n = len(reference_calls)
-    results = _concurrently(reference_calls + impl_calls)
-    (warped, *reference_samples), (got, tokens, *impl_samples) = results[:n], results[n:]
+    # less); without log-probs, from a plain call. Each call's result is cached apart; the missing ones
+    # are computed together.
+    reference_calls = [("process_logits",)]
+    reference_calls += [("sample", LOGPROBS_N, mode) for mode in logprobs_modes] or [("sample",)]
+
+    def reference_compute(missing: list[tuple]) -> list[Any]:
+        modes = tuple(call[2] for call in missing if len(call) == 3)
+        warped, tokens, with_logprobs = _together(
+            "reference", modes, ("process_logits",) in missing, ("sample",) in missing, x, sampling, key, kw
+        )
+        by_mode = dict(zip(modes, with_logprobs, strict=True))
+        out = []
+        for call in missing:
+            if call == ("process_logits",):
+                out.append(_Warped.pack(warped))
+            elif call == ("sample",):
+                out.append((_frozen(tokens),))
+            else:
+                out.append(tuple(_frozen(a) for a in by_mode[call[2]]))
+        return out
+
+    def reference() -> list[Any]:
+        keys = [_reference_key(case, seed, *call) for call in reference_calls]
+        return REFERENCE_CACHE.get_many(
+            keys, lambda missing: reference_compute([reference_calls[keys.index(k)] for k in missing])
+        )
+
+    def implementation() -> tuple[Any, Any, list]:
+        return _together(impl, tuple(logprobs_modes), True, True, x, sampling, key, kw)
+
+    (warped, *reference_samples), (got, tokens, impl_samples) = _concurrently([reference, implementation])
     want = warped.unpack()
     ref_tokens = reference_samples[0][0]
     in_range = bool(((tokens >= 0) & (tokens < case.vocab)).all())
