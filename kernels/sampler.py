@@ -366,15 +366,18 @@ def fused_sampler_kernel(
     filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p}
     loops = ("top_k", "top_p", "draw")
 
-    def eos_masked(x: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4 on one loaded slice
-        is_eos_id = functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
-        return jnp.where((rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0) & is_eos_id, NEG_INF, x)
+    too_early = rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0
+
+    def is_eos_id(idx: jax.Array) -> jax.Array:
+        return functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
+
+    def eos_masked(x: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4 on loaded values
+        return jnp.where(too_early & is_eos_id(idx), NEG_INF, x) if min_tokens else x
 
     def greedy_rows() -> tuple:
         # stage 5 (NaN left out, a +inf row's first +inf) and the first index of the maximum: one pass
-        x_max, first_max = row_passes.max_and_first_index(
-            x_ref, vocab, prepare=eos_masked if min_tokens else None, unrolled=not interpret
-        )
+        prepare = eos_masked if min_tokens else None
+        x_max, first_max = row_passes.max_and_first_index(x_ref, vocab, prepare=prepare, unrolled=not interpret)
         x_max = jnp.where(x_max == jnp.inf, 0.0, x_max)
         return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, (jnp.int32(0),) * 3
 
@@ -392,13 +395,6 @@ def fused_sampler_kernel(
     fast_trips = {}
     if uses_candidates(vocab, random=random, allowed=allowed, **filters):
         layout = candidates.ColumnLayout.of(vocab)
-        too_early = rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0
-
-        def eos_masked(x: jax.Array, idx: jax.Array) -> jax.Array:
-            return jnp.where(too_early & is_eos_id(idx), NEG_INF, x) if min_tokens else x
-
-        def is_eos_id(idx: jax.Array) -> jax.Array:
-            return functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
 
         # stage 5's NaN needs nothing in these passes (they only compare); stage 4 is applied to the
         # candidates afterwards (a few vregs), not to every vreg of the block
