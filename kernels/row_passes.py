@@ -60,11 +60,11 @@ def walk(
     rows: int,
     unrolled: bool = True,
 ) -> Acc:
-    """One pass: `acc = update(acc, values, idx, valid, start)` over the walk's slices: `values =
-    load(start, width)` the slice's values, `start` its first lane (static when `unrolled`, else traced
-    and a multiple of `LANES` inside a loop; the overlapping last slice's is static and may be
-    unaligned), `idx` their lane indices (R, width) int32, `valid` None, or for the overlapping last
-    slice the mask of the lanes not walked before (the update must leave the others out).
+    """One pass: `acc = update(acc, values, idx, valid)` over the walk's slices: `values = load(start,
+    width)` the slice's values (`start` its first lane: traced and a multiple of `LANES` inside the
+    loop; static and possibly unaligned for the overlapping last slice), `idx` their lane indices
+    (R, width) int32, `valid` None, or for the overlapping last slice the mask of the lanes not walked
+    before (the update must leave the others out).
 
     The slices are a `fori_loop`, `UNROLL` of them an iteration when `unrolled` (Mosaic; interpret
     mode's XLA compile grows with the unrolled body). Measured on v5e (deviceless static estimate, a
@@ -76,7 +76,7 @@ def walk(
     lane = lax.broadcasted_iota(jnp.int32, (rows, width), 1)
 
     def at(acc, start, valid=None):
-        return update(acc, load(start, width), lane + start, valid, start)
+        return update(acc, load(start, width), lane + start, valid)
 
     acc = init()
     if walk_.steps:
@@ -109,13 +109,13 @@ def max_and_first_index(
     first maximum; lanes then give the row's first."""
     rows = x_ref.shape[0]
     walk_ = LaneWalk(vocab)
-    lane = lax.broadcasted_iota(jnp.int32, (rows, walk_.width), 1)
 
     def load(start, size):
-        x = x_ref[:, pl.ds(start, size)].astype(jnp.float32)
-        return x if prepare is None else prepare(x, lane + start)
+        return x_ref[:, pl.ds(start, size)].astype(jnp.float32)
 
-    def update(acc, x, idx, valid, start):
+    def update(acc, x, idx, valid):
+        if prepare is not None:
+            x = prepare(x, idx)
         m, i = acc
         above = x > m  # NaN: never
         if valid is not None:
