@@ -10,10 +10,13 @@ import numpy as np
 F32 = np.float32
 
 
-def penalised(x, history, prompt_len, rep, pres, freq, vocab):
+def penalised(x, history, prompt_len, rep, pres, freq, vocab, ignore=0):
+    """`ignore`: the repetition penalty leaves out the row's first `ignore` real prompt tokens."""
     x = x.astype(F32).copy()
     real = [(pos, t) for pos, t in enumerate(history) if 0 <= t < vocab]
-    seen = {t for _, t in real}
+    prompt_positions = [pos for pos, _ in real if pos < prompt_len]
+    left_out = set(prompt_positions[:ignore])
+    seen = {t for pos, t in real if pos not in left_out}
     generated = [t for pos, t in real if pos >= prompt_len]
     for t in seen:
         x[t] = x[t] / F32(rep) if x[t] > 0 else x[t] * F32(rep)

@@ -14,6 +14,7 @@ def test_defaults_match_easydel():
     assert (p.max_tokens, p.min_tokens, p.temperature, p.top_k, p.top_p, p.min_p) == (16, 0, 1.0, 0, 1.0, 0.0)
     assert (p.repetition_penalty, p.presence_penalty, p.frequency_penalty, p.logit_bias) == (1.0, 0.0, 0.0, None)
     assert p.stages == Stages(random=True)  # the default top_k=0 means "off", never greedy
+    assert p.prompt_ignore_length == 0  # vsampler's own field: the whole prompt counts, as EasyDeL's does
 
 
 @pytest.mark.parametrize(
@@ -34,6 +35,8 @@ def test_defaults_match_easydel():
         ("frequency_penalty", -3.0, "frequency_penalty"),
         ("max_tokens", 0, "max_tokens must be an integer >= 1"),
         ("min_tokens", -1, "min_tokens must be an integer >= 0"),
+        ("prompt_ignore_length", -1, "prompt_ignore_length must be an integer >= 0"),
+        ("prompt_ignore_length", 1.5, "prompt_ignore_length must be an integer"),
     ],
 )
 def test_invalid_scalar_names_field_value_and_range(field, value, message):
@@ -89,7 +92,7 @@ def test_stages_follow_values():
 def test_pytree_leaves_are_values_and_stages_are_static():
     p = SamplingParams(temperature=0.7, top_k=50, logit_bias={5: -1.0})
     leaves, treedef = jax.tree_util.tree_flatten(p)
-    assert len(leaves) == 10  # nine numeric fields + the one bias value
+    assert len(leaves) == 11  # ten numeric fields + the one bias value
     q = jax.tree_util.tree_unflatten(treedef, leaves)
     assert q.stages == p.stages and q.temperature == 0.7
     same = SamplingParams(temperature=0.9, top_k=20, logit_bias={5: 2.0})

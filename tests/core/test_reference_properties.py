@@ -19,17 +19,24 @@ HISTORY_LEN = 6
 
 
 @functools.partial(jax.jit, static_argnames="impl")
-def _run(x, history, prompt_len, t, k, p, mp, r, pres, freq, key, impl="reference"):
+def _run(x, history, prompt_len, t, k, p, mp, r, pres, freq, ignore, key, impl="reference"):
     # traced parameters: every stage is active, so one compile per shape serves every example
     params = SamplingParams(
-        temperature=t, top_k=k, top_p=p, min_p=mp, repetition_penalty=r, presence_penalty=pres, frequency_penalty=freq
+        temperature=t,
+        top_k=k,
+        top_p=p,
+        min_p=mp,
+        repetition_penalty=r,
+        presence_penalty=pres,
+        frequency_penalty=freq,
+        prompt_ignore_length=ignore,
     )
     kwargs = {"history": history, "prompt_len": prompt_len}
     return process_logits(x, params, impl=impl, **kwargs), sample(x, params, key, impl=impl, **kwargs)
 
 
 def _args(c):
-    keys = ("x", "history", "prompt_len", "t", "k", "p", "mp", "r", "pres", "freq")
+    keys = ("x", "history", "prompt_len", "t", "k", "p", "mp", "r", "pres", "freq", "ignore")
     return (*(c[k] for k in keys), jax.random.key(c["seed"]))
 
 
@@ -58,6 +65,7 @@ def cases(draw):
         r=rows(st.sampled_from([1.0, 1.25, 2.0, 0.5]), np.float32),
         pres=rows(st.sampled_from([0.0, 0.5, -1.0, 2.0]), np.float32),
         freq=rows(st.sampled_from([0.0, 0.25, -0.5, 1.0]), np.float32),
+        ignore=rows(st.sampled_from([0, 0, 1, 2, HISTORY_LEN, 2**31 - 1]), np.int32),
         seed=draw(st.integers(0, 2**31 - 1)),
     )
 
@@ -70,7 +78,7 @@ def test_reference_matches_the_numpy_definition(case):
     batch, vocab = c["x"].shape
     for i in range(batch):
         x = spec_numpy.penalised(
-            c["x"][i], c["history"][i], c["prompt_len"][i], c["r"][i], c["pres"][i], c["freq"][i], vocab
+            c["x"][i], c["history"][i], c["prompt_len"][i], c["r"][i], c["pres"][i], c["freq"][i], vocab, c["ignore"][i]
         )
         want, ambiguous = spec_numpy.kept(x, c["t"][i], c["k"][i], c["p"][i], c["mp"][i])
         got = out[i] > -np.inf

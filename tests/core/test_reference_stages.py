@@ -50,6 +50,27 @@ def test_presence_and_frequency_count_only_generated_real_tokens():
     np.testing.assert_allclose(out, [0.5, -0.5, -0.5, 1.0])
 
 
+def test_prompt_ignore_length_leaves_the_first_prompt_tokens_out_of_the_repetition_penalty():
+    x = [2.0, -2.0, 2.0, 2.0, 1.0]
+    # left padding, prompt tokens 0 1 3 (real ones), generated 2 and 1: prompt_len 4
+    history = jnp.array([[-1, 0, 1, 3, 2, 1, -1]])
+    rep = {"repetition_penalty": 2.0}
+    _, everything = kept(x, params=rep, history=history, prompt_len=4)
+    np.testing.assert_allclose(everything, [1.0, -4.0, 1.0, 1.0, 1.0])
+    # the first real prompt token (0) is left out; padding never uses up the count
+    _, out = kept(x, params={**rep, "prompt_ignore_length": 1}, history=history, prompt_len=4)
+    np.testing.assert_allclose(out, [2.0, -4.0, 1.0, 1.0, 1.0])
+    # generated tokens only: 1 is still penalised (generated too), 3 is not
+    for n in (3, 4, 2**31 - 1):
+        _, out = kept(x, params={**rep, "prompt_ignore_length": n}, history=history, prompt_len=4)
+        np.testing.assert_allclose(out, [2.0, -4.0, 1.0, 2.0, 1.0], err_msg=f"prompt_ignore_length={n}")
+    # presence and frequency count generated tokens whatever it says; per-row values
+    both = SamplingParams(repetition_penalty=2.0, presence_penalty=0.5, prompt_ignore_length=np.array([0, 2**31 - 1]))
+    two_rows = jnp.concatenate([history, history])
+    two = np.asarray(process_logits(jnp.asarray([x, x]), both, history=two_rows, prompt_len=4))
+    np.testing.assert_allclose(two, [[1.0, -4.5, 0.5, 1.0, 1.0], [2.0, -4.5, 0.5, 2.0, 1.0]])
+
+
 def test_min_tokens_masks_every_eos_until_enough_generated():
     x = [0.0, 5.0, 1.0, 4.0]
     params = {"min_tokens": 2, "temperature": 0.0}

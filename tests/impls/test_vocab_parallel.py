@@ -63,6 +63,7 @@ def heterogeneous_batch(vocab: int, dtype: str = "float32"):
         min_tokens=np.array([0, 3, 0, 1000, 0, 0, 0, 0]),
         max_tokens=2000,
         logit_bias={1: 1.0, vocab // 2 + 1: 2.5, vocab - 2: -np.inf},
+        prompt_ignore_length=np.array([0, 0, 0, 0, 0, 2**31 - 1, 5, 0]),  # counted on the global history
     )
     return jnp.asarray(x, dtype), params, jnp.asarray(history, jnp.int32), jnp.asarray(prompt_len, jnp.int32)
 
@@ -185,6 +186,26 @@ def test_hard_logits_over_many_keys():
         want = np.asarray(sample(x, params, keys_for(seed), impl="reference", **kw))
         got = np.asarray(sample(place(x, mesh), params, keys_for(seed), mesh=mesh, vocab_axis="tp", **kw))
         np.testing.assert_array_equal(got, want, err_msg=f"{kind} seed {seed}")
+
+
+def test_prompt_ignore_length_counts_the_rows_whole_prompt_not_each_shards():
+    """The prompt tokens the repetition penalty leaves out are the row's first n real ones over the whole
+    vocabulary: each shard sees only its own ids, so counting them there would leave out others."""
+    vocab, shards = 1000, 4
+    mesh = vocab_mesh(shards)
+    x = np.zeros((B, vocab), np.float32)
+    favourite = 900  # the last shard's id, the row's maximum
+    x[:, favourite] = 3.0
+    x[:, 901] = 2.0
+    history = np.full((B, 5), -1, np.int32)
+    history[:, 1:4] = [10, 300, favourite]  # left padding, then a prompt whose third real token is the favourite
+    ignore = np.array([0, 1, 2, 3, 2**31 - 1, 2, 3, 0])
+    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, prompt_ignore_length=ignore)
+    kw = {"history": jnp.asarray(history), "prompt_len": 4}
+    want = np.asarray(sample(jnp.asarray(x), params, None, impl="reference", **kw))
+    assert want.tolist() == [901, 901, 901, favourite, favourite, 901, favourite, 901]
+    got = np.asarray(sample(place(jnp.asarray(x), mesh), params, None, mesh=mesh, vocab_axis="tp", **kw))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_min_p_one_keeps_the_maximum():

@@ -253,6 +253,7 @@ def test_generate_with_a_mask_and_logprobs(tmp_path, capsys):
         (["--allowed-ids", "100-400"], "--allowed-ids names ids outside the vocabulary [0, 300)"),
         (["--logprobs", "65"], "logprobs must be an int in [0, 64]"),
         (["--top-p", "0"], "SamplingParams.top_p must be a float in (0, 1]"),
+        (["--prompt-ignore-length", "-1"], "SamplingParams.prompt_ignore_length must be an integer >= 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
         (["--eos", "400"], "eos_token_id [400] outside the model's vocabulary"),
         (["--prompt", "1,2,999"], "outside the model's vocabulary [0, 300)"),

@@ -22,7 +22,7 @@ cannot raise; they are sanitised as follows, and the tests pin it:
   (probabilities {0.3, 0.1, 0.1, 0.5} at top_p 0.8: the mass above the 0.1 pair is 0.8, and they are
   dropped), not as float32 rounding of log(p), softmax and the sums happens to fall;
 * repetition_penalty NaN, <= 0 or inf -> 1 (off); presence / frequency NaN -> 0, else clipped to [-2, 2];
-* min_tokens < 0 -> 0; max_tokens < 1 -> 1;
+* min_tokens < 0 -> 0; max_tokens < 1 -> 1; prompt_ignore_length < 0 -> 0;
 * history ids < 0 are empty slots; ids >= V are ignored like empty slots; traced EOS ids outside
   [0, V) are ignored.
 
@@ -58,6 +58,7 @@ class RowParams(NamedTuple):
     repetition_penalty: jax.Array  # float32 > 0
     presence_penalty: jax.Array  # float32 in [-2, 2]
     frequency_penalty: jax.Array  # float32 in [-2, 2]
+    prompt_ignore_length: jax.Array  # int32 >= 0: prompt tokens the repetition penalty leaves out
 
 
 class SamplerInputs(NamedTuple):
@@ -112,6 +113,7 @@ def sanitise_row_params(params: SamplingParams, batch: int, vocab: int) -> RowPa
         repetition_penalty=jnp.where(jnp.isnan(r) | (r <= 0) | jnp.isinf(r), 1.0, r),
         presence_penalty=jnp.clip(jnp.nan_to_num(v["presence_penalty"], nan=0.0), -2.0, 2.0),
         frequency_penalty=jnp.clip(jnp.nan_to_num(v["frequency_penalty"], nan=0.0), -2.0, 2.0),
+        prompt_ignore_length=jnp.maximum(v["prompt_ignore_length"], 0),
     )
 
 
@@ -417,3 +419,11 @@ def history_masks(history: jax.Array, prompt_len: jax.Array, vocab: int) -> tupl
     valid = (history >= 0) & (history < vocab)
     positions = jnp.arange(history.shape[1], dtype=jnp.int32)[None, :]
     return valid, valid & (positions >= prompt_len[:, None])
+
+
+def ignored_prompt_slots(valid: jax.Array, generated: jax.Array, ignore: jax.Array) -> jax.Array:
+    """(B, L) bool: the real prompt slots among each row's first `ignore` (B,) real prompt tokens, counted
+    in history order (left padding and empty slots are not tokens, so they never use up the count)."""
+    prompt = valid & ~generated
+    rank = jnp.cumsum(prompt, axis=1, dtype=jnp.int32)  # 1 for the row's first real prompt token
+    return prompt & (rank <= ignore[:, None])

@@ -30,6 +30,7 @@ class Stages:
 
     logit_bias: bool = False
     repetition: bool = False
+    prompt_ignore: bool = False  # some row's repetition penalty skips the start of its prompt
     presence: bool = False
     frequency: bool = False
     min_tokens: bool = False
@@ -63,6 +64,7 @@ _RANGES: dict[str, tuple[bool, float, bool, float, bool, str]] = {
     "repetition_penalty": (False, 0.0, False, np.inf, False, "a finite float > 0 (1 disables it)"),
     "presence_penalty": (False, -2.0, True, 2.0, True, "a float in [-2, 2] (0 disables it)"),
     "frequency_penalty": (False, -2.0, True, 2.0, True, "a float in [-2, 2] (0 disables it)"),
+    "prompt_ignore_length": (True, 0, True, np.inf, False, "an integer >= 0 (0: the whole prompt counts)"),
 }
 
 NUMERIC_FIELDS: tuple[str, ...] = tuple(_RANGES)
@@ -242,6 +244,11 @@ class SamplingParams(Serializable):
       min_p: keep tokens with probability >= min_p * the largest probability; 0 disables it.
       repetition_penalty: once per distinct token in the history, positive logits are divided by it
         and negative ones multiplied; 1 disables it.
+      prompt_ignore_length: the repetition penalty leaves out the row's first n prompt tokens (HF's
+        `prompt_ignore_length`): a token it penalises must occur in the generated tokens or in the
+        prompt after its first n real tokens. 0 (default): prompt and generated tokens all count; any
+        n >= the prompt's length (e.g. 2**31 - 1): generated tokens only. Presence and frequency
+        penalties always count generated tokens only.
       presence_penalty: subtracted once per distinct generated token; 0 disables it.
       frequency_penalty: subtracted once per occurrence of a generated token; 0 disables it.
       logit_bias: added to the logits first: a mapping {token_id: bias}, or a float (V,) or (B, V)
@@ -258,6 +265,7 @@ class SamplingParams(Serializable):
     presence_penalty: ArrayLike = 0.0
     frequency_penalty: ArrayLike = 0.0
     logit_bias: Mapping[int, float] | ArrayLike | None = None
+    prompt_ignore_length: ArrayLike = 0  # after EasyDeL's fields, so positional arguments keep their meaning
 
     def __post_init__(self) -> None:
         for name in NUMERIC_FIELDS:
@@ -278,6 +286,7 @@ class SamplingParams(Serializable):
         return Stages(
             logit_bias=self.logit_bias is not None,
             repetition=_any("repetition_penalty", self.repetition_penalty, lambda r: r != 1.0),
+            prompt_ignore=_any("prompt_ignore_length", self.prompt_ignore_length, lambda n: n > 0),
             presence=_any("presence_penalty", self.presence_penalty, lambda p: p != 0.0),
             frequency=_any("frequency_penalty", self.frequency_penalty, lambda f: f != 0.0),
             min_tokens=_any("min_tokens", self.min_tokens, lambda m: m > 0),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from vsampler.core.inputs import SamplerInputs, eos_rows, history_masks
+from vsampler.core.inputs import SamplerInputs, eos_rows, history_masks, ignored_prompt_slots
 from vsampler.core.numerics import NEG_INF
 
 
@@ -50,10 +50,12 @@ def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
     `eos_mask=False` leaves stage 4 to the caller (the fused kernels apply it themselves).
 
     1. bias: `x += bias` (a mapping adds at its ids; an array elementwise).
-    2. repetition `r`, once per distinct token among the history's real slots (prompt + generated):
-       `x / r` where `x > 0`, else `x * r` (a true division: `x * (1 / r)` then `- presence` was contracted
-       into one fused multiply-add by the CPU compiler, and a division by a broadcast `r` was rewritten as
-       a multiplication by its reciprocal; either way the rounding differed from the spec's).
+    2. repetition `r`, once per distinct token among the history's real slots (prompt + generated; the
+       row's first `prompt_ignore_length` real prompt tokens left out, HF's `prompt_ignore_length`: a
+       token found only there is not penalised): `x / r` where `x > 0`, else `x * r` (a true division:
+       `x * (1 / r)` then `- presence` was contracted into one fused multiply-add by the CPU compiler,
+       and a division by a broadcast `r` was rewritten as a multiplication by its reciprocal; either way
+       the rounding differed from the spec's).
     3. presence: `x -= presence` once per distinct generated token (slots at positions >= prompt_len);
        frequency: `x -= frequency * count`, count = the token's generated occurrences.
     4. min_tokens: EOS ids get -inf while the row's generated count (its real slots at positions
@@ -71,8 +73,9 @@ def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
         x = x.at[:, inp.bias_ids].add(inp.bias_values[None, :])
 
     if inp.history is not None and inp.stages.penalties:
-        valid, generated = history_masks(inp.history, inp.prompt_len, vocab)
-        ids = jnp.where(valid, inp.history, 0)
+        history = counted_history(inp)
+        valid, generated = history_masks(history, inp.prompt_len, vocab)
+        ids = jnp.where(valid, history, 0)
         same = (ids[:, :, None] == ids[:, None, :]) & valid[:, None, :]  # (B, L, L)
         count = jnp.sum(same & generated[:, None, :], axis=2).astype(jnp.float32)  # generated occurrences
         v = x[rows, ids]
@@ -93,6 +96,16 @@ def penalised_logits(inp: SamplerInputs, *, eos_mask: bool = True) -> jax.Array:
         x = x.at[rows, eos].set(jnp.where(too_early, NEG_INF, x[rows, jnp.minimum(eos, vocab - 1)]), mode="drop")
 
     return x
+
+
+def counted_history(inp: SamplerInputs) -> jax.Array:
+    """The (B, L) history the penalties count: each row's first `prompt_ignore_length` real prompt tokens
+    emptied (-1) when that stage is on. Only the repetition penalty reads prompt slots (presence,
+    frequency and min_tokens count generated slots), so emptying them is exactly "left out" for it."""
+    if not (inp.stages.prompt_ignore and inp.stages.repetition):
+        return inp.history
+    valid, generated = history_masks(inp.history, inp.prompt_len, inp.logits.shape[1])
+    return jnp.where(ignored_prompt_slots(valid, generated, inp.params.prompt_ignore_length), -1, inp.history)
 
 
 def rounded(product: jax.Array) -> jax.Array:

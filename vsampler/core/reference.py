@@ -7,7 +7,8 @@ For logits `(B, V)` (math in float32) and per-row parameters, each row goes thro
     allow get -inf before anything else (no later stage can bring a -inf back: a +inf bias on it makes
     NaN, which stage 5 turns into -inf; so implementations may apply the mask anywhere before stage 5).
  1. logit bias: `x += bias` (a mapping adds at its ids; an array adds elementwise; -inf bans).
- 2. repetition penalty `r`, once per distinct token in the row's history (prompt + generated):
+ 2. repetition penalty `r`, once per distinct token in the row's history (prompt + generated; the
+    row's first `prompt_ignore_length` real prompt tokens left out, HF's `prompt_ignore_length`):
     `x = x / r` where `x > 0`, else `x * r` (a division: a reciprocal multiply could fuse with the next
     stage's subtraction into one rounding on CPU).
  3. presence penalty: `x -= presence` once per distinct *generated* token (history positions

@@ -178,7 +178,7 @@ def _penalised(
     local_inputs = SamplerInputs(
         logits=x,
         params=r.params,
-        stages=stages,
+        stages=dataclasses.replace(stages, prompt_ignore=False),  # `counted_history` already applied it
         bias_dense=bias,
         bias_ids=None,
         bias_values=None,
@@ -331,7 +331,7 @@ def sample(inp: SamplerInputs, *, mesh: AnyMesh, vocab_axis: str) -> jax.Array:
     replicated = _Replicated(
         params=inp.params,
         u=inp.u,
-        history=inp.history if inp.stages.penalties else None,
+        history=penalties.counted_history(inp) if inp.stages.penalties else None,  # counted on the global ids
         prompt_len=inp.prompt_len,
         too_early=penalties.too_early_for_eos(inp) if penalties.masks_eos(inp) else None,
         eos_ids=inp.eos_ids,

@@ -194,6 +194,8 @@ def params(name: str, batch: int, vocab: int) -> SamplingParams:
             min_p=_rows(batch, [0.0, 0.05, 0.0, 0.0, 0.1, 0.0, 0.0, 0.02]).astype(f32),
             repetition_penalty=_rows(batch, [1.0, 1.1, 1.0, 1.3, 1.0, 0.9, 1.2, 1.0]).astype(f32),
             frequency_penalty=_rows(batch, [0.0, 0.2, 0.5, 0.0, 0.0, 0.0, 0.0, -0.5]).astype(f32),
+            # generated tokens only (row 3), the prompt's first 3 or 1 tokens left out (rows 5, 6)
+            prompt_ignore_length=_rows(batch, [0, 0, 0, 2**31 - 1, 0, 3, 1, 0]),
         )
     raise ValueError(name)
 

@@ -59,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             min_p=args.min_p,
             repetition_penalty=args.repetition_penalty,
+            prompt_ignore_length=args.prompt_ignore_length,
             presence_penalty=args.presence_penalty,
             frequency_penalty=args.frequency_penalty,
         )
@@ -179,6 +180,7 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         ("--top-p", float, 0.95, "keep the most probable tokens up to this share of the mass (the crossing one kept)"),
         ("--min-p", float, 0.0, "keep the tokens whose probability is >= min_p x the largest's"),
         ("--repetition-penalty", float, 1.0, "divides the history's positive logits, multiplies its negative ones"),
+        ("--prompt-ignore-length", int, 0, "the repetition penalty leaves out each prompt's first n tokens"),
         ("--presence-penalty", float, 0.0, "subtracted once from each token generated so far"),
         ("--frequency-penalty", float, 0.0, "subtracted per occurrence of each token generated so far"),
         ("--min-tokens", int, 0, "the EOS ids are banned until a row has generated this many tokens"),
