@@ -119,3 +119,59 @@ def test_bad_masks_and_sends_are_refused(model):
     next(gen)
     with pytest.raises(ValueError, match="a mask was sent to a generation started without allowed_tokens"):
         gen.send(np.zeros((3, 1000), np.int32))
+
+
+def test_each_request_stops_on_its_own_stop_ids(model):
+    """Per-request stop ids: each prompt's rows finish on the config's EOS or their own ids, and
+    min_tokens masks both, as full recomputation with that row's stop set says."""
+    params = SamplingParams(
+        max_tokens=MAX_NEW,
+        min_tokens=np.array([2, 0, 1]),
+        temperature=np.array([0.0, 0.9, 1.2], np.float32),
+        top_k=np.array([0, 40, 0]),
+        top_p=0.95,
+    )
+
+    def reference(r: int, eos: list[int]) -> list[int]:
+        row = SamplingParams(
+            max_tokens=MAX_NEW,
+            min_tokens=int(params.min_tokens[r]),
+            temperature=float(params.temperature[r]),
+            top_k=int(params.top_k[r]),
+            top_p=0.95,
+        )
+        return decode_row(model, PROMPTS[r], row, row=r, key=KEY, max_new_tokens=MAX_NEW, eos=eos)
+
+    free = [reference(r, [EOS]) for r in range(3)]
+    # row 0 stops on its first token (masked by min_tokens 2) and its fourth; row 2 on its third
+    stops = [[free[0][0], free[0][3]], [], [free[2][2]]]
+    want = [reference(r, [EOS, *stops[r]]) for r in range(3)]
+    assert want[0] != free[0] and want[2] != free[2]  # the stop ids matter to this case
+    assert len(want[0]) > 2 and free[0][0] not in want[0][:2]  # masked while min_tokens holds, not a stop
+    engine = make_engine(model)
+    engine.precompile(vInferencePreCompileConfig(batch_size=4, prefill_length=8), params, stop_token_ids=2)
+    compiled = len(engine._executables)
+    for given in (stops, np.array([stops[0], [-1, -1], [stops[2][0], -1]])):
+        state = engine.generate_all(*inputs(), sampling_params=params, key=KEY, stop_token_ids=given)
+        start = state.padded_length
+        for r in range(3):
+            got = np.asarray(state.sequences[r, start : int(state.current_length[r])]).tolist()
+            assert got == want[r], f"row {r}"
+        assert np.asarray(state.is_sequence_finished).all()
+    assert len(engine._executables) == compiled  # up to 2 ids a request: the precompiled width serves
+
+
+def test_bad_stop_ids_are_refused(model):
+    engine = make_engine(model)
+    ids, mask = inputs()
+    for bad, message in (
+        ([[3], [4]], "2 entries but there are 3 prompts"),
+        ([[3], [-2], []], r"stop_token_ids\[1\] must hold token ids"),
+        ([[3], [1.5], []], r"stop_token_ids\[1\] must be a token id"),
+        ([[3], [10**6], []], r"stop_token_ids\[1\] holds \[1000000\] outside the model's vocabulary"),
+        (7, "one entry per prompt"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            next(engine.generate(ids, mask, sampling_params=SAMPLING, key=KEY, stop_token_ids=bad))
+    with pytest.raises(ValueError, match="stop_token_ids is the most stop ids"):
+        engine.precompile(vInferencePreCompileConfig(batch_size=4, prefill_length=8), stop_token_ids=-1)

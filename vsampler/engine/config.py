@@ -177,7 +177,7 @@ class vInferenceConfig(Serializable):
         idps = PartitionSpec(axis.batch_axis, axis.sequence_axis)
         kvps = PartitionSpec(axis.batch_axis, axis.key_sequence_axis, axis.head_axis, axis.attention_dim_axis)
         views = "model_kwargs/past_key_values/views/[0-9]+/(key|value)"
-        serving = "(allowed_tokens|token_logprobs|top_logprob_ids|top_logprobs|token_ranks)"
+        serving = "(allowed_tokens|token_logprobs|top_logprob_ids|top_logprobs|token_ranks|stop_token_ids)"
         return (
             ("(sequences|running_token)", idps),
             ("model_kwargs/(attention_mask|position_ids)", idps),

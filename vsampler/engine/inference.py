@@ -77,6 +77,14 @@ class _Serving(NamedTuple):
 
     logprobs: LogprobsRequest | None = None
     masked: bool = False
+    stop_width: int = 0  # S of the per-request (B, S) stop ids; 0: every row stops on the config's EOS ids
+
+    def serves(self, wanted: _Serving) -> bool:
+        """Whether an executable compiled for these features runs a call that wants `wanted`'s: the same
+        log-probs and mask, and room for its stop ids (a call without per-request ones needs none)."""
+        if (self.logprobs, self.masked) != (wanted.logprobs, wanted.masked):
+            return False
+        return self.stop_width == 0 if wanted.stop_width == 0 else self.stop_width >= wanted.stop_width
 
 
 def _next_power_of_two(n: int) -> int:
@@ -188,15 +196,26 @@ class vInference:
         logprobs: int | None = None,
         logprobs_mode: str = "raw",
         allowed_tokens: bool = False,
+        stop_token_ids: int = 0,
     ) -> list[vInferencePreCompileConfig]:
         """AOT-compiles prefill and the decode chunk for every standalone of `config` (cached by
         `get_default_hash()`), for the loop's stages widened by `sampling_params`' when given, and for
-        the serving features `generate` will be called with (`logprobs`, `logprobs_mode`, and whether an
-        `allowed_tokens` mask is passed). Returns the standalones compiled."""
+        the serving features `generate` will be called with (`logprobs`, `logprobs_mode`, whether an
+        `allowed_tokens` mask is passed, and `stop_token_ids`: the most per-request stop ids one request
+        of a `generate` call will pass, 0 for none). Returns the standalones compiled."""
         if not isinstance(config, vInferencePreCompileConfig):
             raise ValueError(f"precompile needs a vInferencePreCompileConfig, got {type(config).__name__}")
         stages = self._loop_stages(sampling_params)
-        serving = _Serving(request(logprobs, logprobs_mode, self.vocab_size), bool(allowed_tokens))
+        if isinstance(stop_token_ids, bool) or not isinstance(stop_token_ids, (int, np.integer)) or stop_token_ids < 0:
+            raise ValueError(
+                f"precompile's stop_token_ids is the most stop ids one request will pass (an integer >= 0), "
+                f"got {stop_token_ids!r}"
+            )
+        serving = _Serving(
+            request(logprobs, logprobs_mode, self.vocab_size),
+            bool(allowed_tokens),
+            self._stop_width(int(stop_token_ids)),
+        )
         standalones = config.get_standalones()
         for bucket in standalones:
             if bucket.vision_included:
@@ -232,6 +251,8 @@ class vInference:
         )
         if serving.masked:
             prefill_args += (jax.ShapeDtypeStruct((rows, allowed_words(vocab)), i32),)  # allowed_tokens
+        if serving.stop_width:
+            prefill_args += (jax.ShapeDtypeStruct((rows, serving.stop_width), i32),)  # stop_token_ids
         if serving.logprobs is not None and serving.logprobs.n > vocab:
             raise ValueError(f"logprobs={serving.logprobs.n} asks for more top entries than the vocabulary ({vocab})")
         prefill_fn = self._prefill_fn(bucket, total, serving)
@@ -294,8 +315,11 @@ class vInference:
             filler,
             keys,
             derive,
-            allowed=None,
+            *serving_inputs,
         ):
+            serving_inputs = list(serving_inputs)
+            allowed = serving_inputs.pop(0) if serving.masked else None
+            stops = serving_inputs.pop(0) if serving.stop_width else None
             fold = jax.vmap(jax.random.fold_in)
             request_keys = jax.random.wrap_key_data(keys)
             derived = jax.random.key_data(fold(request_keys, request_ids))
@@ -323,11 +347,55 @@ class vInference:
                 _time_spent_computing=jnp.float32(0.0),
                 _compile_config=bucket,
                 allowed_tokens=allowed,
+                stop_token_ids=stops,
                 **self._logprob_buffers(rows, total, serving),
             )
             return self._step(params, serving)(graphdef, graphstate, graphother, state)
 
         return prefill
+
+    def _stop_width(self, own: int) -> int:
+        """The (B, S) stop-id width for requests of up to `own` stop ids each, besides the config's EOS
+        ids: 0 when there are none, else a power of two (a few widths serve every call)."""
+        return 0 if own == 0 else _next_power_of_two(len(self.eos_token_ids) + own)
+
+    def _stop_rows(self, stop_token_ids: Any, *, batch: int, n: int, rows: int, width: int, vocab: int) -> np.ndarray:
+        """The request-level stop ids as the bucket's (rows, width) int32 rows: the config's EOS ids, then
+        the request's own, -1 after them; copies repeated, filler rows all -1."""
+        out = np.full((rows, width), -1, np.int32)
+        for r, own in enumerate(self._request_stop_ids(stop_token_ids, batch)):
+            bad = [i for i in own if i >= vocab]
+            if bad:
+                raise ValueError(f"stop_token_ids[{r}] holds {bad} outside the model's vocabulary [0, {vocab})")
+            ids = list(dict.fromkeys((*self.eos_token_ids, *own)))
+            out[r * n : (r + 1) * n, : len(ids)] = ids
+        return out
+
+    @staticmethod
+    def _request_stop_ids(stop_token_ids: Any, batch: int) -> list[tuple[int, ...]]:
+        """`generate`'s `stop_token_ids`, checked: B entries, each a token id or a sequence of them (a
+        (B, S) integer array may pad with -1)."""
+        if isinstance(stop_token_ids, (str, bytes)) or not hasattr(stop_token_ids, "__len__"):
+            raise ValueError(
+                f"stop_token_ids must hold one entry per prompt ({batch}): a list of id lists or a (B, S) "
+                f"integer array (-1 = padding), got {type(stop_token_ids).__name__}"
+            )
+        if len(stop_token_ids) != batch:
+            raise ValueError(f"stop_token_ids has {len(stop_token_ids)} entries but there are {batch} prompts")
+        padded = isinstance(stop_token_ids, (np.ndarray, jax.Array))
+        out = []
+        for r, entry in enumerate(stop_token_ids):
+            arr = np.asarray(entry)
+            if arr.ndim > 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)) or arr.dtype == np.bool_:
+                raise ValueError(f"stop_token_ids[{r}] must be a token id or a sequence of ids, got {entry!r}")
+            ids = arr.reshape(-1)
+            if padded:
+                ids = ids[ids != -1]
+            if (ids < 0).any():
+                what = "integers >= 0 (-1 pads an array's rows)" if padded else "integers >= 0"
+                raise ValueError(f"stop_token_ids[{r}] must hold token ids, {what}, got {entry!r}")
+            out.append(tuple(int(i) for i in ids))
+        return out
 
     def _logprob_buffers(self, rows: int, total: int, serving: _Serving) -> dict[str, jax.Array]:
         if serving.logprobs is None:
@@ -385,6 +453,7 @@ class vInference:
         allowed_tokens: Any = None,
         logprobs: int | None = None,
         logprobs_mode: str = "raw",
+        stop_token_ids: Any = None,
     ) -> Generator[SampleState, Any, None]:
         """Generates for a batch of prompts, yielding the state after prefill and after each chunk.
 
@@ -401,6 +470,10 @@ class vInference:
         at every step to all its copies; `generator.send(mask)` replaces it for the chunks after the state
         just yielded (the loop must have started with a mask). `logprobs=n` / `logprobs_mode`: each token's
         log-probabilities go into the state's `token_logprobs`, `top_logprob_ids`, `top_logprobs`.
+        `stop_token_ids`: per-request stop ids (vLLM's `stop_token_ids`), one entry per prompt (a list of
+        ids each, or a (B, S) integer array padded with -1): prompt i's rows finish on the config's EOS ids
+        or any of its own, and `min_tokens` masks both; on `impl="pallas"` such steps run the XLA sampler
+        (the kernel takes one EOS set per call).
         A mask `send` cannot take (shape, dtype, or a generation started without one) raises ValueError
         from `send` and is dropped: the stream goes on from the same state, with the mask it had.
         """
@@ -414,6 +487,7 @@ class vInference:
             allowed_tokens=allowed_tokens,
             logprobs=logprobs,
             logprobs_mode=logprobs_mode,
+            stop_token_ids=stop_token_ids,
         )
         return _MaskedStream(body, checks)
 
@@ -428,6 +502,7 @@ class vInference:
         allowed_tokens: Any,
         logprobs: int | None,
         logprobs_mode: str,
+        stop_token_ids: Any,
     ) -> Generator[SampleState, Any, None]:
         """`generate`'s loop; `checks["mask"]` is set to the check of a sent mask before the first yield."""
         ids, mask = check_prompts(input_ids, attention_mask)
@@ -444,12 +519,15 @@ class vInference:
                 f"SamplingParams.max_tokens ({params.max_tokens!r}) exceeds vInferenceConfig.max_new_tokens "
                 f"({self.config.max_new_tokens}), the loop's length"
             )
-        serving = _Serving(request(logprobs, logprobs_mode, self.vocab_size), allowed_tokens is not None)
+        own_stops = 0 if stop_token_ids is None else max(map(len, self._request_stop_ids(stop_token_ids, batch)))
+        serving = _Serving(
+            request(logprobs, logprobs_mode, self.vocab_size), allowed_tokens is not None, self._stop_width(own_stops)
+        )
         bucket = self._pick_bucket(batch, int(lengths.max()))
         stages = self._loop_stages()
         for (h, have, features), _ in self._executables.items():
-            if h == bucket.get_default_hash() and features == serving and have.covers(params.stages):
-                stages = have
+            if h == bucket.get_default_hash() and features.serves(serving) and have.covers(params.stages):
+                stages, serving = have, features
                 break
         else:
             stages = stages | params.stages
@@ -478,6 +556,9 @@ class vInference:
         mask_rows = functools.partial(self._mask_rows, batch=batch, n=n, rows=rows, vocab=vocab)
         if serving.masked:
             inputs += (mask_rows(allowed_tokens),)
+        if serving.stop_width:
+            stop_rows = functools.partial(self._stop_rows, batch=batch, n=n, rows=rows, vocab=vocab)
+            inputs += (stop_rows(stop_token_ids, width=serving.stop_width),)
         checks["mask"] = functools.partial(self._sent_mask_rows, mask_rows=mask_rows, serving=serving)
         if self.mesh is not None:  # global arrays from the host values every process holds alike
             inputs = place_global(inputs, exe.prefill.input_shardings[0][2:], self._replicated)

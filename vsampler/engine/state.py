@@ -41,6 +41,8 @@ class SampleState(Serializable):
         slot (pad elsewhere); top_logprobs: (B, max_sequence_length, n) float32, theirs (-inf elsewhere).
       token_ranks: (B, max_sequence_length) int32, each generated token's rank in that distribution
         (vLLM's `selected_token_ranks`, `vsampler.core.logprobs`; 1 = most likely), 0 on prompt and unwritten slots.
+      stop_token_ids: (B, S) int32, each row's own stop ids (-1 = padding): the config's EOS ids and the
+        request's `stop_token_ids`; when set, the step finishes each row and masks `min_tokens` on these.
     """
 
     current_length: jax.Array
@@ -59,6 +61,7 @@ class SampleState(Serializable):
     top_logprob_ids: jax.Array | None = None
     top_logprobs: jax.Array | None = None
     token_ranks: jax.Array | None = None
+    stop_token_ids: jax.Array | None = None
 
     def __post_init__(self) -> None:
         """The array fields must be arrays (jax or numpy, or abstract shapes): a string or a list there
@@ -74,7 +77,14 @@ class SampleState(Serializable):
             raise ValueError(f"SampleState.model_kwargs must be a dict (or None), got {kind}")
 
 
-_OPTIONAL_ARRAYS = ("allowed_tokens", "token_logprobs", "top_logprob_ids", "top_logprobs")
+_OPTIONAL_ARRAYS = (
+    "allowed_tokens",
+    "token_logprobs",
+    "top_logprob_ids",
+    "top_logprobs",
+    "token_ranks",
+    "stop_token_ids",
+)
 _ARRAY_FIELDS = ("current_length", "sequences", "running_token", "is_sequence_finished", "prng_key", *_OPTIONAL_ARRAYS)
 
 
@@ -90,10 +100,6 @@ register_dataclass_pytree(
         "tokens_per_second",
         "generated_tokens",
         "_time_spent_computing",
-        "allowed_tokens",
-        "token_logprobs",
-        "top_logprob_ids",
-        "top_logprobs",
-        "token_ranks",
+        *_OPTIONAL_ARRAYS,
     ),
 )

@@ -37,6 +37,8 @@ the reference implementation of this contract.
 * `allowed_tokens` (B, ceil(V / 32)) or None: the packed mask every step applies (structured output).
 * `token_logprobs` (B, T), `top_logprob_ids` / `top_logprobs` (B, T, n), `token_ranks` (B, T), when the
   step was created with `logprobs=n`: written at the same slot as the token.
+* `stop_token_ids` (B, S) or None: each row's own stop ids (-1 = padding); when set, they replace the
+  step's `eos_token_id` for every row (finishing, the `min_tokens` mask, a mask-emptied row's token).
 """
 
 from __future__ import annotations
@@ -89,7 +91,9 @@ def create_sampling_step(
     callable with `vsampler.sample_step`'s signature that replaces it (the benchmarks' argmax baseline).
     A state carrying `allowed_tokens` has that mask applied at every step. `logprobs=n` (and
     `logprobs_mode`) also writes each token's log-probabilities into the state's `token_logprobs`,
-    `top_logprob_ids` and `top_logprobs`, which must then be allocated (B, T) / (B, T, n).
+    `top_logprob_ids` and `top_logprobs`, which must then be allocated (B, T) / (B, T, n). A state
+    carrying `stop_token_ids` (B, S) (per-request stop ids, -1 = padding) has each row finish on, and
+    `min_tokens` mask, its own ids instead of `eos_token_id` (which should then be among them).
     """
     eos = _token_ids("eos_token_id", eos_token_id) if eos_token_id is not None else None
     if isinstance(pad_token_id, jax.core.Tracer) or np.ndim(pad_token_id) != 0:
@@ -131,7 +135,7 @@ def create_sampling_step(
             pad_token_id=pad,
             history=history,
             prompt_len=prompt_end,
-            eos_token_id=eos,
+            eos_token_id=eos if state.stop_token_ids is None else state.stop_token_ids,
             **serving,
         )
         running = ~was_finished
@@ -171,6 +175,7 @@ def create_sampling_step(
             top_logprob_ids=written.get("top_logprob_ids", state.top_logprob_ids),
             top_logprobs=written.get("top_logprobs", state.top_logprobs),
             token_ranks=written.get("token_ranks", state.token_ranks),
+            stop_token_ids=state.stop_token_ids,
         )
 
     return sampling_step
