@@ -73,7 +73,6 @@ THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
 STAT_COLUMNS = 16
 X_MAX = STAT_COLUMNS - 1  # the row's largest penalised logit (stage 6's `inverse_temperature` reads it)
 # the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.tools.estimate`):
-# the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.tools.estimate`):
 # the candidate path's searches and its whole-row mass pass, then the whole-row path's loops, which run
 # only where the candidates are not exact for some row of the block (the cond "fallback")
 SITES = (
