@@ -227,7 +227,7 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
 
     if top_p:  # stage 8
         p = rows[:, TOP_P : TOP_P + 1]
-        kept_e = jnp.where(s >= threshold, e, 0.0)
+        kept_e = jnp.where(s >= threshold, e, 0.0) if top_k else e  # e is 0 where s is -inf
         target = p * reductions.sum(kept_e)
 
         def mass_ge(t: jax.Array) -> jax.Array:
