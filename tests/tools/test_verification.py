@@ -179,3 +179,65 @@ def test_bench_counts_a_boundary_row_as_verified_and_a_neighbour_elsewhere_as_no
         got = np.where(want == 10, 20, 10)
         result = benchmarking.check_tokens(w, inp, got, want)
         assert (result.ok, result.boundary, result.agree) == (verified, int(verified), 0)
+
+
+def _weights(scaled: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """The reference's float32 weights of a scaled row, as float64, 0 off `kept`."""
+    s_max = scaled[kept].max()
+    w = np.asarray(jnp.where(scaled >= s_max, 1.0, jnp.exp(jnp.asarray(scaled - s_max))), np.float64)
+    return np.where(kept, w, 0.0)
+
+
+def test_a_top_p_cut_rounding_decides_is_a_boundary_and_nothing_else_is():
+    scaled = np.full(50, -np.inf, np.float32)
+    scaled[[3, 7, 11, 20, 30]] = [0.0, -0.5, -2.0, -2.0, -4.0]  # 11 and 20 tie: the cut's level
+    candidates = scaled > -np.inf
+    w = _weights(scaled, candidates)
+    at_cut = w[[3, 7]].sum() / w.sum()  # the mass above the tied pair, exactly, as top_p
+    with_pair, without = candidates.copy(), candidates.copy()
+    with_pair[30], without[[11, 20, 30]] = False, False
+    for want, got in ((with_pair, without), (without, with_pair)):  # either side of the cut
+        assert verification.top_p_boundary(scaled, candidates, at_cut, want, got)
+    assert not verification.top_p_boundary(scaled, candidates, at_cut + 1e-4, with_pair, without)  # far from it
+    half = without.copy()
+    half[11] = True  # one of the tied pair: ties are kept together
+    assert not verification.top_p_boundary(scaled, candidates, at_cut, with_pair, half)
+    deeper = without.copy()
+    deeper[7] = False  # two levels apart
+    assert not verification.top_p_boundary(scaled, candidates, at_cut, with_pair, deeper)
+    assert not verification.top_p_boundary(scaled, candidates & (np.arange(50) != 20), at_cut, with_pair, without)
+    assert not verification.top_p_boundary(scaled, candidates, at_cut, with_pair, with_pair)
+
+
+def test_check_counts_a_kept_set_at_a_top_p_cut_apart_and_fails_one_away_from_it(monkeypatch):
+    """Logits built so that the mass above token 20 is top_p x total to within float32 rounding, and an
+    xla whose kept set differs from the reference's by token 20 only: a boundary row, counted apart; the
+    same xla on logits whose cut lies 1e-3 of the mass away disagrees."""
+    case = Case("normal", "top_p", 1, 300, "float32")  # temperature 0.7, top_p 0.9
+    monkeypatch.setattr(verification, "REFERENCE_CACHE", ResultCache(max_bytes=0))
+    monkeypatch.setattr(verification, "INPUT_CACHE", ResultCache(max_bytes=0))
+    top_p = float(np.float32(0.9) - np.float32(2.0**-20))  # as applied (inputs.TOP_P_SLACK)
+
+    def logits_with_cut(shift: float) -> np.ndarray:
+        row = np.full((1, 300), -np.inf, np.float32)
+        row[0, [5, 10, 20]] = np.float32([0.0, -0.35, -1.4])
+        for _ in range(3):  # token 30's logit so that the mass above token 20 is top_p x total (+ shift)
+            scaled = row[0] * np.float32(1 / np.float32(0.7))
+            w = _weights(scaled, row[0] > -np.inf)
+            rest = (w[5] + w[10]) / (top_p + shift) - (w[5] + w[10] + w[20])
+            row[0, 30] = np.float32(np.log(rest) * 0.7)
+        return row
+
+    def toggled(inp):  # the reference's warped logits with token 20 kept where it drops it, and the reverse
+        warped = reference.process_logits(inp)
+        scaled = inp.logits[:, 20].astype(jnp.float32) * (1 / inp.params.temperature)
+        return warped.at[:, 20].set(jnp.where(warped[:, 20] > -jnp.inf, -jnp.inf, scaled))
+
+    with registry.replaced("xla", process_logits=toggled):
+        for shift, boundary in ((0.0, True), (1e-3, False)):
+            row = logits_with_cut(shift)
+            monkeypatch.setattr(verification, "logits", lambda *_, row=row: jnp.asarray(row))
+            result = check("xla", case, logprobs_modes=())
+            assert (result.kept_boundary_rows, result.kept_equal, result.ok) == (
+                (1, True, True) if boundary else (0, False, False)
+            )

@@ -246,6 +246,7 @@ class CaseResult:
     logprobs_equal: bool = True  # both modes: the same top ids and ranks, log-probs within LOGPROBS_TOLERANCE
     mask_respected: bool = True  # no token the mask disallows (a row it empties: EOS[0])
     boundary_rows: int = 0  # rows drawing the reference's neighbour where rounding decides (`rounding_boundary`)
+    kept_boundary_rows: int = 0  # rows whose kept set differs only at a top-p cut rounding decides (`top_p_boundary`)
     exact: bool = True  # textbook cases (float32): the kept sets exact arithmetic gives (`TEXTBOOK_TOP_P`)
 
     @property
@@ -304,6 +305,52 @@ def rounding_boundary(warped: np.ndarray, u: np.ndarray, want: np.ndarray, got: 
         total = weights.sum()
         boundary = weights[: lo + 1].sum()
         out[row] = abs(float(u[row]) * total - boundary) <= draw_rounding_bound(int(kept.sum())) * total
+    return out
+
+
+def top_p_boundary(scaled: np.ndarray, candidates: np.ndarray, top_p: float, want: np.ndarray, got: np.ndarray) -> bool:
+    """Whether one row's kept sets `want` (the reference's) and `got` ((V,) bool) differ only because
+    rounding decided the top-p cut (the spec's stage 8): the tokens one keeps and the other drops all hold
+    one value v, the lowest the larger set keeps; they are among `candidates`, what top-k kept before
+    top-p (the row's scaled values `scaled`, float32); and the exact mass strictly above v (the float32
+    weights summed in float64) lies within `draw_rounding_bound` of `top_p * total` (`top_p` as applied,
+    slack included). The reference sums the masses compensated and the fast paths in float32, so such a
+    cut may fall on either side; any other difference is a disagreement."""
+    differ = want ^ got
+    if not differ.any() or not candidates[differ].all():
+        return False
+    level = scaled[differ]
+    if not np.all(level == level[0]):
+        return False
+    larger = want | got
+    if (scaled[larger] < level[0]).any() or ((want & got) & (scaled <= level[0])).any():
+        return False  # the differing tokens are the larger set's lowest level, and only they hold it
+    s_max = scaled[candidates].max()
+    weights = np.asarray(jnp.where(scaled >= s_max, 1.0, jnp.exp(jnp.asarray(scaled - s_max))), np.float64)
+    weights[~candidates] = 0.0
+    total, above = weights.sum(), weights[scaled > level[0]].sum()
+    return abs(above - top_p * total) <= draw_rounding_bound(int(candidates.sum())) * total
+
+
+def _top_p_boundary_rows(x: Any, sampling: SamplingParams, kw: dict, want: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """(B,) bool: the rows whose kept sets differ only at a top-p cut rounding decides (`top_p_boundary`),
+    from the reference's own stages 0-7 on the case's inputs."""
+    from vsampler.core import inputs, reference
+
+    out = np.zeros(want.shape[0], bool)
+    rows = np.flatnonzero(((want > -np.inf) != (got > -np.inf)).any(axis=1))
+    if not sampling.stages.top_p or rows.size == 0:
+        return out
+    inp = inputs.prepare(x, sampling, None, draw=False, **kw)
+    before_top_p = inp._replace(stages=dataclasses.replace(inp.stages, top_p=False, min_p=False))
+    candidates, scaled = (np.asarray(a) for a in reference.kept_mask(before_top_p, reference.penalised_logits(inp)))
+    top_p = np.asarray(inp.params.top_p)
+    greedy = np.asarray(inp.params.temperature) == 0.0
+    for row in rows:
+        if top_p[row] < 1.0 and not greedy[row]:
+            out[row] = top_p_boundary(
+                scaled[row], candidates[row], float(top_p[row]), want[row] > -np.inf, got[row] > -np.inf
+            )
     return out
 
 
@@ -549,9 +596,16 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
     want = warped.unpack()
     ref_tokens = reference_samples[0][0]
     in_range = bool(((tokens >= 0) & (tokens < case.vocab)).all())
+    # rows whose kept sets differ only where rounding decides the top-p cut: their values are compared on
+    # the tokens both keep; their tokens and log-probs come from other kept sets, so are not compared
+    kept_boundary = _top_p_boundary_rows(x, sampling, kw, want, got)
+    same = ~kept_boundary
+    both = (got > -np.inf) & (want > -np.inf)
     boundary = np.zeros(b, bool)
-    if in_range and not np.array_equal(tokens, ref_tokens):
-        boundary = rounding_boundary(want, np.asarray(draw_uniforms(key, b)), ref_tokens, tokens)
+    if in_range and not np.array_equal(tokens[same], ref_tokens[same]):
+        boundary = rounding_boundary(want, np.asarray(draw_uniforms(key, b)), ref_tokens, tokens) & same
+    boundary |= kept_boundary & (tokens != ref_tokens)
+    compared = ~boundary & same
     logprobs_equal = True
     for (_, want_top_ids, want_top, want_token, want_rank), (
         got_tokens,
@@ -563,21 +617,22 @@ def check(impl: str, case: Case, seed: int = 0, logprobs_modes: tuple[str, ...] 
         # a boundary row's token is another token than the reference's: its log-prob and rank are others
         logprobs_equal &= (
             np.array_equal(got_tokens, tokens)
-            and np.array_equal(got_top_ids, want_top_ids)
-            and logprobs_close(got_top, want_top)
-            and logprobs_close(got_token[~boundary], want_token[~boundary])
-            and np.array_equal(got_rank[~boundary], want_rank[~boundary])
+            and np.array_equal(got_top_ids[same], want_top_ids[same])
+            and logprobs_close(got_top[same], want_top[same])
+            and logprobs_close(got_token[compared], want_token[compared])
+            and np.array_equal(got_rank[compared], want_rank[compared])
         )
     return CaseResult(
         case=case,
         impl=impl,
-        kept_equal=bool(np.array_equal(got > -np.inf, want > -np.inf)),
-        values_equal=bool(np.array_equal(got, want)),
+        kept_equal=bool(np.array_equal(got[same] > -np.inf, want[same] > -np.inf)),
+        values_equal=bool(np.array_equal(got[same], want[same]) and np.array_equal(got[both], want[both])),
         agreeing_rows=int(np.sum(tokens == ref_tokens)),
         in_range=in_range,
         logprobs_equal=bool(logprobs_equal),
         mask_respected=allowed is None or (in_range and _mask_respected(tokens, allowed, want)),
         boundary_rows=int(boundary.sum()),
+        kept_boundary_rows=int(kept_boundary.sum()),
         exact=case.kind != "textbook"
         or case.dtype != "float32"
         or bool(np.array_equal(got > -np.inf, textbook_kept(b, v)) and np.array_equal(want > -np.inf, got > -np.inf)),

@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         [
             r.impl,
             r.case.label,
-            yes(r.kept_equal),
+            yes(r.kept_equal) + (f" +{r.kept_boundary_rows} top-p cut" if r.kept_boundary_rows else ""),
             yes(r.values_equal),
             f"{r.agreeing_rows}/{r.case.batch}" + (f" +{r.boundary_rows} boundary" if r.boundary_rows else ""),
             yes(r.logprobs_equal),
@@ -68,12 +68,21 @@ def run(args: argparse.Namespace) -> int:
     failures = sum(not r.ok for r in results)
     agree = sum(r.agreeing_rows for r in results)
     boundary = sum(r.boundary_rows for r in results)
+    cuts = sum(r.kept_boundary_rows for r in results)
     total = sum(r.case.batch for r in results)
     ui.note(
         f"{len(results)} cases, {failures} disagree; token agreement {agree}/{total} rows "
-        f"({100 * agree / max(total, 1):.2f}%), {boundary} at a rounding boundary; "
-        f"distribution checks: {dist_failures} failed"
+        f"({100 * agree / max(total, 1):.2f}%), {boundary} at a rounding boundary"
+        + (f", {cuts} kept sets at a top-p cut rounding decides" if cuts else "")
+        + f"; distribution checks: {dist_failures} failed"
     )
+    if cuts:
+        ui.note(
+            "top-p cut: the kept sets differ only by the tokens of one value, the lowest the larger set keeps, "
+            "and the exact mass above that value (float64) lies within float32 rounding of top_p * total "
+            "(verification.top_p_boundary): the reference sums the masses compensated, the fast paths in "
+            "float32, so the cut may fall on either side; values equal on the tokens both keep"
+        )
     if boundary:
         ui.note(
             "rounding boundary: the row drew the kept token next to the reference's, and u * total lies within "
