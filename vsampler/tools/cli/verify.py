@@ -33,11 +33,15 @@ def run(args: argparse.Namespace) -> int:
     ui.header("vsampler verify", environment())
     results = []
     with ui.progress(len(cases) * len(impls), "verifying") as advance:
-        for impl in impls:
-            for case in cases:
+        # case by case, every implementation in turn: the case's inputs and the reference's results are
+        # computed once and still cached for the next implementation (implementation by implementation,
+        # a grid larger than the caches would evict each case before its next use)
+        for case in cases:
+            for impl in impls:
                 results.append(verification.check(impl, case))
                 verification.bound_mappings()  # a full grid compiles past the kernel's mapping limit
                 advance(f"{impl} {case.label}")
+    results.sort(key=lambda r: impls.index(r.impl))  # the table by implementation (a stable sort)
     rows = [
         [
             r.impl,
