@@ -31,7 +31,7 @@ INTENDED = [
     (r"^model_kwargs/past_key_values/views/\d+/(key|value)/(weight|scale)$", 2),
     (r"^model_kwargs/past_key_values/views/\d+/(key|value)/(packed|absmax)$", 3),
     (r"^model_kwargs/past_key_values/views/\d+/(key|value)$", 4),
-    (r"^(allowed_tokens|token_logprobs|top_logprob_ids|top_logprobs|token_ranks)$", 5),
+    (r"^(allowed_tokens|token_logprobs|top_logprob_ids|top_logprobs|token_ranks|stop_token_ids)$", 5),
     (
         r"^(current_length|is_sequence_finished|prng_key|model_kwargs/cache_index|tokens_per_second|"
         r"generated_tokens|_time_spent_computing)$",
@@ -52,8 +52,12 @@ def intended_rule(name: str) -> int:
 def loop_state(mode: str, serving: bool = False):
     model = TinyDecoder(dataclasses.replace(MODEL, cache_mode=mode), rngs=nnx.Rngs(0))
     engine = vInference(model, vInferenceConfig(max_new_tokens=2, pad_token_id=0, eos_token_id=3))
-    features = {"allowed_tokens": pack_allowed(np.ones((2, MODEL.vocab_size), bool)), "logprobs": 2} if serving else {}
-    return engine.generate_all(np.ones((2, 3), np.int32), **features)
+    features = {
+        "allowed_tokens": pack_allowed(np.ones((2, MODEL.vocab_size), bool)),
+        "logprobs": 2,
+        "stop_token_ids": [[4], []],
+    }
+    return engine.generate_all(np.ones((2, 3), np.int32), **(features if serving else {}))
 
 
 @pytest.mark.parametrize(("mode", "serving"), [("fp", False), ("int8", False), ("nf4", False), ("fp", True)])
@@ -61,8 +65,15 @@ def test_every_state_leaf_is_matched_by_its_intended_rule(mode, serving):
     state = loop_state(mode, serving)
     leaves = jax.tree_util.tree_flatten_with_path(state)[0]
     names = [leaf_name(path) for path, _ in leaves]
-    serving_leaves = ("allowed_tokens", "token_logprobs", "top_logprob_ids", "top_logprobs", "token_ranks")
-    assert sum(n in serving_leaves for n in names) == (5 if serving else 0)
+    serving_leaves = (
+        "allowed_tokens",
+        "token_logprobs",
+        "top_logprob_ids",
+        "top_logprobs",
+        "token_ranks",
+        "stop_token_ids",
+    )
+    assert sum(n in serving_leaves for n in names) == (6 if serving else 0)
     assert sum("past_key_values" in n for n in names) == 2 * 2 * (1 if mode == "fp" else 2)
     for name in names:
         assert rule_index(RULES, name) == intended_rule(name), name
