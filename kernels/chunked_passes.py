@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from vsampler.core import logprobs as lp
 from vsampler.core import trips as loop_trips
 from vsampler.core.numerics import (
     NEG_INF,
@@ -102,6 +103,7 @@ class RowResult:
     kept_mass: jax.Array
     log_z_raw: jax.Array
     token_x: jax.Array
+    rank: jax.Array  # with log-probs: the sampled token's rank (`vsampler.core.logprobs.token_rank`), as float32
     top_x: list[jax.Array]
     top_ids: list[jax.Array]
     loop_trips: tuple[jax.Array, ...]  # int32 scalars, one per `SITES` entry (as its column holds them)
@@ -164,6 +166,7 @@ def sample_rows(
     random: bool,
     min_tokens: bool,
     top_n: int | None,
+    logprobs_mode: str = "raw",
     trips: loop_trips.FixedTrips | None = None,
 ) -> RowResult:
     """Stages 4-10 (and the log-prob values when `top_n` is not None) over `rows`, chunk by chunk.
@@ -350,7 +353,7 @@ def sample_rows(
     # a row with no finite value left: its empty-row token
     token = jnp.where(x_max > NEG_INF, token, params.empty_token.astype(jnp.int32))
 
-    log_z_raw = token_x = rows.full(0.0)
+    log_z_raw = token_x = rank = rows.full(0.0)
     top_x: list[jax.Array] = []
     top_ids: list[jax.Array] = []
     if top_n is not None:  # log-probs: the normaliser from the first pass, the token's logit
@@ -364,6 +367,19 @@ def sample_rows(
                 (rows.full(NEG_INF),),
                 clean_chunk,
             )
+        # the token's rank: the values at least as likely, counted in one pass (padding lanes left out)
+        inverse_t = lp.rank_inverse_t(params.temperature)
+        (count,) = rows.reduce(
+            lambda a, i, v: (
+                a[0]
+                + rows.row_sum(
+                    jnp.where((i < vocab) & lp.at_least_as_likely(v, token_x, inverse_t, logprobs_mode), 1.0, 0.0)
+                ),
+            ),
+            (rows.full(0.0),),
+            clean_chunk,
+        )
+        rank = lp.finish_rank(count, token_x, params.temperature, vocab, logprobs_mode).astype(jnp.float32)
         # entry j: the largest value after entry j-1 (ties: lower index first), one pass each
         prev_v, prev_i = rows.full(jnp.inf), rows.full(-1, jnp.int32)
         for _ in range(top_n or 0):
@@ -380,4 +396,4 @@ def sample_rows(
             top_ids.append(prev_i)
 
     loops = tuple(site_trips[site.loop] for site in SITES)
-    return RowResult(token, threshold, s_max, kept_mass, log_z_raw, token_x, top_x, top_ids, loops, x_max)
+    return RowResult(token, threshold, s_max, kept_mass, log_z_raw, token_x, rank, top_x, top_ids, loops, x_max)

@@ -48,6 +48,8 @@ class KernelConfig:
     random:      sampling compiled in (False: every row greedy).
     min_tokens:  the min_tokens EOS mask compiled in (each row's `eos_too_early` column says whether).
     top_n:       None: no log-prob outputs; else the top entries per row to return.
+    logprobs_mode: with `top_n`, the distribution the sampled token's rank is counted in ("raw" or
+                 "processed", `vsampler.core.logprobs`).
     pad_id:      what finished rows emit.
     trips:       the static estimate's fixed loop trips (`vsampler.core.trips`); None for a real launch.
     """
@@ -58,6 +60,7 @@ class KernelConfig:
     random: bool = False
     min_tokens: bool = False
     top_n: int | None = None
+    logprobs_mode: str = "raw"
     pad_id: int = 0
     trips: FixedTrips | None = None
 

@@ -15,11 +15,12 @@ pass, and computes, vectorised over its rows (per-row values are (R, 1) columns)
             index inside that chunk alone (masked sums; Mosaic has no cumsum)
   empty     a row with no finite value left gets its empty-row token (the first EOS id with a mask)
   EOS       finished rows emit the pad id; a row that samples an EOS id becomes finished
-  log-probs (when asked) the raw log-normaliser, the token's logit and the top-n logits with their ids,
-            n max-and-first-index reductions over the resident block (no further read of the logits)
+  log-probs (when asked) the raw log-normaliser, the token's logit, its rank (one count pass) and the
+            top-n logits with their ids, n max-and-first-index reductions over the resident block (no
+            further read of the logits)
 
 It writes per row only the token, the new finished flag, a few floats (the kept threshold in
-scaled-logit units, the row's scaled maximum, the kept mass, the raw log-normaliser, the token's logit,
+scaled-logit units, the row's scaled maximum, the kept mass, the raw log-normaliser, the token's logit and rank,
 and the trips its block's data-dependent loops took, `SITES`, which the static estimate counts) and the
 (R, n) top entries, never a (B, V) array: `process_logits` and log-probabilities
 (`vsampler.core.logprobs`) are rebuilt from those. Stages 1-3 (bias and penalties) are the shared sparse
@@ -65,11 +66,13 @@ from vsampler.kernels.config import (
     U,
 )
 
+from vsampler.core import logprobs as lp
 from vsampler.core import trips as loop_trips
 from vsampler.core.numerics import NEG_INF, inverse_temperature, largest_value_with_trips, weight
 
 # columns of the per-row statistics output (the last three: the block's trips of each data-dependent loop)
 THRESHOLD, S_MAX, KEPT_MASS, LOG_Z_RAW, TOKEN_X = range(5)
+RANK = 11  # with log-probs: the sampled token's rank (`vsampler.core.logprobs.token_rank`), an exact count
 STAT_COLUMNS = 16
 X_MAX = STAT_COLUMNS - 1  # the row's largest penalised logit (stage 6's `inverse_temperature` reads it)
 # the data-dependent loops, each a site whose trips the static cost estimate counts (`vsampler.tools.estimate`):
@@ -430,14 +433,18 @@ def fused_sampler_kernel(
     # a row with no finite value left: its empty-row token
     token = jnp.where(x_max > NEG_INF, token, rows[:, EMPTY_TOKEN : EMPTY_TOKEN + 1].astype(jnp.int32))
 
-    # log-probs: the raw log-normaliser, the token's logit, the top-n entries
-    log_z_raw = token_x = jnp.zeros_like(x_max)
+    # log-probs: the raw log-normaliser, the token's logit and rank, the top-n entries
+    log_z_raw = token_x = rank = jnp.zeros_like(x_max)
     if top_n is not None:
         x, x_max, _, iota = sanitized()
         finite = x_max > NEG_INF
         shift = jnp.where(finite, x_max, 0.0)
         log_z_raw = jnp.where(finite, shift + jnp.log(reductions.sum(jnp.exp(x - shift))), NEG_INF)
         token_x = reductions.max(jnp.where(iota == token, x, NEG_INF))
+        temperature, mode = rows[:, T : T + 1], config.logprobs_mode
+        at_least = lp.at_least_as_likely(x, token_x, lp.rank_inverse_t(temperature), mode)
+        count = reductions.sum(jnp.where(at_least, jnp.float32(1), jnp.float32(0)))  # exact: V < 2**24
+        rank = lp.finish_rank(count, token_x, temperature, vocab, mode).astype(jnp.float32)
         if top_n:
             values, ids = top_entry_columns(x, iota, top_n, reductions)
             top_x_ref, top_ids_ref = top_refs
@@ -449,7 +456,7 @@ def fused_sampler_kernel(
     token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
     finished_ref[...] = (finished | is_eos).astype(jnp.int32)
     values = {THRESHOLD: threshold, S_MAX: s_max, KEPT_MASS: kept_mass, LOG_Z_RAW: log_z_raw, TOKEN_X: token_x}
-    values[X_MAX] = x_max
+    values[X_MAX], values[RANK] = x_max, rank
     site_trips = {**fast_trips, **{n: taken * (1 + t) for n, t in zip(loops, whole_trips, strict=True)}}
     stats_ref[...] = stats_block(values, {site.column: site_trips.get(site.loop, jnp.int32(0)) for site in SITES})
 

@@ -31,6 +31,7 @@ from vsampler.kernels.row_passes import lanes_max, lanes_min, lanes_sum
 from vsampler.kernels.sampler import (
     KEPT_MASS,
     LOG_Z_RAW,
+    RANK,
     S_MAX,
     THRESHOLD,
     TOKEN_X,
@@ -101,6 +102,7 @@ def chunked_sampler_kernel(
         random=random,
         min_tokens=min_tokens,
         top_n=top_n,
+        logprobs_mode=config.logprobs_mode,
         trips=trips,
     )
     token = result.token
@@ -121,6 +123,7 @@ def chunked_sampler_kernel(
         LOG_Z_RAW: result.log_z_raw,
         TOKEN_X: result.token_x,
         X_MAX: result.x_max,
+        RANK: result.rank,
     }
     stats_ref[...] = stats_block(values, {site.column: n for site, n in zip(SITES, result.loop_trips, strict=True)})
 

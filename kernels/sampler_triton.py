@@ -41,7 +41,17 @@ from vsampler.kernels.config import (
     T,
     U,
 )
-from vsampler.kernels.sampler import KEPT_MASS, LOG_Z_RAW, S_MAX, STAT_COLUMNS, THRESHOLD, TOKEN_X, X_MAX, output_shapes
+from vsampler.kernels.sampler import (
+    KEPT_MASS,
+    LOG_Z_RAW,
+    RANK,
+    S_MAX,
+    STAT_COLUMNS,
+    THRESHOLD,
+    TOKEN_X,
+    X_MAX,
+    output_shapes,
+)
 
 from vsampler.core.numerics import NEG_INF
 
@@ -93,7 +103,16 @@ def triton_sampler_kernel(
     )
     eos_ids = [eos_ref[e] for e in range(eos_ref.shape[0])] if min_tokens else []
     result = sample_rows(
-        rows, params, eos_ids, top_k=top_k, top_p=top_p, min_p=min_p, random=random, min_tokens=min_tokens, top_n=top_n
+        rows,
+        params,
+        eos_ids,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        random=random,
+        min_tokens=min_tokens,
+        top_n=top_n,
+        logprobs_mode=config.logprobs_mode,
     )
     token = result.token
     if top_n:
@@ -119,6 +138,7 @@ def triton_sampler_kernel(
         (LOG_Z_RAW, result.log_z_raw),
         (TOKEN_X, result.token_x),
         (X_MAX, result.x_max),
+        (RANK, result.rank),
         *((site.column, n.astype(jnp.float32)) for site, n in zip(SITES, result.loop_trips, strict=True)),
     ):
         stats = jnp.where(column == where, value, stats)

@@ -34,7 +34,10 @@ def test_reference_is_the_definition():
     tokens = np.asarray(sample(x, sampling, key, **kw))
     # the penalised logits are process_logits of the same params at temperature 1 without filters
     unfiltered = SamplingParams(
-        temperature=1.0, repetition_penalty=sampling.repetition_penalty, frequency_penalty=sampling.frequency_penalty
+        temperature=1.0,
+        repetition_penalty=sampling.repetition_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        prompt_ignore_length=sampling.prompt_ignore_length,
     )
     penalised = np.asarray(process_logits(x, unfiltered, **kw))
     order = np.argsort(-penalised, axis=1, kind="stable")[:, :6]

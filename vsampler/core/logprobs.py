@@ -85,19 +85,38 @@ class RowValues(NamedTuple):
     x_max: jax.Array  # (B,) the largest penalised logit (stage 6's factor reads it)
 
 
+def rank_inverse_t(temperature: jax.Array) -> jax.Array:
+    """The factor the processed rank compares scaled values with: `1 / T` (1 for a greedy row)."""
+    return 1.0 / jnp.where(temperature == 0.0, 1.0, temperature)
+
+
+def at_least_as_likely(x: jax.Array, token_x: jax.Array, inverse_t: jax.Array, mode: str) -> jax.Array:
+    """Elementwise: the penalised values `x` whose token is at least as likely as the sampled one (its
+    penalised logit `token_x`, broadcast against `x`) in `mode`'s distribution; `token_rank` counts them.
+    Every filter keeps an upper set of scaled values, so the kept tokens at least as likely as the (kept)
+    sampled token are all tokens with `s >= s_token`, and no kept-set test is needed."""
+    if mode == "raw":
+        return x >= token_x
+    return x * inverse_t >= token_x * inverse_t
+
+
+def finish_rank(count: jax.Array, token_x: jax.Array, temperature: jax.Array, vocab: int, mode: str) -> jax.Array:
+    """The rank from the count of `at_least_as_likely` values: V for a row with no finite logit, 1 for a
+    greedy row's processed rank (its one kept token)."""
+    count = count.astype(jnp.int32)
+    empty = ~(token_x > NEG_INF)
+    if mode != "raw":
+        count = jnp.where(temperature == 0.0, jnp.int32(1), count)
+    return jnp.where(empty, jnp.int32(vocab), count)
+
+
 def token_rank(x: jax.Array, token_x: jax.Array, temperature: jax.Array, mode: str) -> jax.Array:
     """The sampled token's rank (module docstring) from the penalised row(s) `x` (..., V) (stages 0-5),
-    the token's penalised logit and the row's temperature (...). One compare-and-count pass: every
-    filter keeps an upper set of scaled values, so the kept tokens at least as likely as the (kept)
-    sampled token are all tokens with `s >= s_token`, and no kept-set test is needed."""
-    vocab = x.shape[-1]
-    if mode == "raw":
-        return jnp.sum(x >= token_x[..., None], axis=-1, dtype=jnp.int32)
-    greedy = temperature == 0.0
-    inverse_t = 1.0 / jnp.where(greedy, 1.0, temperature)
-    count = jnp.sum(x * inverse_t[..., None] >= (token_x * inverse_t)[..., None], axis=-1, dtype=jnp.int32)
-    empty = ~(token_x > NEG_INF)
-    return jnp.where(empty, jnp.int32(vocab), jnp.where(greedy, jnp.int32(1), count))
+    the token's penalised logit and the row's temperature (...): one compare-and-count pass
+    (`at_least_as_likely`, `finish_rank`; the kernels count the same values over their resident rows)."""
+    inverse_t = rank_inverse_t(temperature)[..., None]
+    at_least = at_least_as_likely(x, token_x[..., None], inverse_t, mode)
+    return finish_rank(jnp.sum(at_least, axis=-1, dtype=jnp.int32), token_x, temperature, x.shape[-1], mode)
 
 
 def from_row_values(

@@ -66,9 +66,11 @@ def launch(
     interpret: bool | None = None,
     variant: str | None = None,
     top_n: int | None = None,
+    logprobs_mode: str = "raw",
 ) -> tuple[jax.Array, ...]:
     """Runs the kernel: (tokens (B,) int32, finished (B,) bool, stats (B, STAT_COLUMNS) float32), plus
-    (top_x (B, n) float32, top_ids (B, n) int32) when `top_n` is given (None: no log-prob values).
+    (top_x (B, n) float32, top_ids (B, n) int32) when `top_n` is given (None: no log-prob values); with
+    `top_n`, stats also hold the token's rank counted in `logprobs_mode`'s distribution.
 
     `finished` rows emit `pad_token_id`; a row whose token is one of `inp.eos_ids` comes back finished.
     `generation` picks the TPU block-size policy (default: the device's); `variant` is a registered
@@ -81,7 +83,7 @@ def launch(
     if interpret is None:
         interpret = jax.default_backend() not in ("tpu", "gpu")
     x, rows, eos, allowed, config = kernel_operands(inp, finished)
-    config = config.replace(top_n=top_n, pad_id=pad_token_id)
+    config = config.replace(top_n=top_n, logprobs_mode=logprobs_mode, pad_id=pad_token_id)
     return _LAUNCHERS[variant](x, rows, eos, allowed, config=config, interpret=interpret, generation=generation)
 
 
@@ -191,10 +193,6 @@ def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, 
     _, _, stats, *top = outputs
     batch = stats.shape[0]
     top_x, top_ids = top if request.n else (jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32))
-    # the token's rank is not counted in the kernel yet: one fused XLA pass over the penalised logits
-    x = reference.penalised_logits(inp)  # stages 0-5
-    token_x = jnp.take_along_axis(x, tokens[:, None], axis=1)[:, 0]
-    rank = lp.token_rank(x, token_x, inp.params.temperature, request.mode)
     return lp.RowValues(
         token_x=stats[:, kernel.TOKEN_X],
         top_x=top_x,
@@ -203,7 +201,7 @@ def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, 
         threshold=stats[:, kernel.THRESHOLD],
         s_max=stats[:, kernel.S_MAX],
         kept_mass=stats[:, kernel.KEPT_MASS],
-        rank=rank,
+        rank=stats[:, kernel.RANK].astype(jnp.int32),  # counted in the kernel, in `request.mode`
         x_max=stats[:, kernel.X_MAX],
     )
 
@@ -214,11 +212,16 @@ def finish_logprobs(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tu
     return lp.from_row_values(row_values(inp, request, outputs, tokens), tokens, inp.params.temperature, min_p, request)
 
 
+def _logprob_outputs(request: lp.LogprobsRequest | None) -> dict[str, object]:
+    """`launch`'s log-prob keywords for `request` (None: no log-prob outputs)."""
+    return {} if request is None else {"top_n": request.n, "logprobs_mode": request.mode}
+
+
 def sample_with_logprobs(
     inp: SamplerInputs, request: lp.LogprobsRequest | None, variant: str | None = None
 ) -> tuple[jax.Array, lp.LogProbs | None]:
     """The token per row and, when asked, its log-probabilities, from one kernel launch."""
-    outputs = launch(inp, variant=variant, top_n=None if request is None else request.n)
+    outputs = launch(inp, variant=variant, **_logprob_outputs(request))
     if request is None:
         return outputs[0], None
     return outputs[0], finish_logprobs(inp, request, outputs, outputs[0])
@@ -253,7 +256,7 @@ def step(
         finished=finished,
         pad_token_id=pad_token_id,
         variant=variant,
-        top_n=None if request is None else request.n,
+        **_logprob_outputs(request),
     )
     tokens, new_finished = outputs[0], outputs[1]
     if request is None:
