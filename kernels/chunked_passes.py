@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
+from vsampler.kernels.config import KernelConfig
 
 from vsampler.core import logprobs as lp
 from vsampler.core import trips as loop_trips
@@ -155,23 +156,13 @@ def column_bound(
     return jnp.where(use, bound, lowest), taken * (1 + snaps)
 
 
-def sample_rows(
-    rows: RowChunks,
-    params: RowColumns,
-    eos_ids: Sequence[jax.Array],
-    *,
-    top_k: bool,
-    top_p: bool,
-    min_p: bool,
-    random: bool,
-    min_tokens: bool,
-    top_n: int | None,
-    logprobs_mode: str = "raw",
-    trips: loop_trips.FixedTrips | None = None,
-) -> RowResult:
-    """Stages 4-10 (and the log-prob values when `top_n` is not None) over `rows`, chunk by chunk.
-    `eos_ids`: the EOS ids, each broadcastable against a chunk (-1: none). `trips`: fixed trip counts for
-    the data-dependent loops (`SITES`), for the static estimate's compiles only."""
+def sample_rows(rows: RowChunks, params: RowColumns, eos_ids: Sequence[jax.Array], config: KernelConfig) -> RowResult:
+    """Stages 4-10 (and the log-prob values when `config.top_n` is not None) over `rows`, chunk by chunk,
+    for the stages `config` compiles in. `eos_ids`: the EOS ids, each broadcastable against a chunk (-1:
+    none). `config.trips`: fixed trip counts for the data-dependent loops (`SITES`), for the static
+    estimate's compiles only."""
+    top_k, top_p, min_p, random = config.top_k, config.top_p, config.min_p, config.random
+    min_tokens, top_n, logprobs_mode, trips = config.min_tokens, config.top_n, config.logprobs_mode, config.trips
     vocab, chunk = rows.vocab, rows.chunk
 
     def raw_chunk(c: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -55,8 +55,7 @@ def chunked_sampler_kernel(
     [, allowed (R, V' / 32)] -> token (R, 1), finished (R, 1), stats (R, 8)[, top_x (R, n), top_ids (R, n)].
     `config.trips`: fixed trip counts for the data-dependent loops (`chunked_passes.SITES`), for the
     static estimate's compiles only."""
-    top_k, top_p, min_p, random = config.top_k, config.top_p, config.min_p, config.random
-    min_tokens, top_n, trips, pad_id = config.min_tokens, config.top_n, config.trips, config.pad_id
+    min_tokens, top_n, pad_id = config.min_tokens, config.top_n, config.pad_id
     x_ref, rows_ref, eos_ref, *refs = refs
     allowed_ref = refs.pop(0) if allowed else None
     token_ref, finished_ref, stats_ref, *top_refs = refs
@@ -92,19 +91,7 @@ def chunked_sampler_kernel(
     )
     eos = eos_ref[...]  # (1, E), -1 = none
     eos_ids = [eos[:, e : e + 1] for e in range(eos.shape[1])] if min_tokens else []
-    result = sample_rows(
-        rows,
-        params,
-        eos_ids,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        random=random,
-        min_tokens=min_tokens,
-        top_n=top_n,
-        logprobs_mode=config.logprobs_mode,
-        trips=trips,
-    )
+    result = sample_rows(rows, params, eos_ids, config)
     token = result.token
     if top_n:
         top_x_ref, top_ids_ref = top_refs

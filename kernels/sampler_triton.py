@@ -66,7 +66,6 @@ def triton_sampler_kernel(
     """One row: x (V,), rows (ROW_COLUMNS,) packed parameters, eos (E,)[, allowed (ceil(V/32),)] ->
     token (1,), finished (1,), stats (STAT_COLUMNS,)[, top_x (n',), top_ids (n',) with n' = n rounded
     up to a power of two]."""
-    top_k, top_p, min_p, random = config.top_k, config.top_p, config.min_p, config.random
     min_tokens, top_n, pad_id = config.min_tokens, config.top_n, config.pad_id
     x_ref, rows_ref, eos_ref, *refs = refs
     allowed_ref = refs.pop(0) if allowed else None
@@ -102,18 +101,7 @@ def triton_sampler_kernel(
         empty_token=rows_ref[EMPTY_TOKEN],
     )
     eos_ids = [eos_ref[e] for e in range(eos_ref.shape[0])] if min_tokens else []
-    result = sample_rows(
-        rows,
-        params,
-        eos_ids,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        random=random,
-        min_tokens=min_tokens,
-        top_n=top_n,
-        logprobs_mode=config.logprobs_mode,
-    )
+    result = sample_rows(rows, params, eos_ids, config)
     token = result.token
     if top_n:
         top_x_ref, top_ids_ref = top_refs
