@@ -188,8 +188,9 @@ def sample(inp: SamplerInputs, variant: str | None = None) -> jax.Array:
     return launch(inp, variant=variant)[0]
 
 
-def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, tokens: jax.Array) -> lp.RowValues:
-    """The kernel's per-row outputs as `vsampler.core.logprobs.RowValues` (`tokens`: the sampled ones)."""
+def row_values(request: lp.LogprobsRequest, outputs: tuple) -> lp.RowValues:
+    """The kernel's per-row outputs (a launch with `request`'s log-prob keywords) as
+    `vsampler.core.logprobs.RowValues`."""
     _, _, stats, *top = outputs
     batch = stats.shape[0]
     top_x, top_ids = top if request.n else (jnp.zeros((batch, 0), jnp.float32), jnp.zeros((batch, 0), jnp.int32))
@@ -209,7 +210,7 @@ def row_values(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, 
 def finish_logprobs(inp: SamplerInputs, request: lp.LogprobsRequest, outputs: tuple, tokens: jax.Array) -> lp.LogProbs:
     """The log-probabilities from one launch's outputs (`tokens`: before the pad of finished rows)."""
     min_p = inp.params.min_p if inp.stages.min_p else None
-    return lp.from_row_values(row_values(inp, request, outputs, tokens), tokens, inp.params.temperature, min_p, request)
+    return lp.from_row_values(row_values(request, outputs), tokens, inp.params.temperature, min_p, request)
 
 
 def _logprob_outputs(request: lp.LogprobsRequest | None) -> dict[str, object]:
