@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     ui.note(
         f"{len(results)} cases, {failures} disagree; token agreement {agree}/{total} rows "
         f"({100 * agree / max(total, 1):.2f}%), {boundary} at a rounding boundary"
-        + (f", {cuts} kept sets at a top-p cut rounding decides" if cuts else "")
+        + (f", {cuts} kept set{'s' * (cuts != 1)} at a top-p cut rounding decides" if cuts else "")
         + f"; distribution checks: {dist_failures} failed"
     )
     if cuts:
