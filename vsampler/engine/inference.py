@@ -359,11 +359,11 @@ class vInference:
         ids: 0 when there are none, else a power of two (a few widths serve every call)."""
         return 0 if own == 0 else _next_power_of_two(len(self.eos_token_ids) + own)
 
-    def _stop_rows(self, stop_token_ids: Any, *, batch: int, n: int, rows: int, width: int, vocab: int) -> np.ndarray:
-        """The request-level stop ids as the bucket's (rows, width) int32 rows: the config's EOS ids, then
-        the request's own, -1 after them; copies repeated, filler rows all -1."""
+    def _stop_rows(self, requests: list[tuple[int, ...]], *, n: int, rows: int, width: int, vocab: int) -> np.ndarray:
+        """The requests' own stop ids (`_request_stop_ids`) as the bucket's (rows, width) int32 rows: the
+        config's EOS ids, then the request's own, -1 after them; copies repeated, filler rows all -1."""
         out = np.full((rows, width), -1, np.int32)
-        for r, own in enumerate(self._request_stop_ids(stop_token_ids, batch)):
+        for r, own in enumerate(requests):
             bad = [i for i in own if i >= vocab]
             if bad:
                 raise ValueError(f"stop_token_ids[{r}] holds {bad} outside the model's vocabulary [0, {vocab})")
@@ -519,7 +519,8 @@ class vInference:
                 f"SamplingParams.max_tokens ({params.max_tokens!r}) exceeds vInferenceConfig.max_new_tokens "
                 f"({self.config.max_new_tokens}), the loop's length"
             )
-        own_stops = 0 if stop_token_ids is None else max(map(len, self._request_stop_ids(stop_token_ids, batch)))
+        requested_stops = None if stop_token_ids is None else self._request_stop_ids(stop_token_ids, batch)
+        own_stops = 0 if requested_stops is None else max(map(len, requested_stops))
         serving = _Serving(
             request(logprobs, logprobs_mode, self.vocab_size), allowed_tokens is not None, self._stop_width(own_stops)
         )
@@ -557,8 +558,7 @@ class vInference:
         if serving.masked:
             inputs += (mask_rows(allowed_tokens),)
         if serving.stop_width:
-            stop_rows = functools.partial(self._stop_rows, batch=batch, n=n, rows=rows, vocab=vocab)
-            inputs += (stop_rows(stop_token_ids, width=serving.stop_width),)
+            inputs += (self._stop_rows(requested_stops, n=n, rows=rows, width=serving.stop_width, vocab=vocab),)
         checks["mask"] = functools.partial(self._sent_mask_rows, mask_rows=mask_rows, serving=serving)
         if self.mesh is not None:  # global arrays from the host values every process holds alike
             inputs = place_global(inputs, exe.prefill.input_shardings[0][2:], self._replicated)
