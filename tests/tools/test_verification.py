@@ -181,18 +181,11 @@ def test_bench_counts_a_boundary_row_as_verified_and_a_neighbour_elsewhere_as_no
         assert (result.ok, result.boundary, result.agree) == (verified, int(verified), 0)
 
 
-def _weights(scaled: np.ndarray, kept: np.ndarray) -> np.ndarray:
-    """The reference's float32 weights of a scaled row, as float64, 0 off `kept`."""
-    s_max = scaled[kept].max()
-    w = np.asarray(jnp.where(scaled >= s_max, 1.0, jnp.exp(jnp.asarray(scaled - s_max))), np.float64)
-    return np.where(kept, w, 0.0)
-
-
 def test_a_top_p_cut_rounding_decides_is_a_boundary_and_nothing_else_is():
     scaled = np.full(50, -np.inf, np.float32)
     scaled[[3, 7, 11, 20, 30]] = [0.0, -0.5, -2.0, -2.0, -4.0]  # 11 and 20 tie: the cut's level
     candidates = scaled > -np.inf
-    w = _weights(scaled, candidates)
+    w = verification.kept_weights(scaled, candidates)
     at_cut = w[[3, 7]].sum() / w.sum()  # the mass above the tied pair, exactly, as top_p
     with_pair, without = candidates.copy(), candidates.copy()
     with_pair[30], without[[11, 20, 30]] = False, False
@@ -223,7 +216,7 @@ def test_check_counts_a_kept_set_at_a_top_p_cut_apart_and_fails_one_away_from_it
         row[0, [5, 10, 20]] = np.float32([0.0, -0.35, -1.4])
         for _ in range(3):  # token 30's logit so that the mass above token 20 is top_p x total (+ shift)
             scaled = row[0] * np.float32(1 / np.float32(0.7))
-            w = _weights(scaled, row[0] > -np.inf)
+            w = verification.kept_weights(scaled, row[0] > -np.inf)
             rest = (w[5] + w[10]) / (top_p + shift) - (w[5] + w[10] + w[20])
             row[0, 30] = np.float32(np.log(rest) * 0.7)
         return row

@@ -23,6 +23,7 @@ import numpy as np
 from vsampler.core import registry
 from vsampler.core.inputs import draw_uniforms, pack_allowed
 from vsampler.core.logprobs import MODES
+from vsampler.core.numerics import weight
 from vsampler.core.params import SamplingParams
 from vsampler.core.sampling import process_logits, sample
 
@@ -286,6 +287,14 @@ def draw_rounding_bound(kept: int) -> float:
     return (math.ceil(math.log2(max(kept, 2))) + 3) * 2.0**-24
 
 
+def kept_weights(scaled: np.ndarray, kept: np.ndarray) -> np.ndarray:
+    """One row's float32 weights `exp(s - max)` over its `kept` tokens (the reference's, `numerics.weight`),
+    as float64 for exact sums; 0 elsewhere."""
+    scaled = jnp.asarray(scaled, jnp.float32)
+    s_max = jnp.max(jnp.where(jnp.asarray(kept), scaled, -jnp.inf))
+    return np.where(kept, np.asarray(weight(scaled, s_max), np.float64), 0.0)
+
+
 def rounding_boundary(warped: np.ndarray, u: np.ndarray, want: np.ndarray, got: np.ndarray) -> np.ndarray:
     """(B,) bool: the rows where `got` differs from the reference's `want` only because rounding moved a
     boundary (the spec's draw rule, stage 10). Such a row's two tokens are both kept, with no kept token
@@ -298,10 +307,7 @@ def rounding_boundary(warped: np.ndarray, u: np.ndarray, want: np.ndarray, got: 
         kept = warped[row] > -np.inf
         if lo < 0 or hi >= kept.size or not (kept[lo] and kept[hi]) or kept[lo + 1 : hi].any():
             continue
-        scaled = jnp.asarray(warped[row], jnp.float32)
-        s_max = jnp.max(scaled)
-        weights = np.asarray(jnp.where(scaled >= s_max, 1.0, jnp.exp(scaled - s_max)), np.float64)
-        weights[~kept] = 0.0
+        weights = kept_weights(warped[row], kept)
         total = weights.sum()
         boundary = weights[: lo + 1].sum()
         out[row] = abs(float(u[row]) * total - boundary) <= draw_rounding_bound(int(kept.sum())) * total
@@ -325,9 +331,7 @@ def top_p_boundary(scaled: np.ndarray, candidates: np.ndarray, top_p: float, wan
     larger = want | got
     if (scaled[larger] < level[0]).any() or ((want & got) & (scaled <= level[0])).any():
         return False  # the differing tokens are the larger set's lowest level, and only they hold it
-    s_max = scaled[candidates].max()
-    weights = np.asarray(jnp.where(scaled >= s_max, 1.0, jnp.exp(jnp.asarray(scaled - s_max))), np.float64)
-    weights[~candidates] = 0.0
+    weights = kept_weights(scaled, candidates)
     total, above = weights.sum(), weights[scaled > level[0]].sum()
     return abs(above - top_p * total) <= draw_rounding_bound(int(candidates.sum())) * total
 
