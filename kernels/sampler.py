@@ -175,11 +175,20 @@ def unpack_allowed_block(words: jax.Array, vocab: int) -> jax.Array:
     return (lax.shift_right_logical(repeated, bit) & 1) > 0
 
 
-def _sanitized_block(x_ref, rows, eos, allowed_ref, *, vocab: int, min_tokens: bool, reductions: BlockReductions):
+def _sanitized_block(
+    x_ref, rows, eos, allowed_ref, *, vocab: int, min_tokens: bool, reductions: BlockReductions, interpret: bool
+):
     """Stages 0, 4 and 5 on the whole resident block: (x (R, V) float32, its row maximum, the first
-    index of it, the lane iota)."""
+    index of it, the lane iota). Without an allowed-token mask the maximum and its first index come
+    from one walk over the block's ref (`row_passes.max_and_first_index`, NaN never a maximum), not
+    from two reductions over the sanitised block."""
     x = x_ref[...].astype(jnp.float32)
     iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    too_early = rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0
+
+    def eos_masked(v: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4
+        is_eos_id = functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
+        return jnp.where(too_early & is_eos_id, NEG_INF, v)
 
     # stage 0: tokens the packed mask does not allow are -inf
     if allowed_ref is not None:
@@ -187,10 +196,17 @@ def _sanitized_block(x_ref, rows, eos, allowed_ref, *, vocab: int, min_tokens: b
 
     # stage 4: EOS ids are -inf while the row has generated fewer than min_tokens tokens
     if min_tokens:
-        is_eos_id = functools.reduce(jnp.logical_or, [iota == eos[:, e : e + 1] for e in range(eos.shape[1])])
-        x = jnp.where((rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0) & is_eos_id, NEG_INF, x)
+        x = eos_masked(x, iota)
 
-    # stage 5: sanitising
+    # stage 5: sanitising (NaN -> -inf; a row holding +inf keeps its +inf tokens, as 0, and drops the rest)
+    if allowed_ref is None:
+        prepare = eos_masked if min_tokens else None
+        x_max, first_max = row_passes.max_and_first_index(x_ref, vocab, prepare=prepare, unrolled=not interpret)
+        pos_inf = x_max == jnp.inf
+        # in one select: a value below the row's least kept one (-inf; +inf in a +inf row) or NaN is -inf
+        least = jnp.where(pos_inf, jnp.inf, NEG_INF)
+        x = jnp.where(x >= least, jnp.minimum(x, jnp.where(pos_inf, 0.0, jnp.inf)), NEG_INF)
+        return x, jnp.where(pos_inf, 0.0, x_max), first_max, iota
     x = jnp.where(jnp.isnan(x), NEG_INF, x)
     x_max = reductions.max(x)
     pos_inf = x_max == jnp.inf
@@ -231,7 +247,8 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
     if top_p:  # stage 8
         p = rows[:, TOP_P : TOP_P + 1]
         kept_e = jnp.where(s >= threshold, e, 0.0) if top_k else e  # e is 0 where s is -inf
-        target = p * reductions.sum(kept_e)
+        total = reductions.sum(kept_e)
+        target = p * total
 
         def mass_ge(t: jax.Array) -> jax.Array:
             return reductions.sum(jnp.where(s >= t, kept_e, 0.0))
@@ -240,17 +257,29 @@ def _whole_row_sample(x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, m
         bound = s_max + jnp.log(jnp.maximum(1.0 - p, 0.0) / (2.0 * vocab))
         lo = jnp.where(on, jnp.maximum(threshold, bound), s_max)
         v_star, site_trips["top_p"] = largest_value_with_trips(
-            mass_ge, target, s, lo, s_max, on, site="top_p", fixed=trips, **row_reductions
+            mass_ge,
+            target,
+            s,
+            lo,
+            s_max,
+            on,
+            site="top_p",
+            fixed=trips,
+            interpolate=total,
+            **row_reductions,
         )
         threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
 
-    kept = (s > NEG_INF) & (s >= threshold)
+    # the kept tokens: finite ones at or above the threshold (one compare: -inf is below the least float)
+    least_kept = jnp.maximum(threshold, -jnp.finfo(jnp.float32).max)
+
+    kept = s >= least_kept
     if min_p:  # stage 9
         kept &= e >= rows[:, MIN_P : MIN_P + 1]
 
     # stage 10: smallest index whose prefix of kept mass exceeds u * total
     sampled, kept_mass, site_trips["draw"] = _draw(
-        jnp.where(kept, e, 0.0), kept, iota, rows[:, U : U + 1], reductions=reductions, trips=trips
+        jnp.where(kept, e, 0.0), kept, rows[:, U : U + 1], reductions=reductions, trips=trips
     )
     token = jnp.where(greedy, first_max, sampled)
     return token, threshold, s_max, kept_mass, site_trips
@@ -261,7 +290,12 @@ DRAW_LANES = 4096
 
 
 def _draw(
-    kept_e: jax.Array, kept: jax.Array, iota: jax.Array, u: jax.Array, *, reductions: BlockReductions, trips
+    kept_e: jax.Array,
+    kept: jax.Array,
+    u: jax.Array,
+    *,
+    reductions: BlockReductions,
+    trips: loop_trips.FixedTrips | None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Stage 10 on the resident block, kept mass `kept_e` (R, V): (token (R, 1), kept mass (R, 1), the
     bisection's trips). The row's DRAW_LANES-lane chunks are summed (one pass) and their sums added up in
@@ -272,6 +306,7 @@ def _draw(
     vocab = kept_e.shape[1]
     width = min(DRAW_LANES, vocab)
     n_full, tail = divmod(vocab, width)
+    lane = lax.broadcasted_iota(jnp.int32, (kept_e.shape[0], width), 1)  # a chunk's lane indices
     starts = [c * width for c in range(n_full + (tail > 0))]
     chunks = [kept_e[:, a : a + width] for a in starts]
     sums = [reductions.sum(chunk) for chunk in chunks]
@@ -294,9 +329,9 @@ def _draw(
     tail_chunk = chunks[-1] if tail else None
 
     def prefix_through(offset: jax.Array) -> jax.Array:  # prefix through `offset` inside the chunk
-        inside = reductions.sum(jnp.where(iota[:, :width] <= offset, held, 0.0))
+        inside = reductions.sum(jnp.where(lane <= offset, held, 0.0))
         if tail_chunk is not None:
-            in_last = reductions.sum(jnp.where(iota[:, :tail] <= offset, tail_chunk, 0.0))
+            in_last = reductions.sum(jnp.where(lane[:, :tail] <= offset, tail_chunk, 0.0))
             inside = jnp.where(in_tail, in_last, inside)
         return before + inside
 
@@ -311,7 +346,18 @@ def _draw(
     (_, offset), draw_trips = loop_trips.while_loop(
         "draw", trips, lambda st: jnp.any(st[1] - st[0] > 1), narrow, (jnp.full_like(crossing, -1), last)
     )
-    last_kept = reductions.max(jnp.where(kept, iota, -1))
+    # the last kept index: chunk by chunk, lane-wise over the chunk's own lane iota (exact in float32:
+    # V < 2**24), then across lanes once (no (R, V) iota is held)
+    lane_f = lane.astype(jnp.float32)
+    latest = []  # the full-width chunks' lane-wise latest, then the narrower last chunk's
+    for a in starts:
+        size = min(width, vocab - a)
+        ids = jnp.where(kept[:, a : a + size], lane_f[:, :size] + float(a), -1.0)
+        if latest and size == latest[0].shape[1]:
+            latest[0] = jnp.maximum(latest[0], ids)
+        else:
+            latest.append(ids)
+    last_kept = functools.reduce(jnp.maximum, [reductions.max(ids) for ids in latest]).astype(jnp.int32)
     # the crossing index holds mass (the prefix grows there), so it is kept
     token = jnp.where(crossing < none, crossing * width + offset, last_kept)
     return jnp.where(kept_mass > 0, token, 0), kept_mass, draw_trips
@@ -363,7 +409,15 @@ def fused_sampler_kernel(
     eos = eos_ref[...]  # (1, E), -1 = none
     reductions = BlockReductions.for_mode(interpret)
     sanitized = functools.partial(
-        _sanitized_block, x_ref, rows, eos, allowed_ref, vocab=vocab, min_tokens=min_tokens, reductions=reductions
+        _sanitized_block,
+        x_ref,
+        rows,
+        eos,
+        allowed_ref,
+        vocab=vocab,
+        min_tokens=min_tokens,
+        reductions=reductions,
+        interpret=interpret,
     )
     filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p}
     loops = ("top_k", "top_p", "draw")

@@ -115,6 +115,7 @@ def snapping_search(
     fixed: loop_trips.FixedTrips | None = None,
     splits: int = 1,
     plain_passes: int = PLAIN_PASSES,
+    interpolate: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Per row: the largest row value v with `statistic(v) >= target`. The one threshold search every
     sampler here uses (the XLA path, the kernels, the vocabulary-parallel sampler), written once; the
@@ -134,9 +135,38 @@ def snapping_search(
     When the row is one shard of a row split over devices, the probes and `statistic` must also reduce
     across the shards, so every shard sees the same bracket and runs the same passes.
 
+    `interpolate`: the statistic's total (its value below every row value) for a statistic that is a
+    mass of weights `exp(s - s_max)`: the mass below t then falls about exponentially with t, and every
+    other plain pass, once both ends of the bracket have been probed, probes where the line through
+    them in `log(total - statistic)` crosses `log(total - target)` (regula falsi, kept at least 1/16 of
+    the bracket from either end); the others halve the bracket, so it narrows at least as fast as one
+    bisection every two passes. Only the probe points move: the search's result is the same.
+
     Returns the value and the number of snapping passes (int32), the search's data-dependent loop: the
     `vsampler.core.trips` site `site`, which `fixed` (the static estimate's compiles) can fix.
     """
+
+    if interpolate is not None and splits == 1:
+        log_gap = jnp.log(interpolate - target)
+
+        def plain_interpolated(j: jax.Array, bracket: tuple) -> tuple:
+            lo_, hi_, g_lo, g_hi = bracket  # log(total - statistic) at the ends; NaN: not probed yet
+            frac = jnp.clip((log_gap - g_lo) / (g_hi - g_lo), 1.0 / 16, 15.0 / 16)
+            frac = jnp.where((j % 2 == 1) & ~jnp.isnan(frac), frac, 0.5)
+            mid = lo_ + (hi_ - lo_) * frac
+            value = statistic(mid)
+            reaches = value >= target
+            g = jnp.log(interpolate - value)
+            return (
+                jnp.where(reaches, mid, lo_),
+                jnp.where(reaches, hi_, mid),
+                jnp.where(reaches, g, g_lo),
+                jnp.where(reaches, g_hi, g),
+            )
+
+        unknown = jnp.full_like(lo, jnp.nan)
+        lo, hi_open, _, _ = lax.fori_loop(0, plain_passes, plain_interpolated, (lo, hi, unknown, unknown))
+        return _snap(lo, hi, hi_open, target, active, probe=probe, ends=ends, site=site, fixed=fixed)
 
     def plain(_: int, bracket: tuple) -> tuple:
         lo_, hi_ = bracket
@@ -148,6 +178,23 @@ def snapping_search(
         return narrow(lo_, hi_, points, [statistic(t) >= target for t in points])
 
     lo, hi_open = lax.fori_loop(0, plain_passes, plain, (lo, hi))
+    return _snap(lo, hi, hi_open, target, active, probe=probe, ends=ends, site=site, fixed=fixed)
+
+
+def _snap(
+    lo: jax.Array,
+    hi: jax.Array,
+    hi_open: jax.Array,
+    target: jax.Array,
+    active: jax.Array,
+    *,
+    probe: Probe,
+    ends: Ends,
+    site: str,
+    fixed: loop_trips.FixedTrips | None,
+) -> tuple[jax.Array, jax.Array]:
+    """`snapping_search`'s snapping passes from the bracket [lo, hi_open) the plain passes left (`hi`:
+    the row maximum)."""
     below_open, snapped = ends(lo, hi_open)
     hi = jnp.where(hi_open < hi, below_open, hi)
     lo = jnp.where(active, snapped, lo)
