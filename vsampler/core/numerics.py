@@ -20,6 +20,7 @@ from vsampler.core import trips as loop_trips
 NEG_INF = float("-inf")
 PLAIN_PASSES = 12  # plain bisection passes before the snapping ones
 MAX_PASSES = 64  # a bound on the snapping passes (the ends meet long before on real data)
+INTERPOLATION_MARGIN = 1.0 / 16  # an interpolated probe's least distance from the bracket's ends, as a share
 DRAW_CHUNK = 128  # vocabulary chunk of the two-level draw
 DRAW_GROUP = 32  # chunks per group in the draw's prefix search
 
@@ -135,37 +136,46 @@ def snapping_search(
     When the row is one shard of a row split over devices, the probes and `statistic` must also reduce
     across the shards, so every shard sees the same bracket and runs the same passes.
 
-    `interpolate`: the statistic's total (its value below every row value) for a statistic that is a
-    mass of weights `exp(s - s_max)`: the mass below t then falls about exponentially with t, and every
-    other plain pass, once both ends of the bracket have been probed, probes where the line through
-    them in `log(total - statistic)` crosses `log(total - target)` (regula falsi, kept at least 1/16 of
-    the bracket from either end); the others halve the bracket, so it narrows at least as fast as one
-    bisection every two passes. Only the probe points move: the search's result is the same.
+    `interpolate`: the statistic's total (its value below every row value), for a statistic that is a
+    mass of weights `exp(s - s_max)`: the mass below t then falls about exponentially as t falls, and
+    the plain passes probe, once both ends of the bracket have been probed (the first passes halve it),
+    where the line through the ends in `log(total - statistic)` crosses `log(total - target)`: regula
+    falsi with the Illinois rule (an end kept twice in a row has its distance to the root halved, so the
+    line does not creep from one side), at least `INTERPOLATION_MARGIN` of the bracket from either end.
+    On smooth rows the bracket narrows much faster than by halving; a row it does not fit leaves a
+    wider bracket and more snapping passes. Only the probe points move: the result is the same.
 
     Returns the value and the number of snapping passes (int32), the search's data-dependent loop: the
     `vsampler.core.trips` site `site`, which `fixed` (the static estimate's compiles) can fix.
     """
 
     if interpolate is not None and splits == 1:
-        log_gap = jnp.log(interpolate - target)
+        log_gap = jnp.log(interpolate - target)  # the root of h(t) = log(total - statistic(t)) - log_gap
 
-        def plain_interpolated(j: jax.Array, bracket: tuple) -> tuple:
-            lo_, hi_, g_lo, g_hi = bracket  # log(total - statistic) at the ends; NaN: not probed yet
-            frac = jnp.clip((log_gap - g_lo) / (g_hi - g_lo), 1.0 / 16, 15.0 / 16)
-            frac = jnp.where((j % 2 == 1) & ~jnp.isnan(frac), frac, 0.5)
-            mid = lo_ + (hi_ - lo_) * frac
+        def plain_interpolated(_: int, bracket: tuple) -> tuple:
+            # g: log(total - statistic) at each end (NaN: not probed yet); streak: how many passes in a
+            # row moved the same end (+ lo, - hi)
+            lo_, hi_, g_lo, g_hi, streak = bracket
+            frac = jnp.clip((log_gap - g_lo) / (g_hi - g_lo), INTERPOLATION_MARGIN, 1.0 - INTERPOLATION_MARGIN)
+            mid = lo_ + (hi_ - lo_) * jnp.where(jnp.isnan(frac), 0.5, frac)
             value = statistic(mid)
             reaches = value >= target
             g = jnp.log(interpolate - value)
+            streak = jnp.where(reaches, jnp.maximum(streak, 0) + 1, jnp.minimum(streak, 0) - 1)
+            # Illinois: an end kept a second time in a row has its h halved, so the next line moves it
+            g_lo = jnp.where(streak <= -2, log_gap + (g_lo - log_gap) * 0.5, g_lo)
+            g_hi = jnp.where(streak >= 2, log_gap + (g_hi - log_gap) * 0.5, g_hi)
             return (
                 jnp.where(reaches, mid, lo_),
                 jnp.where(reaches, hi_, mid),
                 jnp.where(reaches, g, g_lo),
                 jnp.where(reaches, g_hi, g),
+                streak,
             )
 
         unknown = jnp.full_like(lo, jnp.nan)
-        lo, hi_open, _, _ = lax.fori_loop(0, plain_passes, plain_interpolated, (lo, hi, unknown, unknown))
+        start = (lo, hi, unknown, unknown, jnp.zeros(lo.shape, jnp.int32))
+        lo, hi_open, _, _, _ = lax.fori_loop(0, plain_passes, plain_interpolated, start)
         return _snap(lo, hi, hi_open, target, active, probe=probe, ends=ends, site=site, fixed=fixed)
 
     def plain(_: int, bracket: tuple) -> tuple:
