@@ -46,13 +46,15 @@ class LinearModel:
         self.branch = branch or {site.guard: 50_000 for site in sites if site.guard}
         self.jobs = []
 
-    def cycles(self, trips, stages):
+    def cycles(self, trips, stages, conds):
         total = self.base
         branches = set()
         for site in self.sites:
-            if not estimate._site_runs(site.loop, stages):
+            if not estimate._site_runs(site.loop, stages, conds):
                 continue
-            if site.guard is None or trips.get(site.guard, 0):
+            if site.guard not in conds:  # the kernel has no such cond here: the loop runs unguarded
+                total += self.per_trip[site.loop] * trips.get(site.loop, 0)
+            elif trips.get(site.guard, 0):
                 total += self.per_trip[site.loop] * trips.get(site.loop, 0)
                 branches.add(site.guard)
         return total + sum(self.branch.get(guard, 0) for guard in branches)
@@ -60,11 +62,15 @@ class LinearModel:
     def compile(self, job):
         self.jobs.append(job)
         stages = {name: job[name] for name in ("top_k", "top_p", "min_p", "random")}
+        case = estimate.EstimateCase(
+            job["generation"], job["batch"], job["vocab"], job["dtype"], allowed=job["allowed"]
+        )
+        plan = block_sizes.plan(job["batch"], job["vocab"], job["dtype"], job["generation"], job["allowed"])
         logits = job["batch"] * job["vocab"] * 2
         return {
             "ok": True,
             "error": "",
-            "cycles": {"fused_sample.1": self.cycles(job["trips"], stages)},
+            "cycles": {"fused_sample.1": self.cycles(job["trips"], stages, estimate._conds(case, plan, stages))},
             "argument_bytes": logits + 1024,
             "output_bytes": 512,
             "logits_bytes": logits,
@@ -172,6 +178,25 @@ def test_a_loop_inside_a_cond_counts_its_branch_by_the_fraction_of_blocks_that_r
     assert loops["top_k"].cycles_per_trip == per["top_k"]
     # the stage breakdown adds up to the compile at the rounded trips
     assert sum(r.stages.values()) == r.compiled_cycles
+
+
+def test_a_kernel_without_the_candidate_path_has_no_fallback_cond_and_no_candidate_loops(monkeypatch):
+    """Full-vocabulary top-p alone runs the whole-row path directly: its loops are not inside the
+    fallback cond (no cond row, nothing counted as its branch) and the candidate path's loops do not
+    exist; the breakdown's parts are its two loops."""
+    top_p = {"top_k": False, "top_p": True, "min_p": False, "random": True, "min_tokens": False}
+    case = estimate.EstimateCase("v5e", 64, 128256, "float32", "top_p")
+    # unguarded in this kernel, its columns still hold 1 + trips (the path is always taken)
+    trips = {COLUMN["top_p"]: [2, 1, 2, 1], COLUMN["draw"]: [13] * 4}
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, p: (top_p, _per_block(trips)))
+    model = LinearModel(kernel.SITES)
+    r = estimate.estimate(case, model, breakdown=True)
+    assert r.ok, r.error
+    assert r.guards == []
+    assert [(loop.loop, loop.trips, loop.guard) for loop in r.loops] == [("top_p", 0.5, None), ("draw", 12, None)]
+    per = model.per_trip
+    assert r.cycles == pytest.approx(100_000 + 0.5 * per["top_p"] + 12 * per["draw"])
+    assert all(cycles >= 0 for cycles in r.stages.values())
 
 
 def test_greedy_has_no_loops_and_v4_is_refused_before_any_compile(monkeypatch):

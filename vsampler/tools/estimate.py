@@ -390,13 +390,17 @@ def estimate(
         result.hbm_bytes = base["argument_bytes"] + base["output_bytes"]
         result.logits_bytes = base["logits_bytes"]
         estimate_cycles = float(result.compiled_cycles)
-        running = [site for site in _sites(plan) if _site_runs(site.loop, stages)]
-        taken_by_guard = {site.guard: means[site.loop][1] for site in running if site.guard}
+        conds = _conds(case, plan, stages)
+        running = [site for site in _sites(plan) if _site_runs(site.loop, stages, conds)]
+        # a guarded site whose cond this configuration's kernel lacks runs unguarded (taken: 1)
+        guard_of = {site.loop: site.guard if site.guard in conds else None for site in running}
+        taken_by_guard = {guard_of[site.loop]: means[site.loop][1] for site in running if guard_of[site.loop]}
         for site in running:
             t, taken = means[site.loop]
-            loop = LoopCost(site.loop, t, 0, site.guard, taken)
+            guard = guard_of[site.loop]
+            loop = LoopCost(site.loop, t, 0, guard, taken)
             # one more trip's cost: for fractional trips, and for a loop whose cond's cost is needed
-            guard_partial = site.guard is not None and taken_by_guard[site.guard] < 1 and fixed[site.loop] > 0
+            guard_partial = guard is not None and taken_by_guard[guard] < 1 and fixed[site.loop] > 0
             if breakdown or t != fixed[site.loop] or guard_partial:
                 # between two fixed-trip compiles: at 0 trips the site stays a while loop, whose own
                 # overhead (spills around it) a first fixed trip can remove, not add
@@ -432,9 +436,30 @@ def _total(answer: dict[str, Any]) -> int:
     return sum(answer["cycles"].values())
 
 
-def _site_runs(loop: str, stages: dict[str, bool]) -> bool:
-    """Whether a kernel loop exists with these stage flags (the draw's and searches' need sampling)."""
+# the resident kernel's candidate path: its loops, and the cond around its whole-row fallback
+CANDIDATE_LOOPS = frozenset({"candidate_top_k", "candidate_top_p", "row_mass"})
+FALLBACK = "fallback"
+
+
+def _conds(case: EstimateCase, plan: Any, stages: dict[str, bool]) -> frozenset[str]:
+    """The guards (data-dependent conds) the kernel has for this configuration: the chunked variant's
+    always; the resident kernel's whole-row fallback only where it takes the candidate path (otherwise
+    its whole-row loops run unguarded)."""
+    from vsampler.kernels import chunked_passes
+    from vsampler.kernels import sampler as kernel
+
+    if plan.chunk is not None:
+        return frozenset(site.guard for site in chunked_passes.SITES if site.guard)
+    flags = {name: bool(stages.get(name)) for name in ("top_k", "top_p", "min_p", "random")}
+    return frozenset({FALLBACK}) if kernel.uses_candidates(case.vocab, allowed=case.allowed, **flags) else frozenset()
+
+
+def _site_runs(loop: str, stages: dict[str, bool], conds: frozenset[str]) -> bool:
+    """Whether a kernel loop exists with these stage flags (the draw's and searches' need sampling; the
+    candidate path's, the candidate path: `conds` holds its fallback)."""
     if not stages["random"]:
+        return False
+    if loop in CANDIDATE_LOOPS and FALLBACK not in conds:
         return False
     if loop.startswith(("top_k", "candidate_top_k")):
         return stages["top_k"]
