@@ -143,7 +143,8 @@ def snapping_search(
     falsi with the Illinois rule (an end kept twice in a row has its distance to the root halved, so the
     line does not creep from one side), at least `INTERPOLATION_MARGIN` of the bracket from either end.
     On smooth rows the bracket narrows much faster than by halving; a row it does not fit leaves a
-    wider bracket and more snapping passes. Only the probe points move: the result is the same.
+    wider bracket and more snapping passes. Only the probe points move: the result is the same. (With
+    `splits` > 1 the passes cut at even points as above.)
 
     Returns the value and the number of snapping passes (int32), the search's data-dependent loop: the
     `vsampler.core.trips` site `site`, which `fixed` (the static estimate's compiles) can fix.
