@@ -176,32 +176,33 @@ def unpack_allowed_block(words: jax.Array, vocab: int) -> jax.Array:
 
 
 def _sanitized_block(
-    x_ref, rows, eos, allowed_ref, *, vocab: int, min_tokens: bool, reductions: BlockReductions, interpret: bool
+    x_ref,
+    allowed_ref,
+    *,
+    vocab: int,
+    eos_mask: Callable[[jax.Array, jax.Array], jax.Array] | None,
+    reductions: BlockReductions,
+    interpret: bool,
 ):
-    """Stages 0, 4 and 5 on the whole resident block: (x (R, V) float32, its row maximum, the first
-    index of it, the lane iota). Without an allowed-token mask the maximum and its first index come
-    from one walk over the block's ref (`row_passes.max_and_first_index`, NaN never a maximum), not
-    from two reductions over the sanitised block."""
+    """Stages 0, 4 and 5 on the whole resident block (`eos_mask(x, idx)`: stage 4, the kernel's, or None
+    when min_tokens is off): (x (R, V) float32, its row maximum, the first index of it, the lane iota).
+    Without an allowed-token mask the maximum and its first index come from one walk over the block's
+    ref (`row_passes.max_and_first_index`, NaN never a maximum), not from two reductions over the
+    sanitised block."""
     x = x_ref[...].astype(jnp.float32)
     iota = lax.broadcasted_iota(jnp.int32, x.shape, 1)
-    too_early = rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0
-
-    def eos_masked(v: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4
-        is_eos_id = functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
-        return jnp.where(too_early & is_eos_id, NEG_INF, v)
 
     # stage 0: tokens the packed mask does not allow are -inf
     if allowed_ref is not None:
         x = jnp.where(unpack_allowed_block(allowed_ref[...], vocab), x, NEG_INF)
 
     # stage 4: EOS ids are -inf while the row has generated fewer than min_tokens tokens
-    if min_tokens:
-        x = eos_masked(x, iota)
+    if eos_mask is not None:
+        x = eos_mask(x, iota)
 
     # stage 5: sanitising (NaN -> -inf; a row holding +inf keeps its +inf tokens, as 0, and drops the rest)
     if allowed_ref is None:
-        prepare = eos_masked if min_tokens else None
-        x_max, first_max = row_passes.max_and_first_index(x_ref, vocab, prepare=prepare, unrolled=not interpret)
+        x_max, first_max = row_passes.max_and_first_index(x_ref, vocab, prepare=eos_mask, unrolled=not interpret)
         pos_inf = x_max == jnp.inf
         # in one select: a value below the row's least kept one (-inf; +inf in a +inf row) or NaN is -inf
         least = jnp.where(pos_inf, jnp.inf, NEG_INF)
@@ -419,17 +420,6 @@ def fused_sampler_kernel(
     finished = rows[:, FINISHED : FINISHED + 1] > 0
     eos = eos_ref[...]  # (1, E), -1 = none
     reductions = BlockReductions.for_mode(interpret)
-    sanitized = functools.partial(
-        _sanitized_block,
-        x_ref,
-        rows,
-        eos,
-        allowed_ref,
-        vocab=vocab,
-        min_tokens=min_tokens,
-        reductions=reductions,
-        interpret=interpret,
-    )
     filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p}
     loops = ("top_k", "top_p", "draw")
 
@@ -441,10 +431,14 @@ def fused_sampler_kernel(
     def eos_masked(x: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4 on loaded values
         return jnp.where(too_early & is_eos_id(idx), NEG_INF, x) if min_tokens else x
 
+    eos_mask = eos_masked if min_tokens else None  # for the passes that take it or nothing
+    sanitized = functools.partial(
+        _sanitized_block, x_ref, allowed_ref, vocab=vocab, eos_mask=eos_mask, reductions=reductions, interpret=interpret
+    )
+
     def greedy_rows() -> tuple:
         # stage 5 (NaN left out, a +inf row's first +inf) and the first index of the maximum: one pass
-        prepare = eos_masked if min_tokens else None
-        x_max, first_max = row_passes.max_and_first_index(x_ref, vocab, prepare=prepare, unrolled=not interpret)
+        x_max, first_max = row_passes.max_and_first_index(x_ref, vocab, prepare=eos_mask, unrolled=not interpret)
         x_max = jnp.where(x_max == jnp.inf, 0.0, x_max)
         return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, (jnp.int32(0),) * 3
 
