@@ -229,11 +229,16 @@ def test_the_kernel_reports_its_loop_trips_per_block(variant):
     trips = stats[:, [site.column for site in sites]].reshape(-1, plan.block_rows, len(sites))
     assert (trips == trips[:, :1]).all()  # one count per block
     assert (trips == np.round(trips)).all() and (trips >= 0).all() and (trips <= MAX_PASSES + 1).all()
-    _, per_block = estimate.measure_trips(case, plan)
+    _, per_block = estimate.measure_trips(case, plan, least=16)  # these 16 rows, as launched above
     assert (per_block[:, [site.column for site in sites]] == trips[:, 0]).all()
     if plan.chunk is None:  # the whole-row draw's index bisection, where the fallback ran: ceil(log2 V) trips
         draw = next(site.column for site in sites if site.loop == "draw")
         assert np.isin(per_block[:, draw], [0, 1 + np.ceil(np.log2(9000))]).all()
+    # by default on TRIP_ROWS rows of the workload, in the plan's blocks
+    _, many = estimate.measure_trips(case, plan)
+    assert many.shape == (estimate.TRIP_ROWS // plan.block_rows, kernel.STAT_COLUMNS)
+    assert estimate.trip_rows(16, plan.block_rows) == estimate.TRIP_ROWS
+    assert estimate.trip_rows(2000, 16) == 2000 and estimate.trip_rows(1030, 16) == 1040
     fixed_config = config.replace(trips=trips_of(sites, 2))
     fixed = jax.jit(lambda *a: pallas.tpu_launch(plan, *a, config=fixed_config, interpret=True))(x, rows, eos, allowed)
     assert fixed[0].shape == (16, 1)  # the fixed-trip form traces and runs (its results mean nothing)

@@ -6,7 +6,10 @@ for one configuration (TPU generation x B x V x dtype x the stages a workload tu
 1. **Trips.** The kernel runs in Pallas interpret mode on the workload's rows (`vsampler.tools.workloads`),
    with the generation's block plan, and writes how many trips each data-dependent loop took in each
    block of rows (`vsampler.core.trips`: the top-k and top-p searches' snapping passes, the draw's
-   bisection; a cond around a search: taken or not). Their means over the blocks are the trips.
+   bisection; a cond around a search: taken or not). Their means over the blocks are the trips. They
+   are measured on at least `TRIP_ROWS` rows of the workload (whole blocks), not only the call's B:
+   a cond taken in a few blocks in a hundred (the candidates' fallback, about 2% of 16-row blocks on
+   the workload's logits) would otherwise be seen in none of B=64's four blocks and cost nothing.
 2. **Compiles with fixed trips.** libtpu's cost model counts a static-trip loop exactly but a
    data-dependent `while_loop` as 0 trips (and a data-dependent cond as not taken), so each loop is
    compiled as a `fori_loop` of fixed trips: once at the trips rounded to integers (every cond taken),
@@ -244,7 +247,8 @@ class KernelEstimate:
     error: str = ""
     variant: str = ""  # "resident", or "chunked (N copies)"
     block_rows: int = 0
-    blocks: int = 0
+    blocks: int = 0  # the call's blocks of rows
+    trip_blocks: int = 0  # the blocks the trips were measured on (`measure_trips`)
     cycles: float = 0.0  # the estimate, every loop counted
     compiled_cycles: int = 0  # the compile at the rounded trips
     loops: list[LoopCost] = dataclasses.field(default_factory=list)
@@ -301,9 +305,21 @@ def _workload_operands(case: EstimateCase) -> tuple[Any, ...]:
     return pallas.kernel_operands(inp)
 
 
-def measure_trips(case: EstimateCase, plan: Any) -> tuple[dict[str, bool], Any]:
-    """Runs the kernel in interpret mode on the case's workload with `plan`'s blocks: the stage flags
-    and the (blocks, STAT_COLUMNS) statistics of each block's first row (its loops' trips)."""
+# the least number of rows the trips are measured on (`measure_trips`): 64 blocks of 16 rows
+TRIP_ROWS = 1024
+
+
+def trip_rows(batch: int, block_rows: int, least: int = TRIP_ROWS) -> int:
+    """How many workload rows the trips of a B=`batch` call are measured on: at least `least`, in whole
+    blocks of `block_rows`."""
+    rows = max(batch, least)
+    return -(-rows // block_rows) * block_rows
+
+
+def measure_trips(case: EstimateCase, plan: Any, least: int = TRIP_ROWS) -> tuple[dict[str, bool], Any]:
+    """Runs the kernel in interpret mode on `trip_rows(B, R, least)` rows of the case's workload (B
+    itself where it is larger) with `plan`'s blocks: the stage flags and the (blocks, STAT_COLUMNS)
+    statistics of each block's first row (its loops' trips)."""
     import functools
 
     import jax
@@ -311,7 +327,9 @@ def measure_trips(case: EstimateCase, plan: Any) -> tuple[dict[str, bool], Any]:
 
     from vsampler.impls import pallas
 
-    x, rows, eos, allowed, config = _workload_operands(case)
+    rows_measured = trip_rows(case.batch, plan.block_rows, least)
+    x, rows, eos, allowed, config = _workload_operands(dataclasses.replace(case, batch=rows_measured))
+    plan = dataclasses.replace(plan, padded_batch=rows_measured)
     launch = functools.partial(pallas.tpu_launch, plan, config=config.replace(top_n=case.top_n), interpret=True)
     stats = jax.jit(launch)(x, rows, eos, allowed)[2]
     stages = {**config.filters, "random": config.random, "min_tokens": config.min_tokens}
@@ -353,7 +371,8 @@ def estimate(
         stages, per_block = measure_trips(case, plan)
         if trips_cache is not None:
             trips_cache[key] = (stages, per_block)
-    result.block_rows, result.blocks = plan.block_rows, per_block.shape[0]
+    result.block_rows, result.blocks = plan.block_rows, plan.padded_batch // plan.block_rows
+    result.trip_blocks = per_block.shape[0]
     result.variant = (
         "resident" if plan.chunk is None else f"chunked ({plan.buffers} {'copy' if plan.buffers == 1 else 'copies'})"
     )
@@ -534,11 +553,16 @@ def _us(seconds: float) -> str:
     return significant(seconds * 1e6)
 
 
+def _share(fraction: float) -> str:
+    """A fraction of blocks as a percentage: one decimal below 10% (a cond taken in 2 of 64 blocks is 3.1%)."""
+    return f"{fraction:.1%}" if 0 < fraction < 0.1 else f"{fraction:.0%}"
+
+
 def loops_summary(r: KernelEstimate) -> str:
     """Each loop's mean trips per block (a guarded one: also the fraction of blocks that ran it)."""
     parts = []
     for loop in r.loops:
-        taken = f" in {loop.taken:.0%} of blocks" if loop.guard and loop.taken < 1 else ""
+        taken = f" in {_share(loop.taken)} of blocks" if loop.guard and loop.taken < 1 else ""
         parts.append(f"{loop.loop} {loop.trips:.2f}{taken}")
     return ", ".join(parts) or "-"
 
@@ -589,7 +613,7 @@ def breakdown_table(r: KernelEstimate) -> tuple[list[str], list[list[str]]]:
             what += f" (inside {loop.guard})"
         rows.append([f"loop: {loop.loop}", what, f"{loop.cycles:,.0f}", f"{loop.cycles / r.cycles:.1%}"])
     for guard in r.guards:
-        what = f"run in {guard.taken:.0%} of blocks x {guard.branch_cycles:,} cycles (its loops apart)"
+        what = f"run in {_share(guard.taken)} of blocks x {guard.branch_cycles:,} cycles (its loops apart)"
         rows.append([f"cond: {guard.guard}", what, f"{guard.cycles:,.0f}", f"{guard.cycles / r.cycles:.1%}"])
     for stage, n in r.stages.items():
         rows.append([f"stage: {stage}", "at the rounded trips", f"{n:,}", f"{n / r.cycles:.1%}"])
@@ -607,7 +631,8 @@ def notes(results: Sequence[KernelEstimate]) -> list[str]:
     out = [
         f"All times: {LABEL}. Clocks: {clocks}. HBM floor: the bytes one call moves (from the compiled "
         "executable) at the generation's HBM bandwidth. Loop trips: mean per block of rows, measured in "
-        "interpret mode on the workload; the estimate counts them (vsampler/tools/estimate.py says how).",
+        f"interpret mode on at least {TRIP_ROWS} rows of the workload (B where larger); the estimate counts "
+        "them (vsampler/tools/estimate.py says how).",
     ]
     if any(g in UNMODELLED for g in gens):
         out.append(UNMODELLED_DETAIL)
