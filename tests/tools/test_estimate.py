@@ -131,6 +131,26 @@ def test_mean_trips_per_block_are_counted_exactly_where_the_model_is_linear(monk
     assert r.x_floor == pytest.approx(r.seconds / r.floor_seconds)
 
 
+def test_batches_measured_on_the_same_rows_share_their_trips(monkeypatch):
+    """B=64 and B=256 both measure their trips on TRIP_ROWS rows: one measurement serves both; a batch
+    above TRIP_ROWS is measured on its own rows."""
+    calls = []
+
+    def measure(case, plan):
+        calls.append(estimate.trip_rows(case.batch, plan.block_rows))
+        return FULL, _per_block({COLUMN["candidate_top_k"]: [1] * 8})
+
+    monkeypatch.setattr(estimate, "measure_trips", measure)
+    cache: dict = {}
+    for batch in (64, 256, 64, 2048):
+        r = estimate.estimate(
+            estimate.EstimateCase("v5e", batch, 128256, "float32", "full"), LinearModel(kernel.SITES), trips_cache=cache
+        )
+        assert r.ok, r.error
+        assert r.blocks == batch // r.block_rows and r.trip_blocks == 8
+    assert calls == [estimate.TRIP_ROWS, 2048]
+
+
 def test_loops_sharing_a_cond_count_its_branch_once(monkeypatch):
     """The resident kernel's fallback holds three loops; taken in one block of eight, its branch counts an
     eighth of a block's cost, once, and each loop its trips over all blocks."""

@@ -364,7 +364,9 @@ def estimate(
     except ValueError as err:
         result.error = str(err)
         return result
-    key = (case.batch, case.vocab, case.dtype, case.config, case.allowed, case.top_n, plan.block_rows, plan.chunk)
+    # the trips depend on the rows measured, not on B: batches measured on the same rows share them
+    rows_measured = trip_rows(case.batch, plan.block_rows)
+    key = (rows_measured, case.vocab, case.dtype, case.config, case.allowed, case.top_n, plan.block_rows, plan.chunk)
     if trips_cache is not None and key in trips_cache:
         stages, per_block = trips_cache[key]
     else:
