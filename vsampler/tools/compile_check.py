@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax._src import config as jax_config  # the compilation-cache switch as a context (no public one)
 
 from vsampler.core.inputs import allowed_words
 from vsampler.core.trips import FixedTrips
@@ -147,8 +148,10 @@ def compile_tpu(
     )
     fn = functools.partial(pallas_impl.tpu_kernel(plan), config=config, plan=plan, interpret=False)
     try:
-        # Mosaic asks the default device which chip it lowers for: make it the described TPU
-        with jax.default_device(device):
+        # Mosaic asks the default device which chip it lowers for: make it the described TPU. The
+        # persistent compilation cache stays out of it: a deviceless compile has no client to load a
+        # cached TPU executable with, and jax warns on every read of the entry its last run wrote
+        with jax.default_device(device), jax_config.enable_compilation_cache(False):
             compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).compile()
     except Exception as err:
         result.error = str(err).strip().splitlines()[0][:500]
