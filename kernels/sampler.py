@@ -227,7 +227,7 @@ TOP_P_PLAIN_PASSES = {jnp.dtype(jnp.bfloat16): 6}
 
 
 def _whole_row_sample(
-    x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, min_p, trips, reductions, top_p_plain_passes
+    x, x_max, first_max, iota, rows, *, vocab, top_k, top_p, min_p, trips, reductions, top_p_plain_passes, rolled
 ):
     """Stages 6-10 on the whole resident block (`random` rows): (token, threshold, s_max, kept_mass,
     the trips of the loops by site)."""
@@ -291,7 +291,7 @@ def _whole_row_sample(
 
     # stage 10: smallest index whose prefix of kept mass exceeds u * total
     sampled, kept_mass, site_trips["draw"] = _draw(
-        jnp.where(kept, e, 0.0), kept, rows[:, U : U + 1], reductions=reductions, trips=trips
+        jnp.where(kept, e, 0.0), kept, rows[:, U : U + 1], reductions=reductions, trips=trips, rolled=rolled
     )
     token = jnp.where(greedy, first_max, sampled)
     return token, threshold, s_max, kept_mass, site_trips
@@ -308,37 +308,68 @@ def _draw(
     *,
     reductions: BlockReductions,
     trips: loop_trips.FixedTrips | None,
+    rolled: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Stage 10 on the resident block, kept mass `kept_e` (R, V): (token (R, 1), kept mass (R, 1), the
     bisection's trips). The row's DRAW_LANES-lane chunks are summed (one pass) and their sums added up in
     vocabulary order, which is the kept mass; the first chunk whose prefix exceeds `u * mass` is copied
     out (one select pass); a bisection on the index inside that chunk alone (about log2 DRAW_LANES trips
     over DRAW_LANES lanes) finds where the prefix crosses. A row whose total rounding leaves at or below
-    `u * mass` takes its last kept token; a row with nothing kept, 0."""
+    `u * mass` takes its last kept token; a row with nothing kept, 0.
+
+    The full-width chunks are visited by `_over_chunks`: written out one by one (Mosaic, static lane
+    slices), or `rolled` into a loop over the chunk index (interpret mode, whose XLA compile otherwise
+    grows with V / DRAW_LANES); the same operations on the same values in the same order either way."""
     vocab = kept_e.shape[1]
     width = min(DRAW_LANES, vocab)
     n_full, tail = divmod(vocab, width)
     lane = lax.broadcasted_iota(jnp.int32, (kept_e.shape[0], width), 1)  # a chunk's lane indices
-    starts = [c * width for c in range(n_full + (tail > 0))]
-    chunks = [kept_e[:, a : a + width] for a in starts]
-    sums = [reductions.sum(chunk) for chunk in chunks]
-    kept_mass = functools.reduce(jnp.add, sums)
+    lane_f = lane.astype(jnp.float32)
+    column = jnp.zeros_like(u)  # an (R, 1) float32 column
+
+    def chunk(a: jax.Array, c: int | jax.Array) -> jax.Array:  # full-width chunk c of an (R, V) array
+        if isinstance(c, int):
+            return a[:, c * width : (c + 1) * width]
+        return lax.dynamic_slice_in_dim(a, c * width, width, 1)
+
+    # one pass: each chunk's sum (kept in an (R, n_full) array) and their sum in vocabulary order, and the
+    # lane-wise latest kept index (exact in float32: V < 2**24) over the full-width chunks
+    def sum_and_latest(c, acc):
+        mass, sums, latest = acc
+        chunk_sum = reductions.sum(chunk(kept_e, c))
+        start = float(c * width) if isinstance(c, int) else (c * width).astype(jnp.float32)
+        ids = jnp.where(chunk(kept, c), lane_f + start, -1.0)
+        return mass + chunk_sum, _with_column(sums, c, chunk_sum), jnp.maximum(latest, ids)
+
+    sums = jnp.zeros((kept_e.shape[0], n_full), jnp.float32) if rolled else ()
+    init = (column, sums, jnp.full(lane.shape, -1.0))
+    kept_mass, sums, latest = _over_chunks(n_full, sum_and_latest, init, rolled)
+    tail_sum = reductions.sum(kept_e[:, n_full * width :]) if tail else None
+    if tail:
+        kept_mass = kept_mass + tail_sum
     target = u * kept_mass
 
-    # the first chunk whose prefix passes the target, and the prefix before it; len(chunks): none does
-    none = len(chunks)
-    crossing, before, prefix = jnp.full(target.shape, none, jnp.int32), jnp.zeros_like(target), jnp.zeros_like(target)
-    for c, chunk_sum in enumerate(sums):
+    # the first chunk whose prefix passes the target, the prefix before it, and that chunk's values (a
+    # full-width chunk; chunk 0 where none does); `none` (the chunk count): no chunk does
+    none = n_full + (tail > 0)
+
+    def cross(c, acc):
+        crossing, before, prefix, held = acc
+        chunk_sum = _column(sums, c)
         crosses = (crossing == none) & (prefix + chunk_sum > target)
-        crossing = jnp.where(crosses, c, crossing)
-        before = jnp.where(crosses, prefix, before)
-        prefix = prefix + chunk_sum
-    held = chunks[0]  # the crossing full-width chunk of each row (width <= V: there is one)
-    for c in range(1, n_full):
-        held = jnp.where(crossing == c, chunks[c], held)
+        held = jnp.where(crosses, chunk(kept_e, c), held)
+        return jnp.where(crosses, c, crossing), jnp.where(crosses, prefix, before), prefix + chunk_sum, held
+
+    init = (jnp.full(target.shape, none, jnp.int32), column, column, chunk(kept_e, 0))
+    crossing, before, prefix, held = _over_chunks(n_full, cross, init, rolled)
     # a narrower last chunk: searched beside the full-width one
-    in_tail = crossing == n_full if tail else jnp.zeros(crossing.shape, bool)
-    tail_chunk = chunks[-1] if tail else None
+    in_tail = jnp.zeros(crossing.shape, bool)
+    tail_chunk = None
+    if tail:
+        in_tail = (crossing == none) & (prefix + tail_sum > target)
+        crossing = jnp.where(in_tail, n_full, crossing)
+        before = jnp.where(in_tail, prefix, before)
+        tail_chunk = kept_e[:, n_full * width :]
 
     def prefix_through(offset: jax.Array) -> jax.Array:  # prefix through `offset` inside the chunk
         inside = reductions.sum(jnp.where(lane <= offset, held, 0.0))
@@ -358,21 +389,36 @@ def _draw(
     (_, offset), draw_trips = loop_trips.while_loop(
         "draw", trips, lambda st: jnp.any(st[1] - st[0] > 1), narrow, (jnp.full_like(crossing, -1), last)
     )
-    # the last kept index: chunk by chunk, lane-wise over the chunk's own lane iota (exact in float32:
-    # V < 2**24), then across lanes once (no (R, V) iota is held)
-    lane_f = lane.astype(jnp.float32)
-    latest = []  # the full-width chunks' lane-wise latest, then the narrower last chunk's
-    for a in starts:
-        size = min(width, vocab - a)
-        ids = jnp.where(kept[:, a : a + size], lane_f[:, :size] + float(a), -1.0)
-        if latest and size == latest[0].shape[1]:
-            latest[0] = jnp.maximum(latest[0], ids)
-        else:
-            latest.append(ids)
-    last_kept = functools.reduce(jnp.maximum, [reductions.max(ids) for ids in latest]).astype(jnp.int32)
+    # the last kept index: the full-width chunks' lane-wise latest, then the narrower last chunk's
+    last_kept = reductions.max(latest)
+    if tail:
+        tail_ids = jnp.where(kept[:, n_full * width :], lane_f[:, :tail] + float(n_full * width), -1.0)
+        last_kept = jnp.maximum(last_kept, reductions.max(tail_ids))
+    last_kept = last_kept.astype(jnp.int32)
     # the crossing index holds mass (the prefix grows there), so it is kept
     token = jnp.where(crossing < none, crossing * width + offset, last_kept)
     return jnp.where(kept_mass > 0, token, 0), kept_mass, draw_trips
+
+
+def _over_chunks(n: int, step: Callable[[Any, Any], Any], init: Any, rolled: bool) -> Any:
+    """`acc = step(c, acc)` for c in 0..n-1: a loop over a traced chunk index when `rolled`, else written
+    out with static indices."""
+    if rolled:
+        return lax.fori_loop(0, n, step, init)
+    for c in range(n):
+        init = step(c, init)
+    return init
+
+
+def _column(sums: jax.Array | tuple, c: int | jax.Array) -> jax.Array:
+    """Chunk c's sum, (R, 1): from the (R, n) array of a rolled loop, or the tuple of (R, 1) columns of a
+    written-out one."""
+    return sums[c] if isinstance(c, int) else lax.dynamic_slice_in_dim(sums, c, 1, 1)
+
+
+def _with_column(sums: jax.Array | tuple, c: int | jax.Array, value: jax.Array) -> jax.Array | tuple:
+    """`sums` with chunk c's sum: written into the (R, n) array, or appended to the tuple (c == len)."""
+    return (*sums, value) if isinstance(c, int) else lax.dynamic_update_slice_in_dim(sums, value, c, 1)
 
 
 def uses_candidates(vocab: int, *, top_k: bool, top_p: bool, min_p: bool, random: bool, allowed: bool) -> bool:
@@ -458,6 +504,7 @@ def fused_sampler_kernel(
             trips=trips,
             reductions=reductions,
             top_p_plain_passes=TOP_P_PLAIN_PASSES.get(jnp.dtype(x_ref.dtype), PLAIN_PASSES),
+            rolled=interpret,
             **filters,
         )
         return token, threshold, s_max, kept_mass, x_max, tuple(site_trips.get(n, jnp.int32(0)) for n in loops)
