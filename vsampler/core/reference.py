@@ -163,8 +163,11 @@ def kept_mask(inp: SamplerInputs, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         e_desc = sort_descending(e)
         inclusive = exact_cumsum(e_desc)
         exclusive = jnp.pad(inclusive[:, :-1], ((0, 0), (1, 0)))  # the exact sum before each position
-        # the mass strictly above a value is the exclusive sum at the first position holding that value
-        first_of_value = jax.vmap(lambda row: jnp.searchsorted(-row, -row, side="left"))(e_desc)
+        # the mass strictly above a value is the exclusive sum at the first position holding that value:
+        # the latest position, up to each one, where a new value starts (a running maximum)
+        position = jnp.arange(vocab, dtype=jnp.int32)[None, :]
+        starts = jnp.pad(e_desc[:, 1:] != e_desc[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+        first_of_value = jax.lax.cummax(jnp.where(starts, position, 0), axis=1)
         above = jnp.take_along_axis(exclusive, first_of_value, axis=1)
         total = inclusive[:, -1:]
         keep_sorted = above < p.top_p[:, None] * total
