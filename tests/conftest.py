@@ -1,4 +1,6 @@
+import json
 import os
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 simulated CPU devices for the mesh tests (set before jax starts); single-device code uses device 0
@@ -35,13 +37,38 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers already fill the cores:
 INTERPRET_MODULES = frozenset({"test_kernel_variants"})
 TPU_COMPILE_MODULES = frozenset({"test_tpu_compile"})
 
+# What each test cost when last run (`tests/durations.json`, seconds by node id, on 2 cores; refresh it
+# with `pytest -m 'slow or not slow' -n 2 --dist loadgroup --store-durations`, then a plain `pytest
+# --store-durations`, which records the quick loop's tests without the programs the costly ones
+# compiled before them, so that those it made costly leave it too). A test recorded above
+# `QUICK_SECONDS` is marked `costly`, which the default run skips (pyproject.toml's addopts): the default
+# `pytest` is the quick loop, every test below the bound; CI's `-m 'slow or not slow'` runs all of them.
+# A test the file does not know yet (a new one) runs by default until the file is refreshed; a test
+# marked `quick` (each implementation's first grid case) runs by default whatever it cost.
+DURATIONS_PATH = Path(__file__).with_name("durations.json")
+QUICK_SECONDS = 2.0
+DURATIONS: dict[str, float] = json.loads(DURATIONS_PATH.read_text()) if DURATIONS_PATH.exists() else {}
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--store-durations",
+        action="store_true",
+        help=f"write each test's seconds (setup, call and teardown) to {DURATIONS_PATH.name}, merged with "
+        "the entries of tests this run did not run",
+    )
+
 
 def pytest_collection_modifyitems(items):
-    # the slow tests first (a stable sort: otherwise in collection order): under `-n 2 --dist loadgroup`
-    # the workers take the long ones early and the many short ones last, so neither waits on the other
-    # at the end (longest first); pytest-xdist then orders the groups by size, the slow grid's first
-    items[:] = sorted(items, key=lambda item: item.get_closest_marker("slow") is None)
+    # the slow tests first, then the costliest (a stable sort: otherwise in collection order): under
+    # `-n 2 --dist loadgroup` the workers take the long ones early and the many short ones last, so
+    # neither waits on the other at the end (longest first)
+    items[:] = sorted(
+        items, key=lambda item: (item.get_closest_marker("slow") is None, -DURATIONS.get(item.nodeid, 0.0))
+    )
     for item in items:
+        if DURATIONS.get(item.nodeid, 0.0) > QUICK_SECONDS and item.get_closest_marker("quick") is None:
+            item.add_marker(pytest.mark.costly)
         module = getattr(item.module, "__name__", "")
         params = item.callspec.params if hasattr(item, "callspec") else {}
         impl = params.get("impl")
@@ -102,3 +129,18 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_sep("-", "verification caches and memory mappings")
         for line in lines:
             terminalreporter.write_line(line)
+
+
+_durations: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report):
+    # under pytest-xdist the controller receives every worker's reports
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + report.duration
+
+
+def pytest_sessionfinish(session):
+    if not session.config.getoption("store_durations") or hasattr(session.config, "workerinput"):
+        return
+    merged = {**DURATIONS, **{nodeid: round(seconds, 2) for nodeid, seconds in _durations.items()}}
+    DURATIONS_PATH.write_text(json.dumps(dict(sorted(merged.items())), indent=0) + "\n")

@@ -124,10 +124,14 @@ PAIRS = [
         impl,
         case,
         id=f"{impl}-{case.label}",
-        marks=[pytest.mark.xdist_group(case.label), *([pytest.mark.slow] if case.slow else [])],
+        marks=[
+            pytest.mark.xdist_group(case.label),
+            *([pytest.mark.slow] if case.slow else []),
+            *([pytest.mark.quick] if i == 0 else []),  # each implementation's first case: in the quick run
+        ],
     )
     for impl in registry.names(fast=True)
-    for case in cases_for(impl)
+    for i, case in enumerate(cases_for(impl))
 ]
 
 
