@@ -64,7 +64,7 @@ def pytest_collection_modifyitems(items):
     # the workers take the long ones early and the many short ones last, so neither waits on the other
     # at the end (longest first); pytest-xdist then orders the groups by size, the slow grid's first.
     # (Not by recorded cost: that interleaves the modules, and each module's fixtures and compiled
-    # programs are then set up again every time its tests resume, about 10% more CI time.)
+    # programs are then set up again every time its tests resume: a CI run slowed by it was stopped.)
     items[:] = sorted(items, key=lambda item: item.get_closest_marker("slow") is None)
     for item in items:
         if DURATIONS.get(item.nodeid, 0.0) > QUICK_SECONDS and item.get_closest_marker("quick") is None:
