@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -217,6 +218,63 @@ def test_a_kernel_without_the_candidate_path_has_no_fallback_cond_and_no_candida
     per = model.per_trip
     assert r.cycles == pytest.approx(100_000 + 0.5 * per["top_p"] + 12 * per["draw"])
     assert all(cycles >= 0 for cycles in r.stages.values())
+
+
+class _OutOfVmem:
+    """A profiling worker whose every compile runs out of VMEM, as libtpu words it."""
+
+    error = (
+        "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space vmem. "
+        "Used 159.71M of 128.00M vmem. Exceeded vmem capacity by 31.71M."
+    )
+
+    def compile(self, job):
+        return {"ok": False, "error": self.error, "cycles": {}}
+
+
+class _Plain:
+    """The unprofiled worker: records its jobs and answers whether the kernel fits."""
+
+    instances: ClassVar[list] = []
+
+    def __init__(self, fits: bool, profile: bool = True):
+        assert profile is False
+        self.fits, self.jobs = fits, []
+        _Plain.instances.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+    def compile(self, job):
+        self.jobs.append(job)
+        if not self.fits:
+            return {"ok": False, "error": "a VMEM error of the kernel itself", "cycles": {}}
+        return {"ok": True, "error": "", "cycles": {}, "vmem_used_bytes": 47.5 * 2**20, "vmem_limit_bytes": 112 * 2**20}
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_a_profiled_compile_out_of_vmem_says_whether_the_kernel_itself_fits(monkeypatch, fits):
+    """libtpu's profile flag raises the kernel's VMEM use: a configuration the profiled compile cannot fit
+    is compiled again without the flag (the real program, no fixed trips). Where that fits, the table says
+    the estimate alone is missing, with both figures; where it does not, the compiler's error stands."""
+    import functools
+
+    _Plain.instances.clear()
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, p: (FULL, _per_block({5: [1] * 4})))
+    monkeypatch.setattr(estimate, "ProfileWorker", functools.partial(_Plain, fits))
+    r = estimate.estimate(estimate.EstimateCase("v5e", 64, 256000, "bfloat16", "full"), _OutOfVmem())
+    assert not r.ok
+    (plain,) = _Plain.instances
+    assert [job["trips"] for job in plain.jobs] == [None]
+    assert plain.jobs[0]["vocab"] == 256000 and plain.jobs[0]["dtype"] == "bfloat16"
+    if fits:
+        assert r.error.startswith("no estimate: libtpu's profiling compile needs 159.71 MiB of VMEM")
+        assert "the kernel itself compiles and uses 47.5 MiB of its 112.0 MiB limit" in r.error
+    else:
+        assert r.error == _OutOfVmem.error
 
 
 def test_greedy_has_no_loops_and_v4_is_refused_before_any_compile(monkeypatch):
