@@ -456,8 +456,9 @@ def estimate(
             result.stages = _stage_breakdown(case, stages, fixed, result.compiled_cycles, cycles)
     except _CompileFailed as err:
         result.error = str(err)
-        if _VMEM_EXHAUSTED.search(result.error):
-            result.error = _profiled_vmem_diagnosis(base_job, result.error)
+        out_of_vmem = _VMEM_EXHAUSTED.search(result.error)
+        if out_of_vmem:
+            result.error = _profiled_vmem_diagnosis(base_job, result.error, out_of_vmem)
         return result
     result.ok = True
     return result
@@ -467,13 +468,13 @@ def estimate(
 _VMEM_EXHAUSTED = re.compile(r"Ran out of memory in memory space vmem\. Used ([\d.]+)M of ([\d.]+)M")
 
 
-def _profiled_vmem_diagnosis(job: dict[str, Any], error: str) -> str:
+def _profiled_vmem_diagnosis(job: dict[str, Any], error: str, used: re.Match) -> str:
     """Why a profiled compile ran out of VMEM: libtpu's static-profile flag alone raises the kernel's
     scoped VMEM (measured, libtpu 0.0.42, v5e, B=64, V=256000, bfloat16, top-p: 47.5 MiB compiled
     plainly, 159.6 MiB with the flag, over the 128 MiB there are). The same configuration is compiled
     again without the flag: where it fits, the kernel runs and only the estimate is missing, which the
-    message says; where it does not, the compiler's own error stands (a block-size policy bug)."""
-    used = _VMEM_EXHAUSTED.search(error)
+    message says; where it does not, the compiler's own error stands (a block-size policy bug). `used`:
+    `_VMEM_EXHAUSTED`'s match in `error`."""
     try:
         with ProfileWorker(profile=False) as plain:
             answer = plain.compile({**job, "trips": None})
