@@ -6,15 +6,21 @@ values with their vocabulary indices and the third largest value (`column_pass`)
 (W = groups x 128 lanes) and R x W *third* values. The pass is a few VALU operations per vreg; the loads
 of the logits are what bounds it.
 
+The searches then run on a second, smaller level (`fold`): the candidates' 2W lanes fall onto
+FOLD_GROUPS x 128 lanes, and each of those keeps the FOLD_KEEP largest values folded onto it (with their
+indices) and, as its *bound*, the largest of the rest and of the third values folded onto it. Every
+pass of the searches and the draw touches every candidate, so a smaller set is what makes them cheap.
+
 Every threshold of the spec is then searched over the candidates alone, and is exact whenever the kept
-set lies among them: every value outside the candidates is at most the row's largest third value s3,
-so when the combined top-k / top-p threshold is above s3 (or, with min-p alone, min-p drops s3), each
-token >= the threshold is a candidate, the counts and masses the searches see above s3 are the row's,
-and the kept set, the kept mass and the draw (smallest vocabulary index whose kept prefix exceeds
-u x mass, by bisection on the candidates' indices) are the spec's. Where that does not hold for some
-row (a k too large for the candidates, a flat distribution's top-p, ties at the threshold outside the
-candidates, a +inf logit, temperature alone), the caller runs the whole-row path for the block instead
-(`fallback`); `vsampler.kernels.sampler` composes the two.
+set lies among them: every value outside the candidates is at most the row's largest bound s3 (a value
+outside the first level is at most its column lane's third value, and the bounds take in those and every
+value the fold dropped), so when the combined top-k / top-p threshold is above s3 (or, with min-p alone,
+min-p drops s3), each token >= the threshold is a candidate, the counts and masses the searches see
+above s3 are the row's, and the kept set, the kept mass and the draw (smallest vocabulary index whose
+kept prefix exceeds u x mass, by bisection on the candidates' indices) are the spec's. Where that does
+not hold for some row (a k too large for the candidates, a flat distribution's top-p, ties at the
+threshold outside the candidates, a +inf logit, temperature alone), the caller runs the whole-row path
+for the block instead (`fallback`); `vsampler.kernels.sampler` composes the two.
 
 Top-p without top-k needs the row's whole mass: one more pass (`row_mass`) on the rows that need it.
 Reference: `vsampler.core.reference`.
@@ -36,10 +42,22 @@ from vsampler.core.numerics import NEG_INF, narrow
 LANES = 128
 GROUPS = 32  # column groups: 2 x 4096 candidates per row (at least 3 of a top-50 share a column ~0.1%)
 UNROLL = 8  # vregs per column unrolled in the passes' inner loops
-# The searches over the candidates are bound by the latency of each pass's row reductions (~650 cycles
-# a pass on v5e whatever its width), not by their operations: each pass evaluates several points.
+# A pass of the searches over the candidates costs both each point's compare-select-add over every
+# candidate vreg and its row reduction's latency, so each pass evaluates several points (v5e, B=64,
+# V=128256, float32, top_k, fixed trips, folded candidates: 7 x 4 as here 83,542 cycles; 15 x 3 86,623;
+# 3 x 6 86,284; draw splits 7: 84,055, 1: 88,993).
 SEARCH_SPLITS, SEARCH_PASSES = 7, 4  # the searches' plain passes: 8 sub-brackets each, 4096x narrower
 DRAW_SPLITS = 3  # the draw's index search: DRAW_SPLITS + 1 sub-ranges a pass
+# The fold (`fold`): the first level's 2W candidates (64 lane groups at 4096 columns) onto FOLD_GROUPS
+# lane groups, 16 values a lane, FOLD_KEEP kept: 2,048 candidates a row instead of 8,192, so every search
+# and draw pass reads 4x fewer vregs (a 16-row block's search pass was 787 bundles, 7 x 128 compares).
+# Static estimate, v5e, B=64, V=128256, the workload's trips, float32 / bfloat16: top_k 107,895 /
+# 101,792 cycles unfolded, 91,586 / 82,465 folded; full 147,757 / 137,241 -> 118,096 / 108,396; blocks
+# falling back still 3.1%. Measured with fixed trips (top_k float32), other shapes: 4 groups keeping 3
+# 81,697 (but 4.7% of blocks fell back: four of a top-50 on one of 512 lanes), 8 keeping 3 85,288,
+# 8 keeping 2 82,231, 2 keeping 4 81,328 or 5 82,519 (more fallbacks for a larger k).
+FOLD_GROUPS = 4
+FOLD_KEEP = 4  # values kept per folded lane
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +84,15 @@ class ColumnLayout:
     @property
     def width(self) -> int:
         return self.groups * LANES
+
+    @property
+    def fold_groups(self) -> int | None:
+        """The folded candidates' lane groups (`fold`), or None where folding would not shrink them: the
+        first level's 2 x `groups` lane groups must fall evenly onto FOLD_GROUPS, more than FOLD_KEEP
+        values a folded lane (so from about 1000 vocabulary up)."""
+        if self.groups % FOLD_GROUPS or 2 * self.groups // FOLD_GROUPS <= FOLD_KEEP:
+            return None
+        return FOLD_GROUPS
 
     @property
     def partial(self) -> bool:
@@ -214,6 +241,49 @@ def drop_candidates(values: jax.Array, ids: jax.Array, dropped: jax.Array) -> tu
     return jnp.concatenate([first_v, second_v], axis=1), jnp.concatenate([first_i, second_i], axis=1)
 
 
+def _insert(acc: tuple, x: jax.Array, idx: jax.Array) -> tuple:
+    """Insertion into a folded lane's FOLD_KEEP largest values (largest first), their indices, and the
+    largest of the rest (the lane's bound); a later value equal to a held one goes below it. Compares
+    and selects, as `_top_two`: a -inf value (an empty candidate slot) never displaces one."""
+    held, held_ids, rest = acc
+    above = [x > a for a in held]
+    values, ids = [], []
+    for j, (a, i) in enumerate(zip(held, held_ids, strict=True)):
+        if j == 0:
+            values.append(jnp.where(above[0], x, a))
+            ids.append(jnp.where(above[0], idx, i))
+        else:
+            values.append(jnp.where(above[j - 1], held[j - 1], jnp.where(above[j], x, a)))
+            ids.append(jnp.where(above[j - 1], held_ids[j - 1], jnp.where(above[j], idx, i)))
+    return tuple(values), tuple(ids), jnp.maximum(rest, jnp.where(above[-1], held[-1], x))
+
+
+def fold(
+    values: jax.Array, ids: jax.Array, third: jax.Array, layout: ColumnLayout
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The second level of candidates: `values` / `ids` (R, 2W) and `third` (R, W) from the column pass
+    (after `drop_candidates`) -> values / ids (R, FOLD_KEEP x G) and bounds (R, G), G =
+    `layout.fold_groups` x 128 lanes. Lane group j of the candidates falls on folded group j %
+    fold_groups; each folded lane keeps the FOLD_KEEP largest values that fall on it (-inf, index 0,
+    where fewer are finite), and its bound is the largest of the others and of the third values folded
+    onto it, so every row value outside the folded candidates is at most the row's largest bound.
+    Where `layout.fold_groups` is None the candidates come back as they are, with `third` as the
+    bounds."""
+    groups = layout.fold_groups
+    if groups is None:
+        return values, ids, third
+    width = groups * LANES
+    rows = values.shape[0]
+    ninf = jnp.full((rows, width), NEG_INF, jnp.float32)
+    acc = ((ninf,) * FOLD_KEEP, (jnp.zeros((rows, width), jnp.int32),) * FOLD_KEEP, ninf)
+    for start in range(0, values.shape[1], width):
+        acc = _insert(acc, values[:, start : start + width], ids[:, start : start + width])
+    held, held_ids, bound = acc
+    for start in range(0, third.shape[1], width):
+        bound = jnp.maximum(bound, third[:, start : start + width])
+    return jnp.concatenate(held, axis=1), jnp.concatenate(held_ids, axis=1), bound
+
+
 def row_mass(
     x_ref, layout: ColumnLayout, prepare: Prepare, inverse_t: jax.Array, s_max: jax.Array, weight
 ) -> jax.Array:
@@ -245,7 +315,7 @@ class CandidateResult:
 def sample(
     values: jax.Array,
     ids: jax.Array,
-    third: jax.Array,
+    bound: jax.Array,
     *,
     temperature: jax.Array,
     k: jax.Array | None,
@@ -260,20 +330,22 @@ def sample(
     reductions: RowReductions = RowReductions(),
     fixed: loop_trips.FixedTrips | None,
 ) -> CandidateResult:
-    """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, 2C),
-    `third` (R, C); per-row (R, 1) parameters (`k`, `p`, `min_p`: None when the stage is off for the
-    block). `row_mass(inverse_t, s_max)`: the whole rows' mass (needed by top-p without top-k).
-    `search` is `vsampler.core.numerics.largest_value_with_trips`, `weight` `numerics.weight`,
-    `inverse_temperature` stage 6's factor (`numerics.inverse_temperature`).
+    """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, n x 128),
+    `bound` (R, m x 128), every row value outside the candidates at most the row's largest bound (the
+    first level's third values, or the folded bounds of `fold`); per-row (R, 1) parameters (`k`, `p`,
+    `min_p`: None when the stage is off for the block). `row_mass(inverse_t, s_max)`: the whole rows'
+    mass (needed by top-p without top-k). `search` is `vsampler.core.numerics.largest_value_with_trips`,
+    `weight` `numerics.weight`, `inverse_temperature` stage 6's factor (`numerics.inverse_temperature`).
 
     A random row is exact (`fallback` stays False for it) when no value outside the candidates can be
-    kept (all are <= s3, the largest third value):
+    kept (all are <= s3, the largest bound):
       - top-k on: its k-th largest candidate is above s3 (then it is the row's k-th largest); top-k
         asked for but k at least the finite candidates: nothing lies outside them;
       - top-p on: the candidates hold the target mass (over the top-k set, or the whole row's);
       - the kept set's lower bound is above s3: the threshold, or min-p's cut when min-p drops s3 (a
         top-p threshold below s3 is then below the cut in the row too, so the kept sets agree);
-    and no logit is +inf. Greedy rows (the first index of the maximum) are exact unless +inf."""
+    and no logit is +inf. A greedy row (the first index of the maximum) is exact when no value outside
+    the candidates ties its maximum, and no logit is +inf."""
     row_min, row_max, row_sum = reductions.min, reductions.max, reductions.sum
     reductions = {"column_min": row_min, "column_max": row_max}
     x_max = row_max(values)
@@ -283,8 +355,12 @@ def sample(
     inverse_t = inverse_temperature(temperature, x_max)
     s = values * inverse_t
     s_max = x_max * inverse_t
-    s3 = row_max(third) * inverse_t  # the largest value outside the candidates
+    bound_max = row_max(bound)
+    s3 = bound_max * inverse_t  # at least every value outside the candidates
     outside = s3 > NEG_INF
+    # a greedy row's token, the first index of the maximum, is a candidate unless a value outside them
+    # ties the maximum (the fold keeps equal values in lane order, not vocabulary order)
+    first_max_held = bound_max < x_max
     e = weight(s, s_max)
     has_values = s_max > NEG_INF
     finite = s > NEG_INF
@@ -384,5 +460,6 @@ def sample(
     sampled = jnp.where(kept_mass > target, sampled, last_kept)
     sampled = jnp.where(kept_mass > 0, sampled, 0)
     token = jnp.where(greedy, first_max, sampled)
-    row_ok = (x_max < jnp.inf) & (greedy | exact)
+    # (logical operations: Mosaic cannot select between boolean vectors)
+    row_ok = (x_max < jnp.inf) & ((greedy & (first_max_held | ~outside)) | (~greedy & exact))
     return CandidateResult(token, threshold, s_max, kept_mass, x_max, ~jnp.all(row_ok), trips)

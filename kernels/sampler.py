@@ -31,8 +31,9 @@ call; an in-kernel scatter would instead be B * L scalar-driven tile updates (Mo
 128-aligned lane offsets).
 
 With top-k or min-p on (and no mask), stages 5-10 first run on the block's column candidates
-(`candidates.py`: one pass keeps each column lane's two largest values and the third); only a block in
-which some row's kept set could reach beyond them runs the whole-row stages above (the cond "fallback").
+(`candidates.py`: one pass keeps each column lane's two largest values and the third, then a fold keeps
+the three largest of each 16 of those); only a block in which some row's kept set could reach beyond
+them runs the whole-row stages above (the cond "fallback").
 
 The searches are the same as the XLA path's (`vsampler.impls.xla`): value bisection whose ends snap to the
 row's own values, so thresholds are exact token values and the kept sets equal the reference's.
@@ -521,10 +522,11 @@ def fused_sampler_kernel(
         values, ids = values_ref[...], ids_ref[...]
         if min_tokens:
             values, ids = candidates.drop_candidates(values, ids, too_early & is_eos_id(ids))
+        values, ids, bound = candidates.fold(values, ids, third_ref[...], layout)
         fast = candidates.sample(
             values,
             ids,
-            third_ref[...],
+            bound,
             temperature=rows[:, T : T + 1],
             k=rows[:, TOP_K : TOP_K + 1] if top_k else None,
             p=rows[:, TOP_P : TOP_P + 1] if top_p else None,

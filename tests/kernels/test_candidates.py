@@ -82,6 +82,74 @@ def test_the_column_pass_keeps_each_columns_two_largest_and_the_third(vocab):
     np.testing.assert_array_equal(ids[held], want_ids[held])
 
 
+@pytest.mark.parametrize("vocab", [2048, 9000, 128256])
+def test_the_fold_keeps_each_folded_lanes_largest_and_bounds_the_rest(vocab):
+    """`candidates.fold` against numpy: each folded lane holds the FOLD_KEEP largest of the candidates that
+    fall on it (lane group j on j % fold_groups; equal values in lane-group order), with their ids, and
+    its bound is the largest of the others and of the third values folded onto it, so no value outside
+    the folded candidates is above its row's largest bound. Ties, empty (-inf) slots and rows with fewer
+    finite candidates than slots included."""
+    layout = candidates.ColumnLayout.of(vocab)
+    groups = layout.fold_groups
+    assert groups == candidates.FOLD_GROUPS
+    rng = np.random.default_rng(vocab)
+    rows, n = 8, 2 * layout.width
+    values = np.round(rng.standard_normal((rows, n)) * 2).astype(np.float32)  # ties
+    values[0, ::3] = -np.inf  # empty slots (a column holding fewer values, a dropped candidate)
+    values[1] = -np.inf
+    values[1, 7] = 1.0  # one finite candidate
+    ids = rng.permutation(rows * n).reshape(rows, n).astype(np.int32)
+    third = np.minimum(np.round(rng.standard_normal((rows, layout.width)) * 2), values[:, : layout.width])
+    third = third.astype(np.float32)
+    folded = jax.jit(candidates.fold, static_argnums=3)(values, ids, third, layout)
+    got_v, got_i, got_b = (np.asarray(a) for a in folded)
+    width, keep = groups * 128, candidates.FOLD_KEEP
+    assert got_v.shape == got_i.shape == (rows, keep * width) and got_b.shape == (rows, width)
+    for r in range(rows):
+        for lane in range(width):
+            falling = [j for j in range(lane, n, width)]  # lane-group order, the fold's
+            order = sorted(falling, key=lambda j: -values[r, j])  # stable: earlier lane group first
+            kept, rest = order[:keep], order[keep:]
+            for slot, j in enumerate(kept):
+                assert got_v[r, slot * width + lane] == values[r, j]
+                if values[r, j] > -np.inf:
+                    assert got_i[r, slot * width + lane] == ids[r, j]
+            for slot in range(len(kept), keep):
+                assert got_v[r, slot * width + lane] == -np.inf
+            folded_thirds = third[r, lane::width]
+            want_bound = max([values[r, j] for j in rest] + list(folded_thirds) + [-np.inf])
+            assert got_b[r, lane] == want_bound
+    # too few lane groups to shrink: the candidates as they are
+    small = candidates.ColumnLayout.of(300)
+    assert small.fold_groups is None
+    same = candidates.fold(values[:, :768], ids[:, :768], third[:, :384], small)
+    given = (values[:, :768], ids[:, :768], third[:, :384])
+    assert all(np.array_equal(a, b) for a, b in zip(same, given, strict=True))
+
+
+def test_a_greedy_row_whose_maximum_ties_outside_the_folded_candidates_falls_back():
+    """The fold keeps equal values in lane-group order, not vocabulary order: FOLD_KEEP + 1 tokens share
+    a row's maximum and fall on one folded lane, the lowest id last, so the folded candidates hold the
+    others. The greedy row's token (the first index of the maximum) is then not decided by the
+    candidates: the block falls back, and the token is the reference's."""
+    batch, vocab = 8, 12000
+    layout = candidates.ColumnLayout.of(vocab)
+    assert layout.groups == 32 and layout.fold_groups == 4
+    x = np.array(jax.random.normal(jax.random.key(5), (batch, vocab))) * 0.1
+    # lane 0 of columns 0, 4, 8, ... (their second vregs: ids 4096, 4608, 5120, ...) and of column 28 (its
+    # first vreg: id 3584, the lowest): first-level lane groups 0, 4, 8, ... and 28, all on folded group 0
+    maxima = [4096 + 4 * 128 * j for j in range(candidates.FOLD_KEEP)] + [3584]
+    assert len(maxima) == len({(i // 128) % 32 for i in maxima}) and max(maxima) < 8192 - 128
+    for i in maxima:
+        x[0, i] = 5.0
+    params = SamplingParams(temperature=np.array([0.0] + [1.0] * 7, np.float32), top_k=5)
+    keys = jax.random.split(jax.random.key(6), batch)
+    tokens, stats, _ = _launch(jnp.asarray(x), params, vocab, keys)
+    assert tokens[0] == 3584
+    assert stats[0, FALLBACK_COLUMN] > 0, "the block fell back to the whole-row path"
+    np.testing.assert_array_equal(tokens, np.asarray(sample(jnp.asarray(x), params, keys, impl="reference")))
+
+
 def _launch(x, case_params, vocab, keys, **kw):
     """The resident kernel on logits `x` with a verification config's parameters: (tokens, stats)."""
     from vsampler.core.inputs import prepare
