@@ -89,7 +89,8 @@ class ColumnLayout:
     def fold_groups(self) -> int | None:
         """The folded candidates' lane groups (`fold`), or None where folding would not shrink them: the
         first level's 2 x `groups` lane groups must fall evenly onto FOLD_GROUPS, more than FOLD_KEEP
-        values a folded lane (so from about 1000 vocabulary up)."""
+        values a folded lane (12 or more column groups, a multiple of 4: every vocabulary from 3,969 up,
+        where there are 32)."""
         if self.groups % FOLD_GROUPS or 2 * self.groups // FOLD_GROUPS <= FOLD_KEEP:
             return None
         return FOLD_GROUPS

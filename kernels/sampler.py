@@ -32,7 +32,7 @@ call; an in-kernel scatter would instead be B * L scalar-driven tile updates (Mo
 
 With top-k or min-p on (and no mask), stages 5-10 first run on the block's column candidates
 (`candidates.py`: one pass keeps each column lane's two largest values and the third, then a fold keeps
-the three largest of each 16 of those); only a block in which some row's kept set could reach beyond
+the four largest of each 16 of those); only a block in which some row's kept set could reach beyond
 them runs the whole-row stages above (the cond "fallback").
 
 The searches are the same as the XLA path's (`vsampler.impls.xla`): value bisection whose ends snap to the

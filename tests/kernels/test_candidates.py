@@ -1,5 +1,6 @@
 """The resident kernel's candidate fast path (`vsampler.kernels.candidates`), in interpret mode: the column
-pass keeps exactly each column's two largest values (with their first indices) and the third, and the
+pass keeps exactly each column's two largest values (with their first indices) and the third, the fold
+keeps each folded lane's largest and bounds the rest, and the
 kernel's tokens and kept sets equal the reference's both where the candidates decide a block and where
 the block falls back to the whole-row path (which the statistics columns say)."""
 
