@@ -394,6 +394,49 @@ def test_the_kernels_data_dependent_loops_are_counted_through_their_trips(libtpu
     assert sum(r.stages.values()) == r.compiled_cycles
 
 
+# what a compile worker left on its stderr when libtpu's process aborted (the core-dump hook's lines last)
+_ABORT_TAIL = """\
+terminate called after throwing an instance of 'std::bad_alloc'
+  what():  std::bad_alloc
+E1206 07:39:46.545164   24747 coredump_hook.cc:442] RAW: Remote crash data gathering hook invoked.
+E1206 07:39:46.545164   24747 coredump_hook.cc:481] RAW: Skipping coredump since rlimit was 0 at process start.
+E1206 07:39:46.545164   24747 client.cc:269] RAW: Coroner client retries enabled, will retry for up to 30 sec.
+E1206 07:39:46.545164   24747 coredump_hook.cc:537] RAW: Sending fingerprint to remote end.
+E1206 07:39:46.545164   24747 coredump_hook.cc:546] RAW: Cannot send fingerprint to Coroner: [NOT_FOUND] stat failed
+ on crash reporting socket /var/google/services/logmanagerd/remote_coredump.socket (Is the listener running?)
+E1206 07:39:46.545164   24747 coredump_hook.cc:467] RAW: Dumping core locally.
+E1206 07:39:46.694366   24747 process_state.cc:708] RAW:
+"""
+
+
+@pytest.mark.parametrize(
+    ("returncode", "stderr", "says"),
+    [
+        (-6, _ABORT_TAIL, ["SIGABRT", "std::bad_alloc"]),
+        (-9, "", ["SIGKILL", "out of memory", "nothing on its stderr"]),
+        (
+            -6,
+            "I1206 load\nF1206 04:51:40.1 12 dma_model.cc:88] Check failed: Dma latency model\n"
+            "*** Check failure stack trace: ***\n    @     0x7f  (unknown)\n",
+            ["SIGABRT", "Dma latency model"],
+        ),
+        (
+            1,
+            'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: no such generation\n',
+            ["status 1", "ValueError: no such generation"],
+        ),
+    ],
+)
+def test_a_dead_workers_message_says_how_it_ended_and_why_not_the_crash_handlers_lines(returncode, stderr, says):
+    """`estimate.death_message`: the signal (or exit status) and the most telling stderr line, never the
+    core-dump hook's (a real abort's tail, from a B=256 profiled compile that ran out of host memory, once
+    read "eporting socket /var/google/services/logmanagerd/...")."""
+    message = estimate.death_message(returncode, stderr)
+    for part in says:
+        assert part in message
+    assert "coredump" not in message and "logmanagerd" not in message and "RAW:" not in message
+
+
 @pytest.mark.slow
 def test_a_generation_the_model_aborts_on_is_reported_not_crashed(libtpu):
     with estimate.ProfileWorker() as worker:

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -77,6 +78,39 @@ class TpuEstimateUnavailable(RuntimeError):
 
 class WorkerDied(TpuEstimateUnavailable):
     """The compile worker exited during a compile (libtpu aborted): that configuration has no estimate."""
+
+
+# what a dying compile worker's stderr says that matters, most telling first; and the lines of the
+# crash handlers (a core-dump hook, a stack dump) that say nothing about why
+_DEATH_CLUES = (
+    re.compile(r"^F\d{4} "),  # a glog FATAL line: libtpu's own check
+    re.compile(r"Check failed|RESOURCE_EXHAUSTED|bad_alloc|Cannot allocate memory|MemoryError|out of memory", re.I),
+    re.compile(r"^terminate called|^\w*Error: "),
+)
+_CRASH_NOISE = re.compile(r"coredump|process_state\.cc|logmanagerd|RAW: |^\*\*\* |^PC: |^\s+@\s")
+
+
+def death_message(returncode: int | None, stderr: str) -> str:
+    """Why the compile worker died, in one line: how it ended (an exit status, or the signal that killed
+    it: SIGKILL is most often the host running out of memory) and the most telling line of its stderr
+    (a libtpu FATAL check, an allocation failure, a Python error), not the crash handlers' own lines."""
+    if returncode is None:
+        how = "stopped answering"
+    elif returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        how = f"was killed by {name}" + (" (the host out of memory?)" if name == "SIGKILL" else "")
+    else:
+        how = f"exited with status {returncode}"
+    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not _CRASH_NOISE.search(line)]
+    for clue in _DEATH_CLUES:
+        found = [line for line in lines if clue.search(line)]
+        if found:
+            return f"libtpu aborted the profiling compile (the worker {how}): {found[0][:400]}"
+    last = f": {lines[-1][:400]}" if lines else " (nothing on its stderr)"
+    return f"libtpu aborted the profiling compile (the worker {how}){last}"
 
 
 def read_static_profile(directory: str | os.PathLike) -> dict[str, int]:
@@ -148,10 +182,12 @@ class ProfileWorker:
                     return json.loads(line[len(_RESULT_PREFIX) :])
         except BrokenPipeError:
             pass
+        try:
+            returncode = self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            returncode = None
         self._stderr.seek(0)
-        tail = self._stderr.read()[-2000:]
-        fatal = [line for line in tail.splitlines() if line.startswith("F")]
-        raise WorkerDied(f"libtpu aborted the profiling compile: {(fatal or [tail.strip()[-300:]])[0][:400]}")
+        raise WorkerDied(death_message(returncode, self._stderr.read()[-20000:]))
 
     def close(self) -> None:
         if self._proc.poll() is None:
