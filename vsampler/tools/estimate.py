@@ -81,13 +81,14 @@ class WorkerDied(TpuEstimateUnavailable):
 
 
 # what a dying compile worker's stderr says that matters, most telling first; and the lines of the
-# crash handlers (a core-dump hook, a stack dump) that say nothing about why
+# crash handlers (a core-dump hook, a stack dump) that say nothing about why, unless they are FATAL
+_FATAL = re.compile(r"^F\d{4} ")  # a glog FATAL line: libtpu's own check, or its allocator's
 _DEATH_CLUES = (
-    re.compile(r"^F\d{4} "),  # a glog FATAL line: libtpu's own check
-    re.compile(r"Check failed|RESOURCE_EXHAUSTED|bad_alloc|Cannot allocate memory|MemoryError|out of memory", re.I),
+    _FATAL,
+    re.compile(r"Check failed|RESOURCE_EXHAUSTED|bad_alloc|Cannot allocate|MemoryError|out of memory", re.I),
     re.compile(r"^terminate called|^\w*Error: "),
 )
-_CRASH_NOISE = re.compile(r"coredump|process_state\.cc|logmanagerd|RAW: |^\*\*\* |^PC: |^\s+@\s")
+_CRASH_NOISE = re.compile(r"coredump|process_state\.cc|logmanagerd|RAW: |^\*\*\* |^PC: |^\s*@\s")
 
 
 def death_message(returncode: int | None, stderr: str) -> str:
@@ -104,11 +105,13 @@ def death_message(returncode: int | None, stderr: str) -> str:
         how = f"was killed by {name}" + (" (the host out of memory?)" if name == "SIGKILL" else "")
     else:
         how = f"exited with status {returncode}"
-    lines = [line.strip() for line in stderr.splitlines() if line.strip() and not _CRASH_NOISE.search(line)]
+    lines = [line.strip() for line in stderr.splitlines()]
+    lines = [line for line in lines if line and (_FATAL.search(line) or not _CRASH_NOISE.search(line))]
     for clue in _DEATH_CLUES:
         found = [line for line in lines if clue.search(line)]
         if found:
-            return f"libtpu aborted the profiling compile (the worker {how}): {found[0][:400]}"
+            why = " (ENOMEM: the host out of memory)" if "mmap error: 12" in found[0] else ""
+            return f"libtpu aborted the profiling compile (the worker {how}): {found[0][:400]}{why}"
     last = f": {lines[-1][:400]}" if lines else " (nothing on its stderr)"
     return f"libtpu aborted the profiling compile (the worker {how}){last}"
 
