@@ -15,6 +15,7 @@ import pytest
 from vsampler.kernels import block_sizes, chunked_passes
 from vsampler.kernels import sampler as kernel
 
+from vsampler.core import trips
 from vsampler.core.numerics import MAX_PASSES
 from vsampler.tools import estimate
 
@@ -130,6 +131,27 @@ def test_mean_trips_per_block_are_counted_exactly_where_the_model_is_linear(monk
     assert len(model.jobs) == 1
     assert r.floor_seconds == pytest.approx((64 * 128256 * 2 + 1536) / 8.2e11)
     assert r.x_floor == pytest.approx(r.seconds / r.floor_seconds)
+
+
+def test_fixed_sites_keep_what_a_launch_computes_to_decide_them():
+    """With fixed trips (the estimate's compiles) a cond runs the branch named and a loop the trips named,
+    but the cond's predicate and the loop's condition (before each trip and after the last) stay in the
+    program: their values come back as the site's count, so the compiler cannot drop them and all that
+    fed only them. Dropped, they were never counted: the resident kernel's fallback predicate and the
+    third values its column pass keeps for it, 5.9k cycles of `top_k`'s 89.4k (B=64, V=128256, float32,
+    v5e); the top-p search's and the draw's loop conditions, 7.9k of `top_p`'s 244.9k."""
+    import jax
+    import jax.numpy as jnp
+
+    fixed = trips.FixedTrips.of({"c": 1, "w": 3})
+    out, flag = jax.jit(lambda p: trips.cond("c", fixed, p, lambda: jnp.int32(1), lambda: jnp.int32(2)))(False)
+    assert int(out) == 1 and int(flag) == 0  # the branch named; the predicate's own value
+    state, going_on = jax.jit(lambda x: trips.while_loop("w", fixed, lambda s: s < 2, lambda s: s + 1, x))(0)
+    assert int(state) == 3  # three trips, whatever the condition says
+    assert int(going_on) == 2  # it said go on before the first two (at 0, 1), stop before the third and after
+    # a launch (no fixed trips) is the plain loop and cond
+    state, n = jax.jit(lambda x: trips.while_loop("w", None, lambda s: s < 2, lambda s: s + 1, x))(0)
+    assert (int(state), int(n)) == (2, 2)
 
 
 def test_batches_measured_on_the_same_rows_share_their_trips(monkeypatch):
