@@ -41,7 +41,14 @@ from vsampler.core.numerics import NEG_INF, narrow
 
 LANES = 128
 GROUPS = 32  # column groups: 2 x 4096 candidates per row (at least 3 of a top-50 share a column ~0.1%)
-UNROLL = 8  # vregs per column unrolled in the passes' inner loops
+# A column pass folds COLUMNS_TOGETHER column groups at once, their vregs interleaved (each group's fold
+# is a chain of dependent insertions), UNROLL vregs a loop trip. Static estimate, fixed trips, V=128256,
+# one group at a time (8 vregs a trip) -> 2 at once (32): v5e top_k B=8 float32 22,928 -> 21,946 cycles,
+# bfloat16 19,273 -> 18,083; B=64 float32 89,392 -> 87,221, bfloat16 82,586 -> 78,865; full B=64 float32
+# 108,693 -> 105,784; v6e top_k B=64 float32 83,577 -> 80,371. (v5e B=64 top_k float32, others: 3 at
+# once 88,044, 4: 88,456, 8: 89,688, their accumulators spilling.)
+UNROLL = 32
+COLUMNS_TOGETHER = 2
 # A pass of the searches over the candidates costs both each point's compare-select-add over every
 # candidate vreg and its row reduction's latency, so each pass evaluates several points (v5e, B=64,
 # V=128256, float32, top_k, fixed trips, folded candidates: 7 x 4 as here 83,542 cycles; 15 x 3 86,623;
@@ -139,47 +146,83 @@ class RowReductions:
         return _lane_tree(a, jnp.add, jnp.sum) if self.tree else jnp.sum(a, axis=-1, keepdims=True)
 
 
-def _fold_column(x_ref, layout: ColumnLayout, prepare: Prepare, c, chunks: int, update, acc, last: bool, unroll: int):
-    """Folds `update(acc, values, idx)` over column group `c`'s first `chunks` vregs, then (`last`) its
-    tail vreg."""
+def _fold_columns(x_ref, layout: ColumnLayout, prepare: Prepare, columns: list, chunks: int, update, accs, unroll: int):
+    """Folds `update(acc, values, idx)` over the first `chunks` vregs of each column group in `columns`
+    (one acc each), their vregs interleaved in one loop: each column's fold is a dependency chain (every
+    insertion waits for the last), so several columns at once fill the VALU slots that one leaves idle."""
     rows = x_ref.shape[0]
     lane = lax.broadcasted_iota(jnp.int32, (rows, LANES), 1)
 
-    def step(j, acc):
+    def fold_vreg(j, c, acc):
         start = pl.multiple_of((j * layout.groups + c) * LANES, LANES)
         return update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
 
-    acc = lax.fori_loop(0, chunks, step, acc, unroll=max(1, min(unroll, chunks))) if chunks else acc
-    if last:
-        start = layout.vocab - LANES  # the row's last 128 lanes, static; lanes of the vreg before: -inf
-        idx = lane + start
-        first = (layout.main_chunks * layout.groups + layout.tail - 1) * LANES
-        x = prepare(x_ref[:, start : layout.vocab].astype(jnp.float32), idx)
-        acc = update(acc, jnp.where(idx >= first, x, NEG_INF), idx)
-    return acc
+    def step(j, accs):
+        return tuple(fold_vreg(j, c, acc) for c, acc in zip(columns, accs, strict=True))
+
+    if not chunks:
+        return accs
+    return lax.fori_loop(0, chunks, step, accs, unroll=max(1, min(unroll // len(columns), chunks)))
 
 
-def for_each_column(x_ref, layout: ColumnLayout, prepare: Prepare, init, update, finish, carry, unroll: int = UNROLL):
-    """`carry = finish(c, acc, carry)` for each column group c, `acc` being `init()` folded by
+def _fold_last(x_ref, layout: ColumnLayout, prepare: Prepare, update, acc):
+    """Folds the row's last, partial vreg into its column's `acc`: read as the row's last 128 lanes
+    (a static slice), the lanes of the vreg before masked to -inf."""
+    lane = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], LANES), 1)
+    start = layout.vocab - LANES
+    idx = lane + start
+    first = (layout.main_chunks * layout.groups + layout.tail - 1) * LANES
+    x = prepare(x_ref[:, start : layout.vocab].astype(jnp.float32), idx)
+    return update(acc, jnp.where(idx >= first, x, NEG_INF), idx)
+
+
+def for_each_column(
+    x_ref,
+    layout: ColumnLayout,
+    prepare: Prepare,
+    init,
+    update,
+    finish,
+    carry,
+    unroll: int = UNROLL,
+    together: int = COLUMNS_TOGETHER,
+):
+    """`carry = finish(c, acc, carry)` for each column group c in order, `acc` being `init()` folded by
     `update(acc, values, idx)` over the group's vregs in vocabulary order. `prepare(x, idx)` turns
-    each loaded vreg (float32) into the values folded (sanitising, masks)."""
+    each loaded vreg (float32) into the values folded (sanitising, masks). `together` columns are folded
+    at once (`_fold_columns`); `unroll` vregs a loop trip in all."""
     full_tail = layout.tail - 1 if layout.partial else layout.tail
+    lane = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], LANES), 1)
 
-    def column(c, carry, last: bool, with_tail: bool):
-        acc = _fold_column(x_ref, layout, prepare, c, layout.main_chunks, update, init(), False, unroll)
-        if with_tail:
-            start = pl.multiple_of((layout.main_chunks * layout.groups + c) * LANES, LANES)
-            lane = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], LANES), 1)
-            acc = update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
-        if last:
-            acc = _fold_column(x_ref, layout, prepare, c, 0, update, acc, True, unroll)
-        return finish(c, acc, carry)
+    def fold_tail(c, acc):  # the column's vreg after its main chunks
+        start = pl.multiple_of((layout.main_chunks * layout.groups + c) * LANES, LANES)
+        return update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
+
+    def columns(first, count: int, carry, with_tail: bool, last: bool = False):
+        cs = [first + i for i in range(count)]
+        accs = tuple(init() for _ in cs)
+        accs = _fold_columns(x_ref, layout, prepare, cs, layout.main_chunks, update, accs, unroll)
+        for c, acc in zip(cs, accs, strict=True):
+            if with_tail:
+                acc = fold_tail(c, acc)
+            if last:
+                acc = _fold_last(x_ref, layout, prepare, update, acc)
+            carry = finish(c, acc, carry)
+        return carry
+
+    def segment(lo: int, hi: int, carry, with_tail: bool):  # columns lo..hi-1, `together` at a time
+        sets, rest = divmod(hi - lo, together)
+        if sets:
+            carry = lax.fori_loop(0, sets, lambda s, k: columns(lo + s * together, together, k, with_tail), carry)
+        if rest:  # the last few columns at once, written out once
+            carry = columns(hi - rest, rest, carry, with_tail)
+        return carry
 
     # columns with a full tail vreg, the partial one's column (static), the columns without a tail vreg
-    carry = lax.fori_loop(0, full_tail, lambda c, k: column(c, k, False, True), carry)
+    carry = segment(0, full_tail, carry, True)
     if layout.partial:
-        carry = column(full_tail, carry, True, False)
-    return lax.fori_loop(layout.tail, layout.groups, lambda c, k: column(c, k, False, False), carry)
+        carry = columns(full_tail, 1, carry, False, last=True)
+    return segment(layout.tail, layout.groups, carry, False)
 
 
 def _top_two(acc, x, idx):
@@ -199,11 +242,19 @@ def _top_two(acc, x, idx):
 
 
 def column_pass(
-    x_ref, values_ref, ids_ref, third_ref, layout: ColumnLayout, prepare: Prepare, unroll: int = UNROLL
+    x_ref,
+    values_ref,
+    ids_ref,
+    third_ref,
+    layout: ColumnLayout,
+    prepare: Prepare,
+    unroll: int = UNROLL,
+    together: int = COLUMNS_TOGETHER,
 ) -> None:
     """Writes the block's candidates: values_ref / ids_ref (R, 2W) hold each column lane's largest value
     (lanes [0, W)) and second largest (lanes [W, 2W)) with their vocabulary indices, third_ref (R, W)
-    the third largest; -inf (index 0) where a column holds fewer values."""
+    the third largest; -inf (index 0) where a column holds fewer values. `unroll`, `together`:
+    `for_each_column`'s (the same values whatever they are)."""
     rows = x_ref.shape[0]
 
     def init():
@@ -222,7 +273,7 @@ def column_pass(
         third_ref[:, first] = a3
         return carry
 
-    for_each_column(x_ref, layout, prepare, init, _top_two, finish, 0, unroll)
+    for_each_column(x_ref, layout, prepare, init, _top_two, finish, 0, unroll, together)
 
 
 def drop_candidates(values: jax.Array, ids: jax.Array, dropped: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -286,9 +337,17 @@ def fold(
 
 
 def row_mass(
-    x_ref, layout: ColumnLayout, prepare: Prepare, inverse_t: jax.Array, s_max: jax.Array, weight
+    x_ref,
+    layout: ColumnLayout,
+    prepare: Prepare,
+    inverse_t: jax.Array,
+    s_max: jax.Array,
+    weight,
+    unroll: int = UNROLL,
+    together: int = COLUMNS_TOGETHER,
 ) -> jax.Array:
-    """(R, 1): each row's sum of `weight(x * inverse_t, s_max)` over the whole row (one pass)."""
+    """(R, 1): each row's sum of `weight(x * inverse_t, s_max)` over the whole row (one pass; `unroll`,
+    `together`: `for_each_column`'s, which leave the sum's order as it is)."""
     rows = x_ref.shape[0]
 
     def update(acc, x, _):
@@ -298,7 +357,7 @@ def row_mass(
         return total + acc
 
     zero = jnp.zeros((rows, LANES), jnp.float32)
-    total = for_each_column(x_ref, layout, prepare, lambda: zero, update, finish, zero)
+    total = for_each_column(x_ref, layout, prepare, lambda: zero, update, finish, zero, unroll, together)
     return jnp.sum(total, axis=-1, keepdims=True)
 
 

@@ -517,8 +517,10 @@ def fused_sampler_kernel(
         # stage 5's NaN needs nothing in these passes (they only compare); stage 4 is applied to the
         # candidates afterwards (a few vregs), not to every vreg of the block
         values_ref, ids_ref, third_ref = scratch
-        unroll = 1 if interpret else candidates.UNROLL
-        candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll)
+        # interpret mode: one column group at a time, unrolled once (its XLA compile grows with both;
+        # `test_candidates` checks the column pass's interleaved form against numpy)
+        unroll, together = (1, 1) if interpret else (candidates.UNROLL, candidates.COLUMNS_TOGETHER)
+        candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together)
         values, ids = values_ref[...], ids_ref[...]
         if min_tokens:
             values, ids = candidates.drop_candidates(values, ids, too_early & is_eos_id(ids))
@@ -533,7 +535,9 @@ def fused_sampler_kernel(
             min_p=rows[:, MIN_P : MIN_P + 1] if min_p else None,
             u=rows[:, U : U + 1],
             vocab=vocab,
-            row_mass=lambda inverse_t, s_max: candidates.row_mass(x_ref, layout, eos_masked, inverse_t, s_max, weight),
+            row_mass=lambda inverse_t, s_max: candidates.row_mass(
+                x_ref, layout, eos_masked, inverse_t, s_max, weight, unroll, together
+            ),
             search=largest_value_with_trips,
             weight=weight,
             inverse_temperature=inverse_temperature,

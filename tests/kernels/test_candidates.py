@@ -49,8 +49,11 @@ def _expected_candidates(x: np.ndarray, layout: candidates.ColumnLayout):
     return values, ids, third
 
 
+@pytest.mark.parametrize("together", [1, 3, candidates.COLUMNS_TOGETHER])
 @pytest.mark.parametrize("vocab", [128, 200, 4096, 4224, 9000, 16511])
-def test_the_column_pass_keeps_each_columns_two_largest_and_the_third(vocab):
+def test_the_column_pass_keeps_each_columns_two_largest_and_the_third(vocab, together):
+    """The column pass against numpy, folding one column group at a time (interpret mode's form), 3 at
+    once (sets and a remainder of columns) and as the Mosaic kernel does."""
     layout = candidates.ColumnLayout.of(vocab)
     vregs = -(-vocab // 128)
     assert sorted(_column_of(layout, v) for v in range(vregs)).count(0) >= 1
@@ -64,7 +67,13 @@ def test_the_column_pass_keeps_each_columns_two_largest_and_the_third(vocab):
 
     def kernel_body(x_ref, values_ref, ids_ref, third_ref):
         candidates.column_pass(
-            x_ref, values_ref, ids_ref, third_ref, layout, lambda v, idx: jnp.where(jnp.isnan(v), -jnp.inf, v)
+            x_ref,
+            values_ref,
+            ids_ref,
+            third_ref,
+            layout,
+            lambda v, idx: jnp.where(jnp.isnan(v), -jnp.inf, v),
+            together=together,
         )
 
     shapes = [(2 * layout.width, jnp.float32), (2 * layout.width, jnp.int32), (layout.width, jnp.float32)]
