@@ -29,6 +29,7 @@ Reference: `vsampler.core.reference`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -146,19 +147,21 @@ class RowReductions:
         return _lane_tree(a, jnp.add, jnp.sum) if self.tree else jnp.sum(a, axis=-1, keepdims=True)
 
 
+def _fold_vreg(x_ref, layout: ColumnLayout, prepare: Prepare, update, j, c, acc):
+    """Folds column group `c`'s vreg `j` (the row's vreg `j * groups + c`, a whole one) into `acc`."""
+    lane = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], LANES), 1)
+    start = pl.multiple_of((j * layout.groups + c) * LANES, LANES)
+    return update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
+
+
 def _fold_columns(x_ref, layout: ColumnLayout, prepare: Prepare, columns: list, chunks: int, update, accs, unroll: int):
     """Folds `update(acc, values, idx)` over the first `chunks` vregs of each column group in `columns`
     (one acc each), their vregs interleaved in one loop: each column's fold is a dependency chain (every
     insertion waits for the last), so several columns at once fill the VALU slots that one leaves idle."""
-    rows = x_ref.shape[0]
-    lane = lax.broadcasted_iota(jnp.int32, (rows, LANES), 1)
-
-    def fold_vreg(j, c, acc):
-        start = pl.multiple_of((j * layout.groups + c) * LANES, LANES)
-        return update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
 
     def step(j, accs):
-        return tuple(fold_vreg(j, c, acc) for c, acc in zip(columns, accs, strict=True))
+        fold = functools.partial(_fold_vreg, x_ref, layout, prepare, update, j)
+        return tuple(fold(c, acc) for c, acc in zip(columns, accs, strict=True))
 
     if not chunks:
         return accs
@@ -192,19 +195,14 @@ def for_each_column(
     each loaded vreg (float32) into the values folded (sanitising, masks). `together` columns are folded
     at once (`_fold_columns`); `unroll` vregs a loop trip in all."""
     full_tail = layout.tail - 1 if layout.partial else layout.tail
-    lane = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], LANES), 1)
-
-    def fold_tail(c, acc):  # the column's vreg after its main chunks
-        start = pl.multiple_of((layout.main_chunks * layout.groups + c) * LANES, LANES)
-        return update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
 
     def columns(first, count: int, carry, with_tail: bool, last: bool = False):
         cs = [first + i for i in range(count)]
         accs = tuple(init() for _ in cs)
         accs = _fold_columns(x_ref, layout, prepare, cs, layout.main_chunks, update, accs, unroll)
         for c, acc in zip(cs, accs, strict=True):
-            if with_tail:
-                acc = fold_tail(c, acc)
+            if with_tail:  # the column's vreg after its main chunks
+                acc = _fold_vreg(x_ref, layout, prepare, update, layout.main_chunks, c, acc)
             if last:
                 acc = _fold_last(x_ref, layout, prepare, update, acc)
             carry = finish(c, acc, carry)
