@@ -193,6 +193,38 @@ def test_loops_sharing_a_cond_count_its_branch_once(monkeypatch):
     assert [(g.guard, g.taken, g.branch_cycles) for g in r.guards] == [("fallback", 1 / 8, 50_000)]
 
 
+def test_the_stage_breakdown_stays_on_the_path_most_blocks_take(monkeypatch):
+    """`full` on the resident kernel: its stages are measured on the candidate path with the fallback
+    not taken (the fallback has its own row, by the blocks that took it), and no removal moves the
+    kernel to the whole-row path (top-k off would: top-k's search, the column pass and the draw are one
+    row against the greedy kernel); the rows add up to that compile, the estimate's remainder apart."""
+    case = estimate.EstimateCase("v5e", 64, 128256, "float32", "full")
+    taken = [0] * 7
+    trips = {COLUMN["candidate_top_k"]: [1] * 8, COLUMN["top_k"]: [*taken, 3], COLUMN["draw"]: [*taken, 18]}
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, plan: (FULL, _per_block(trips)))
+    model = LinearModel(kernel.SITES)
+    r = estimate.estimate(case, model, breakdown=True)
+    assert r.ok, r.error
+    assert list(r.stages) == [
+        "min-p",
+        "top-p search",
+        "candidate path: column pass, fold, top-k search, temperature + draw",
+        "base (loads, sanitising, first maximum, EOS, outputs)",
+    ]
+    # the compile with the fallback not taken: the base and the candidates' search at its rounded trip
+    assert r.stages_cycles == 100_000 + model.per_trip["candidate_top_k"] < r.compiled_cycles
+    assert sum(r.stages.values()) == r.stages_cycles
+    stage_jobs = model.jobs[-3:]  # after the estimate's own compiles: min-p off, top-p off, greedy
+    assert all(job["trips"]["fallback"] == 0 for job in stage_jobs)
+    flags = ("top_k", "top_p", "min_p", "random")
+    on_path = [kernel.uses_candidates(case.vocab, allowed=False, **{f: job[f] for f in flags}) for job in stage_jobs]
+    assert on_path == [True, True, False] and not stage_jobs[-1]["random"]
+    _, rows = estimate.breakdown_table(r)
+    remainder = rows[-1]
+    assert remainder[0] == "the fallback's blocks and fractional trips"
+    assert float(remainder[2].replace(",", "")) == pytest.approx(r.cycles - r.stages_cycles)
+
+
 def test_a_loop_inside_a_cond_counts_its_branch_by_the_fraction_of_blocks_that_ran_it(monkeypatch):
     plan = block_sizes.plan(64, 256000, "bfloat16", "v5p")
     assert plan.chunk is not None  # the chunked variant: its top-k searches run inside conds
@@ -219,8 +251,8 @@ def test_a_loop_inside_a_cond_counts_its_branch_by_the_fraction_of_blocks_that_r
     assert r.cycles == pytest.approx(expected)
     assert {g.guard: g.branch_cycles for g in r.guards} == {"top_k_bound_search": 50_000, "top_k_search": 50_000}
     assert loops["top_k"].cycles_per_trip == per["top_k"]
-    # the stage breakdown adds up to the compile at the rounded trips
-    assert sum(r.stages.values()) == r.compiled_cycles
+    # the stage breakdown adds up to the compile at the rounded trips (the chunked variant's conds taken)
+    assert sum(r.stages.values()) == r.stages_cycles == r.compiled_cycles
 
 
 def test_a_kernel_without_the_candidate_path_has_no_fallback_cond_and_no_candidate_loops(monkeypatch):
@@ -413,7 +445,9 @@ def test_the_kernels_data_dependent_loops_are_counted_through_their_trips(libtpu
         )
         assert r.cycles < launched
     assert r.hbm_bytes >= r.logits_bytes == 8 * 32000 * 4
-    assert sum(r.stages.values()) == r.compiled_cycles
+    # the stages on the candidate path, the fallback not taken (`test_the_stage_breakdown_stays_on_...`)
+    assert sum(r.stages.values()) == r.stages_cycles < r.compiled_cycles
+    assert "candidate path: column pass, fold, top-k search, temperature + draw" in r.stages
 
 
 # what a compile worker left on its stderr when libtpu's process aborted (the core-dump hook's lines last)

@@ -305,6 +305,7 @@ class KernelEstimate:
     loops: list[LoopCost] = dataclasses.field(default_factory=list)
     guards: list[GuardCost] = dataclasses.field(default_factory=list)
     stages: dict[str, int] = dataclasses.field(default_factory=dict)  # breakdown: what each stage adds
+    stages_cycles: int = 0  # the compile the stages add up to (`_stage_breakdown`)
     hbm_bytes: int = 0
     logits_bytes: int = 0
     libtpu: str | None = None
@@ -481,10 +482,11 @@ def estimate(
                 loop.cycles_per_trip = _total(cycles({**fixed, site.loop: n + 1})) - at_n
                 estimate_cycles += (t - fixed[site.loop]) * loop.cycles_per_trip
             result.loops.append(loop)
+        untaken: dict[str, int] = {}  # per cond: the compile with it not taken
         for guard, taken in taken_by_guard.items():
             cost = GuardCost(guard, taken)
             if breakdown or taken < 1:
-                without = sum(cycles({**fixed, guard: 0})["cycles"].values())
+                without = untaken[guard] = _total(cycles({**fixed, guard: 0}))
                 inside = sum(fixed[lp.loop] * lp.cycles_per_trip for lp in result.loops if lp.guard == guard)
                 # the branch's cost with its loops at their rounded trips, less those trips
                 cost.branch_cycles = result.compiled_cycles - without - inside
@@ -492,7 +494,12 @@ def estimate(
             result.guards.append(cost)
         result.cycles = estimate_cycles
         if breakdown:
-            result.stages = _stage_breakdown(case, stages, fixed, result.compiled_cycles, cycles)
+            # the resident kernel's stages as most blocks run them: on the candidates, the fallback not
+            # taken (it has its own row, by the blocks that took it)
+            apart = FALLBACK in untaken
+            result.stages_cycles = untaken[FALLBACK] if apart else result.compiled_cycles
+            stage_trips = {**fixed, FALLBACK: 0} if apart else fixed
+            result.stages = _stage_breakdown(case, stages, stage_trips, result.stages_cycles, cycles)
     except _CompileFailed as err:
         result.error = str(err)
         out_of_vmem = _VMEM_EXHAUSTED.search(result.error)
@@ -571,9 +578,19 @@ def _site_runs(loop: str, stages: dict[str, bool], conds: frozenset[str]) -> boo
 def _stage_breakdown(
     case: EstimateCase, stages: dict[str, bool], fixed: dict[str, int], total: int, cycles: Any
 ) -> dict[str, int]:
-    """What each stage adds at the rounded trips: stages removed one at a time from the last (log-prob
-    values, the mask, min-p, top-p, top-k, then temperature + the draw), each the difference between
-    consecutive compiles; what remains is the base (loads, sanitising, the first maximum, EOS, outputs)."""
+    """What each stage adds at the trips `fixed` (the compile of `total` cycles): stages removed one at a
+    time from the last (log-prob values, the mask, min-p, top-p, top-k, then temperature + the draw),
+    each the difference between consecutive compiles; what remains is the base (loads, sanitising, the
+    first maximum, EOS, outputs: the greedy kernel). A removal that would move the resident kernel
+    between its candidate path and its whole-row path (the last of top-k and min-p, or the mask) is not
+    made: the other path is another program, not this one less a stage, so the path's cost with the
+    stages still on it and the draw is one row, against the greedy kernel."""
+    from vsampler.kernels import sampler as kernel
+
+    def on_candidates(flags: dict[str, Any]) -> bool:
+        filters = {name: bool(flags.get(name)) for name in ("top_k", "top_p", "min_p", "random")}
+        return kernel.uses_candidates(case.vocab, allowed=bool(flags.get("allowed")), **filters)
+
     removals: list[tuple[str, dict[str, Any]]] = []
     if case.top_n is not None:
         removals.append(("log-prob values", {"top_n": None}))
@@ -582,17 +599,30 @@ def _stage_breakdown(
     for flag, name in (("min_p", "min-p"), ("top_p", "top-p search"), ("top_k", "top-k search")):
         if stages["random"] and stages[flag]:
             removals.append((name, {flag: False}))
-    if stages["random"]:
-        removals.append(("temperature + draw", {"random": False}))
+    greedy = {"top_k": False, "top_p": False, "min_p": False, "random": False}
+    steps: list[tuple[str, dict[str, Any]]] = []
+    flags: dict[str, Any] = {**stages, "allowed": case.allowed}
+    for i, (name, change) in enumerate(removals):
+        if on_candidates(flags) != on_candidates({**flags, **change}):
+            path = "candidate path: column pass, fold" if on_candidates(flags) else "whole-row path"
+            rest = [n for n, c in removals[i:] if "allowed" not in c]  # a mask stays in the greedy base
+            steps.append((", ".join([path, *rest, "temperature + draw"]), greedy))
+            break
+        steps.append((name, change))
+        flags.update(change)
+    else:
+        if stages["random"]:
+            steps.append(("temperature + draw", greedy))
     out: dict[str, int] = {}
     changes: dict[str, Any] = {}
     before = total
-    for name, change in removals:
+    for name, change in steps:
         changes.update(change)
-        after = sum(cycles(fixed, **changes)["cycles"].values())
+        after = _total(cycles(fixed, **changes))
         out[name] = before - after
         before = after
-    out["base (loads, sanitising, first maximum, EOS, outputs)"] = before
+    mask = "the allowed-token mask, " if flags["allowed"] else ""
+    out[f"base (loads, sanitising, {mask}first maximum, EOS, outputs)"] = before
     return out
 
 
@@ -696,11 +726,14 @@ def breakdown_table(r: KernelEstimate) -> tuple[list[str], list[list[str]]]:
     for guard in r.guards:
         what = f"run in {_share(guard.taken)} of blocks x {guard.branch_cycles:,} cycles (its loops apart)"
         rows.append([f"cond: {guard.guard}", what, f"{guard.cycles:,.0f}", f"{guard.cycles / r.cycles:.1%}"])
+    fallback_apart = r.stages and r.stages_cycles != r.compiled_cycles
+    how = "at the rounded trips" + (", fallback not taken" if fallback_apart else "")
     for stage, n in r.stages.items():
-        rows.append([f"stage: {stage}", "at the rounded trips", f"{n:,}", f"{n / r.cycles:.1%}"])
-    correction = r.cycles - r.compiled_cycles
+        rows.append([f"stage: {stage}", how, f"{n:,}", f"{n / r.cycles:.1%}"])
+    correction = r.cycles - (r.stages_cycles if r.stages else r.compiled_cycles)
     if correction:
-        rows.append(["fractional trips", "estimate less the rounded compile", f"{correction:,.0f}", ""])
+        what = "the fallback's blocks and fractional trips" if fallback_apart else "fractional trips"
+        rows.append([what, "estimate less the stages' compile", f"{correction:,.0f}", f"{correction / r.cycles:.1%}"])
     return ["part", "how", "cycles", "share"], rows
 
 
