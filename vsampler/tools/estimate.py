@@ -726,7 +726,7 @@ def breakdown_table(r: KernelEstimate) -> tuple[list[str], list[list[str]]]:
     for guard in r.guards:
         what = f"run in {_share(guard.taken)} of blocks x {guard.branch_cycles:,} cycles (its loops apart)"
         rows.append([f"cond: {guard.guard}", what, f"{guard.cycles:,.0f}", f"{guard.cycles / r.cycles:.1%}"])
-    fallback_apart = r.stages and r.stages_cycles != r.compiled_cycles
+    fallback_apart = bool(r.stages) and any(g.guard == FALLBACK for g in r.guards)
     how = "at the rounded trips" + (", fallback not taken" if fallback_apart else "")
     for stage, n in r.stages.items():
         rows.append([f"stage: {stage}", how, f"{n:,}", f"{n / r.cycles:.1%}"])
