@@ -304,8 +304,8 @@ class KernelEstimate:
     compiled_cycles: int = 0  # the compile at the rounded trips
     loops: list[LoopCost] = dataclasses.field(default_factory=list)
     guards: list[GuardCost] = dataclasses.field(default_factory=list)
-    stages: dict[str, int] = dataclasses.field(default_factory=dict)  # breakdown: what each stage adds
-    stages_cycles: int = 0  # the compile the stages add up to (`_stage_breakdown`)
+    # breakdown: what each stage adds; they add up to the compile they were measured from
+    stages: dict[str, int] = dataclasses.field(default_factory=dict)
     hbm_bytes: int = 0
     logits_bytes: int = 0
     libtpu: str | None = None
@@ -497,9 +497,9 @@ def estimate(
             # the resident kernel's stages as most blocks run them: on the candidates, the fallback not
             # taken (it has its own row, by the blocks that took it)
             apart = FALLBACK in untaken
-            result.stages_cycles = untaken[FALLBACK] if apart else result.compiled_cycles
+            total = untaken[FALLBACK] if apart else result.compiled_cycles
             stage_trips = {**fixed, FALLBACK: 0} if apart else fixed
-            result.stages = _stage_breakdown(case, stages, stage_trips, result.stages_cycles, cycles)
+            result.stages = _stage_breakdown(case, plan, stages, stage_trips, total, cycles)
     except _CompileFailed as err:
         result.error = str(err)
         out_of_vmem = _VMEM_EXHAUSTED.search(result.error)
@@ -548,17 +548,24 @@ CANDIDATE_LOOPS = frozenset({"candidate_top_k", "candidate_top_p", "row_mass"})
 FALLBACK = "fallback"
 
 
+def _on_candidate_path(vocab: int, plan: Any, stages: dict[str, Any], allowed: bool) -> bool:
+    """Whether the kernel for these stage flags takes the resident kernel's candidate path (the chunked
+    variant has none)."""
+    from vsampler.kernels import sampler as kernel
+
+    flags = {name: bool(stages.get(name)) for name in ("top_k", "top_p", "min_p", "random")}
+    return plan.chunk is None and kernel.uses_candidates(vocab, allowed=allowed, **flags)
+
+
 def _conds(case: EstimateCase, plan: Any, stages: dict[str, bool]) -> frozenset[str]:
     """The guards (data-dependent conds) the kernel has for this configuration: the chunked variant's
     always; the resident kernel's whole-row fallback only where it takes the candidate path (otherwise
     its whole-row loops run unguarded)."""
     from vsampler.kernels import chunked_passes
-    from vsampler.kernels import sampler as kernel
 
     if plan.chunk is not None:
         return frozenset(site.guard for site in chunked_passes.SITES if site.guard)
-    flags = {name: bool(stages.get(name)) for name in ("top_k", "top_p", "min_p", "random")}
-    return frozenset({FALLBACK}) if kernel.uses_candidates(case.vocab, allowed=case.allowed, **flags) else frozenset()
+    return frozenset({FALLBACK}) if _on_candidate_path(case.vocab, plan, stages, case.allowed) else frozenset()
 
 
 def _site_runs(loop: str, stages: dict[str, bool], conds: frozenset[str]) -> bool:
@@ -576,7 +583,7 @@ def _site_runs(loop: str, stages: dict[str, bool], conds: frozenset[str]) -> boo
 
 
 def _stage_breakdown(
-    case: EstimateCase, stages: dict[str, bool], fixed: dict[str, int], total: int, cycles: Any
+    case: EstimateCase, plan: Any, stages: dict[str, bool], fixed: dict[str, int], total: int, cycles: Any
 ) -> dict[str, int]:
     """What each stage adds at the trips `fixed` (the compile of `total` cycles): stages removed one at a
     time from the last (log-prob values, the mask, min-p, top-p, top-k, then temperature + the draw),
@@ -585,11 +592,9 @@ def _stage_breakdown(
     between its candidate path and its whole-row path (the last of top-k and min-p, or the mask) is not
     made: the other path is another program, not this one less a stage, so the path's cost with the
     stages still on it and the draw is one row, against the greedy kernel."""
-    from vsampler.kernels import sampler as kernel
 
     def on_candidates(flags: dict[str, Any]) -> bool:
-        filters = {name: bool(flags.get(name)) for name in ("top_k", "top_p", "min_p", "random")}
-        return kernel.uses_candidates(case.vocab, allowed=bool(flags.get("allowed")), **filters)
+        return _on_candidate_path(case.vocab, plan, flags, flags["allowed"])
 
     removals: list[tuple[str, dict[str, Any]]] = []
     if case.top_n is not None:
@@ -730,7 +735,7 @@ def breakdown_table(r: KernelEstimate) -> tuple[list[str], list[list[str]]]:
     how = "at the rounded trips" + (", fallback not taken" if fallback_apart else "")
     for stage, n in r.stages.items():
         rows.append([f"stage: {stage}", how, f"{n:,}", f"{n / r.cycles:.1%}"])
-    correction = r.cycles - (r.stages_cycles if r.stages else r.compiled_cycles)
+    correction = r.cycles - (sum(r.stages.values()) if r.stages else r.compiled_cycles)
     if correction:
         what = "the fallback's blocks and fractional trips" if fallback_apart else "fractional trips"
         rows.append([what, "estimate less the stages' compile", f"{correction:,.0f}", f"{correction / r.cycles:.1%}"])
