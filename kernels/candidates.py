@@ -3,8 +3,9 @@
 The block's (R, V) logits are read as 128-lane vregs; vreg v belongs to column group `v % groups` (the
 last few to the first groups). For every lane of every column group, one pass keeps the two largest
 values with their vocabulary indices and the third largest value (`column_pass`): R x 2W *candidates*
-(W = groups x 128 lanes) and R x W *third* values. The pass is a few VALU operations per vreg; the loads
-of the logits are what bounds it.
+(W = groups x 128 lanes) and R x W *third* values (top-p alone, whose kept sets are larger, keeps
+TOP_P_DEPTH values a lane and the next as the bound, and folds them more loosely). The pass is a few
+VALU operations per vreg.
 
 The searches then run on a second, smaller level (`fold`): the candidates' 2W lanes fall onto
 FOLD_GROUPS x 128 lanes, and each of those keeps the FOLD_KEEP largest values folded onto it (with their
@@ -66,6 +67,22 @@ DRAW_SPLITS = 3  # the draw's index search: DRAW_SPLITS + 1 sub-ranges a pass
 # 8 keeping 2 82,231, 2 keeping 4 81,328 or 5 82,519 (more fallbacks for a larger k).
 FOLD_GROUPS = 4
 FOLD_KEEP = 4  # values kept per folded lane
+# Full-vocabulary top-p (neither top-k nor min-p on) keeps far more tokens than top-k 50: on the
+# workload's rows (normal x 3 logits, temperature 0.7, p 0.9) 1 to 785 at V=128256 (median 332) and 10 to
+# 1,455 at V=256000. Two candidates a column lane then miss a kept token in a third of the rows (every
+# 16-row block fell back), so top-p alone takes TOP_P_DEPTH candidates a lane. Rows that would fall
+# back, numpy over 256 workload rows, 32 column groups (blocks of 16 rows): depth 3 2.3% (37.5% of
+# blocks), 4 0% at V=128256; at V=256000 depth 4 0.4% (6.2% of blocks), 5 0%. Unfolded, its 16,384
+# candidates a row made every search and draw pass 8x the top-k path's: 137,887 cycles at B=64, V=32000
+# (the whole-row path's was 102,764), and the V=128256 profiled compile outgrew 24 GB of host memory.
+TOP_P_DEPTH = 4
+# Its fold: onto TOP_P_FOLD_GROUPS lane groups, each folded lane keeping 6 values (6,144 candidates a row)
+# up to TOP_P_WIDE_VOCAB, 8 (8,192) above it, where the kept sets are larger. Static estimate, v5e,
+# B=64, float32, top-p alone: V=128256 fixed trips 153,461 cycles keeping 6, 165,797 keeping 8, 192,201
+# onto 16 groups keeping 6; V=256000 the workload's trips 367,714 keeping 6 (27% of blocks fell back)
+# and 312,449 keeping 8 (6.2%: the depth's own limit).
+TOP_P_FOLD_GROUPS = 8
+TOP_P_WIDE_VOCAB = 1 << 17
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,38 +95,49 @@ class ColumnLayout:
     groups: int
     main_chunks: int
     tail: int
+    depth: int = 2  # the largest values (with their indices) each column lane keeps; the next is its bound
 
     @classmethod
-    def of(cls, vocab: int) -> ColumnLayout | None:
-        """The layout for rows of `vocab` values; None below one vreg (the whole-row path serves)."""
+    def of(cls, vocab: int, depth: int = 2) -> ColumnLayout | None:
+        """The layout for rows of `vocab` values, `depth` candidates a column lane; None below one vreg
+        (the whole-row path serves)."""
         if vocab < LANES:
             return None
         vregs = -(-vocab // LANES)
         groups = min(GROUPS, vregs)
         main = (vregs - 1) // groups
-        return cls(vocab, groups, main, vregs - main * groups)
+        return cls(vocab, groups, main, vregs - main * groups, depth)
 
     @property
     def width(self) -> int:
         return self.groups * LANES
 
     @property
+    def fold_shape(self) -> tuple[int, int]:
+        """(folded lane groups, values kept a folded lane) for this depth and vocabulary."""
+        if self.depth == 2:
+            return FOLD_GROUPS, FOLD_KEEP
+        return TOP_P_FOLD_GROUPS, 6 if self.vocab <= TOP_P_WIDE_VOCAB else 8
+
+    @property
     def fold_groups(self) -> int | None:
         """The folded candidates' lane groups (`fold`), or None where folding would not shrink them: the
         first level's 2 x `groups` lane groups must fall evenly onto FOLD_GROUPS, more than FOLD_KEEP
         values a folded lane (12 or more column groups, a multiple of 4: every vocabulary from 3,969 up,
-        where there are 32)."""
-        if self.groups % FOLD_GROUPS or 2 * self.groups // FOLD_GROUPS <= FOLD_KEEP:
+        where there are 32). Deeper layouts (top-p alone, TOP_P_DEPTH) are not folded."""
+        groups, keep = self.fold_shape
+        lane_groups = self.depth * self.groups
+        if lane_groups % groups or lane_groups // groups <= keep:
             return None
-        return FOLD_GROUPS
+        return groups
 
     @property
     def partial(self) -> bool:
         return self.vocab % LANES != 0
 
     def scratch_bytes(self, rows: int) -> int:
-        """VMEM the candidates take: values and indices (R, 2W), third values (R, W)."""
-        return rows * self.width * 4 * 5
+        """VMEM the candidates take: values and indices (R, depth x W), the bounds (R, W)."""
+        return rows * self.width * 4 * (2 * self.depth + 1)
 
 
 Prepare = Callable[[jax.Array, jax.Array], jax.Array]
@@ -223,20 +251,40 @@ def for_each_column(
     return segment(layout.tail, layout.groups, carry, False)
 
 
-def _top_two(acc, x, idx):
-    """Insertion into a column's (largest, second, third) values and the first two's indices; a later
-    value equal to a held one goes below it (lower index first among equal values). Compares and
-    selects only, so a NaN (every compare false) changes nothing: the pass needs no sanitising (10
-    VALU operations a vreg, where max/min insertion and a NaN select took 12)."""
-    a1, a2, a3, i1, i2 = acc
-    above_first, above_second, above_third = x > a1, x > a2, x > a3
-    return (
-        jnp.where(above_first, x, a1),
-        jnp.where(above_first, a1, jnp.where(above_second, x, a2)),
-        jnp.where(above_second, a2, jnp.where(above_third, x, a3)),
-        jnp.where(above_first, idx, i1),
-        jnp.where(above_first, i1, jnp.where(above_second, idx, i2)),
-    )
+def _top_m(acc, x, idx):
+    """Insertion into a column lane's m largest values with their indices and the (m + 1)-th largest
+    value (its bound); a later value equal to a held one goes below it (lower index first among equal
+    values). Compares and selects only, so a NaN (every compare false) changes nothing: the pass needs no
+    sanitising (m = 2: 10 VALU operations a vreg, where max/min insertion and a NaN select took 12)."""
+    held, held_ids = acc
+    above = [x > a for a in held]
+    values = [jnp.where(above[0], x, held[0])]
+    ids = [jnp.where(above[0], idx, held_ids[0])]
+    for j in range(1, len(held)):
+        values.append(jnp.where(above[j - 1], held[j - 1], jnp.where(above[j], x, held[j])))
+        if j < len(held_ids):
+            ids.append(jnp.where(above[j - 1], held_ids[j - 1], jnp.where(above[j], idx, held_ids[j])))
+    return tuple(values), tuple(ids)
+
+
+def _top_m_network(acc, x, idx):
+    """`_top_m` with the values moved by a max / min network (no masks: a NaN is first made -inf) and
+    only the indices selected: the same values and indices. The deeper layout's insertion (TOP_P_DEPTH):
+    `_top_m`'s compares, each feeding four selects, outgrew the mask registers (static estimate, v5e,
+    B=64, V=128256, float32, top-p alone, fixed trips: 181,871 cycles and an 84 s compile with `_top_m`,
+    148,577 and 12 s with this; with m = 2 `_top_m` stays, 87,221 against 87,854 for top_k)."""
+    held, held_ids = acc
+    x = jnp.where(x == x, x, NEG_INF)
+    above = [x > a for a in held[: len(held_ids)]]
+    ids = [jnp.where(above[0], idx, held_ids[0])]
+    for j in range(1, len(held_ids)):
+        ids.append(jnp.where(above[j - 1], held_ids[j - 1], jnp.where(above[j], idx, held_ids[j])))
+    values, carried = [], x
+    for j, a in enumerate(held):
+        values.append(jnp.maximum(a, carried))
+        if j + 1 < len(held):
+            carried = jnp.minimum(a, carried)
+    return tuple(values), tuple(ids)
 
 
 def column_pass(
@@ -249,52 +297,43 @@ def column_pass(
     unroll: int = UNROLL,
     together: int = COLUMNS_TOGETHER,
 ) -> None:
-    """Writes the block's candidates: values_ref / ids_ref (R, 2W) hold each column lane's largest value
-    (lanes [0, W)) and second largest (lanes [W, 2W)) with their vocabulary indices, third_ref (R, W)
-    the third largest; -inf (index 0) where a column holds fewer values. `unroll`, `together`:
-    `for_each_column`'s (the same values whatever they are)."""
-    rows = x_ref.shape[0]
+    """Writes the block's candidates: values_ref / ids_ref (R, m x W), m = `layout.depth`, hold each
+    column lane's largest value (lanes [0, W)), second largest (lanes [W, 2W)), ... with their vocabulary
+    indices, third_ref (R, W) the (m + 1)-th largest (the lane's bound; the third for m = 2); -inf (index
+    0) where a column holds fewer values. `unroll`, `together`: `for_each_column`'s (the same values
+    whatever they are)."""
+    rows, depth = x_ref.shape[0], layout.depth
 
     def init():
         ninf = jnp.full((rows, LANES), NEG_INF, jnp.float32)
         zero = jnp.zeros((rows, LANES), jnp.int32)
-        return ninf, ninf, ninf, zero, zero
+        return (ninf,) * (depth + 1), (zero,) * depth
 
     def finish(c, acc, carry):
-        a1, a2, a3, i1, i2 = acc
-        first = pl.ds(pl.multiple_of(c * LANES, LANES), LANES)
-        second = pl.ds(pl.multiple_of(layout.width + c * LANES, LANES), LANES)
-        values_ref[:, first] = a1
-        values_ref[:, second] = a2
-        ids_ref[:, first] = i1
-        ids_ref[:, second] = i2
-        third_ref[:, first] = a3
+        values, ids = acc
+        for level in range(depth):
+            lanes = pl.ds(pl.multiple_of(level * layout.width + c * LANES, LANES), LANES)
+            values_ref[:, lanes] = values[level]
+            ids_ref[:, lanes] = ids[level]
+        third_ref[:, pl.ds(pl.multiple_of(c * LANES, LANES), LANES)] = values[depth]
         return carry
 
-    for_each_column(x_ref, layout, prepare, init, _top_two, finish, 0, unroll, together)
+    insert = _top_m if depth == 2 else _top_m_network
+    for_each_column(x_ref, layout, prepare, init, insert, finish, 0, unroll, together)
 
 
 def drop_candidates(values: jax.Array, ids: jax.Array, dropped: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The candidates less the `dropped` ones ((R, 2W) like `values` / `ids`: tokens masked after the
-    column pass, as stage 4 masks EOS ids): a column lane's dropped largest is replaced by its second,
-    whose slot empties, as does a dropped second's. The lane's third value stays the bound of what
-    lies outside the candidates (everything left there is at most it, a dropped third included), so
-    `sample`'s exactness checks stay sound: at worst a block falls back."""
-    width = values.shape[1] // 2
-    v1, v2, i1, i2 = values[:, :width], values[:, width:], ids[:, :width], ids[:, width:]
-    d1, d2 = dropped[:, :width], dropped[:, width:]
-    first_v = jnp.where(d1, jnp.where(d2, NEG_INF, v2), v1)
-    first_i = jnp.where(d1, jnp.where(d2, 0, i2), i1)
-    empty_second = d1 | d2
-    second_v = jnp.where(empty_second, NEG_INF, v2)
-    second_i = jnp.where(empty_second, 0, i2)
-    return jnp.concatenate([first_v, second_v], axis=1), jnp.concatenate([first_i, second_i], axis=1)
+    """The candidates less the `dropped` ones ((R, n) like `values` / `ids`: tokens masked after the
+    column pass, as stage 4 masks EOS ids): their slots empty (-inf, index 0). Each column lane's bound
+    stays the bound of what lies outside the candidates (everything left there is at most it, a dropped
+    value below it included), so `sample`'s exactness checks stay sound: at worst a block falls back."""
+    return jnp.where(dropped, NEG_INF, values), jnp.where(dropped, 0, ids)
 
 
 def _insert(acc: tuple, x: jax.Array, idx: jax.Array) -> tuple:
     """Insertion into a folded lane's FOLD_KEEP largest values (largest first), their indices, and the
     largest of the rest (the lane's bound); a later value equal to a held one goes below it. Compares
-    and selects, as `_top_two`: a -inf value (an empty candidate slot) never displaces one."""
+    and selects, as `_top_m`: a -inf value (an empty candidate slot) never displaces one."""
     held, held_ids, rest = acc
     above = [x > a for a in held]
     values, ids = [], []
@@ -325,7 +364,8 @@ def fold(
     width = groups * LANES
     rows = values.shape[0]
     ninf = jnp.full((rows, width), NEG_INF, jnp.float32)
-    acc = ((ninf,) * FOLD_KEEP, (jnp.zeros((rows, width), jnp.int32),) * FOLD_KEEP, ninf)
+    keep = layout.fold_shape[1]
+    acc = ((ninf,) * keep, (jnp.zeros((rows, width), jnp.int32),) * keep, ninf)
     for start in range(0, values.shape[1], width):
         acc = _insert(acc, values[:, start : start + width], ids[:, start : start + width])
     held, held_ids, bound = acc

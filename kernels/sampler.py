@@ -30,10 +30,11 @@ S(1)): in place on the lm head's output inside a decode step, after one async co
 call; an in-kernel scatter would instead be B * L scalar-driven tile updates (Mosaic stores need
 128-aligned lane offsets).
 
-With top-k or min-p on (and no mask), stages 5-10 first run on the block's column candidates
+With top-k, top-p or min-p on (and no mask), stages 5-10 first run on the block's column candidates
 (`candidates.py`: one pass keeps each column lane's two largest values and the third, then a fold keeps
-the four largest of each 16 of those); only a block in which some row's kept set could reach beyond
-them runs the whole-row stages above (the cond "fallback").
+the four largest of each 16 of those; top-p alone, whose kept sets are larger, keeps four a lane and
+the fifth, folded to six or eight of each 16); only a block in which some row's kept set could reach
+beyond them runs the whole-row stages above (the cond "fallback").
 
 The searches are the same as the XLA path's (`vsampler.impls.xla`): value bisection whose ends snap to the
 row's own values, so thresholds are exact token values and the kept sets equal the reference's.
@@ -424,11 +425,15 @@ def _with_column(sums: jax.Array | tuple, c: int | jax.Array, value: jax.Array) 
 
 def uses_candidates(vocab: int, *, top_k: bool, top_p: bool, min_p: bool, random: bool, allowed: bool) -> bool:
     """Whether the kernel takes the candidate fast path (`candidates.py`) for these stage flags: sampling
-    with top-k or min-p, which bound the kept set (full-vocabulary top-p alone keeps too many tokens for
-    the candidates: on the workload's logits, 7 blocks in 8 fell back), no allowed-token mask (it stays
-    the whole-row path), and at least one vreg of vocabulary."""
-    del top_p  # top-p runs on the candidates when top-k or min-p is on
-    return random and (top_k or min_p) and not allowed and candidates.ColumnLayout.of(vocab) is not None
+    with top-k, top-p or min-p, which bound the kept set, no allowed-token mask (it stays the whole-row
+    path), and at least one vreg of vocabulary. (Rows with none of them on, temperature alone, fall back.)"""
+    return random and (top_k or top_p or min_p) and not allowed and candidates.ColumnLayout.of(vocab) is not None
+
+
+def candidate_depth(*, top_k: bool, min_p: bool, **_: bool) -> int:
+    """Candidates a column lane keeps: two where top-k or min-p bounds the kept set (then folded), more
+    for top-p alone (`candidates.TOP_P_DEPTH`), whose kept sets are larger."""
+    return 2 if top_k or min_p else candidates.TOP_P_DEPTH
 
 
 def scratch_shapes(block_rows: int, vocab: int, **stages: bool) -> list:
@@ -437,11 +442,11 @@ def scratch_shapes(block_rows: int, vocab: int, **stages: bool) -> list:
         return []
     from jax.experimental.pallas import tpu as pltpu
 
-    width = candidates.ColumnLayout.of(vocab).width
+    layout = candidates.ColumnLayout.of(vocab, candidate_depth(**stages))
     return [
-        pltpu.VMEM((block_rows, 2 * width), jnp.float32),
-        pltpu.VMEM((block_rows, 2 * width), jnp.int32),
-        pltpu.VMEM((block_rows, width), jnp.float32),
+        pltpu.VMEM((block_rows, layout.depth * layout.width), jnp.float32),
+        pltpu.VMEM((block_rows, layout.depth * layout.width), jnp.int32),
+        pltpu.VMEM((block_rows, layout.width), jnp.float32),
     ]
 
 
@@ -512,7 +517,7 @@ def fused_sampler_kernel(
 
     fast_trips = {}
     if uses_candidates(vocab, random=random, allowed=allowed, **filters):
-        layout = candidates.ColumnLayout.of(vocab)
+        layout = candidates.ColumnLayout.of(vocab, candidate_depth(**filters))
 
         # stage 5's NaN needs nothing in these passes (they only compare); stage 4 is applied to the
         # candidates afterwards (a few vregs), not to every vreg of the block

@@ -24,12 +24,12 @@ def _column_of(layout: candidates.ColumnLayout, vreg: int) -> int:
 
 
 def _expected_candidates(x: np.ndarray, layout: candidates.ColumnLayout):
-    """numpy: per row and column lane, the values in vocabulary order; top two (first index among
-    equals first) and the third largest."""
+    """numpy: per row and column lane, the values in vocabulary order; the top m = `layout.depth` (first
+    index among equals first) and the (m + 1)-th largest."""
     rows, vocab = x.shape
-    width = layout.width
-    values = np.full((rows, 2 * width), -np.inf, np.float32)
-    ids = np.zeros((rows, 2 * width), np.int32)
+    width, depth = layout.width, layout.depth
+    values = np.full((rows, depth * width), -np.inf, np.float32)
+    ids = np.zeros((rows, depth * width), np.int32)
     third = np.full((rows, width), -np.inf, np.float32)
     members: dict[int, list[int]] = {}
     last = (vocab - 1) // 128
@@ -40,21 +40,34 @@ def _expected_candidates(x: np.ndarray, layout: candidates.ColumnLayout):
     for r in range(rows):
         for lane, idx in members.items():
             order = sorted(idx, key=lambda i: (-x[r, i], i))  # stable: lower index first among equals
-            top = order[:3]
-            values[r, lane], ids[r, lane] = x[r, top[0]], top[0]
-            if len(top) > 1:
-                values[r, width + lane], ids[r, width + lane] = x[r, top[1]], top[1]
-            if len(top) > 2:
-                third[r, lane] = x[r, top[2]]
+            for level, i in enumerate(order[:depth]):
+                values[r, level * width + lane], ids[r, level * width + lane] = x[r, i], i
+            if len(order) > depth:
+                third[r, lane] = x[r, order[depth]]
     return values, ids, third
 
 
-@pytest.mark.parametrize("together", [1, 3, candidates.COLUMNS_TOGETHER])
-@pytest.mark.parametrize("vocab", [128, 200, 4096, 4224, 9000, 16511])
-def test_the_column_pass_keeps_each_columns_two_largest_and_the_third(vocab, together):
-    """The column pass against numpy, folding one column group at a time (interpret mode's form), 3 at
-    once (sets and a remainder of columns) and as the Mosaic kernel does."""
-    layout = candidates.ColumnLayout.of(vocab)
+COLUMN_PASS_CASES = [
+    *[
+        (vocab, together, 2)
+        for together in (1, 3, candidates.COLUMNS_TOGETHER)
+        for vocab in (128, 200, 4096, 4224, 9000, 16511)
+    ],
+    # top-p alone: TOP_P_DEPTH candidates a lane
+    *[
+        (vocab, together, candidates.TOP_P_DEPTH)
+        for together in (1, candidates.COLUMNS_TOGETHER)
+        for vocab in (200, 9000)
+    ],
+]
+
+
+@pytest.mark.parametrize(("vocab", "together", "depth"), COLUMN_PASS_CASES)
+def test_the_column_pass_keeps_each_columns_largest_and_the_next(vocab, together, depth):
+    """The column pass against numpy (the two largest of each column lane and the third; for top-p alone
+    the TOP_P_DEPTH largest and the next), folding one column group at a time (interpret mode's form),
+    3 at once (sets and a remainder of columns) and as the Mosaic kernel does."""
+    layout = candidates.ColumnLayout.of(vocab, depth)
     vregs = -(-vocab // 128)
     assert sorted(_column_of(layout, v) for v in range(vregs)).count(0) >= 1
     assert layout.main_chunks * layout.groups + layout.tail == vregs and 1 <= layout.tail <= layout.groups
@@ -76,7 +89,8 @@ def test_the_column_pass_keeps_each_columns_two_largest_and_the_third(vocab, tog
             together=together,
         )
 
-    shapes = [(2 * layout.width, jnp.float32), (2 * layout.width, jnp.int32), (layout.width, jnp.float32)]
+    n = depth * layout.width
+    shapes = [(n, jnp.float32), (n, jnp.int32), (layout.width, jnp.float32)]
     from jax.experimental import pallas as pl
 
     out = pl.pallas_call(
@@ -92,18 +106,21 @@ def test_the_column_pass_keeps_each_columns_two_largest_and_the_third(vocab, tog
     np.testing.assert_array_equal(ids[held], want_ids[held])
 
 
-@pytest.mark.parametrize("vocab", [2048, 9000, 128256])
-def test_the_fold_keeps_each_folded_lanes_largest_and_bounds_the_rest(vocab):
-    """`candidates.fold` against numpy: each folded lane holds the FOLD_KEEP largest of the candidates that
-    fall on it (lane group j on j % fold_groups; equal values in lane-group order), with their ids, and
-    its bound is the largest of the others and of the third values folded onto it, so no value outside
-    the folded candidates is above its row's largest bound. Ties, empty (-inf) slots and rows with fewer
-    finite candidates than slots included."""
-    layout = candidates.ColumnLayout.of(vocab)
-    groups = layout.fold_groups
-    assert groups == candidates.FOLD_GROUPS
+@pytest.mark.parametrize(
+    ("vocab", "depth"),
+    [(2048, 2), (9000, 2), (128256, 2), (9000, candidates.TOP_P_DEPTH), (140000, candidates.TOP_P_DEPTH)],
+)
+def test_the_fold_keeps_each_folded_lanes_largest_and_bounds_the_rest(vocab, depth):
+    """`candidates.fold` against numpy: each folded lane holds the FOLD_KEEP largest (for top-p alone
+    its own fold shape) of the candidates that fall on it (lane group j on j % fold_groups; equal values in
+    lane-group order), with their ids, and its bound is the largest of the others and of the third values
+    folded onto it, so no value outside the folded candidates is above its row's largest bound. Ties,
+    empty (-inf) slots and rows with fewer finite candidates than slots included."""
+    layout = candidates.ColumnLayout.of(vocab, depth)
+    groups, keep = layout.fold_shape
+    assert layout.fold_groups == groups == (candidates.FOLD_GROUPS if depth == 2 else candidates.TOP_P_FOLD_GROUPS)
     rng = np.random.default_rng(vocab)
-    rows, n = 8, 2 * layout.width
+    rows, n = 8, depth * layout.width
     values = np.round(rng.standard_normal((rows, n)) * 2).astype(np.float32)  # ties
     values[0, ::3] = -np.inf  # empty slots (a column holding fewer values, a dropped candidate)
     values[1] = -np.inf
@@ -113,7 +130,7 @@ def test_the_fold_keeps_each_folded_lanes_largest_and_bounds_the_rest(vocab):
     third = third.astype(np.float32)
     folded = jax.jit(candidates.fold, static_argnums=3)(values, ids, third, layout)
     got_v, got_i, got_b = (np.asarray(a) for a in folded)
-    width, keep = groups * 128, candidates.FOLD_KEEP
+    width = groups * 128
     assert got_v.shape == got_i.shape == (rows, keep * width) and got_b.shape == (rows, width)
     for r in range(rows):
         for lane in range(width):
@@ -176,7 +193,7 @@ def _launch(x, case_params, vocab, keys, **kw):
 FALLBACK_COLUMN = next(site.column for site in kernel.SITES if site.loop == "draw")
 
 
-@pytest.mark.parametrize("config", ["top_k", "combined", "min_p", "heterogeneous"])
+@pytest.mark.parametrize("config", ["top_k", "top_p", "combined", "min_p", "heterogeneous"])
 def test_blocks_decided_by_the_candidates_and_blocks_that_fall_back_both_match_the_reference(config):
     batch, vocab = 16, 12000  # three or more values in most columns: values outside the candidates
     params = verification.params(config, batch, vocab)

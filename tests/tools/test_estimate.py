@@ -224,6 +224,33 @@ def test_the_stage_breakdown_stays_on_the_path_most_blocks_take(monkeypatch):
     assert float(remainder[2].replace(",", "")) == pytest.approx(r.cycles - sum(r.stages.values()))
 
 
+def test_the_breakdown_keeps_top_p_alones_deeper_candidates_as_one_path(monkeypatch):
+    """Top-p alone takes deeper candidates than top-p beside top-k or min-p (`kernel.candidate_depth`):
+    with min-p and top-p on, removing min-p would leave the top-p-alone kernel, another program, so the
+    breakdown makes no such removal (min-p, top-p's search, the column pass and the draw are one row);
+    with top-p alone its candidate path is one row against the greedy kernel."""
+    model = LinearModel(kernel.SITES)
+    flags = ("top_k", "top_p", "min_p", "random")
+    min_p_top_p = {**FULL, "top_k": False}
+    assert kernel.candidate_depth(top_k=False, min_p=True) < kernel.candidate_depth(top_k=False, min_p=False)
+    for stages, config, first in (
+        (min_p_top_p, "full", "candidate path: column pass, fold, min-p, top-p search, temperature + draw"),
+        (
+            {**FULL, "top_k": False, "min_p": False},
+            "top_p",
+            "candidate path: column pass, fold, top-p search, temperature + draw",
+        ),
+    ):
+        trips = {COLUMN["candidate_top_p"]: [1] * 4, COLUMN["row_mass"]: [1] * 4}
+        monkeypatch.setattr(estimate, "measure_trips", lambda c, plan, s=stages, t=trips: (s, _per_block(t)))
+        jobs_before = len(model.jobs)
+        r = estimate.estimate(estimate.EstimateCase("v5e", 64, 128256, "float32", config), model, breakdown=True)
+        assert r.ok, r.error
+        assert list(r.stages) == [first, "base (loads, sanitising, first maximum, EOS, outputs)"]
+        stage_job = model.jobs[-1]  # the greedy kernel: the only stage compile
+        assert len(model.jobs) > jobs_before and not any(stage_job[f] for f in flags)
+
+
 def test_a_loop_inside_a_cond_counts_its_branch_by_the_fraction_of_blocks_that_ran_it(monkeypatch):
     plan = block_sizes.plan(64, 256000, "bfloat16", "v5p")
     assert plan.chunk is not None  # the chunked variant: its top-k searches run inside conds
@@ -257,11 +284,14 @@ def test_a_loop_inside_a_cond_counts_its_branch_by_the_fraction_of_blocks_that_r
 
 
 def test_a_kernel_without_the_candidate_path_has_no_fallback_cond_and_no_candidate_loops(monkeypatch):
-    """Full-vocabulary top-p alone runs the whole-row path directly: its loops are not inside the
+    """Top-p under an allowed-token mask runs the whole-row path directly: its loops are not inside the
     fallback cond (no cond row, nothing counted as its branch) and the candidate path's loops do not
     exist; the breakdown's parts are its two loops."""
     top_p = {"top_k": False, "top_p": True, "min_p": False, "random": True, "min_tokens": False}
-    case = estimate.EstimateCase("v5e", 64, 128256, "float32", "top_p")
+    case = estimate.EstimateCase("v5e", 64, 128256, "float32", "top_p", allowed=True)
+    assert not kernel.uses_candidates(
+        case.vocab, allowed=True, **{f: top_p[f] for f in ("top_k", "top_p", "min_p", "random")}
+    )
     # unguarded in this kernel, its columns still hold 1 + trips (the path is always taken)
     trips = {COLUMN["top_p"]: [2, 1, 2, 1], COLUMN["draw"]: [13] * 4}
     monkeypatch.setattr(estimate, "measure_trips", lambda c, p: (top_p, _per_block(trips)))

@@ -589,12 +589,16 @@ def _stage_breakdown(
     time from the last (log-prob values, the mask, min-p, top-p, top-k, then temperature + the draw),
     each the difference between consecutive compiles; what remains is the base (loads, sanitising, the
     first maximum, EOS, outputs: the greedy kernel). A removal that would move the resident kernel
-    between its candidate path and its whole-row path (the last of top-k and min-p, or the mask) is not
-    made: the other path is another program, not this one less a stage, so the path's cost with the
-    stages still on it and the draw is one row, against the greedy kernel."""
+    between its candidate path and its whole-row path (the last of top-k, top-p and min-p, or the
+    mask), or between its candidate depths (the last of top-k and min-p beside top-p), is not made: the
+    other path is another program, not this one less a stage, so the path's cost with the stages still
+    on it and the draw is one row, against the greedy kernel."""
+    from vsampler.kernels import sampler as kernel
 
-    def on_candidates(flags: dict[str, Any]) -> bool:
-        return _on_candidate_path(case.vocab, plan, flags, flags["allowed"])
+    def on_candidates(flags: dict[str, Any]) -> int | None:  # the candidates' depth, None off their path
+        if not _on_candidate_path(case.vocab, plan, flags, flags["allowed"]):
+            return None
+        return kernel.candidate_depth(top_k=bool(flags["top_k"]), min_p=bool(flags["min_p"]))
 
     removals: list[tuple[str, dict[str, Any]]] = []
     if case.top_n is not None:
@@ -609,7 +613,7 @@ def _stage_breakdown(
     flags: dict[str, Any] = {**stages, "allowed": case.allowed}
     for i, (name, change) in enumerate(removals):
         if on_candidates(flags) != on_candidates({**flags, **change}):
-            path = "candidate path: column pass, fold" if on_candidates(flags) else "whole-row path"
+            path = "candidate path: column pass, fold" if on_candidates(flags) is not None else "whole-row path"
             rest = [n for n, c in removals[i:] if "allowed" not in c]  # a mask stays in the greedy base
             steps.append((", ".join([path, *rest, "temperature + draw"]), greedy))
             break
