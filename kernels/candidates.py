@@ -124,7 +124,7 @@ class ColumnLayout:
         """The folded candidates' lane groups (`fold`), or None where folding would not shrink them: the
         first level's 2 x `groups` lane groups must fall evenly onto FOLD_GROUPS, more than FOLD_KEEP
         values a folded lane (12 or more column groups, a multiple of 4: every vocabulary from 3,969 up,
-        where there are 32). Deeper layouts (top-p alone, TOP_P_DEPTH) are not folded."""
+        where there are 32). Deeper layouts (top-p alone) fall onto `fold_shape`'s groups instead."""
         groups, keep = self.fold_shape
         lane_groups = self.depth * self.groups
         if lane_groups % groups or lane_groups // groups <= keep:
@@ -269,7 +269,8 @@ def _top_m(acc, x, idx):
 
 def _top_m_network(acc, x, idx):
     """`_top_m` with the values moved by a max / min network (no masks: a NaN is first made -inf) and
-    only the indices selected: the same values and indices. The deeper layout's insertion (TOP_P_DEPTH):
+    only the indices selected: the same values and indices (but that a 0.0 arriving on a held -0.0 takes
+    its slot and leaves it its id: equal values, equal weights). The deeper layout's insertion (TOP_P_DEPTH):
     `_top_m`'s compares, each feeding four selects, outgrew the mask registers (static estimate, v5e,
     B=64, V=128256, float32, top-p alone, fixed trips: 181,871 cycles and an 84 s compile with `_top_m`,
     148,577 and 12 s with this; with m = 2 `_top_m` stays, 87,221 against 87,854 for top_k)."""
