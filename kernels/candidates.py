@@ -251,6 +251,16 @@ def for_each_column(
     return segment(layout.tail, layout.groups, carry, False)
 
 
+def _shift_in(above: list[jax.Array], new: jax.Array, held: tuple) -> tuple:
+    """`held` (largest first) with `new` inserted where `above[j]` (`new` above held[j], monotone: True
+    up to some j) first holds and the rest shifted down one slot, the last dropped: one select at the
+    top, two a slot below it. The insertions below move values and ids alike through it."""
+    shifted = [jnp.where(above[0], new, held[0])]
+    for j in range(1, len(held)):
+        shifted.append(jnp.where(above[j - 1], held[j - 1], jnp.where(above[j], new, held[j])))
+    return tuple(shifted)
+
+
 def _top_m(acc, x, idx):
     """Insertion into a column lane's m largest values with their indices and the (m + 1)-th largest
     value (its bound); a later value equal to a held one goes below it (lower index first among equal
@@ -258,13 +268,7 @@ def _top_m(acc, x, idx):
     sanitising (m = 2: 10 VALU operations a vreg, where max/min insertion and a NaN select took 12)."""
     held, held_ids = acc
     above = [x > a for a in held]
-    values = [jnp.where(above[0], x, held[0])]
-    ids = [jnp.where(above[0], idx, held_ids[0])]
-    for j in range(1, len(held)):
-        values.append(jnp.where(above[j - 1], held[j - 1], jnp.where(above[j], x, held[j])))
-        if j < len(held_ids):
-            ids.append(jnp.where(above[j - 1], held_ids[j - 1], jnp.where(above[j], idx, held_ids[j])))
-    return tuple(values), tuple(ids)
+    return _shift_in(above, x, held), _shift_in(above, idx, held_ids)
 
 
 def _top_m_network(acc, x, idx):
@@ -276,16 +280,13 @@ def _top_m_network(acc, x, idx):
     148,577 and 12 s with this; with m = 2 `_top_m` stays, 87,221 against 87,854 for top_k)."""
     held, held_ids = acc
     x = jnp.where(x == x, x, NEG_INF)
-    above = [x > a for a in held[: len(held_ids)]]
-    ids = [jnp.where(above[0], idx, held_ids[0])]
-    for j in range(1, len(held_ids)):
-        ids.append(jnp.where(above[j - 1], held_ids[j - 1], jnp.where(above[j], idx, held_ids[j])))
+    ids = _shift_in([x > a for a in held[: len(held_ids)]], idx, held_ids)
     values, carried = [], x
     for j, a in enumerate(held):
         values.append(jnp.maximum(a, carried))
         if j + 1 < len(held):
             carried = jnp.minimum(a, carried)
-    return tuple(values), tuple(ids)
+    return tuple(values), ids
 
 
 def column_pass(
@@ -337,15 +338,11 @@ def _insert(acc: tuple, x: jax.Array, idx: jax.Array) -> tuple:
     and selects, as `_top_m`: a -inf value (an empty candidate slot) never displaces one."""
     held, held_ids, rest = acc
     above = [x > a for a in held]
-    values, ids = [], []
-    for j, (a, i) in enumerate(zip(held, held_ids, strict=True)):
-        if j == 0:
-            values.append(jnp.where(above[0], x, a))
-            ids.append(jnp.where(above[0], idx, i))
-        else:
-            values.append(jnp.where(above[j - 1], held[j - 1], jnp.where(above[j], x, a)))
-            ids.append(jnp.where(above[j - 1], held_ids[j - 1], jnp.where(above[j], idx, i)))
-    return tuple(values), tuple(ids), jnp.maximum(rest, jnp.where(above[-1], held[-1], x))
+    return (
+        _shift_in(above, x, held),
+        _shift_in(above, idx, held_ids),
+        jnp.maximum(rest, jnp.where(above[-1], held[-1], x)),
+    )
 
 
 def fold(
