@@ -89,9 +89,10 @@ def working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allowed: boo
     input_rows = _round_up(block_rows, sublane_rows(dtype))
     f32_rows = _round_up(block_rows, 8)
     temporaries = TEMPORARIES + (MASK_TEMPORARIES if allowed else 0)
-    # the candidate path's scratch (`candidates.py`), at its deepest (top-p alone)
-    layout = candidates.ColumnLayout.of(vocab, candidates.TOP_P_DEPTH)
-    scratch = layout.scratch_bytes(f32_rows) if layout is not None else 0
+    # the candidate path's scratch (`candidates.py`), at its largest: top-p alone's deeper layout, or the
+    # two-deep one's wider layout from candidates.WIDE_VOCAB up
+    layouts = [candidates.ColumnLayout.of(vocab, depth) for depth in (2, candidates.TOP_P_DEPTH)]
+    scratch = max((layout.scratch_bytes(f32_rows) for layout in layouts if layout is not None), default=0)
     return lanes * (2 * input_rows * np.dtype(dtype).itemsize + temporaries * f32_rows * 4) + scratch
 
 

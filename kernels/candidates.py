@@ -43,6 +43,19 @@ from vsampler.core.numerics import NEG_INF, narrow
 
 LANES = 128
 GROUPS = 32  # column groups: 2 x 4096 candidates per row (at least 3 of a top-50 share a column ~0.1%)
+# From WIDE_VOCAB up, the two-deep layout (every filter but top-p alone) takes WIDE_GROUPS column groups
+# (2 x 8192 candidates a row). A block falls back to the whole-row path when some row has 3 of its kept
+# tokens on one column lane, and a fallback block costs about 2x a candidate block at V=128256: on the
+# workload's top-k 50 rows (numpy, 8,192 rows, V=128256) 12 rows (2.3% of 16-row blocks) at 32 groups,
+# 1 (0.2%) at 64. The wider layout costs its columns' and the fold's extra work (fixed trips, v5e, B=64,
+# float32, top_k, no fallback, 32 -> 64 groups): V=32000 50,911 -> 55,175 cycles, V=65536 62,359 ->
+# 66,531, V=128256 87,221 -> 89,926, V=256000 150,349 -> 151,350; a fallback in 1% of blocks costs
+# 0.8k, 1.2k, 2.1k cycles at the first three. So it pays from about V=100,000 on: the estimate
+# (`compile-check --estimate`, v5e, B=64, V=128256, its 1,024 rows: fallback blocks 3.1% -> 0%) top_k
+# float32 95,669 -> 89,336 cycles, bfloat16 86,577 -> 82,302, full 116,114 -> 107,049 / 105,411 ->
+# 100,129. (Top-p alone's four-deep layout stays at 32: 153,461 -> 168,166 cycles at 64, fixed trips.)
+WIDE_GROUPS = 64
+WIDE_VOCAB = 100_000
 # A column pass folds COLUMNS_TOGETHER column groups at once, their vregs interleaved (each group's fold
 # is a chain of dependent insertions), UNROLL vregs a loop trip. Static estimate, fixed trips, V=128256,
 # one group at a time (8 vregs a trip) -> 2 at once (32): v5e top_k B=8 float32 22,928 -> 21,946 cycles,
@@ -104,7 +117,7 @@ class ColumnLayout:
         if vocab < LANES:
             return None
         vregs = -(-vocab // LANES)
-        groups = min(GROUPS, vregs)
+        groups = min(WIDE_GROUPS if depth == 2 and vocab >= WIDE_VOCAB else GROUPS, vregs)
         main = (vregs - 1) // groups
         return cls(vocab, groups, main, vregs - main * groups, depth)
 
@@ -123,8 +136,9 @@ class ColumnLayout:
     def fold_groups(self) -> int | None:
         """The folded candidates' lane groups (`fold`), or None where folding would not shrink them: the
         first level's 2 x `groups` lane groups must fall evenly onto FOLD_GROUPS, more than FOLD_KEEP
-        values a folded lane (12 or more column groups, a multiple of 4: every vocabulary from 3,969 up,
-        where there are 32). Deeper layouts (top-p alone) fall onto `fold_shape`'s groups instead."""
+        values a folded lane (an even count of column groups above 8: every vocabulary from 3,969 up,
+        where there are 32 or WIDE_GROUPS). Deeper layouts (top-p alone) fall onto `fold_shape`'s groups
+        instead."""
         groups, keep = self.fold_shape
         lane_groups = self.depth * self.groups
         if lane_groups % groups or lane_groups // groups <= keep:

@@ -53,6 +53,8 @@ COLUMN_PASS_CASES = [
         for together in (1, 3, candidates.COLUMNS_TOGETHER)
         for vocab in (128, 200, 4096, 4224, 9000, 16511)
     ],
+    # the wider two-deep layout (WIDE_GROUPS column groups), a partial last vreg
+    (candidates.WIDE_VOCAB, candidates.COLUMNS_TOGETHER, 2),
     # top-p alone: TOP_P_DEPTH candidates a lane
     *[
         (vocab, together, candidates.TOP_P_DEPTH)
@@ -104,6 +106,20 @@ def test_the_column_pass_keeps_each_columns_largest_and_the_next(vocab, together
     np.testing.assert_array_equal(third, want_third)
     held = want_values > -np.inf
     np.testing.assert_array_equal(ids[held], want_ids[held])
+
+
+def test_the_two_deep_layout_widens_from_wide_vocab_and_top_p_alones_does_not():
+    """Which column groups a layout takes: min(GROUPS, vregs) below WIDE_VOCAB and for top-p alone's
+    deeper layout; WIDE_GROUPS for the two-deep layout from WIDE_VOCAB on. Each folds onto its own
+    groups."""
+    layout = candidates.ColumnLayout.of
+    below, wide = layout(candidates.WIDE_VOCAB - 1), layout(candidates.WIDE_VOCAB)
+    deep = layout(candidates.WIDE_VOCAB, candidates.TOP_P_DEPTH)
+    assert (below.groups, wide.groups, deep.groups) == (candidates.GROUPS, candidates.WIDE_GROUPS, candidates.GROUPS)
+    assert layout(1000).groups == 8  # fewer vregs than groups: one vreg a group
+    assert (wide.fold_groups, deep.fold_groups) == (candidates.FOLD_GROUPS, candidates.TOP_P_FOLD_GROUPS)
+    # the wider layout's scratch is the larger one: what `block_sizes.working_set` charges from WIDE_VOCAB on
+    assert wide.scratch_bytes(16) > deep.scratch_bytes(16)
 
 
 @pytest.mark.parametrize(
