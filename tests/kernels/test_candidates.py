@@ -234,6 +234,25 @@ def test_blocks_decided_by_the_candidates_and_blocks_that_fall_back_both_match_t
     np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference", **kw)) > -np.inf)
 
 
+def test_a_nan_in_a_top_p_alone_row_sends_its_block_to_the_whole_row_path():
+    """Top-p alone on the candidates needs the whole row's mass (`candidates.row_mass`), which takes NaN
+    into its sum instead of dropping it a vreg at a time: the row's target is then NaN, unmet, and its
+    block falls back to the whole-row path, which drops NaN as stage 5 says. The block without NaN stays
+    on the candidates; tokens and kept sets are the reference's in both."""
+    batch, vocab = 16, 12000
+    params = verification.params("top_p", batch, vocab)
+    x = np.array(verification.logits("normal", batch, vocab, "float32", 2))
+    x[11, ::97] = np.nan  # one row of the second block
+    x = jnp.asarray(x)
+    keys = jax.random.split(jax.random.key(4), batch)
+    tokens, stats, _ = _launch(x, params, vocab, keys)
+    fell_back = stats[::8, FALLBACK_COLUMN] > 0
+    assert not fell_back[0] and fell_back[1]
+    np.testing.assert_array_equal(tokens, np.asarray(sample(x, params, keys, impl="reference")))
+    kept = np.asarray(process_logits(x, params, impl="pallas")) > -np.inf
+    np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference")) > -np.inf)
+
+
 def test_min_tokens_drops_eos_candidates_as_the_reference_masks_them():
     """Stage 4 on the candidates (`candidates.drop_candidates`): an EOS id that is its column lane's
     largest value (and the row's), one that is its lane's second, in rows still too early (even rows)
