@@ -70,10 +70,10 @@ COLUMNS_TOGETHER = 2
 # 3 x 6 86,284; draw splits 7: 84,055, 1: 88,993).
 SEARCH_SPLITS, SEARCH_PASSES = 7, 4  # the searches' plain passes: 8 sub-brackets each, 4096x narrower
 DRAW_SPLITS = 3  # the draw's index search: DRAW_SPLITS + 1 sub-ranges a pass
-# The fold (`fold`): the first level's 2W candidates (64 lane groups at 4096 columns; 128 at WIDE_GROUPS,
-# 32 values a folded lane) onto FOLD_GROUPS
-# lane groups, 16 values a lane, FOLD_KEEP kept: 2,048 candidates a row instead of 8,192, so every search
-# and draw pass reads 4x fewer vregs (a 16-row block's search pass was 787 bundles, 7 x 128 compares).
+# The fold (`fold`): the first level's 2W candidates (64 lane groups at 4096 columns, 128 at WIDE_GROUPS)
+# onto FOLD_GROUPS lane groups, 16 values a lane (32 at WIDE_GROUPS), FOLD_KEEP kept: 2,048 candidates a
+# row instead of 8,192 (16,384), so every search and draw pass reads 4x (8x) fewer vregs (a 16-row
+# block's search pass was 787 bundles, 7 x 128 compares).
 # Static estimate, v5e, B=64, V=128256, the workload's trips, float32 / bfloat16: top_k 107,895 /
 # 101,792 cycles unfolded, 91,586 / 82,465 folded; full 147,757 / 137,241 -> 118,096 / 108,396; blocks
 # falling back still 3.1%. Measured with fixed trips (top_k float32), other shapes: 4 groups keeping 3
