@@ -362,6 +362,63 @@ def test_a_profiled_compile_out_of_vmem_says_whether_the_kernel_itself_fits(monk
         assert r.error == _OutOfVmem.error
 
 
+class _FallbackOutOfVmem(LinearModel):
+    """The linear model, but a compile with the candidates' whole-row fallback taken runs out of VMEM, as
+    libtpu's profiled compiles of bfloat16 blocks from V=256000 do (the kernel itself fits)."""
+
+    def compile(self, job):
+        if job["trips"].get(estimate.FALLBACK):
+            self.jobs.append(job)
+            return {"ok": False, "error": _OutOfVmem.error, "cycles": {}}
+        return super().compile(job)
+
+
+def test_a_fallback_no_block_took_is_left_out_of_a_profiled_compile_it_outgrew(monkeypatch):
+    """The estimate subtracts an untaken cond's branch whole, so where the profiled compile with the
+    whole-row fallback outgrows VMEM and no measured block took it, the compile without it is the same
+    estimate: it is given, and the notes say so. Where some blocks took it, there is no estimate, but the
+    message gives the compile without it as a lower bound."""
+    import functools
+
+    case = estimate.EstimateCase("v5e", 64, 256000, "bfloat16", "full")
+    trips = {COLUMN["candidate_top_k"]: [1, 2] * 4, COLUMN["candidate_top_p"]: [1] * 8}
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, plan: (FULL, _per_block(trips)))
+    fits = estimate.estimate(case, LinearModel(kernel.SITES))
+    assert fits.ok and fits.fallback_compiled
+    model = _FallbackOutOfVmem(kernel.SITES)
+    r = estimate.estimate(case, model)
+    assert r.ok, r.error
+    assert not r.fallback_compiled and r.cycles == fits.cycles
+    assert [(g.guard, g.taken, g.branch_cycles) for g in r.guards] == [("fallback", 0.0, 0)]
+    rounded = {"candidate_top_k": 2, "candidate_top_p": 1, "row_mass": 0, "top_k": 0, "top_p": 0, "draw": 0}
+    assert [job["trips"] for job in model.jobs] == [
+        {**rounded, "fallback": 1},  # out of VMEM
+        {**rounded, "fallback": 0},
+        {**rounded, "candidate_top_k": 3, "fallback": 0},
+    ]
+    (note,) = [line for line in estimate.notes([r]) if case.label in line]
+    assert "outgrew VMEM" in note and "no measured block took" in note
+    assert not any(case.label in line for line in estimate.notes([fits]))
+    broken_down = estimate.estimate(case, _FallbackOutOfVmem(kernel.SITES), breakdown=True)
+    assert broken_down.ok and broken_down.cycles == fits.cycles
+    assert sum(broken_down.stages.values()) == broken_down.compiled_cycles
+
+    # one block in eight took it: no estimate, the compile without the fallback as a lower bound
+    trips[COLUMN["draw"]] = [0] * 7 + [18]
+    monkeypatch.setattr(estimate, "ProfileWorker", functools.partial(_Plain, True))
+    model = _FallbackOutOfVmem(kernel.SITES)
+    r = estimate.estimate(case, model)
+    assert not r.ok and r.error.startswith("no estimate: libtpu's profiling compile needs 159.71 MiB")
+    plan = block_sizes.plan(64, 256000, "bfloat16", "v5e")
+    assert model.jobs[-1]["trips"] == {**rounded, "draw": 2, "fallback": 0}  # the draw's 17 trips in 1 of 8
+    without = model.cycles(model.jobs[-1]["trips"], FULL, estimate._conds(case, plan, FULL))
+    floor_us = (64 * 256000 * 2 + 1536) / 8.2e11 * 1e6
+    assert r.error.endswith(
+        f"; without the whole-row fallback (taken in 12% of blocks, not counted) it compiles to {without:,} "
+        f"cycles, {estimate._us(without / 1.5e9)} us, {without / 1.5e9 * 1e6 / floor_us:.1f}x the floor: a lower bound"
+    )
+
+
 def test_greedy_has_no_loops_and_v4_is_refused_before_any_compile(monkeypatch):
     greedy = {"top_k": False, "top_p": False, "min_p": False, "random": False, "min_tokens": False}
     monkeypatch.setattr(estimate, "measure_trips", lambda c, p: (greedy, _per_block({5: [0] * 8})))

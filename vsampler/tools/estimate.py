@@ -13,10 +13,13 @@ for one configuration (TPU generation x B x V x dtype x the stages a workload tu
 2. **Compiles with fixed trips.** libtpu's cost model counts a static-trip loop exactly but a
    data-dependent `while_loop` as 0 trips (and a data-dependent cond as not taken), so each loop is
    compiled as a `fori_loop` of fixed trips: once at the trips rounded to integers (every cond taken),
-   and once more per loop with one more trip (per cond: not taken). The model's cycles are read from the
-   profile libtpu writes with `--xla_jf_dump_static_llo_profile_to` (summed over the program's ops: the
-   kernel's custom call and a few layout copies), in a subprocess, since the flag must be set before
-   libtpu loads.
+   and once more per loop with one more trip (per cond: not taken). (Where the compile with every cond
+   taken outgrows VMEM under the profile flag and no measured block took the candidates' whole-row
+   fallback, it is compiled not taken instead: step 3 would subtract that branch whole anyway; where some
+   did, there is no estimate, and the message gives the compile without it as a lower bound.) The
+   model's cycles are read from the profile libtpu writes with `--xla_jf_dump_static_llo_profile_to`
+   (summed over the program's ops: the kernel's custom call and a few layout copies), in a subprocess,
+   since the flag must be set before libtpu loads.
 3. **The estimate** is the rounded compile plus, per loop, (mean trips - rounded trips) x the cycles of
    one more trip (per cond, (1 - fraction taken) x what the cond's branch costs subtracted): exact where
    the model is linear in the trips, which it is for a fixed-trip loop.
@@ -309,6 +312,9 @@ class KernelEstimate:
     hbm_bytes: int = 0
     logits_bytes: int = 0
     libtpu: str | None = None
+    # False where the profiled compile with the candidates' whole-row fallback outgrew VMEM and no
+    # measured block took it: the estimate is then the compile without that branch (`estimate`)
+    fallback_compiled: bool = True
 
     @property
     def seconds(self) -> float:
@@ -457,13 +463,25 @@ def estimate(
             raise _CompileFailed(answer["error"])
         return answer
 
+    conds = _conds(case, plan, stages)
+    # the fraction of measured blocks that took the candidates' whole-row fallback (None: no such cond)
+    fallback_taken = max((means[s.loop][1] for s in _sites(plan) if s.guard == FALLBACK), default=None)
     try:
-        base = cycles(fixed)
+        try:
+            base = cycles(fixed)
+        except _CompileFailed as err:
+            # Under the profile flag, the fallback's whole-row branch can outgrow VMEM where the kernel
+            # itself fits (libtpu 0.0.42, bfloat16 from V=256000). Where no measured block took it, the
+            # estimate subtracts that branch whole, so the compile without it is the estimate itself.
+            if not (_VMEM_EXHAUSTED.search(str(err)) and FALLBACK in conds and fallback_taken == 0):
+                raise
+            fixed = {**fixed, FALLBACK: 0}
+            base = cycles(fixed)
+            result.fallback_compiled = False
         result.compiled_cycles = sum(base["cycles"].values())
         result.hbm_bytes = base["argument_bytes"] + base["output_bytes"]
         result.logits_bytes = base["logits_bytes"]
         estimate_cycles = float(result.compiled_cycles)
-        conds = _conds(case, plan, stages)
         running = [site for site in _sites(plan) if _site_runs(site.loop, stages, conds)]
         # a guarded site whose cond this configuration's kernel lacks runs unguarded (taken: 1)
         guard_of = {site.loop: site.guard if site.guard in conds else None for site in running}
@@ -485,7 +503,9 @@ def estimate(
         untaken: dict[str, int] = {}  # per cond: the compile with it not taken
         for guard, taken in taken_by_guard.items():
             cost = GuardCost(guard, taken)
-            if breakdown or taken < 1:
+            if not result.fallback_compiled and guard == FALLBACK:  # not compiled: taken in no block
+                untaken[guard] = result.compiled_cycles
+            elif breakdown or taken < 1:
                 without = untaken[guard] = _total(cycles({**fixed, guard: 0}))
                 inside = sum(fixed[lp.loop] * lp.cycles_per_trip for lp in result.loops if lp.guard == guard)
                 # the branch's cost with its loops at their rounded trips, less those trips
@@ -505,6 +525,8 @@ def estimate(
         out_of_vmem = _VMEM_EXHAUSTED.search(result.error)
         if out_of_vmem:
             result.error = _profiled_vmem_diagnosis(base_job, result.error, out_of_vmem)
+            if FALLBACK in conds and fixed.get(FALLBACK) and fallback_taken:
+                result.error += _without_fallback_bound(result, fixed, fallback_taken, cycles)
         return result
     result.ok = True
     return result
@@ -532,6 +554,25 @@ def _profiled_vmem_diagnosis(job: dict[str, Any], error: str, used: re.Match) ->
         f"no estimate: libtpu's profiling compile needs {used.group(1)} MiB of VMEM of the {used.group(2)} MiB "
         f"there are (its static-profile flag raises the kernel's VMEM use); the kernel itself compiles and uses "
         f"{answer['vmem_used_bytes'] / 2**20:.1f} MiB of its {answer['vmem_limit_bytes'] / 2**20:.1f} MiB limit"
+    )
+
+
+def _without_fallback_bound(result: KernelEstimate, fixed: dict[str, int], taken: float, cycles: Any) -> str:
+    """Where the profiled compile with the whole-row fallback outgrew VMEM and some measured blocks took
+    it: what the kernel costs without that branch, a lower bound (the message's tail; '' if that compile
+    fails too)."""
+    try:
+        answer = cycles({**fixed, FALLBACK: 0})
+    except _CompileFailed:
+        return ""
+    bound = dataclasses.replace(
+        result,
+        cycles=float(_total(answer)),
+        hbm_bytes=answer["argument_bytes"] + answer["output_bytes"],
+    )
+    return (
+        f"; without the whole-row fallback (taken in {_share(taken)} of blocks, not counted) it compiles to "
+        f"{bound.cycles:,.0f} cycles, {_us(bound.seconds)} us, {bound.x_floor:.1f}x the floor: a lower bound"
     )
 
 
@@ -759,6 +800,13 @@ def notes(results: Sequence[KernelEstimate]) -> list[str]:
     ]
     if any(g in UNMODELLED for g in gens):
         out.append(UNMODELLED_DETAIL)
+    uncompiled = [r.case.label for r in results if r.ok and not r.fallback_compiled]
+    if uncompiled:
+        out.append(
+            f"{'; '.join(uncompiled)}: the profiled compile with the candidates' whole-row fallback outgrew VMEM "
+            "(libtpu's profile flag raises the kernel's VMEM use) and no measured block took that branch, so "
+            "the compile without it is the estimate (the estimate subtracts an untaken branch whole)"
+        )
     if version is not None and not version.startswith(VERIFIED_LIBTPU):
         out.append(f"libtpu {version}: the profile format was verified with {VERIFIED_LIBTPU} only")
     return out
