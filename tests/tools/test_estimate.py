@@ -392,10 +392,12 @@ def test_a_fallback_no_block_took_is_left_out_of_a_profiled_compile_it_outgrew(m
     assert [(g.guard, g.taken, g.branch_cycles) for g in r.guards] == [("fallback", 0.0, 0)]
     rounded = {"candidate_top_k": 2, "candidate_top_p": 1, "row_mass": 0, "top_k": 0, "top_p": 0, "draw": 0}
     assert [job["trips"] for job in model.jobs] == [
-        {**rounded, "fallback": 1},  # out of VMEM
+        {**rounded, "fallback": 1},  # out of VMEM, then again at half the VMEM as the limit
+        {**rounded, "fallback": 1},
         {**rounded, "fallback": 0},
         {**rounded, "candidate_top_k": 3, "fallback": 0},
     ]
+    assert [job.get("vmem_limit_bytes") for job in model.jobs] == [None] + [64 << 20] * 3
     (note,) = [line for line in estimate.notes([r]) if case.label in line]
     assert "outgrew VMEM" in note and "no measured block took" in note
     assert not any(case.label in line for line in estimate.notes([fits]))
@@ -417,6 +419,57 @@ def test_a_fallback_no_block_took_is_left_out_of_a_profiled_compile_it_outgrew(m
         f"; without the whole-row fallback (taken in 12% of blocks, not counted) it compiles to {without:,} "
         f"cycles, {estimate._us(without / 1.5e9)} us, {without / 1.5e9 * 1e6 / floor_us:.1f}x the floor: a lower bound"
     )
+
+
+class _ProfileReservesTheLimit(LinearModel):
+    """The linear model, but a compile needs the kernel's own VMEM (`used`, MiB, more with the fallback
+    taken) plus its scoped limit, as libtpu's profiled compiles do, of v5e's 128 MiB."""
+
+    def __init__(self, sites, used):
+        super().__init__(sites)
+        self.used = used
+
+    def compile(self, job):
+        plan = block_sizes.plan(job["batch"], job["vocab"], job["dtype"], job["generation"], job["allowed"])
+        limit = job.get("vmem_limit_bytes") or plan.vmem_limit_bytes
+        used = (self.used + (30 if job["trips"].get(estimate.FALLBACK) else 0)) * 2**20
+        if used > limit or used + limit > 128 * 2**20:
+            self.jobs.append(job)
+            return {"ok": False, "error": _OutOfVmem.error.replace("159.71", f"{(used + limit) / 2**20:.2f}")}
+        return super().compile(job)
+
+
+def test_a_profiled_compile_out_of_vmem_at_the_policys_limit_takes_half_the_vmem(monkeypatch):
+    """libtpu's profile flag reserves as much VMEM again as the kernel's scoped limit: where the profiled
+    compile runs out at the block-size policy's limit, every compile of the estimate takes half the
+    VMEM as its limit, which gives the same cycles; the notes say so. A kernel that needs more than half
+    fits no limit: without the fallback's branch (taken in no block) it may still."""
+    import functools
+
+    case = estimate.EstimateCase("v5e", 64, 256000, "bfloat16", "full")
+    assert block_sizes.plan(64, 256000, "bfloat16", "v5e").vmem_limit_bytes == 112 << 20
+    trips = {COLUMN["candidate_top_k"]: [1, 2] * 4, COLUMN["candidate_top_p"]: [1] * 8}
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, plan: (FULL, _per_block(trips)))
+    fits = estimate.estimate(case, LinearModel(kernel.SITES))
+    model = _ProfileReservesTheLimit(kernel.SITES, used=20)
+    r = estimate.estimate(case, model)
+    assert r.ok, r.error
+    assert r.cycles == fits.cycles and r.fallback_compiled and r.profile_vmem_limit_bytes == 64 << 20
+    assert [job.get("vmem_limit_bytes") for job in model.jobs] == [None] + [64 << 20] * (len(model.jobs) - 1)
+    assert [(g.guard, g.taken, g.branch_cycles) for g in r.guards] == [("fallback", 0.0, 50_000)]
+    (note,) = [line for line in estimate.notes([r]) if "half" in line]
+    assert "v5e 64 MiB" in note and not any("half" in line for line in estimate.notes([fits]))
+    # 40 MiB, 70 with the fallback taken: only the compiles without it fit, at half the VMEM
+    model = _ProfileReservesTheLimit(kernel.SITES, used=40)
+    r = estimate.estimate(case, model)
+    assert r.ok and r.cycles == fits.cycles and not r.fallback_compiled
+    # 70 MiB: no limit fits; the plain compile (the policy's limit, no override) says the kernel does
+    _Plain.instances.clear()
+    monkeypatch.setattr(estimate, "ProfileWorker", functools.partial(_Plain, True))
+    r = estimate.estimate(case, _ProfileReservesTheLimit(kernel.SITES, used=70))
+    assert not r.ok and r.error.startswith("no estimate: libtpu's profiling compile needs")
+    (plain,) = _Plain.instances
+    assert "vmem_limit_bytes" not in plain.jobs[0]
 
 
 def test_greedy_has_no_loops_and_v4_is_refused_before_any_compile(monkeypatch):

@@ -120,16 +120,21 @@ def compile_tpu(
     allowed: bool = False,
     top_n: int | None = None,
     trips: FixedTrips | None = None,
+    vmem_limit_bytes: int | None = None,
 ) -> CompileResult:
     """Compiles the kernel (all stages on by default) for one configuration on `generation`;
     `allowed`: with the allowed-token mask input; `top_n`: with the log-prob outputs; `trips`: with the
-    data-dependent loops at fixed trip counts (for the static estimate, `vsampler.tools.estimate`)."""
+    data-dependent loops at fixed trip counts (for the static estimate, `vsampler.tools.estimate`);
+    `vmem_limit_bytes`: the kernel's scoped-VMEM limit in place of the block-size policy's (the
+    estimate's profiled compiles, `estimate.profile_vmem_limit`)."""
     result = CompileResult(generation, batch, vocab, dtype, ok=False)
     try:
         plan = block_sizes.plan(batch, vocab, dtype, generation, allowed)
     except ValueError as err:
         result.error = str(err)
         return result
+    if vmem_limit_bytes is not None:
+        plan = dataclasses.replace(plan, vmem_limit_bytes=vmem_limit_bytes)
     result.block_rows, result.working_set_bytes = plan.block_rows, plan.working_set_bytes
     result.chunk, result.buffers = plan.chunk, plan.buffers
     result.vmem_limit_bytes = plan.vmem_limit_bytes or 0

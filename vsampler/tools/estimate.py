@@ -13,10 +13,12 @@ for one configuration (TPU generation x B x V x dtype x the stages a workload tu
 2. **Compiles with fixed trips.** libtpu's cost model counts a static-trip loop exactly but a
    data-dependent `while_loop` as 0 trips (and a data-dependent cond as not taken), so each loop is
    compiled as a `fori_loop` of fixed trips: once at the trips rounded to integers (every cond taken),
-   and once more per loop with one more trip (per cond: not taken). (Where the compile with every cond
-   taken outgrows VMEM under the profile flag and no measured block took the candidates' whole-row
-   fallback, it is compiled not taken instead: step 3 would subtract that branch whole anyway; where some
-   did, there is no estimate, and the message gives the compile without it as a lower bound.) The
+   and once more per loop with one more trip (per cond: not taken). (The profile flag reserves as much
+   VMEM again as the kernel's limit: where a compile runs out, they all take half the VMEM as their
+   limit, `profile_vmem_limit`. Where the compile with every cond taken still does not fit and no
+   measured block took the candidates' whole-row fallback, it is compiled not taken instead: step 3
+   would subtract that branch whole anyway; where some did, there is no estimate, and the message gives
+   the compile without it as a lower bound.) The
    model's cycles are read from the profile libtpu writes with `--xla_jf_dump_static_llo_profile_to`
    (summed over the program's ops: the kernel's custom call and a few layout copies), in a subprocess,
    since the flag must be set before libtpu loads.
@@ -315,6 +317,8 @@ class KernelEstimate:
     # False where the profiled compile with the candidates' whole-row fallback outgrew VMEM and no
     # measured block took it: the estimate is then the compile without that branch (`estimate`)
     fallback_compiled: bool = True
+    # where the profiled compile at the policy's VMEM limit ran out: the limit it took (`profile_vmem_limit`)
+    profile_vmem_limit_bytes: int = 0
 
     @property
     def seconds(self) -> float:
@@ -466,18 +470,26 @@ def estimate(
     conds = _conds(case, plan, stages)
     # the fraction of measured blocks that took the candidates' whole-row fallback (None: no such cond)
     fallback_taken = max((means[s.loop][1] for s in _sites(plan) if s.guard == FALLBACK), default=None)
+    plain_job = dict(base_job)  # the kernel as it runs: the policy's VMEM limit
     try:
         try:
             base = cycles(fixed)
         except _CompileFailed as err:
-            # Under the profile flag, the fallback's whole-row branch can outgrow VMEM where the kernel
-            # itself fits (libtpu 0.0.42, bfloat16 from V=256000). Where no measured block took it, the
-            # estimate subtracts that branch whole, so the compile without it is the estimate itself.
-            if not (_VMEM_EXHAUSTED.search(str(err)) and FALLBACK in conds and fallback_taken == 0):
+            limit = profile_vmem_limit(case.generation, plan)
+            if not (_VMEM_EXHAUSTED.search(str(err)) and limit):
                 raise
-            fixed = {**fixed, FALLBACK: 0}
-            base = cycles(fixed)
-            result.fallback_compiled = False
+            base_job["vmem_limit_bytes"] = result.profile_vmem_limit_bytes = limit
+            try:
+                base = cycles(fixed)
+            except _CompileFailed as err:
+                # Under the profile flag, the fallback's whole-row branch can still outgrow VMEM where the
+                # kernel itself fits. Where no measured block took it, the estimate subtracts that
+                # branch whole, so the compile without it is the estimate itself.
+                if not (_VMEM_EXHAUSTED.search(str(err)) and FALLBACK in conds and fallback_taken == 0):
+                    raise
+                fixed = {**fixed, FALLBACK: 0}
+                base = cycles(fixed)
+                result.fallback_compiled = False
         result.compiled_cycles = sum(base["cycles"].values())
         result.hbm_bytes = base["argument_bytes"] + base["output_bytes"]
         result.logits_bytes = base["logits_bytes"]
@@ -524,12 +536,26 @@ def estimate(
         result.error = str(err)
         out_of_vmem = _VMEM_EXHAUSTED.search(result.error)
         if out_of_vmem:
-            result.error = _profiled_vmem_diagnosis(base_job, result.error, out_of_vmem)
+            result.error = _profiled_vmem_diagnosis(plain_job, result.error, out_of_vmem)
             if FALLBACK in conds and fixed.get(FALLBACK) and fallback_taken:
                 result.error += _without_fallback_bound(result, fixed, fallback_taken, cycles)
         return result
     result.ok = True
     return result
+
+
+def profile_vmem_limit(generation: str, plan: Any) -> int | None:
+    """The scoped-VMEM limit a profiled compile takes where it ran out of VMEM at the policy's: half the
+    generation's VMEM (None where the policy's limit is no larger). libtpu's profile flag reserves as
+    much VMEM again as the kernel's limit (libtpu 0.0.42, v5e, bfloat16, `top_k`, V=256000, fixed trips:
+    the kernel uses 23.1 MiB, the profiled compile at the policy's 112 MiB limit needs 135.2), so a
+    kernel that uses up to half the VMEM fits profiled under a limit of half. The model's cycles do not
+    depend on the limit (the same, to the cycle, at 65.8, 64 and 48 MiB for B=64, V=128256, and at 64
+    and 48 MiB for V=256000, the fallback taken or not)."""
+    from vsampler.kernels import block_sizes
+
+    half = block_sizes.TPU_GENERATIONS[generation].vmem_bytes // 2
+    return half if plan.vmem_limit_bytes is not None and plan.vmem_limit_bytes > half else None
 
 
 # libtpu's words when a compile does not fit VMEM
@@ -800,6 +826,14 @@ def notes(results: Sequence[KernelEstimate]) -> list[str]:
     ]
     if any(g in UNMODELLED for g in gens):
         out.append(UNMODELLED_DETAIL)
+    capped = sorted({(r.case.generation, r.profile_vmem_limit_bytes) for r in results if r.profile_vmem_limit_bytes})
+    if capped:
+        limits = ", ".join(f"{gen} {limit / 2**20:.0f} MiB" for gen, limit in capped)
+        out.append(
+            f"Where a profiled compile ran out of VMEM at the block-size policy's limit, it took a limit of half "
+            f"the VMEM ({limits}): libtpu's profile flag reserves as much VMEM again as the limit, and the "
+            "model's cycles do not depend on it (vsampler/tools/estimate.py, profile_vmem_limit)"
+        )
     uncompiled = [r.case.label for r in results if r.ok and not r.fallback_compiled]
     if uncompiled:
         out.append(
