@@ -433,7 +433,14 @@ class _ProfileReservesTheLimit(LinearModel):
         plan = block_sizes.plan(job["batch"], job["vocab"], job["dtype"], job["generation"], job["allowed"])
         limit = job.get("vmem_limit_bytes") or plan.vmem_limit_bytes
         used = (self.used + (30 if job["trips"].get(estimate.FALLBACK) else 0)) * 2**20
-        if used > limit or used + limit > 128 * 2**20:
+        if used > limit:  # compile_check's form of libtpu's message
+            self.jobs.append(job)
+            error = (
+                "RESOURCE_EXHAUSTED: E1001: CompileTimeScopedVmemOom: Scoped allocation with size "
+                f"{used / 2**20:.2f}M and limit {limit / 2**20:.2f}M exceeded scoped vmem limit by 6.00M."
+            )
+            return {"ok": False, "error": error}
+        if used + limit > 128 * 2**20:
             self.jobs.append(job)
             return {"ok": False, "error": _OutOfVmem.error.replace("159.71", f"{(used + limit) / 2**20:.2f}")}
         return super().compile(job)
@@ -459,15 +466,17 @@ def test_a_profiled_compile_out_of_vmem_at_the_policys_limit_takes_half_the_vmem
     assert [(g.guard, g.taken, g.branch_cycles) for g in r.guards] == [("fallback", 0.0, 50_000)]
     (note,) = [line for line in estimate.notes([r]) if "half" in line]
     assert "v5e 64 MiB" in note and not any("half" in line for line in estimate.notes([fits]))
-    # 40 MiB, 70 with the fallback taken: only the compiles without it fit, at half the VMEM
+    # 40 MiB, 70 with the fallback taken (over the limit of half): only the compiles without it fit
     model = _ProfileReservesTheLimit(kernel.SITES, used=40)
     r = estimate.estimate(case, model)
     assert r.ok and r.cycles == fits.cycles and not r.fallback_compiled
-    # 70 MiB: no limit fits; the plain compile (the policy's limit, no override) says the kernel does
+    # 70 MiB (100 with the fallback): no limit fits; the plain compile (the policy's limit, no override)
+    # says the kernel does
     _Plain.instances.clear()
     monkeypatch.setattr(estimate, "ProfileWorker", functools.partial(_Plain, True))
     r = estimate.estimate(case, _ProfileReservesTheLimit(kernel.SITES, used=70))
-    assert not r.ok and r.error.startswith("no estimate: libtpu's profiling compile needs")
+    assert not r.ok and r.error.startswith("no estimate: libtpu's profiling compile needs 212.00 MiB")
+    assert r.error.endswith("; under half the VMEM as its limit: the kernel needs 70.00 MiB, over that 64.00 MiB limit")
     (plain,) = _Plain.instances
     assert "vmem_limit_bytes" not in plain.jobs[0]
 

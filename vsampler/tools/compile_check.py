@@ -61,6 +61,8 @@ class CompileResult:
         return self.hbm_bytes / block_sizes.TPU_GENERATIONS[self.generation].hbm_bytes_per_s
 
 
+# libtpu's sentence where a kernel needs more scoped VMEM than its limit (its error's first line is generic)
+SCOPED_VMEM_EXCEEDED = re.compile(r"Scoped allocation with size ([\d.]+)M and limit ([\d.]+)M exceeded scoped vmem")
 _USED_VMEM = re.compile(r'"used_scoped_memory_configs":\[\{"memory_space":"1","offset":"\d+","size":"(\d+)"')
 
 
@@ -159,7 +161,9 @@ def compile_tpu(
         with jax.default_device(device), jax_config.enable_compilation_cache(False):
             compiled = jax.jit(fn).trace(*args).lower(lowering_platforms=("tpu",)).compile()
     except Exception as err:
-        result.error = str(err).strip().splitlines()[0][:500]
+        text = str(err).strip()
+        scoped = SCOPED_VMEM_EXCEEDED.search(text)
+        result.error = (text.splitlines()[0] + (f" {scoped.group(0)}" if scoped else ""))[:500]
         return result
     stats = compiled.memory_analysis()
     result.vmem_used_bytes = vmem_used(compiled.as_text())

@@ -471,6 +471,7 @@ def estimate(
     # the fraction of measured blocks that took the candidates' whole-row fallback (None: no such cond)
     fallback_taken = max((means[s.loop][1] for s in _sites(plan) if s.guard == FALLBACK), default=None)
     plain_job = dict(base_job)  # the kernel as it runs: the policy's VMEM limit
+    first_error = ""  # the profiled compile's at the policy's limit, where it ran out of VMEM
     try:
         try:
             base = cycles(fixed)
@@ -478,14 +479,15 @@ def estimate(
             limit = profile_vmem_limit(case.generation, plan)
             if not (_VMEM_EXHAUSTED.search(str(err)) and limit):
                 raise
+            first_error = str(err)
             base_job["vmem_limit_bytes"] = result.profile_vmem_limit_bytes = limit
             try:
                 base = cycles(fixed)
             except _CompileFailed as err:
-                # Under the profile flag, the fallback's whole-row branch can still outgrow VMEM where the
-                # kernel itself fits. Where no measured block took it, the estimate subtracts that
+                # The fallback's whole-row branch can still outgrow VMEM, or that limit, where the rest
+                # of the kernel fits. Where no measured block took it, the estimate subtracts that
                 # branch whole, so the compile without it is the estimate itself.
-                if not (_VMEM_EXHAUSTED.search(str(err)) and FALLBACK in conds and fallback_taken == 0):
+                if not (_out_of_vmem(str(err)) and FALLBACK in conds and fallback_taken == 0):
                     raise
                 fixed = {**fixed, FALLBACK: 0}
                 base = cycles(fixed)
@@ -533,10 +535,13 @@ def estimate(
             stage_trips = {**fixed, FALLBACK: 0} if apart else fixed
             result.stages = _stage_breakdown(case, plan, stages, stage_trips, total, cycles)
     except _CompileFailed as err:
-        result.error = str(err)
+        result.error = first_error or str(err)
         out_of_vmem = _VMEM_EXHAUSTED.search(result.error)
         if out_of_vmem:
-            result.error = _profiled_vmem_diagnosis(plain_job, result.error, out_of_vmem)
+            diagnosed = _profiled_vmem_diagnosis(plain_job, result.error, out_of_vmem)
+            fits_plainly, result.error = diagnosed != result.error, diagnosed
+            if first_error and fits_plainly:
+                result.error += f"; under half the VMEM as its limit: {_vmem_shortfall(str(err))}"
             if FALLBACK in conds and fixed.get(FALLBACK) and fallback_taken:
                 result.error += _without_fallback_bound(result, fixed, fallback_taken, cycles)
         return result
@@ -550,8 +555,8 @@ def profile_vmem_limit(generation: str, plan: Any) -> int | None:
     much VMEM again as the kernel's limit (libtpu 0.0.42, v5e, bfloat16, `top_k`, V=256000, fixed trips:
     the kernel uses 23.1 MiB, the profiled compile at the policy's 112 MiB limit needs 135.2), so a
     kernel that uses up to half the VMEM fits profiled under a limit of half. The model's cycles do not
-    depend on the limit (the same, to the cycle, at 65.8, 64 and 48 MiB for B=64, V=128256, and at 64
-    and 48 MiB for V=256000, the fallback taken or not)."""
+    depend on the limit (the same, to the cycle, at 65.8, 64 and 48 MiB for B=64, V=128256, the fallback
+    taken or not, and at 64 and 48 MiB for V=256000 without it; with it the kernel needs 48.9 MiB)."""
     from vsampler.kernels import block_sizes
 
     half = block_sizes.TPU_GENERATIONS[generation].vmem_bytes // 2
@@ -560,6 +565,24 @@ def profile_vmem_limit(generation: str, plan: Any) -> int | None:
 
 # libtpu's words when a compile does not fit VMEM
 _VMEM_EXHAUSTED = re.compile(r"Ran out of memory in memory space vmem\. Used ([\d.]+)M of ([\d.]+)M")
+
+
+def _out_of_vmem(error: str) -> bool:
+    """Whether a compile failed for VMEM: the chip's, or the kernel's scoped limit."""
+    from vsampler.tools.compile_check import SCOPED_VMEM_EXCEEDED
+
+    return bool(_VMEM_EXHAUSTED.search(error) or SCOPED_VMEM_EXCEEDED.search(error))
+
+
+def _vmem_shortfall(error: str) -> str:
+    """A VMEM failure in a few words (the error itself where it is not one)."""
+    from vsampler.tools.compile_check import SCOPED_VMEM_EXCEEDED
+
+    if scoped := SCOPED_VMEM_EXCEEDED.search(error):
+        return f"the kernel needs {scoped.group(1)} MiB, over that {scoped.group(2)} MiB limit"
+    if used := _VMEM_EXHAUSTED.search(error):
+        return f"needs {used.group(1)} MiB of the {used.group(2)} MiB there are"
+    return error
 
 
 def _profiled_vmem_diagnosis(job: dict[str, Any], error: str, used: re.Match) -> str:
