@@ -18,10 +18,9 @@ for one configuration (TPU generation x B x V x dtype x the stages a workload tu
    limit, `profile_vmem_limit`. Where the compile with every cond taken still does not fit and no
    measured block took the candidates' whole-row fallback, it is compiled not taken instead: step 3
    would subtract that branch whole anyway; where some did, there is no estimate, and the message gives
-   the compile without it as a lower bound.) The
-   model's cycles are read from the profile libtpu writes with `--xla_jf_dump_static_llo_profile_to`
-   (summed over the program's ops: the kernel's custom call and a few layout copies), in a subprocess,
-   since the flag must be set before libtpu loads.
+   the compile without it as a lower bound.) The model's cycles are read from the profile libtpu
+   writes with `--xla_jf_dump_static_llo_profile_to` (summed over the program's ops: the kernel's custom
+   call and a few layout copies), in a subprocess, since the flag must be set before libtpu loads.
 3. **The estimate** is the rounded compile plus, per loop, (mean trips - rounded trips) x the cycles of
    one more trip (per cond, (1 - fraction taken) x what the cond's branch costs subtracted): exact where
    the model is linear in the trips, which it is for a fixed-trip loop.
@@ -314,8 +313,8 @@ class KernelEstimate:
     hbm_bytes: int = 0
     logits_bytes: int = 0
     libtpu: str | None = None
-    # False where the profiled compile with the candidates' whole-row fallback outgrew VMEM and no
-    # measured block took it: the estimate is then the compile without that branch (`estimate`)
+    # False where the profiled compile with the candidates' whole-row fallback did not fit, even at half
+    # the VMEM as its limit, and no measured block took it: the estimate is then the compile without it
     fallback_compiled: bool = True
     # where the profiled compile at the policy's VMEM limit ran out: the limit it took (`profile_vmem_limit`)
     profile_vmem_limit_bytes: int = 0
@@ -860,9 +859,9 @@ def notes(results: Sequence[KernelEstimate]) -> list[str]:
     uncompiled = [r.case.label for r in results if r.ok and not r.fallback_compiled]
     if uncompiled:
         out.append(
-            f"{'; '.join(uncompiled)}: the profiled compile with the candidates' whole-row fallback outgrew VMEM "
-            "(libtpu's profile flag raises the kernel's VMEM use) and no measured block took that branch, so "
-            "the compile without it is the estimate (the estimate subtracts an untaken branch whole)"
+            f"{'; '.join(uncompiled)}: the profiled compile with the candidates' whole-row fallback did not fit "
+            "(libtpu's profile flag reserves as much VMEM again as the kernel's limit) and no measured block took "
+            "that branch, so the compile without it is the estimate (the estimate subtracts an untaken branch whole)"
         )
     if version is not None and not version.startswith(VERIFIED_LIBTPU):
         out.append(f"libtpu {version}: the profile format was verified with {VERIFIED_LIBTPU} only")
