@@ -2,10 +2,14 @@ import json
 import os
 from pathlib import Path
 
+import compile_policy
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # 8 simulated CPU devices for the mesh tests (set before jax starts); single-device code uses device 0
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# how XLA:CPU compiles the suite's programs (tests/compile_policy.py): less effort, the same programs
+compile_policy.set_flags()
 # jax's persistent compilation cache, shared by both workers, every module and the subprocesses the tests
 # start: the suite drops its compiled programs after each module and slow test (the memory-mapping bound
 # below), and a program compiled again is then read back from disk. Set `JAX_COMPILATION_CACHE_DIR=`
@@ -16,7 +20,7 @@ os.environ.setdefault(
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
-import hypothesis
+import hypothesis  # noqa: E402
 
 hypothesis.settings.register_profile("vsampler", deadline=None, max_examples=60, print_blob=True)
 hypothesis.settings.load_profile("vsampler")
@@ -27,6 +31,8 @@ import pytest  # noqa: E402
 
 from vsampler.core import registry  # noqa: E402
 from vsampler.tools import verification  # noqa: E402
+
+compile_policy.install()
 
 # Cost groups (pyproject.toml's markers) that follow from what a test runs, so a registered kernel
 # variant brings its marks: `interpret` for every test of an impl that runs the fused kernel (interpret

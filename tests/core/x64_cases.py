@@ -1,8 +1,9 @@
-"""Cases run twice by `tests/core/test_hardening_x64.py`: in this process's default 32-bit mode and, in a
-subprocess, with `jax_enable_x64` on. Every public entry point is exercised; `run()` returns plain numpy
+"""Cases run twice by `tests/core/test_hardening_x64.py`, each time in a process of its own: in the default
+32-bit mode and with `jax_enable_x64` on. Every public entry point is exercised; `run()` returns plain numpy
 arrays by name, and the two runs must agree exactly (tokens, and float32 values bit for bit).
 
-`python tests/core/x64_cases.py OUT.npz` writes `run()` to OUT.npz (the subprocess's side)."""
+`python tests/core/x64_cases.py OUT.npz` writes `run()` to OUT.npz, and under `X64_KEY` whether x64 was
+on."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 B, V = 4, 300
 IMPLS = ("reference", "xla", "pallas", "pallas-chunked", "pallas-triton")
 FULL = ("reference", "xla", "pallas")  # every entry; the other kernel variants: sample with a mask
+X64_KEY = "jax_enable_x64"
 
 
 def _inputs():
@@ -95,4 +97,10 @@ def _loop() -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    np.savez(sys.argv[1], **run())
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import compile_policy  # the suite's compile policy (tests/conftest.py installs it in pytest's processes)
+
+    compile_policy.install()
+    np.savez(sys.argv[1], **run(), **{X64_KEY: np.asarray(jax.config.jax_enable_x64)})
