@@ -52,7 +52,7 @@ TPU_COMPILE_MODULES = frozenset({"test_tpu_compile"})
 # A test the file does not know yet (a new one) runs by default until the file is refreshed; a test
 # marked `quick` (each implementation's first grid case) runs by default whatever it cost.
 DURATIONS_PATH = Path(__file__).with_name("durations.json")
-QUICK_SECONDS = 2.0
+QUICK_SECONDS = 0.75
 DURATIONS: dict[str, float] = json.loads(DURATIONS_PATH.read_text()) if DURATIONS_PATH.exists() else {}
 
 
