@@ -35,11 +35,11 @@ def test_the_largest_tensor_counts_results_inside_loops():
     assert compile_policy.largest_tensor(_module(program, jnp.arange(10.0))) == 5000 * 1000
 
 
-def test_only_small_cpu_programs_compile_unoptimised():
+def test_small_cpu_programs_compile_unoptimised_and_large_ones_with_the_fusion_emitters():
     small = _module(lambda x: x * 2, jax.ShapeDtypeStruct((compile_policy.SMALL_ELEMENTS - 1,), np.float32))
     large = _module(lambda x: x * 2, jax.ShapeDtypeStruct((compile_policy.SMALL_ELEMENTS,), np.float32))
     assert compile_policy.overrides("cpu", small) == {"xla_backend_optimization_level": 0}
-    assert compile_policy.overrides("cpu", large) == {}
+    assert compile_policy.overrides("cpu", large) == {"xla_cpu_use_fusion_emitters": True}
     assert compile_policy.overrides("tpu", small) == {}  # deviceless TPU compiles: libtpu's defaults
 
 

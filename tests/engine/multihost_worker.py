@@ -17,8 +17,14 @@ import sys
 process_id, num_processes, port, out_path = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={8 // num_processes}"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import compile_policy  # noqa: E402  (the suite's compile policy, as tests/conftest.py sets it up)
+
+compile_policy.set_flags()
 
 import jax  # noqa: E402
+
+compile_policy.install()
 
 if num_processes > 1:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")

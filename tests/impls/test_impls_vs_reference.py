@@ -13,6 +13,7 @@ reference's results once (`verification.REFERENCE_CACHE`).
 from __future__ import annotations
 
 import itertools
+import re
 from typing import NamedTuple
 
 import grid
@@ -164,3 +165,30 @@ def test_a_kernel_variant_registered_in_one_call_is_listed_selectable_and_verifi
     finally:
         pallas.unregister_variant(name)
     assert name not in available_impls()
+
+
+# each implementation's `combined` case at its smallest vocabulary (the chunked variant's: three chunks)
+UNDER_XLAS_DEFAULTS = "normal-combined-B8-V1000 or pallas-chunked-normal-combined-B8-V9000"
+
+
+@pytest.mark.slow
+@pytest.mark.interpret
+def test_the_implementations_agree_with_the_reference_compiled_with_xlas_defaults():
+    """The suite compiles its programs with less effort (tests/compile_policy.py); users compile with
+    XLA's defaults. Every fast implementation's `combined` case, the same comparison, in a process that
+    compiles as users do (no compile policy, XLA_FLAGS as a new user's shell has it)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["VSAMPLER_TEST_COMPILE"] = "default"
+    argv = ["-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-m", "slow or not slow"]
+    argv += [__file__, "-k", UNDER_XLAS_DEFAULTS]
+    done = subprocess.run(
+        [sys.executable, *argv], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[2]
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", done.stdout)
+    assert passed and int(passed.group(1)) == len(registry.names(fast=True)), done.stdout[-2000:]
