@@ -7,8 +7,8 @@ own options cut that without touching a program's HLO, so every test still runs 
 - `xla_cpu_use_fusion_emitters=false`: the fusions' code from XLA's elemental IR emitters instead of its
   MLIR fusion emitters, and `xla_cpu_parallel_codegen_split_count=1`: one LLVM module, not several
   compiled apart (less total CPU where both cores are already busy, as under `-n 2`). Everywhere:
-  `XLA_FLAGS`, so the subprocesses the tests start (the CLI, the x64 module, the README's examples) get
-  them too, with `xla_backend_optimization_level=1` (LLVM's light pipeline).
+  `XLA_FLAGS`, so the subprocesses the tests start (the CLI's, the x64 module's, the multi-host
+  workers) get them too, with `xla_backend_optimization_level=1` (LLVM's light pipeline).
 - Per program (`overrides`, installed in pytest's processes by `install`): LLVM without optimisation
   (`xla_backend_optimization_level=0`) for a program whose largest tensor holds fewer than
   `SMALL_ELEMENTS` values: at that size its code runs in milliseconds however it was optimised. A larger
@@ -22,8 +22,10 @@ by +-15%): B=8, V=1000, the resident kernel in interpret mode ~14 -> ~5; B=8, V=
 ~9; B=64, V=256000, xla `top_p` ~17 -> ~17 (level 1: its run, not its compile, is the cost).
 
 None of these options is a numeric one (no fast math: IEEE semantics, the same reductions in the same
-order), and both sides of every comparison are compiled alike. What users run with default flags is
-checked by `vsampler verify` and `vsampler bench`, which the README runs as they are.
+order), and both sides of every comparison are compiled alike. What users compile, with XLA's defaults,
+stays checked: `test_the_implementations_agree_with_the_reference_compiled_with_xlas_defaults` (every
+fast implementation's `combined` grid case) and the README's examples (tests/tools/test_readme.py) run
+in processes without the policy, as do `vsampler verify` and `vsampler bench` from a user's shell.
 `VSAMPLER_TEST_COMPILE=default` (before pytest starts) leaves XLA's defaults everywhere.
 """
 
