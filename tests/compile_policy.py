@@ -1,8 +1,8 @@
 """How the test suite has XLA:CPU compile its programs: the same programs, compiled with less effort.
 
 Most of the suite's time is XLA:CPU compiling small programs that then run for milliseconds (a grid
-case at B=8, V=1000: about 10 CPU-seconds of compile, well under one of running). Two of the compiler's
-own options cut that without touching a program's HLO, so every test still runs the programs users run:
+case at B=8, V=1000: about 10 CPU-seconds of compile, well under one of running). The compiler's own
+options cut that without touching a program's HLO, so every test still runs the programs users run:
 
 - `xla_cpu_use_fusion_emitters=false`: the fusions' code from XLA's elemental IR emitters instead of its
   MLIR fusion emitters, and `xla_cpu_parallel_codegen_split_count=1`: one LLVM module, not several
@@ -31,6 +31,7 @@ in processes without the policy, as do `vsampler verify` and `vsampler bench` fr
 
 from __future__ import annotations
 
+import math
 import os
 
 SMALL_ELEMENTS = 1 << 22  # 4,194,304 values: B=64 x V=50257 is below, B=64 x V=128256 above
@@ -70,18 +71,11 @@ def largest_tensor(module) -> int:
             except ValueError:  # not a ranked tensor (a token, a tuple)
                 continue
             if all(d >= 0 for d in shape):
-                largest = max(largest, _product(shape))
+                largest = max(largest, math.prod(shape))
         for region in op.regions:
             for block in region.blocks:
                 pending.extend(block.operations)
     return largest
-
-
-def _product(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def overrides(platform: str, module) -> dict[str, int | bool]:
