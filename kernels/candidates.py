@@ -69,6 +69,14 @@ COLUMNS_TOGETHER = 2
 # V=128256, float32, top_k, fixed trips, folded candidates: 7 x 4 as here 83,542 cycles; 15 x 3 86,623;
 # 3 x 6 86,284; draw splits 7: 84,055, 1: 88,993).
 SEARCH_SPLITS, SEARCH_PASSES = 7, 4  # the searches' plain passes: 8 sub-brackets each, 4096x narrower
+# Top-p after top-k searches a bracket that starts at the k-th value, so it holds at most k distinct
+# values: one plain pass, then the snapping passes (each ~0.7k cycles a 16-row block against ~1.1k for a
+# plain one). Static estimate, `full` (top-k 50, top-p 0.9, min-p), B=64, V=128256, the workload's
+# trips, plain passes 4 -> 1 (snapping passes 0.14 -> 5.42 a block): v5e float32 107,009 -> 102,246
+# cycles, bfloat16 100,086 -> 92,738; v6e float32 102,697 -> 97,754, bfloat16 98,987 -> 91,246 (v5e
+# float32 with 0 plain passes 114,037, 2: 106,023, 3: 103,928). A row with top-k off in such a batch
+# searches all its candidates: more snapping passes, the same value.
+TOP_P_AFTER_TOP_K_PASSES = 1
 DRAW_SPLITS = 3  # the draw's index search: DRAW_SPLITS + 1 sub-ranges a pass
 # The fold (`fold`): the first level's 2W candidates (64 lane groups at 4096 columns, 128 at WIDE_GROUPS)
 # onto FOLD_GROUPS lane groups, 16 values a lane (32 at WIDE_GROUPS), FOLD_KEEP kept: 2,048 candidates a
@@ -540,7 +548,7 @@ def sample(
             site="candidate_top_p",
             fixed=fixed,
             splits=SEARCH_SPLITS,
-            plain_passes=SEARCH_PASSES,
+            plain_passes=SEARCH_PASSES if k is None else TOP_P_AFTER_TOP_K_PASSES,
             **reductions,
         )
         threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
