@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import x64_cases
+from pytest_subprocess import failure, run_pytest
 
 TESTS = Path(__file__).parent
 
@@ -55,23 +56,5 @@ def test_a_slice_of_the_suite_passes_with_x64_on():
     """The parameter, edge-case and hardening modules (reference and xla) under x64."""
     modules = ["test_params.py", "test_reference_edges.py", "test_hardening_params.py", "test_hardening_logits.py"]
     assert all((TESTS / m).exists() for m in modules), "a module of the x64 slice moved"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:xdist",
-            "-p",
-            "no:cacheprovider",
-            "-m",
-            "not interpret",
-            *[str(TESTS / m) for m in modules],
-        ],
-        env=_x64_env(),
-        capture_output=True,
-        text=True,
-        cwd=TESTS.parents[1],
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    done = run_pytest(["-m", "not interpret", *[str(TESTS / m) for m in modules]], _x64_env())
+    assert done.returncode == 0, failure(done)

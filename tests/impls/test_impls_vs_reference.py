@@ -178,17 +178,12 @@ def test_the_implementations_agree_with_the_reference_compiled_with_xlas_default
     XLA's defaults. Every fast implementation's `combined` case, the same comparison, in a process that
     compiles as users do (no compile policy, XLA_FLAGS as a new user's shell has it)."""
     import os
-    import subprocess
-    import sys
-    from pathlib import Path
+
+    from pytest_subprocess import failure, run_pytest
 
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["VSAMPLER_TEST_COMPILE"] = "default"
-    argv = ["-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", "-m", "slow or not slow"]
-    argv += [__file__, "-k", UNDER_XLAS_DEFAULTS]
-    done = subprocess.run(
-        [sys.executable, *argv], env=env, capture_output=True, text=True, cwd=Path(__file__).parents[2]
-    )
-    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    done = run_pytest(["-m", "slow or not slow", __file__, "-k", UNDER_XLAS_DEFAULTS], env)
+    assert done.returncode == 0, failure(done)
     passed = re.search(r"(\d+) passed", done.stdout)
     assert passed and int(passed.group(1)) == len(registry.names(fast=True)), done.stdout[-2000:]
