@@ -24,25 +24,25 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+os.environ["JAX_PLATFORMS"] = "cpu"  # no TPU probe: the compiles are deviceless
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax._src import config as jax_config
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from vsampler.tools.compile_check import tpu_device
+from vsampler.tools.estimate import PROFILE_FLAG, read_static_profile
+
+# libtpu reads its flags when the first TPU topology is described (`tpu_device`), not when jax loads
 PROFILE_DIR = tempfile.mkdtemp(prefix="vsampler-dma-probe-")
-# before libtpu loads: the profile flag, no TPU probe, no libtpu lock (the compiles are deviceless)
-os.environ["LIBTPU_INIT_ARGS"] = f"--xla_jf_dump_static_llo_profile_to={PROFILE_DIR}"
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["ALLOW_MULTIPLE_LIBTPU_LOAD"] = "1"
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from jax import lax  # noqa: E402
-from jax._src import config as jax_config  # noqa: E402
-from jax.experimental import pallas as pl  # noqa: E402
-from jax.experimental.pallas import tpu as pltpu  # noqa: E402
-
-from vsampler.tools.compile_check import tpu_device  # noqa: E402
-from vsampler.tools.estimate import read_static_profile  # noqa: E402
+os.environ["LIBTPU_INIT_ARGS"] = f"{PROFILE_FLAG}={PROFILE_DIR}"
 
 ROWS, VOCAB, BATCH, LANES = 16, 128256, 64, 128
 BLOCKS = BATCH // ROWS
-PARAMS = pltpu.CompilerParams(vmem_limit_bytes=100 << 20)
+VMEM_LIMIT = 100 << 20
 
 
 def chains(block_ref, count: int) -> jax.Array:
@@ -76,7 +76,7 @@ def pallas(count: int, dtype) -> Callable:
         in_specs=[pl.BlockSpec((ROWS, VOCAB), lambda i: (i, 0))],
         out_specs=pl.BlockSpec((ROWS, LANES), lambda i: (i, 0)),
         out_shape=_out(),
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=100 << 20),
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",), vmem_limit_bytes=VMEM_LIMIT),
     )
 
 
@@ -99,7 +99,7 @@ def _hand_copied(count: int, dtype, body: Callable) -> Callable:
         out_specs=pl.BlockSpec((BATCH, LANES), lambda i: (0, 0)),
         out_shape=_out(),
         scratch_shapes=[pltpu.VMEM((2, ROWS, VOCAB), dtype), pltpu.SemaphoreType.DMA((2,))],
-        compiler_params=PARAMS,
+        compiler_params=pltpu.CompilerParams(vmem_limit_bytes=VMEM_LIMIT),
     )
 
 
