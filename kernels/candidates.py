@@ -69,6 +69,15 @@ COLUMNS_TOGETHER = 2
 # V=128256, float32, top_k, fixed trips, folded candidates: 7 x 4 as here 83,542 cycles; 15 x 3 86,623;
 # 3 x 6 86,284; draw splits 7: 84,055, 1: 88,993).
 SEARCH_SPLITS, SEARCH_PASSES = 7, 4  # the searches' plain passes: 8 sub-brackets each, 4096x narrower
+# The top-k and top-p-alone searches' plain passes by the logits' dtype (SEARCH_PASSES where not listed):
+# a bfloat16 row holds few distinct values, so three passes (512x narrower) leave no snapping pass on the
+# workload's rows, where float32 rows need the fourth. Static estimate, the workload's trips, plain
+# passes 4 -> 3 (-> 2): v5e, B=64, V=128256, bfloat16: top_k 82,302 -> 79,334 (80,023) cycles, full
+# 92,738 -> 89,770 (90,652), top_p 146,438 -> 141,874 (144,954); v6e top_k 79,424 -> 76,220, full
+# 91,246 -> 88,042; v5e, B=16, V=262144, bfloat16, k64_p95 (tpu-inference's setting) 50,124 -> 47,620
+# (47,677). Float32 with 3: v5e B=64 top_k 89,336 -> 91,160, full 102,246 -> 104,197; B=8 full 25,322
+# -> 25,840. The searches are exact with any count: only their cost moves.
+SEARCH_PASSES_BY_DTYPE = {jnp.dtype(jnp.bfloat16): 3}
 # Top-p after top-k searches a bracket that starts at the k-th value, so it holds at most k distinct
 # values: one plain pass, then the snapping passes (each ~0.7k cycles a 16-row block against ~1.1k for a
 # plain one). Static estimate, `full` (top-k 50, top-p 0.9, min-p), B=64, V=128256, the workload's
@@ -452,6 +461,7 @@ def sample(
     inverse_temperature: Callable[[jax.Array, jax.Array], jax.Array],
     reductions: RowReductions = RowReductions(),
     fixed: loop_trips.FixedTrips | None,
+    plain_passes: int = SEARCH_PASSES,
 ) -> CandidateResult:
     """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, n x 128),
     `bound` (R, m x 128), every row value outside the candidates at most the row's largest bound (the
@@ -459,6 +469,7 @@ def sample(
     `min_p`: None when the stage is off for the block). `row_mass(inverse_t, s_max)`: the whole rows'
     mass (needed by top-p without top-k). `search` is `vsampler.core.numerics.largest_value_with_trips`,
     `weight` `numerics.weight`, `inverse_temperature` stage 6's factor (`numerics.inverse_temperature`).
+    `plain_passes`: the top-k search's and top-p-alone's plain passes (`SEARCH_PASSES_BY_DTYPE`).
 
     A random row is exact (`fallback` stays False for it) when no value outside the candidates can be
     kept (all are <= s3, the largest bound):
@@ -508,7 +519,7 @@ def sample(
             site="candidate_top_k",
             fixed=fixed,
             splits=SEARCH_SPLITS,
-            plain_passes=SEARCH_PASSES,
+            plain_passes=plain_passes,
             **reductions,
         )
         threshold = jnp.where(on, kth, threshold)
@@ -548,7 +559,7 @@ def sample(
             site="candidate_top_p",
             fixed=fixed,
             splits=SEARCH_SPLITS,
-            plain_passes=SEARCH_PASSES if k is None else TOP_P_AFTER_TOP_K_PASSES,
+            plain_passes=plain_passes if k is None else TOP_P_AFTER_TOP_K_PASSES,
             **reductions,
         )
         threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)

@@ -548,6 +548,7 @@ def fused_sampler_kernel(
             inverse_temperature=inverse_temperature,
             reductions=candidates.RowReductions(tree=not interpret),
             fixed=trips,
+            plain_passes=candidates.SEARCH_PASSES_BY_DTYPE.get(jnp.dtype(x_ref.dtype), candidates.SEARCH_PASSES),
         )
         fast_trips = fast.trips
         quick = (fast.token, fast.threshold, fast.s_max, fast.kept_mass, fast.x_max, (jnp.int32(0),) * 3)
