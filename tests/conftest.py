@@ -112,8 +112,9 @@ _mappings = {"peak": 0, "releases": 0}
 @pytest.fixture(autouse=True)
 def _bound_the_memory_mappings():
     yield
-    _mappings["peak"] = max(_mappings["peak"], verification.mappings())
-    _mappings["releases"] += verification.bound_mappings()
+    held = verification.mappings()
+    _mappings["peak"] = max(_mappings["peak"], held)
+    _mappings["releases"] += verification.bound_mappings(held)
 
 
 def pytest_terminal_summary(terminalreporter):
