@@ -421,6 +421,50 @@ def test_a_fallback_no_block_took_is_left_out_of_a_profiled_compile_it_outgrew(m
     )
 
 
+class _FallbackLoopOutOfVmem(LinearModel):
+    """The linear model, but a compile with the whole-row fallback taken and one of its loops at two
+    trips or more runs out of VMEM, as libtpu's profiled compile of tpu-inference's setting (v5e,
+    bfloat16, V=262144, k64_p95) does at half the VMEM: the fallback's loops unrolled outgrow it."""
+
+    def compile(self, job):
+        trips = job["trips"]
+        if trips.get(estimate.FALLBACK) and max(trips.get(loop, 0) for loop in ("top_k", "top_p", "draw")) >= 2:
+            self.jobs.append(job)
+            return {"ok": False, "error": _OutOfVmem.error, "cycles": {}}
+        return super().compile(job)
+
+
+def test_the_breakdown_of_a_fallback_no_block_took_says_which_trip_costs_outgrew_vmem(monkeypatch):
+    """Only the breakdown asks what one more trip of the fallback's loops costs where no measured block
+    took the fallback (none of their trips is counted). Where that compile outgrows VMEM, the estimate
+    and the rest of the breakdown stand, and those loops' rows say why they have no cost; where some
+    block took the fallback, the same failure leaves no estimate."""
+    import functools
+
+    case = estimate.EstimateCase("v5e", 16, 262144, "bfloat16", "full")
+    trips = {COLUMN["candidate_top_k"]: [1] * 8, COLUMN["candidate_top_p"]: [3] * 8}
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, plan: (FULL, _per_block(trips)))
+    plain = estimate.estimate(case, _FallbackLoopOutOfVmem(kernel.SITES))
+    model = _FallbackLoopOutOfVmem(kernel.SITES)
+    r = estimate.estimate(case, model, breakdown=True)
+    assert plain.ok and r.ok, r.error
+    assert r.cycles == plain.cycles == estimate.estimate(case, LinearModel(kernel.SITES), breakdown=True).cycles
+    unmeasured = {loop.loop for loop in r.loops if loop.cycles_per_trip is None}
+    assert unmeasured == {"top_k", "top_p", "draw"}  # the fallback's loops
+    assert all(loop.cycles_per_trip == model.per_trip[loop.loop] for loop in r.loops if loop.guard is None)
+    (fallback,) = r.guards  # the stages add up to the compile with it not taken
+    assert fallback.taken == 0 and sum(r.stages.values()) == r.compiled_cycles - fallback.branch_cycles > 0
+    _, rows = estimate.breakdown_table(r)
+    outgrew = [row for row in rows if "outgrew VMEM" in row[1]]
+    assert [row[0] for row in outgrew] == ["loop: top_k", "loop: top_p", "loop: draw"]
+    assert all(row[2] == "0" and "inside fallback" in row[1] for row in outgrew)
+
+    trips[COLUMN["draw"]] = [0] * 7 + [18]  # one block in eight took it: its loops' trips count
+    monkeypatch.setattr(estimate, "ProfileWorker", functools.partial(_Plain, True))
+    r = estimate.estimate(case, _FallbackLoopOutOfVmem(kernel.SITES), breakdown=True)
+    assert not r.ok and r.error.startswith("no estimate: libtpu's profiling compile needs 159.71 MiB")
+
+
 class _ProfileReservesTheLimit(LinearModel):
     """The linear model, but a compile needs the kernel's own VMEM (`used`, MiB, more with the fallback
     taken) plus its scoped limit, as libtpu's profiled compiles do, of v5e's 128 MiB."""

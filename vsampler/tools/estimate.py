@@ -18,7 +18,9 @@ for one configuration (TPU generation x B x V x dtype x the stages a workload tu
    limit, `profile_vmem_limit`. Where the compile with every cond taken still does not fit and no
    measured block took the candidates' whole-row fallback, it is compiled not taken instead: step 3
    would subtract that branch whole anyway; where some did, there is no estimate, and the message gives
-   the compile without it as a lower bound.) The model's cycles are read from the profile libtpu
+   the compile without it as a lower bound. The breakdown's compile of one more trip of a loop whose
+   cond no measured block took, which no estimate needs, may outgrow VMEM: that loop's cost is then
+   left unmeasured.) The model's cycles are read from the profile libtpu
    writes with `--xla_jf_dump_static_llo_profile_to` (summed over the program's ops: the kernel's custom
    call and a few layout copies), in a subprocess, since the flag must be set before libtpu loads.
 3. **The estimate** is the rounded compile plus, per loop, (mean trips - rounded trips) x the cycles of
@@ -272,13 +274,15 @@ class LoopCost:
 
     loop: str
     trips: float
-    cycles_per_trip: int  # 0 where not compiled (whole-number trips, no breakdown asked)
+    # 0 where not compiled (whole-number trips, no breakdown asked); None where the breakdown's compile
+    # of one more trip ran out of VMEM in a loop whose cond no measured block took (no trip counted)
+    cycles_per_trip: int | None
     guard: str | None = None
     taken: float = 1.0
 
     @property
     def cycles(self) -> float:
-        return self.trips * self.cycles_per_trip
+        return self.trips * (self.cycles_per_trip or 0)
 
 
 @dataclasses.dataclass
@@ -509,9 +513,18 @@ def estimate(
                 # between two fixed-trip compiles: at 0 trips the site stays a while loop, whose own
                 # overhead (spills around it) a first fixed trip can remove, not add
                 n = max(fixed[site.loop], 1)
-                at_n = result.compiled_cycles if n == fixed[site.loop] else _total(cycles({**fixed, site.loop: n}))
-                loop.cycles_per_trip = _total(cycles({**fixed, site.loop: n + 1})) - at_n
-                estimate_cycles += (t - fixed[site.loop]) * loop.cycles_per_trip
+                try:
+                    at_n = result.compiled_cycles if n == fixed[site.loop] else _total(cycles({**fixed, site.loop: n}))
+                    loop.cycles_per_trip = _total(cycles({**fixed, site.loop: n + 1})) - at_n
+                except _CompileFailed as err:
+                    # only the breakdown asks a trip's cost of a loop whose cond no measured block took
+                    # (none of its trips is counted); where that compile outgrows VMEM (the whole-row
+                    # fallback's loops unrolled, bfloat16 from V=256000), the row says so
+                    if not (guard and taken_by_guard[guard] == 0 and _out_of_vmem(str(err))):
+                        raise
+                    loop.cycles_per_trip = None
+                else:
+                    estimate_cycles += (t - fixed[site.loop]) * loop.cycles_per_trip
             result.loops.append(loop)
         untaken: dict[str, int] = {}  # per cond: the compile with it not taken
         for guard, taken in taken_by_guard.items():
@@ -520,7 +533,7 @@ def estimate(
                 untaken[guard] = result.compiled_cycles
             elif breakdown or taken < 1:
                 without = untaken[guard] = _total(cycles({**fixed, guard: 0}))
-                inside = sum(fixed[lp.loop] * lp.cycles_per_trip for lp in result.loops if lp.guard == guard)
+                inside = sum(fixed[lp.loop] * (lp.cycles_per_trip or 0) for lp in result.loops if lp.guard == guard)
                 # the branch's cost with its loops at their rounded trips, less those trips
                 cost.branch_cycles = result.compiled_cycles - without - inside
                 estimate_cycles -= (1 - taken) * cost.branch_cycles
@@ -817,7 +830,10 @@ def breakdown_table(r: KernelEstimate) -> tuple[list[str], list[list[str]]]:
     breakdown=True)`), as cycles and shares of the estimate."""
     rows = []
     for loop in r.loops:
-        what = f"{loop.trips:.2f} trips x {loop.cycles_per_trip:,} cycles"
+        if loop.cycles_per_trip is None:
+            what = f"{loop.trips:.2f} trips; one more trip's compile outgrew VMEM"
+        else:
+            what = f"{loop.trips:.2f} trips x {loop.cycles_per_trip:,} cycles"
         if loop.guard:
             what += f" (inside {loop.guard})"
         rows.append([f"loop: {loop.loop}", what, f"{loop.cycles:,.0f}", f"{loop.cycles / r.cycles:.1%}"])
