@@ -519,7 +519,8 @@ def estimate(
                 except _CompileFailed as err:
                     # only the breakdown asks a trip's cost of a loop whose cond no measured block took
                     # (none of its trips is counted); where that compile outgrows VMEM (the whole-row
-                    # fallback's loops unrolled, bfloat16 from V=256000), the row says so
+                    # fallback's loops at tpu-inference's setting: v5e, bfloat16, V=262144), the row
+                    # says so
                     if not (guard and taken_by_guard[guard] == 0 and _out_of_vmem(str(err))):
                         raise
                     loop.cycles_per_trip = None
