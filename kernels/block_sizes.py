@@ -6,7 +6,8 @@ set is the double-buffered input block plus the float32 temporaries the passes k
 logits, exp(s - max), the kept mass and an index iota, about `TEMPORARIES` blocks of R x V x 4 bytes).
 R is the sublane tile (8 rows; 16 for 2-byte dtypes, which pack two rows per sublane), two tiles for a
 float32 batch of 32 rows or more where they fit (WIDE_F32_BLOCKS below), unless the batch is smaller,
-in which case one block holds the whole batch. The VMEM limit is set deliberately: the
+in which case one block holds the whole batch. Up to GROUP_BLOCKS blocks are one grid step of the
+grouped kernel where they divide the batch (`sampler_grouped.py`). The VMEM limit is set deliberately: the
 working set plus a quarter (and 4 MiB), within the generation's physical VMEM less an eighth for
 Mosaic's own scratch.
 
@@ -48,6 +49,7 @@ class TpuGeneration:
     name: str
     vmem_bytes: int  # physical VMEM per TensorCore
     hbm_bytes_per_s: float  # HBM bandwidth per chip, for the estimate `compile-check` prints
+    tensorcores: int = 1  # TensorCores a chip splits a `parallel` grid over (megacore: v4, v5p)
 
     @property
     def vmem_budget(self) -> int:
@@ -57,9 +59,9 @@ class TpuGeneration:
 
 # the figures jax's own Pallas TPU backend uses (jax._src.pallas.mosaic.tpu_info)
 TPU_GENERATIONS: dict[str, TpuGeneration] = {
-    "v4": TpuGeneration("v4", 16 * MiB, 1.23e12),
+    "v4": TpuGeneration("v4", 16 * MiB, 1.23e12, tensorcores=2),
     "v5e": TpuGeneration("v5e", 128 * MiB, 8.20e11),
-    "v5p": TpuGeneration("v5p", 64 * MiB, 2.46e12),
+    "v5p": TpuGeneration("v5p", 64 * MiB, 2.46e12, tensorcores=2),
     "v6e": TpuGeneration("v6e", 128 * MiB, 1.64e12),
 }
 TOPOLOGIES = {"v4": "v4:2x2x1", "v5e": "v5e:2x2", "v5p": "v5p:2x2x1", "v6e": "v6e:2x2"}
@@ -73,6 +75,7 @@ class BlockPlan:
     vmem_limit_bytes: int | None  # None: leave the backend default (interpret mode)
     chunk: int | None = None  # None: the resident variant; else the chunked variant's slice width
     buffers: int = 2  # VMEM copies of the logits block (chunked variant)
+    group_rows: int | None = None  # the resident variant: rows a grid step of `sampler_grouped` takes
 
 
 def sublane_rows(dtype: np.dtype | str) -> int:
@@ -107,6 +110,29 @@ def chunked_working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allo
     return buffers * block + temporaries * f32_rows * CHUNK * 4
 
 
+# GROUP_BLOCKS: the resident variant takes up to this many blocks a grid step where the batch holds
+# them (`sampler_grouped.py`): the candidates' sampling stage, bound by its passes' latency, then runs
+# once over their rows instead of once a block.
+GROUP_BLOCKS = 4
+
+
+def group_rows(block_rows: int, padded_batch: int, tensorcores: int = 1) -> int | None:
+    """Rows a grid step of the grouped kernel takes: the most blocks, up to GROUP_BLOCKS, that divide the
+    batch's blocks evenly and leave a grid step for each of the chip's `tensorcores`; None where that is
+    one block (nothing to share)."""
+    blocks = padded_batch // block_rows
+    most = max((d for d in range(1, GROUP_BLOCKS + 1) if blocks % d == 0 and blocks // d >= tensorcores), default=1)
+    return most * block_rows if most > 1 else None
+
+
+def group_scratch_bytes(group: int, vocab: int) -> int:
+    """VMEM the grouped kernel adds: the group's folded candidates (values, ids), their bounds and one
+    mass a row, at the largest of the candidate layouts."""
+    layouts = [candidates.ColumnLayout.of(vocab, depth) for depth in (2, candidates.TOP_P_DEPTH)]
+    lanes = [layout.folded_lanes for layout in layouts if layout is not None]
+    return max((group * (2 * values + bounds + 3) * 4 for values, bounds in lanes), default=0)
+
+
 def _limit(needed: int, budget: int) -> int:
     return min(budget, int(needed * 1.25) + 4 * MiB)
 
@@ -131,13 +157,18 @@ def plan(
             block_rows = 2 * rows  # float32: two sublane tiles a block where they fit (WIDE_F32_BLOCKS)
     padded = -(-batch // block_rows) * block_rows
     needed = working_set(block_rows, vocab, dtype, allowed)
+    tensorcores = TPU_GENERATIONS[generation].tensorcores if generation in TPU_GENERATIONS else 1
+    group = group_rows(block_rows, padded, tensorcores)
+    grouped_needed = needed + (group_scratch_bytes(group, vocab) if group else 0)
     if generation is None:
         if chunked:
             return BlockPlan(block_rows, padded, chunked_working_set(block_rows, vocab, dtype, allowed, 2), None, CHUNK)
-        return BlockPlan(block_rows, padded, needed, None)
+        return BlockPlan(block_rows, padded, grouped_needed, None, group_rows=group)
     if generation not in TPU_GENERATIONS:
         raise ValueError(f"unknown TPU generation {generation!r}; known: {sorted(TPU_GENERATIONS)}")
     budget = TPU_GENERATIONS[generation].vmem_budget
+    if grouped_needed <= budget and not chunked:
+        return BlockPlan(block_rows, padded, grouped_needed, _limit(grouped_needed, budget), group_rows=group)
     if needed <= budget and not chunked:
         return BlockPlan(block_rows, padded, needed, _limit(needed, budget))
     for buffers in (2, 1):

@@ -164,6 +164,14 @@ class ColumnLayout:
         return groups
 
     @property
+    def folded_lanes(self) -> tuple[int, int]:
+        """Lanes of `fold`'s values and ids, and of its bounds (the column pass's own where it does not fold)."""
+        groups = self.fold_groups
+        if groups is None:
+            return self.depth * self.width, self.width
+        return self.fold_shape[1] * groups * LANES, groups * LANES
+
+    @property
     def partial(self) -> bool:
         return self.vocab % LANES != 0
 
@@ -442,6 +450,36 @@ class CandidateResult:
     x_max: jax.Array
     fallback: jax.Array  # scalar bool: some row's result is not exact from the candidates
     trips: dict[str, jax.Array]
+    exact: jax.Array  # (R, 1) bool: the row's result is the spec's (`fallback` is some row's not being so)
+
+
+def needs_row_mass(
+    values: jax.Array,
+    bound: jax.Array,
+    *,
+    temperature: jax.Array,
+    k: jax.Array | None,
+    p: jax.Array,
+    inverse_temperature: Callable[[jax.Array, jax.Array], jax.Array],
+    reductions: RowReductions = RowReductions(),
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Which rows' top-p `sample` takes over the whole row's mass, not the candidates': (whole (R, 1)
+    bool, inverse_t, s_max), from the candidates alone (before the searches), so a kernel can compute
+    those rows' mass while their logits are resident and hand it to `sample` later (`row_mass` as an
+    array). A row is one when top-p is on (p < 1), top-k leaves it whole (k off, or at least the
+    finite candidates: then `sample`'s top-k threshold stays -inf) and values lie outside the
+    candidates; `sample` computes the same set after its top-k search."""
+    x_max = reductions.max(values)
+    inverse_t = inverse_temperature(temperature, x_max)
+    s_max = x_max * inverse_t
+    has_values = s_max > NEG_INF
+    outside = reductions.max(bound) * inverse_t > NEG_INF
+    whole = (p < 1.0) & outside & has_values
+    if k is not None:
+        s = values * inverse_t
+        finite = reductions.sum(jnp.where(s >= reductions.min(jnp.where(s > NEG_INF, s, jnp.inf)), 1.0, 0.0))
+        whole &= ~((k > 0) & (finite > k))
+    return whole, inverse_t, s_max
 
 
 def sample(
@@ -455,7 +493,7 @@ def sample(
     min_p: jax.Array | None,
     u: jax.Array,
     vocab: int,
-    row_mass: Callable[[jax.Array, jax.Array], jax.Array],
+    row_mass: Callable[[jax.Array, jax.Array], jax.Array] | jax.Array,
     search: Callable,
     weight: Callable,
     inverse_temperature: Callable[[jax.Array, jax.Array], jax.Array],
@@ -467,8 +505,10 @@ def sample(
     `bound` (R, m x 128), every row value outside the candidates at most the row's largest bound (the
     first level's third values, or the folded bounds of `fold`); per-row (R, 1) parameters (`k`, `p`,
     `min_p`: None when the stage is off for the block). `row_mass(inverse_t, s_max)`: the whole rows'
-    mass (needed by top-p without top-k). `search` is `vsampler.core.numerics.largest_value_with_trips`,
-    `weight` `numerics.weight`, `inverse_temperature` stage 6's factor (`numerics.inverse_temperature`).
+    mass (needed by top-p without top-k), run once where some row needs it; or that mass as an (R, 1)
+    array, already computed on the rows `needs_row_mass` names (others are not read). `search` is
+    `vsampler.core.numerics.largest_value_with_trips`, `weight` `numerics.weight`, `inverse_temperature`
+    stage 6's factor (`numerics.inverse_temperature`).
     `plain_passes`: the top-k search's and top-p-alone's plain passes (`SEARCH_PASSES_BY_DTYPE`).
 
     A random row is exact (`fallback` stays False for it) when no value outside the candidates can be
@@ -534,13 +574,16 @@ def sample(
         kept_e = jnp.where(s >= threshold, e, 0.0)
         candidate_mass = row_sum(kept_e)
         whole = (p < 1.0) & (threshold == NEG_INF) & outside & has_values  # top-p over the whole row
-        (mass, _), trips["row_mass"] = loop_trips.while_loop(
-            "row_mass",
-            fixed,
-            lambda st: jnp.any(whole) & (st[1] == 0),
-            lambda st: (jnp.where(whole, row_mass(inverse_t, s_max), st[0]), st[1] + 1),
-            (candidate_mass, jnp.int32(0)),
-        )
+        if callable(row_mass):
+            (mass, _), trips["row_mass"] = loop_trips.while_loop(
+                "row_mass",
+                fixed,
+                lambda st: jnp.any(whole) & (st[1] == 0),
+                lambda st: (jnp.where(whole, row_mass(inverse_t, s_max), st[0]), st[1] + 1),
+                (candidate_mass, jnp.int32(0)),
+            )
+        else:
+            mass = jnp.where(whole, row_mass, candidate_mass)
         target = p * mass
         on = (p < 1.0) & has_values & (candidate_mass >= target)
         exact_k &= on | (p >= 1.0) | ~has_values
@@ -596,4 +639,4 @@ def sample(
     token = jnp.where(greedy, first_max, sampled)
     # (logical operations: Mosaic cannot select between boolean vectors)
     row_ok = (x_max < jnp.inf) & ((greedy & (first_max_held | ~outside)) | (~greedy & exact))
-    return CandidateResult(token, threshold, s_max, kept_mass, x_max, ~jnp.all(row_ok), trips)
+    return CandidateResult(token, threshold, s_max, kept_mass, x_max, ~jnp.all(row_ok), trips, row_ok)

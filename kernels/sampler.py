@@ -40,6 +40,9 @@ The searches are the same as the XLA path's (`vsampler.impls.xla`): value bisect
 row's own values, so thresholds are exact token values and the kept sets equal the reference's.
 Where the (R, V) temporaries of these whole-row passes do not fit VMEM (v4 above ~50k vocabulary), the
 policy picks the chunked variant (`sampler_chunked.py`): the same rows resident, passes over slices.
+Where the batch holds several blocks, the candidate path runs grouped (`sampler_grouped.py`): each
+grid step takes up to four blocks, each block's candidates as here, then one sampling stage over all
+their rows; this module's functions below are its per-block pieces.
 Reference: `vsampler.core.reference`. Block sizes: `vsampler.kernels.block_sizes`.
 """
 
@@ -450,6 +453,141 @@ def scratch_shapes(block_rows: int, vocab: int, **stages: bool) -> list:
     ]
 
 
+def eos_masks(rows: jax.Array, eos: jax.Array, min_tokens: bool) -> tuple[jax.Array, Callable, Callable | None]:
+    """Stage 4 for a block's rows: (too_early (R, 1), `is_eos_id(idx)`, `eos_masked(x, idx)` or None when
+    min_tokens is off). `eos` (1, E), -1 = none."""
+    too_early = rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0
+
+    def is_eos_id(idx: jax.Array) -> jax.Array:
+        return functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
+
+    def eos_masked(x: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4 on loaded values
+        return jnp.where(too_early & is_eos_id(idx), NEG_INF, x)
+
+    return too_early, is_eos_id, eos_masked if min_tokens else None
+
+
+def whole_row_block(
+    x_ref, allowed_ref, rows: jax.Array, eos: jax.Array, *, vocab: int, config: KernelConfig, interpret: bool
+) -> tuple:
+    """Stages 0 and 4-10 on one resident block by whole-row passes (greedy rows without a mask: one walk
+    for the first maximum): (token, threshold, s_max, kept_mass, x_max, the trips of `top_k`, `top_p`
+    and `draw`)."""
+    reductions = BlockReductions.for_mode(interpret)
+    _, _, eos_mask = eos_masks(rows, eos, config.min_tokens)
+    none = (jnp.int32(0),) * 3
+    if not config.random and allowed_ref is None:
+        # stage 5 (NaN left out, a +inf row's first +inf) and the first index of the maximum: one pass
+        x_max, first_max = row_passes.max_and_first_index(x_ref, vocab, prepare=eos_mask, unrolled=not interpret)
+        x_max = jnp.where(x_max == jnp.inf, 0.0, x_max)
+        return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, none
+    x, x_max, first_max, iota = _sanitized_block(
+        x_ref, allowed_ref, vocab=vocab, eos_mask=eos_mask, reductions=reductions, interpret=interpret
+    )
+    if not config.random:
+        return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, none
+    token, threshold, s_max, kept_mass, site_trips = _whole_row_sample(
+        x,
+        x_max,
+        first_max,
+        iota,
+        rows,
+        vocab=vocab,
+        trips=config.trips,
+        reductions=reductions,
+        top_p_plain_passes=TOP_P_PLAIN_PASSES.get(jnp.dtype(x_ref.dtype), PLAIN_PASSES),
+        rolled=interpret,
+        **config.filters,
+    )
+    return token, threshold, s_max, kept_mass, x_max, tuple(site_trips.get(n, jnp.int32(0)) for n in WHOLE_ROW_LOOPS)
+
+
+# the whole-row path's data-dependent loops, in the order `whole_row_block` gives their trips
+WHOLE_ROW_LOOPS = ("top_k", "top_p", "draw")
+
+
+def candidate_layout(vocab: int, config: KernelConfig) -> candidates.ColumnLayout:
+    """The column layout of the candidates for this configuration's filters (`candidate_depth`)."""
+    return candidates.ColumnLayout.of(vocab, candidate_depth(**config.filters))
+
+
+def block_candidates(
+    x_ref, scratch: Sequence[Any], rows: jax.Array, eos: jax.Array, *, vocab: int, config: KernelConfig, interpret: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The candidates of one resident block (`candidates.py`): the column pass into `scratch`
+    (`scratch_shapes`' three arrays), stage 4 on the candidates, the fold: (values, ids, bound)."""
+    layout = candidate_layout(vocab, config)
+    too_early, is_eos_id, _ = eos_masks(rows, eos, config.min_tokens)
+    # stage 5's NaN needs nothing in these passes (they only compare); stage 4 is applied to the
+    # candidates afterwards (a few vregs), not to every vreg of the block
+    values_ref, ids_ref, third_ref = scratch
+    # interpret mode: one column group at a time, unrolled once (its XLA compile grows with both;
+    # `test_candidates` checks the column pass's interleaved form against numpy)
+    unroll, together = (1, 1) if interpret else (candidates.UNROLL, candidates.COLUMNS_TOGETHER)
+    candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together)
+    values, ids = values_ref[...], ids_ref[...]
+    if config.min_tokens:
+        values, ids = candidates.drop_candidates(values, ids, too_early & is_eos_id(ids))
+    return candidates.fold(values, ids, third_ref[...], layout)
+
+
+def block_row_mass(x_ref, rows: jax.Array, eos: jax.Array, *, vocab: int, config: KernelConfig, interpret: bool):
+    """`candidates.row_mass` for one resident block: `row_mass(inverse_t, s_max)`, the whole rows' mass."""
+    layout = candidate_layout(vocab, config)
+    _, _, eos_mask = eos_masks(rows, eos, config.min_tokens)
+    unroll, together = (1, 1) if interpret else (candidates.UNROLL, candidates.COLUMNS_TOGETHER)
+    prepare = eos_mask or (lambda x, idx: x)
+    return lambda inverse_t, s_max: candidates.row_mass(
+        x_ref, layout, prepare, inverse_t, s_max, weight, unroll, together
+    )
+
+
+def sample_candidates(
+    values: jax.Array,
+    ids: jax.Array,
+    bound: jax.Array,
+    rows: jax.Array,
+    row_mass: Callable | jax.Array,
+    *,
+    vocab: int,
+    config: KernelConfig,
+    dtype: Any,
+    interpret: bool,
+) -> candidates.CandidateResult:
+    """Stages 6-10 on candidates (`candidates.sample`) for `rows`' parameters (one block's or a group's)."""
+    top_k, top_p, min_p = config.top_k, config.top_p, config.min_p
+    return candidates.sample(
+        values,
+        ids,
+        bound,
+        temperature=rows[:, T : T + 1],
+        k=rows[:, TOP_K : TOP_K + 1] if top_k else None,
+        p=rows[:, TOP_P : TOP_P + 1] if top_p else None,
+        min_p=rows[:, MIN_P : MIN_P + 1] if min_p else None,
+        u=rows[:, U : U + 1],
+        vocab=vocab,
+        row_mass=row_mass,
+        search=largest_value_with_trips,
+        weight=weight,
+        inverse_temperature=inverse_temperature,
+        reductions=candidates.RowReductions(tree=not interpret),
+        fixed=config.trips,
+        plain_passes=candidates.SEARCH_PASSES_BY_DTYPE.get(jnp.dtype(dtype), candidates.SEARCH_PASSES),
+    )
+
+
+def finished_rows(
+    token: jax.Array, x_max: jax.Array, rows: jax.Array, eos: jax.Array, *, pad_id: int
+) -> tuple[jax.Array, jax.Array]:
+    """The empty-row token and EOS for a block's rows: (token out (R, 1) int32, finished out (R, 1) int32).
+    A row with no finite value left takes its empty-row token; finished rows emit the pad id; sampling
+    an EOS id finishes a row."""
+    token = jnp.where(x_max > NEG_INF, token, rows[:, EMPTY_TOKEN : EMPTY_TOKEN + 1].astype(jnp.int32))
+    finished = rows[:, FINISHED : FINISHED + 1] > 0
+    is_eos = jnp.max(jnp.where(token == eos, 1, 0), axis=1, keepdims=True) > 0
+    return jnp.where(finished, pad_id, token).astype(jnp.int32), (finished | is_eos).astype(jnp.int32)
+
+
 def fused_sampler_kernel(
     *refs: jax.Array,
     vocab: int,
@@ -462,94 +600,24 @@ def fused_sampler_kernel(
     candidates' scratch (`scratch_shapes`). `config.trips`: fixed trip counts for the data-dependent
     loops (`SITES`), for the static estimate's compiles only. `interpret`: the candidates' reductions and
     loops in the form interpret mode compiles quickly (`candidates.RowReductions`)."""
-    top_k, top_p, min_p, random = config.top_k, config.top_p, config.min_p, config.random
-    min_tokens, top_n, trips, pad_id = config.min_tokens, config.top_n, config.trips, config.pad_id
+    top_n, trips = config.top_n, config.trips
     x_ref, rows_ref, eos_ref, *refs = refs
     allowed_ref = refs.pop(0) if allowed else None
     token_ref, finished_ref, stats_ref, *refs = refs
     top_refs, scratch = (refs[:2], refs[2:]) if top_n else ([], refs)
     rows = rows_ref[...]
-    finished = rows[:, FINISHED : FINISHED + 1] > 0
     eos = eos_ref[...]  # (1, E), -1 = none
     reductions = BlockReductions.for_mode(interpret)
-    filters = {"top_k": top_k, "top_p": top_p, "min_p": min_p}
-    loops = ("top_k", "top_p", "draw")
-
-    too_early = rows[:, EOS_TOO_EARLY : EOS_TOO_EARLY + 1] > 0
-
-    def is_eos_id(idx: jax.Array) -> jax.Array:
-        return functools.reduce(jnp.logical_or, [idx == eos[:, e : e + 1] for e in range(eos.shape[1])])
-
-    def eos_masked(x: jax.Array, idx: jax.Array) -> jax.Array:  # stage 4 on loaded values
-        return jnp.where(too_early & is_eos_id(idx), NEG_INF, x) if min_tokens else x
-
-    eos_mask = eos_masked if min_tokens else None  # for the passes that take it or nothing
-    sanitized = functools.partial(
-        _sanitized_block, x_ref, allowed_ref, vocab=vocab, eos_mask=eos_mask, reductions=reductions, interpret=interpret
-    )
-
-    def greedy_rows() -> tuple:
-        # stage 5 (NaN left out, a +inf row's first +inf) and the first index of the maximum: one pass
-        x_max, first_max = row_passes.max_and_first_index(x_ref, vocab, prepare=eos_mask, unrolled=not interpret)
-        x_max = jnp.where(x_max == jnp.inf, 0.0, x_max)
-        return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, (jnp.int32(0),) * 3
+    block = {"vocab": vocab, "config": config, "interpret": interpret}
 
     def whole_row() -> tuple:
-        if not random and allowed_ref is None:
-            return greedy_rows()
-        x, x_max, first_max, iota = sanitized()
-        if not random:
-            return first_max, jnp.full_like(x_max, NEG_INF), x_max, jnp.zeros_like(x_max), x_max, (jnp.int32(0),) * 3
-        token, threshold, s_max, kept_mass, site_trips = _whole_row_sample(
-            x,
-            x_max,
-            first_max,
-            iota,
-            rows,
-            vocab=vocab,
-            trips=trips,
-            reductions=reductions,
-            top_p_plain_passes=TOP_P_PLAIN_PASSES.get(jnp.dtype(x_ref.dtype), PLAIN_PASSES),
-            rolled=interpret,
-            **filters,
-        )
-        return token, threshold, s_max, kept_mass, x_max, tuple(site_trips.get(n, jnp.int32(0)) for n in loops)
+        return whole_row_block(x_ref, allowed_ref, rows, eos, **block)
 
     fast_trips = {}
-    if uses_candidates(vocab, random=random, allowed=allowed, **filters):
-        layout = candidates.ColumnLayout.of(vocab, candidate_depth(**filters))
-
-        # stage 5's NaN needs nothing in these passes (they only compare); stage 4 is applied to the
-        # candidates afterwards (a few vregs), not to every vreg of the block
-        values_ref, ids_ref, third_ref = scratch
-        # interpret mode: one column group at a time, unrolled once (its XLA compile grows with both;
-        # `test_candidates` checks the column pass's interleaved form against numpy)
-        unroll, together = (1, 1) if interpret else (candidates.UNROLL, candidates.COLUMNS_TOGETHER)
-        candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together)
-        values, ids = values_ref[...], ids_ref[...]
-        if min_tokens:
-            values, ids = candidates.drop_candidates(values, ids, too_early & is_eos_id(ids))
-        values, ids, bound = candidates.fold(values, ids, third_ref[...], layout)
-        fast = candidates.sample(
-            values,
-            ids,
-            bound,
-            temperature=rows[:, T : T + 1],
-            k=rows[:, TOP_K : TOP_K + 1] if top_k else None,
-            p=rows[:, TOP_P : TOP_P + 1] if top_p else None,
-            min_p=rows[:, MIN_P : MIN_P + 1] if min_p else None,
-            u=rows[:, U : U + 1],
-            vocab=vocab,
-            row_mass=lambda inverse_t, s_max: candidates.row_mass(
-                x_ref, layout, eos_masked, inverse_t, s_max, weight, unroll, together
-            ),
-            search=largest_value_with_trips,
-            weight=weight,
-            inverse_temperature=inverse_temperature,
-            reductions=candidates.RowReductions(tree=not interpret),
-            fixed=trips,
-            plain_passes=candidates.SEARCH_PASSES_BY_DTYPE.get(jnp.dtype(x_ref.dtype), candidates.SEARCH_PASSES),
-        )
+    if uses_candidates(vocab, random=config.random, allowed=allowed, **config.filters):
+        values, ids, bound = block_candidates(x_ref, scratch, rows, eos, **block)
+        row_mass = block_row_mass(x_ref, rows, eos, **block)
+        fast = sample_candidates(values, ids, bound, rows, row_mass, dtype=x_ref.dtype, **block)
         fast_trips = fast.trips
         quick = (fast.token, fast.threshold, fast.s_max, fast.kept_mass, fast.x_max, (jnp.int32(0),) * 3)
         result, taken = loop_trips.cond("fallback", trips, fast.fallback, whole_row, lambda: quick)
@@ -557,13 +625,13 @@ def fused_sampler_kernel(
         result, taken = whole_row(), jnp.int32(1)
     token, threshold, s_max, kept_mass, x_max, whole_trips = result
 
-    # a row with no finite value left: its empty-row token
-    token = jnp.where(x_max > NEG_INF, token, rows[:, EMPTY_TOKEN : EMPTY_TOKEN + 1].astype(jnp.int32))
-
     # log-probs: the raw log-normaliser, the token's logit and rank, the top-n entries
     log_z_raw = token_x = rank = jnp.zeros_like(x_max)
     if top_n is not None:
-        x, x_max, _, iota = sanitized()
+        _, _, eos_mask = eos_masks(rows, eos, config.min_tokens)
+        x, x_max, _, iota = _sanitized_block(
+            x_ref, allowed_ref, vocab=vocab, eos_mask=eos_mask, reductions=reductions, interpret=interpret
+        )
         finite = x_max > NEG_INF
         shift = jnp.where(finite, x_max, 0.0)
         log_z_raw = jnp.where(finite, shift + jnp.log(reductions.sum(jnp.exp(x - shift))), NEG_INF)
@@ -578,13 +646,10 @@ def fused_sampler_kernel(
             top_x_ref[...] = jnp.concatenate(values, axis=1)
             top_ids_ref[...] = jnp.concatenate(ids, axis=1)
 
-    # EOS: finished rows emit the pad id; sampling an EOS id finishes a row
-    is_eos = reductions.max(jnp.where(token == eos, 1, 0)) > 0
-    token_ref[...] = jnp.where(finished, pad_id, token).astype(jnp.int32)
-    finished_ref[...] = (finished | is_eos).astype(jnp.int32)
+    token_ref[...], finished_ref[...] = finished_rows(token, x_max, rows, eos, pad_id=config.pad_id)
     values = {THRESHOLD: threshold, S_MAX: s_max, KEPT_MASS: kept_mass, LOG_Z_RAW: log_z_raw, TOKEN_X: token_x}
     values[X_MAX], values[RANK] = x_max, rank
-    site_trips = {**fast_trips, **{n: taken * (1 + t) for n, t in zip(loops, whole_trips, strict=True)}}
+    site_trips = {**fast_trips, **{n: taken * (1 + t) for n, t in zip(WHOLE_ROW_LOOPS, whole_trips, strict=True)}}
     stats_ref[...] = stats_block(values, {site.column: site_trips.get(site.loop, jnp.int32(0)) for site in SITES})
 
 

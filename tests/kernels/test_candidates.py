@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from vsampler.kernels import block_sizes, candidates
+from vsampler.kernels import block_sizes, candidates, sampler_grouped
 from vsampler.kernels import sampler as kernel
 
 from vsampler import SamplingParams, process_logits, sample
@@ -276,3 +276,29 @@ def test_min_tokens_drops_eos_candidates_as_the_reference_masks_them():
         np.asarray(sample(jnp.asarray(x), params, key, impl="pallas", **kw)),
         np.asarray(sample(jnp.asarray(x), params, key, impl="reference", **kw)),
     )
+
+
+@pytest.mark.parametrize(
+    ("config", "tied_block"), [("top_k", 0), ("top_p", 0), ("combined", 0), ("top_p", 1), ("combined", 2)]
+)
+def test_a_group_samples_its_blocks_once_and_a_block_that_falls_back_reads_its_own_logits(config, tied_block):
+    """`sampler_grouped`: three blocks of 8 rows a grid step (B=24), their candidates sampled once over
+    the 24 rows. A block of tied rows falls back to the whole-row path on its own logits, copied again
+    (reading another block's logits would give that block's tokens), and only its rows' outputs are
+    rewritten. Only the tied block falls back; tokens and kept sets are the reference's."""
+    batch, vocab = 24, 12000
+    plan = block_sizes.plan(batch, vocab, "float32", "v5e")
+    assert (plan.block_rows, plan.group_rows) == (8, 24)
+    params = verification.params(config, batch, vocab)
+    x = np.array(verification.logits("normal", batch, vocab, "float32", 1))
+    x[tied_block * 8 : (tied_block + 1) * 8] = 1.0
+    x = jnp.asarray(x)
+    hist, prompt = verification.history(batch, vocab, 1)
+    kw = {"history": hist, "prompt_len": prompt, "eos_token_id": verification.EOS}
+    keys = jax.random.split(jax.random.key(3), batch)
+    tokens, stats, kernel_config = _launch(x, params, vocab, keys, **kw)
+    assert sampler_grouped.takes(vocab, kernel_config, allowed=False)
+    np.testing.assert_array_equal(stats[::8, FALLBACK_COLUMN] > 0, [b == tied_block for b in range(3)])
+    np.testing.assert_array_equal(tokens, np.asarray(sample(x, params, keys, impl="reference", **kw)))
+    kept = np.asarray(process_logits(x, params, impl="pallas", **kw)) > -np.inf
+    np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference", **kw)) > -np.inf)

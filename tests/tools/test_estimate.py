@@ -711,3 +711,10 @@ def test_compile_check_estimates_through_the_same_path(libtpu):
     assert r.ok, r.error
     assert r.loops == [] and r.cycles == r.compiled_cycles > 0 and r.x_floor > 0
     assert r.as_dict()["label"] == estimate.LABEL
+
+
+def test_trips_are_measured_on_whole_grid_steps():
+    """The grouped kernel's grid steps take several blocks: the rows measured are whole groups of them."""
+    grouped = block_sizes.plan(24, 12000, "float32", "v5e")  # three blocks of 8, one grid step
+    assert estimate.step_rows(grouped) == 24 and estimate.trip_rows(24, estimate.step_rows(grouped)) == 1032
+    assert estimate.step_rows(block_sizes.plan(8, 12000, "float32", "v5e")) == 8

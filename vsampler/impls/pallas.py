@@ -21,7 +21,7 @@ from vsampler.core import logprobs as lp
 from vsampler.core import penalties, reference, registry
 from vsampler.core.inputs import SamplerInputs
 from vsampler.core.numerics import NEG_INF, inverse_temperature
-from vsampler.kernels import block_sizes, sampler_chunked, sampler_triton
+from vsampler.kernels import block_sizes, sampler_chunked, sampler_grouped, sampler_triton
 from vsampler.kernels import sampler as kernel
 from vsampler.kernels.config import KernelConfig, pack_rows
 
@@ -38,9 +38,10 @@ _DEVICE_KINDS = {
 
 
 def tpu_kernel(plan: block_sizes.BlockPlan) -> Callable[..., tuple[jax.Array, ...]]:
-    """The TPU variant a block plan calls for: resident (`sampler.fused_sample`) or chunked
-    (`sampler_chunked.fused_sample_chunked`, which also takes the plan's `chunk` and `buffers`)."""
-    return kernel.fused_sample if plan.chunk is None else sampler_chunked.fused_sample_chunked
+    """The TPU variant a block plan calls for: resident (`sampler.fused_sample`; its blocks taken
+    `plan.group_rows` a grid step by `sampler_grouped.fused_sample_grouped` where the call allows) or
+    chunked (`sampler_chunked.fused_sample_chunked`, which also takes the plan's `chunk` and `buffers`)."""
+    return sampler_grouped.fused_sample_grouped if plan.chunk is None else sampler_chunked.fused_sample_chunked
 
 
 def tpu_generation() -> str | None:
