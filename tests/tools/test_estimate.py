@@ -718,3 +718,34 @@ def test_trips_are_measured_on_whole_grid_steps():
     grouped = block_sizes.plan(24, 12000, "float32", "v5e")  # three blocks of 8, one grid step
     assert estimate.step_rows(grouped) == 24 and estimate.trip_rows(24, estimate.step_rows(grouped)) == 1032
     assert estimate.step_rows(block_sizes.plan(8, 12000, "float32", "v5e")) == 8
+
+
+class _MoreTripsOutgrowTheProfile(_ProfileReservesTheLimit):
+    """`_ProfileReservesTheLimit`, but two or more trips of the whole-row draw (inside the fallback) need
+    10 MiB more: the first compile fits at the policy's limit, the one with a trip more does not."""
+
+    def compile(self, job):
+        trips = job["trips"]
+        extra = 10 if trips.get(estimate.FALLBACK) and trips.get("draw", 0) >= 2 else 0
+        self.used += extra
+        try:
+            return super().compile(job)
+        finally:
+            self.used -= extra
+
+
+def test_a_later_compile_that_outgrows_the_profile_runs_alone_at_half_the_vmem(monkeypatch):
+    """Where the first compile fits at the policy's limit but one with a loop's trip more does not under the
+    profile flag's reservation (the grouped kernel's `top_p`, v5e, B=64, V=128256, float32), that compile
+    alone runs at half the VMEM: the estimate stands, the same as where every compile fits."""
+    case = estimate.EstimateCase("v5e", 64, 128256, "float32", "full")
+    trips = {COLUMN["candidate_top_k"]: [1] * 8, COLUMN["candidate_top_p"]: [3] * 8, COLUMN["draw"]: [0] * 7 + [3]}
+    monkeypatch.setattr(estimate, "measure_trips", lambda c, plan: (FULL, _per_block(trips)))
+    model = _MoreTripsOutgrowTheProfile(kernel.SITES, used=15)
+    r = estimate.estimate(case, model)
+    assert r.ok, r.error
+    assert r.cycles == estimate.estimate(case, LinearModel(kernel.SITES)).cycles
+    assert r.profile_vmem_limit_bytes == 0  # the first compile at the policy's limit
+    half = block_sizes.TPU_GENERATIONS["v5e"].vmem_bytes // 2
+    retried = [job for job in model.jobs if job.get("vmem_limit_bytes") == half]
+    assert retried and all(job["trips"]["draw"] >= 2 for job in retried)

@@ -470,8 +470,18 @@ def estimate(
         **stages,
     }
 
+    base_fits = False  # the first compile fitted at the policy's limit (or at half the VMEM)
+
     def cycles(trips: dict[str, int], **changes: Any) -> dict[str, Any]:
-        answer = worker.compile({**base_job, **changes, "trips": trips})
+        job = {**base_job, **changes, "trips": trips}
+        answer = worker.compile(job)
+        limit = profile_vmem_limit(case.generation, plan)
+        retry = base_fits and limit and "vmem_limit_bytes" not in job
+        if not answer["ok"] and retry and _VMEM_EXHAUSTED.search(answer["error"]):
+            # a later compile (more trips of a loop) that the profile flag's reservation pushes out of VMEM
+            # where the first fitted: that one alone at half the VMEM, its cycles the same at any limit
+            # (`profile_vmem_limit`; the grouped kernel's `top_p`, v5e, B=64, V=128256, float32)
+            answer = worker.compile({**job, "vmem_limit_bytes": limit})
         if not answer["ok"]:
             raise _CompileFailed(answer["error"])
         return answer
@@ -501,6 +511,7 @@ def estimate(
                 fixed = {**fixed, FALLBACK: 0}
                 base = cycles(fixed)
                 result.fallback_compiled = False
+        base_fits = True
         result.compiled_cycles = sum(base["cycles"].values())
         result.hbm_bytes = base["argument_bytes"] + base["output_bytes"]
         result.logits_bytes = base["logits_bytes"]
