@@ -126,8 +126,9 @@ def group_rows(block_rows: int, padded_batch: int, tensorcores: int = 1) -> int 
 
 
 def group_scratch_bytes(group: int, vocab: int) -> int:
-    """VMEM the grouped kernel adds: the group's folded candidates (values, ids), their bounds and one
-    mass a row, at the largest of the candidate layouts."""
+    """VMEM the grouped kernel adds: the group's folded candidates (values, ids), their bounds, and a
+    row's whole mass, that pass's trips and whether the candidates decided it, at the largest of the
+    candidate layouts."""
     layouts = [candidates.ColumnLayout.of(vocab, depth) for depth in (2, candidates.TOP_P_DEPTH)]
     lanes = [layout.folded_lanes for layout in layouts if layout is not None]
     return max((group * (2 * values + bounds + 3) * 4 for values, bounds in lanes), default=0)
