@@ -482,6 +482,27 @@ def needs_row_mass(
     return whole, inverse_t, s_max
 
 
+def mass_where(
+    whole: jax.Array,
+    row_mass: Callable[[jax.Array, jax.Array], jax.Array],
+    inverse_t: jax.Array,
+    s_max: jax.Array,
+    elsewhere: jax.Array,
+    fixed: loop_trips.FixedTrips | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The whole rows' mass (`row_mass(inverse_t, s_max)`, one pass over the block) on the `whole` rows,
+    `elsewhere` on the others; the pass runs only where some row needs it (the `row_mass` site): (mass
+    (R, 1), its trips)."""
+    (mass, _), trips = loop_trips.while_loop(
+        "row_mass",
+        fixed,
+        lambda st: jnp.any(whole) & (st[1] == 0),
+        lambda st: (jnp.where(whole, row_mass(inverse_t, s_max), st[0]), st[1] + 1),
+        (elsewhere, jnp.int32(0)),
+    )
+    return mass, trips
+
+
 def sample(
     values: jax.Array,
     ids: jax.Array,
@@ -575,13 +596,7 @@ def sample(
         candidate_mass = row_sum(kept_e)
         whole = (p < 1.0) & (threshold == NEG_INF) & outside & has_values  # top-p over the whole row
         if callable(row_mass):
-            (mass, _), trips["row_mass"] = loop_trips.while_loop(
-                "row_mass",
-                fixed,
-                lambda st: jnp.any(whole) & (st[1] == 0),
-                lambda st: (jnp.where(whole, row_mass(inverse_t, s_max), st[0]), st[1] + 1),
-                (candidate_mass, jnp.int32(0)),
-            )
+            mass, trips["row_mass"] = mass_where(whole, row_mass, inverse_t, s_max, candidate_mass, fixed)
         else:
             mass = jnp.where(whole, row_mass, candidate_mass)
         target = p * mass

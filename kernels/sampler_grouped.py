@@ -78,14 +78,7 @@ def _whole_mass(x_ref, values, bound, block_params, eos, *, vocab: int, config: 
         reductions=candidates.RowReductions(tree=not interpret),
     )
     row_mass = resident.block_row_mass(x_ref, block_params, eos, vocab=vocab, config=config, interpret=interpret)
-    (mass, _), trips = loop_trips.while_loop(
-        "row_mass",
-        config.trips,
-        lambda st: jnp.any(whole) & (st[1] == 0),
-        lambda st: (jnp.where(whole, row_mass(inverse_t, s_max), st[0]), st[1] + 1),
-        (jnp.zeros_like(s_max), jnp.int32(0)),
-    )
-    return mass, trips
+    return candidates.mass_where(whole, row_mass, inverse_t, s_max, jnp.zeros_like(s_max), config.trips)
 
 
 def grouped_sampler_kernel(

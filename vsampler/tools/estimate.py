@@ -475,9 +475,9 @@ def estimate(
     def cycles(trips: dict[str, int], **changes: Any) -> dict[str, Any]:
         job = {**base_job, **changes, "trips": trips}
         answer = worker.compile(job)
-        limit = profile_vmem_limit(case.generation, plan)
-        retry = base_fits and limit and "vmem_limit_bytes" not in job
-        if not answer["ok"] and retry and _VMEM_EXHAUSTED.search(answer["error"]):
+        retry = not answer["ok"] and base_fits and "vmem_limit_bytes" not in job
+        limit = profile_vmem_limit(case.generation, plan) if retry else None
+        if limit and _VMEM_EXHAUSTED.search(answer["error"]):
             # a later compile (more trips of a loop) that the profile flag's reservation pushes out of VMEM
             # where the first fitted: that one alone at half the VMEM, its cycles the same at any limit
             # (`profile_vmem_limit`; the grouped kernel's `top_p`, v5e, B=64, V=128256, float32)
