@@ -112,8 +112,12 @@ def chunked_working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allo
 
 # GROUP_BLOCKS: the resident variant takes up to this many blocks a grid step where the batch holds
 # them (`sampler_grouped.py`): the candidates' sampling stage, bound by its passes' latency, then runs
-# once over their rows instead of once a block.
-GROUP_BLOCKS = 4
+# once over their rows instead of once a block. Static estimate, v5e, B=256, V=128256, bfloat16, 4 / 8
+# / 16 blocks a step: top_k 254,678 / 224,888 / 204,457 cycles, top_p 550,387 / 524,218 / - (`compile-
+# check --estimate`). 16 (the whole batch, 256 rows, in one step) is not taken: the sampling stage's
+# temporaries over the group's rows are outside the working set this policy counts (at 256 rows of
+# top-p's 6,144 folded candidates, ~6 MiB each), and its deviceless compile is the longest.
+GROUP_BLOCKS = 8
 
 
 def group_rows(block_rows: int, padded_batch: int, tensorcores: int = 1) -> int | None:

@@ -117,15 +117,18 @@ def test_triton_variant_with_mask_and_logprobs_lowers_for_cuda(batch, vocab, dty
     assert result.kernels == 1
 
 
-def test_the_resident_variant_takes_up_to_four_blocks_a_grid_step_where_they_divide_the_batch():
+def test_the_resident_variant_takes_up_to_group_blocks_a_grid_step_where_they_divide_the_batch():
+    assert block_sizes.GROUP_BLOCKS == 8
     assert block_sizes.plan(64, 128256, "bfloat16", "v5e").group_rows == 64
-    assert block_sizes.plan(256, 128256, "float32", "v6e").group_rows == 64  # 16 blocks: 4 grid steps
+    assert block_sizes.plan(256, 128256, "float32", "v6e").group_rows == 128  # 16 blocks: 2 grid steps
     assert block_sizes.plan(24, 12000, "float32", "v5e").group_rows == 24  # 3 blocks of 8
-    assert block_sizes.plan(80, 128256, "bfloat16", "v5e").group_rows is None  # 5 blocks: none shares
+    assert block_sizes.plan(80, 128256, "bfloat16", "v5e").group_rows == 80  # 5 blocks
+    assert block_sizes.plan(176, 128256, "bfloat16", "v5e").group_rows is None  # 11 blocks: none shares
     assert block_sizes.plan(8, 128256, "float32", "v5e").group_rows is None  # one block
     assert block_sizes.plan(64, 128256, "float32", "v4").group_rows is None  # the chunked variant
     grouped = block_sizes.plan(64, 256000, "bfloat16", "v5e")
     assert grouped.working_set_bytes <= grouped.vmem_limit_bytes <= block_sizes.TPU_GENERATIONS["v5e"].vmem_budget
     # a megacore chip (v5p, v4) keeps a grid step for each of its two TensorCores
     assert block_sizes.plan(64, 128256, "bfloat16", "v5p").group_rows == 32
+    assert block_sizes.plan(256, 128256, "bfloat16", "v5p").group_rows == 128
     assert block_sizes.plan(1, 128256, "float32", "v5p").group_rows is None  # one block, two TensorCores
