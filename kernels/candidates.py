@@ -5,7 +5,8 @@ last few to the first groups). For every lane of every column group, one pass ke
 values with their vocabulary indices and the third largest value (`column_pass`): R x 2W *candidates*
 (W = groups x 128 lanes) and R x W *third* values (top-p alone, whose kept sets are larger, keeps
 TOP_P_DEPTH values a lane and the next as the bound, and folds them more loosely). The pass is a few
-VALU operations per vreg.
+VALU operations per vreg; for top-p alone on bfloat16 logits fewer, each value and its index held as
+one int32 key (`key_pass`, `fold_keys`: the same candidates, decoded once folded).
 
 The searches then run on a second, smaller level (`fold`): the candidates' 2W lanes fall onto
 FOLD_GROUPS x 128 lanes, and each of those keeps the FOLD_KEEP largest values folded onto it (with their
@@ -175,6 +176,12 @@ class ColumnLayout:
     def partial(self) -> bool:
         return self.vocab % LANES != 0
 
+    @property
+    def last_lanes(self) -> int:
+        """The vreg index `for_each_column` gives the row's last 128 lanes where V is not a multiple of 128
+        (read as lanes V - 128 .. V - 1, not at a vreg boundary): one past the row's vregs."""
+        return -(-self.vocab // LANES)
+
     def scratch_bytes(self, rows: int) -> int:
         """VMEM the candidates take: values and indices (R, depth x W), the bounds (R, W)."""
         return rows * self.width * 4 * (2 * self.depth + 1)
@@ -218,12 +225,14 @@ class RowReductions:
 def _fold_vreg(x_ref, layout: ColumnLayout, prepare: Prepare, update, j, c, acc):
     """Folds column group `c`'s vreg `j` (the row's vreg `j * groups + c`, a whole one) into `acc`."""
     lane = lax.broadcasted_iota(jnp.int32, (x_ref.shape[0], LANES), 1)
-    start = pl.multiple_of((j * layout.groups + c) * LANES, LANES)
-    return update(acc, prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start), lane + start)
+    vreg = j * layout.groups + c
+    start = pl.multiple_of(vreg * LANES, LANES)
+    x = prepare(x_ref[:, pl.ds(start, LANES)].astype(jnp.float32), lane + start)
+    return update(acc, x, lane + start, vreg)
 
 
 def _fold_columns(x_ref, layout: ColumnLayout, prepare: Prepare, columns: list, chunks: int, update, accs, unroll: int):
-    """Folds `update(acc, values, idx)` over the first `chunks` vregs of each column group in `columns`
+    """Folds `update(acc, values, idx, vreg)` over the first `chunks` vregs of each column group in `columns`
     (one acc each), their vregs interleaved in one loop: each column's fold is a dependency chain (every
     insertion waits for the last), so several columns at once fill the VALU slots that one leaves idle."""
 
@@ -244,7 +253,7 @@ def _fold_last(x_ref, layout: ColumnLayout, prepare: Prepare, update, acc):
     idx = lane + start
     first = (layout.main_chunks * layout.groups + layout.tail - 1) * LANES
     x = prepare(x_ref[:, start : layout.vocab].astype(jnp.float32), idx)
-    return update(acc, jnp.where(idx >= first, x, NEG_INF), idx)
+    return update(acc, jnp.where(idx >= first, x, NEG_INF), idx, layout.last_lanes)
 
 
 def for_each_column(
@@ -259,7 +268,8 @@ def for_each_column(
     together: int = COLUMNS_TOGETHER,
 ):
     """`carry = finish(c, acc, carry)` for each column group c in order, `acc` being `init()` folded by
-    `update(acc, values, idx)` over the group's vregs in vocabulary order. `prepare(x, idx)` turns
+    `update(acc, values, idx, vreg)` over the group's vregs in vocabulary order (`vreg`: the row's vreg
+    index, a scalar; `layout.last_lanes` for the row's last 128 lanes). `prepare(x, idx)` turns
     each loaded vreg (float32) into the values folded (sanitising, masks). `together` columns are folded
     at once (`_fold_columns`); `unroll` vregs a loop trip in all."""
     full_tail = layout.tail - 1 if layout.partial else layout.tail
@@ -301,7 +311,7 @@ def _shift_in(above: list[jax.Array], new: jax.Array, held: tuple) -> tuple:
     return tuple(shifted)
 
 
-def _top_m(acc, x, idx):
+def _top_m(acc, x, idx, _vreg=None):
     """Insertion into a column lane's m largest values with their indices and the (m + 1)-th largest
     value (its bound); a later value equal to a held one goes below it (lower index first among equal
     values). Compares and selects only, so a NaN (every compare false) changes nothing: the pass needs no
@@ -311,7 +321,7 @@ def _top_m(acc, x, idx):
     return _shift_in(above, x, held), _shift_in(above, idx, held_ids)
 
 
-def _top_m_network(acc, x, idx):
+def _top_m_network(acc, x, idx, _vreg=None):
     """`_top_m` with the values moved by a max / min network (no masks: a NaN is first made -inf) and
     only the indices selected: the same values and indices (but that a 0.0 arriving on a held -0.0 takes
     its slot and leaves it its id: equal values, equal weights). The deeper layout's insertion (TOP_P_DEPTH):
@@ -364,6 +374,89 @@ def column_pass(
     for_each_column(x_ref, layout, prepare, init, insert, finish, 0, unroll, together)
 
 
+# Keys (bfloat16 logits, `keyed`): a bfloat16 value widened to float32 leaves the low 16 bits zero, so
+# one int32 *key* carries both the value and where it came from: the value's bits, made monotone (a
+# negative value's magnitude bits flipped: signed int order is then the floats' order, -inf lowest, a
+# positive NaN above +inf and a negative one below -inf), with KEY_CODE ^ the row's vreg index in the low
+# 16 bits (lower index first among equal values, as `_top_m`). The column pass then keeps each lane's
+# m + 1 largest keys with a max / min network (2m + 1 integer operations a vreg, four to make the key)
+# instead of compares and selects moving values and indices apart (m = 2: 11, m = TOP_P_DEPTH: 20 and
+# the index's add); the fold works on the keys the same way, and only the folded candidates are decoded
+# (`key_values`, `key_ids`): the value's bits and, from the code and the lane, the vocabulary index. Used
+# for top-p alone's deeper layout (`keyed`).
+# Sanitising comes free: a negative NaN stays below EMPTY_KEY (-inf with no code) and is never kept; a
+# positive NaN decodes to -inf in a candidate slot (dropped, as stage 5 says, its slot merely lost to the
+# real values) and to +inf as a bound (the rows then fall back: sound either way).
+KEY_MAGNITUDE = 0x7FFF0000  # the bits a negative value's key flips (its magnitude's, above the code)
+KEY_CODE = 0xFFFF  # the low bits: KEY_CODE ^ the vreg index
+EMPTY_KEY = -(1 << 31) + 0x007F0000  # -inf's key with code 0 (no vreg has index KEY_CODE): an empty slot
+
+
+def keyed(dtype, depth: int) -> bool:
+    """Whether the column pass and the fold run on keys: bfloat16 logits (16 free low bits in their
+    float32 form) and the deeper layout (top-p alone), where they replace the most selects. Static
+    estimate, B=64, V=128256, bfloat16, the workload's trips, compares -> keys: v5e top_p 140,319 ->
+    134,301 cycles, but top_k 66,265 -> 69,845 and full 75,296 -> 76,534 (the two-deep layout's
+    compares and selects cost less than the keys' integer max / min, which Mosaic does not issue as
+    cheaply as float ones: one 16-row block's column pass 7.0k cycles with compares, 6.2k with keys
+    alone, 2.8k for a float max / min network without ids)."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and depth > 2
+
+
+def _key(x: jax.Array, vreg: int | jax.Array) -> jax.Array:
+    """The keys of `x` ((R, 128) float32 widened from bfloat16) read from the row's vreg `vreg`."""
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    return (bits ^ ((bits >> 31) & KEY_MAGNITUDE)) | (KEY_CODE ^ vreg)
+
+
+def key_values(keys: jax.Array, nan: float) -> jax.Array:
+    """The float32 values of `keys`; a NaN's as `nan` (-inf in a candidate slot, +inf in a bound)."""
+    bits = (keys ^ ((keys >> 31) & KEY_MAGNITUDE)) & ~KEY_CODE
+    values = lax.bitcast_convert_type(bits, jnp.float32)
+    return jnp.where(values == values, values, jnp.float32(nan))
+
+
+def key_ids(keys: jax.Array, vocab: int) -> jax.Array:
+    """The vocabulary indices of `keys` (R, n x 128), each where its lane puts it in its vreg (the row's
+    last 128 lanes where V is not a multiple of 128: `ColumnLayout.last_lanes`); meaningless for an
+    empty slot."""
+    vreg = KEY_CODE ^ (keys & KEY_CODE)
+    lane = lax.broadcasted_iota(jnp.int32, keys.shape, 1) & (LANES - 1)
+    return jnp.where(vreg == -(-vocab // LANES), vocab - LANES + lane, vreg * LANES + lane)
+
+
+def _network(held: tuple, carried: jax.Array) -> tuple[tuple, jax.Array]:
+    """`carried` inserted into `held` (largest first) by a max / min network: (the new held, the one
+    pushed out)."""
+    out = []
+    for a in held:
+        out.append(jnp.maximum(a, carried))
+        carried = jnp.minimum(a, carried)
+    return tuple(out), carried
+
+
+def key_pass(x_ref, keys_ref, layout: ColumnLayout, unroll: int = UNROLL, together: int = COLUMNS_TOGETHER) -> None:
+    """`column_pass` for bfloat16 logits, on keys: keys_ref (R, (m + 1) x W) int32 gets each column
+    lane's m largest keys (lanes [0, W) the largest, ...) and then the (m + 1)-th largest (lanes
+    [m W, (m + 1) W): its bound); EMPTY_KEY where a column holds fewer values. Nothing is decoded here
+    (`fold_keys` does it once folded)."""
+    rows, depth = x_ref.shape[0], layout.depth
+
+    def init():
+        return (jnp.full((rows, LANES), EMPTY_KEY, jnp.int32),) * (depth + 1)
+
+    def update(acc, x, _idx, vreg):
+        held, last = _network(acc[:depth], _key(x, vreg))
+        return (*held, jnp.maximum(acc[depth], last))
+
+    def finish(c, acc, carry):
+        for level in range(depth + 1):
+            keys_ref[:, pl.ds(pl.multiple_of(level * layout.width + c * LANES, LANES), LANES)] = acc[level]
+        return carry
+
+    for_each_column(x_ref, layout, lambda x, idx: x, init, update, finish, 0, unroll, together)
+
+
 def drop_candidates(values: jax.Array, ids: jax.Array, dropped: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The candidates less the `dropped` ones ((R, n) like `values` / `ids`: tokens masked after the
     column pass, as stage 4 masks EOS ids): their slots empty (-inf, index 0). Each column lane's bound
@@ -412,6 +505,29 @@ def fold(
     return jnp.concatenate(held, axis=1), jnp.concatenate(held_ids, axis=1), bound
 
 
+def fold_keys(
+    held_keys: jax.Array, bound_keys: jax.Array, layout: ColumnLayout
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`fold` on `key_pass`'s keys (the candidates' (R, m x W), the bounds' (R, W)): the same
+    folded values and bounds (the keys order values as `fold` does, but equal values by index where
+    `fold` takes them in lane-group order, so which of equal values keep their ids may differ: a tie
+    that straddles the kept ones leaves its value in the bound, and the row falls back either way),
+    decoded only once folded."""
+    groups = layout.fold_groups
+    if groups is not None:
+        width = groups * LANES
+        empty = jnp.full((held_keys.shape[0], width), EMPTY_KEY, jnp.int32)
+        held, rest = (empty,) * layout.fold_shape[1], empty
+        for start in range(0, held_keys.shape[1], width):
+            held, out = _network(held, held_keys[:, start : start + width])
+            rest = jnp.maximum(rest, out)
+        for start in range(0, bound_keys.shape[1], width):
+            rest = jnp.maximum(rest, bound_keys[:, start : start + width])
+        held_keys, bound_keys = jnp.concatenate(held, axis=1), rest
+    values = key_values(held_keys, NEG_INF)
+    return values, jnp.where(values > NEG_INF, key_ids(held_keys, layout.vocab), 0), key_values(bound_keys, jnp.inf)
+
+
 def row_mass(
     x_ref,
     layout: ColumnLayout,
@@ -430,7 +546,7 @@ def row_mass(
     cycles)."""
     rows = x_ref.shape[0]
 
-    def update(acc, x, _):
+    def update(acc, x, _idx, _vreg):
         return acc + weight(x * inverse_t, s_max)
 
     def finish(c, acc, total):

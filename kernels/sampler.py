@@ -41,8 +41,8 @@ row's own values, so thresholds are exact token values and the kept sets equal t
 Where the (R, V) temporaries of these whole-row passes do not fit VMEM (v4 above ~50k vocabulary), the
 policy picks the chunked variant (`sampler_chunked.py`): the same rows resident, passes over slices.
 Where the batch holds several blocks, the candidate path runs grouped (`sampler_grouped.py`): each
-grid step takes up to four blocks, each block's candidates as here, then one sampling stage over all
-their rows; this module's functions below are its per-block pieces.
+grid step takes up to `block_sizes.GROUP_BLOCKS` blocks, each block's candidates as here, then one
+sampling stage over all their rows; this module's functions below are its per-block pieces.
 Reference: `vsampler.core.reference`. Block sizes: `vsampler.kernels.block_sizes`.
 """
 
@@ -439,13 +439,16 @@ def candidate_depth(*, top_k: bool, min_p: bool, **_: bool) -> int:
     return 2 if top_k or min_p else candidates.TOP_P_DEPTH
 
 
-def scratch_shapes(block_rows: int, vocab: int, **stages: bool) -> list:
-    """The VMEM scratch the kernel needs for these stage flags: the candidates' arrays, or nothing."""
+def scratch_shapes(block_rows: int, vocab: int, dtype, **stages: bool) -> list:
+    """The VMEM scratch the kernel needs for these stage flags and logits dtype: the candidates' arrays
+    (top-p alone on bfloat16: their keys, `candidates.key_pass`), or nothing."""
     if not uses_candidates(vocab, **stages):
         return []
     from jax.experimental.pallas import tpu as pltpu
 
     layout = candidates.ColumnLayout.of(vocab, candidate_depth(**stages))
+    if candidates.keyed(dtype, layout.depth):
+        return [pltpu.VMEM((block_rows, (layout.depth + 1) * layout.width), jnp.int32)]
     return [
         pltpu.VMEM((block_rows, layout.depth * layout.width), jnp.float32),
         pltpu.VMEM((block_rows, layout.depth * layout.width), jnp.int32),
@@ -515,15 +518,23 @@ def block_candidates(
     x_ref, scratch: Sequence[Any], rows: jax.Array, eos: jax.Array, *, vocab: int, config: KernelConfig, interpret: bool
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The candidates of one resident block (`candidates.py`): the column pass into `scratch`
-    (`scratch_shapes`' three arrays), stage 4 on the candidates, the fold: (values, ids, bound)."""
+    (`scratch_shapes`' arrays), stage 4 on the candidates, the fold: (values, ids, bound)."""
     layout = candidate_layout(vocab, config)
     too_early, is_eos_id, _ = eos_masks(rows, eos, config.min_tokens)
-    # stage 5's NaN needs nothing in these passes (they only compare); stage 4 is applied to the
-    # candidates afterwards (a few vregs), not to every vreg of the block
-    values_ref, ids_ref, third_ref = scratch
-    # interpret mode: one column group at a time, unrolled once (its XLA compile grows with both;
-    # `test_candidates` checks the column pass's interleaved form against numpy)
+    # stage 5's NaN needs nothing in these passes (they only compare; the keys leave a NaN out or let it
+    # force a fallback); stage 4 is applied to the candidates afterwards (a few vregs), not to every vreg
+    # of the block. Interpret mode: one column group at a time, unrolled once (its XLA compile grows with
+    # both; `test_candidates` checks the column pass's interleaved form against numpy)
     unroll, together = (1, 1) if interpret else (candidates.UNROLL, candidates.COLUMNS_TOGETHER)
+    if candidates.keyed(x_ref.dtype, layout.depth):  # value and index as one key (`candidates.key_pass`)
+        (keys_ref,) = scratch
+        candidates.key_pass(x_ref, keys_ref, layout, unroll, together)
+        held = layout.depth * layout.width
+        keys = keys_ref[:, :held]
+        if config.min_tokens:
+            keys = jnp.where(too_early & is_eos_id(candidates.key_ids(keys, vocab)), candidates.EMPTY_KEY, keys)
+        return candidates.fold_keys(keys, keys_ref[:, held:], layout)
+    values_ref, ids_ref, third_ref = scratch
     candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together)
     values, ids = values_ref[...], ids_ref[...]
     if config.min_tokens:
@@ -683,7 +694,7 @@ def fused_sample(
         top_n=config.top_n,
         vmem_limit_bytes=None if interpret else plan.vmem_limit_bytes,
         interpret=interpret,
-        scratch_shapes=scratch_shapes(plan.block_rows, logits.shape[1], **filters),
+        scratch_shapes=scratch_shapes(plan.block_rows, logits.shape[1], logits.dtype, **filters),
     )
 
 

@@ -98,12 +98,13 @@ def grouped_sampler_kernel(
 ) -> None:
     """One group of G blocks: x (B, V) in HBM, rows (G x R, 8), eos (1, E) -> token (G x R, 1), finished
     (G x R, 1), stats (G x R, STAT_COLUMNS); `slots` (2, R, V) and `copies` (2 DMA semaphores) the
-    blocks' VMEM slots, then `sampler.scratch_shapes`' three arrays and `group_scratch_shapes`' six."""
+    blocks' VMEM slots, then `sampler.scratch_shapes`' arrays and `group_scratch_shapes`' six."""
     group = rows_ref.shape[0]
     blocks = group // block_rows
     first_row = pl.program_id(0) * group
     rows, eos = rows_ref[...], eos_ref[...]
-    candidate_scratch, (values_ref, ids_ref, bound_ref, mass_ref, mass_trips_ref, exact_ref) = scratch[:3], scratch[3:]
+    candidate_scratch = scratch[:-6]  # `sampler.scratch_shapes`' arrays, then the group's
+    values_ref, ids_ref, bound_ref, mass_ref, mass_trips_ref, exact_ref = scratch[-6:]
     block = {"vocab": vocab, "config": config, "interpret": interpret}
 
     def copy(b: int | jax.Array, slot: int | jax.Array):
@@ -225,7 +226,7 @@ def fused_sample_grouped(
         scratch_shapes=(
             pltpu.VMEM((2, plan.block_rows, vocab), logits.dtype),
             pltpu.SemaphoreType.DMA((2,)),
-            *resident.scratch_shapes(plan.block_rows, vocab, **filters),
+            *resident.scratch_shapes(plan.block_rows, vocab, logits.dtype, **filters),
             *group_scratch_shapes(group, vocab, config),
         ),
     )(logits, rows, eos)

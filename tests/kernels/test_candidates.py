@@ -108,6 +108,58 @@ def test_the_column_pass_keeps_each_columns_largest_and_the_next(vocab, together
     np.testing.assert_array_equal(ids[held], want_ids[held])
 
 
+@pytest.mark.parametrize(("vocab", "depth"), [(200, 2), (16511, 2), (candidates.WIDE_VOCAB, 2), (9000, 4), (140000, 4)])
+def test_bfloat16_keys_keep_what_the_column_pass_and_the_fold_keep(vocab, depth):
+    """`key_pass` + `fold_keys` (bfloat16 logits: value and index as one int32 key) against numpy and
+    `fold`: each column lane's m largest values with their first indices and the next, then the same
+    folded values and bounds as `fold`, every folded id that of its value (`fold` orders equal values by
+    lane group, the keys by index, so which of equal values keep their ids may differ). Ties, a row of
+    -inf but its last value (in a partial last vreg), +inf, negative NaN (never a candidate) and, in
+    their own rows, positive NaN, which takes slots but decodes to empty ones and keeps the bound sound."""
+    layout = candidates.ColumnLayout.of(vocab, depth)
+    rng = np.random.default_rng(vocab)
+    x = np.round(rng.standard_normal((16, vocab)) * 2).astype(np.float32) + 0.0  # ties, no -0.0 (below 0.0 as a key)
+    x[0, :: max(1, vocab // 50)] = -np.nan
+    x[1] = -np.inf
+    x[1, vocab - 1] = 3.0
+    x[2, 5] = np.inf
+    positive_nan = [3, 4]
+    x[3, :: max(1, vocab // 40)] = np.nan
+    x[4] = np.nan
+    assert not np.signbit(x[3, 0]) and np.signbit(x[0, 0])
+    held = depth * layout.width
+
+    def kernel_body(x_ref, keys_ref):
+        candidates.key_pass(x_ref, keys_ref, layout, together=2)
+
+    from jax.experimental import pallas as pl
+
+    shape = jax.ShapeDtypeStruct((16, held + layout.width), jnp.int32)
+    keys = pl.pallas_call(kernel_body, out_shape=shape, interpret=True)(jnp.asarray(x, jnp.bfloat16))
+    values = np.asarray(candidates.key_values(keys[:, :held], -np.inf))
+    ids = np.asarray(candidates.key_ids(keys[:, :held], vocab))
+    bound = np.asarray(candidates.key_values(keys[:, held:], np.inf))
+    clean = np.where(np.isnan(x), -np.inf, x)
+    want_values, want_ids, want_third = _expected_candidates(clean, layout)
+    rows = [r for r in range(16) if r not in positive_nan]
+    np.testing.assert_array_equal(values[rows], want_values[rows])
+    np.testing.assert_array_equal(bound[rows], want_third[rows])
+    kept = want_values[rows] > -np.inf
+    np.testing.assert_array_equal(ids[rows][kept], want_ids[rows][kept])
+
+    folded = [np.asarray(a) for a in candidates.fold_keys(keys[:, :held], keys[:, held:], layout)]
+    plain = [np.asarray(a) for a in candidates.fold(*(jnp.asarray(a) for a in (values, ids, bound)), layout)]
+    np.testing.assert_array_equal(folded[0][rows], plain[0][rows])
+    np.testing.assert_array_equal(folded[2][rows], plain[2][rows])
+    for r in range(16):
+        kept = folded[0][r] > -np.inf
+        np.testing.assert_array_equal(clean[r, folded[1][r][kept]], folded[0][r][kept])
+        assert (folded[1][r][~kept] == 0).all()
+        assert len(set(folded[1][r][kept])) == kept.sum()
+        outside = np.delete(clean[r], folded[1][r][kept])
+        assert outside.max(initial=-np.inf) <= folded[2][r].max()
+
+
 def test_the_two_deep_layout_widens_from_wide_vocab_and_top_p_alones_does_not():
     """Which column groups a layout takes: min(GROUPS, vregs) below WIDE_VOCAB and for top-p alone's
     deeper layout; WIDE_GROUPS for the two-deep layout from WIDE_VOCAB on. Each folds onto its own
@@ -253,29 +305,61 @@ def test_a_nan_in_a_top_p_alone_row_sends_its_block_to_the_whole_row_path():
     np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference")) > -np.inf)
 
 
-def test_min_tokens_drops_eos_candidates_as_the_reference_masks_them():
-    """Stage 4 on the candidates (`candidates.drop_candidates`): an EOS id that is its column lane's
-    largest value (and the row's), one that is its lane's second, in rows still too early (even rows)
-    and rows past min_tokens; top-k 3 on sampled rows and a greedy row. Kept sets and tokens equal the
-    reference's; where the candidates no longer decide, the block falls back, never a wrong token."""
+@pytest.mark.parametrize(("dtype", "filters"), [("float32", "top_k"), ("bfloat16", "top_k"), ("bfloat16", "top_p")])
+def test_min_tokens_drops_eos_candidates_as_the_reference_masks_them(dtype, filters):
+    """Stage 4 on the candidates (`candidates.drop_candidates`; top-p alone on bfloat16: on the keys, their
+    ids decoded): an EOS id that is its column lane's largest value (and the row's), one that is its
+    lane's second, in rows still too early (even rows) and rows past min_tokens; top-k 3 (or top-p 0.9
+    alone) on sampled rows and a greedy row. Kept sets and tokens equal the reference's; where the
+    candidates no longer decide, the block falls back, never a wrong token."""
     vocab, eos = 9000, (700, 1500)
     x = np.array(jax.random.normal(jax.random.key(11), (8, vocab))) * 3
     x[:, eos[0]] = 30.0  # the row's largest
     x[:, eos[1]] = 25.0
     x[:, eos[1] + 32 * 128] = 26.0  # the same column lane as eos[1], above it: eos[1] is the lane's second
+    x = jnp.asarray(x, dtype)
     params = SamplingParams(
-        temperature=np.array([1.0] * 7 + [0.0], np.float32), top_k=3, min_tokens=np.array([4, 0] * 4, np.int32)
+        temperature=np.array([1.0] * 7 + [0.0], np.float32),
+        **({"top_k": 3} if filters == "top_k" else {"top_p": 0.9}),
+        min_tokens=np.array([4, 0] * 4, np.int32),
     )
     history = jnp.full((8, 4), -1, jnp.int32).at[:, 0].set(1)
     kw = {"history": history, "prompt_len": 1, "eos_token_id": list(eos)}
-    want = np.asarray(process_logits(jnp.asarray(x), params, impl="reference", **kw))
-    got = np.asarray(process_logits(jnp.asarray(x), params, impl="pallas", **kw))
+    want = np.asarray(process_logits(x, params, impl="reference", **kw))
+    got = np.asarray(process_logits(x, params, impl="pallas", **kw))
     np.testing.assert_array_equal(got, want)
     key = jax.random.key(12)
     np.testing.assert_array_equal(
-        np.asarray(sample(jnp.asarray(x), params, key, impl="pallas", **kw)),
-        np.asarray(sample(jnp.asarray(x), params, key, impl="reference", **kw)),
+        np.asarray(sample(x, params, key, impl="pallas", **kw)),
+        np.asarray(sample(x, params, key, impl="reference", **kw)),
     )
+
+
+@pytest.mark.parametrize(("config", "falls_back"), [("combined", [False, True]), ("top_p", [True, True])])
+def test_bfloat16_nan_and_inf_logits_give_the_references_tokens(config, falls_back):
+    """bfloat16 logits (16-row blocks) with NaN of either sign in one block, a +inf logit in the other.
+    Combined filters: the column pass only compares (a NaN compares above nothing), so the candidates
+    decide the NaN block, the NaN dropped as stage 5 says, and the +inf sends the other block to the
+    whole-row path. Top-p alone (`candidates.key_pass`'s keys: a negative NaN sorts below -inf and is
+    never a candidate, a positive one above +inf and decodes to an empty slot) needs the whole rows'
+    mass, which a NaN makes NaN: that block falls back as well. Tokens and kept sets are the
+    reference's."""
+    batch, vocab = 32, 12000
+    params = verification.params(config, batch, vocab)
+    x = np.array(verification.logits("normal", batch, vocab, "float32", 4))
+    x[1, ::97] = np.nan
+    x[2, ::89] = -np.nan
+    x[3, 5:3000] = np.nan  # a quarter of the row
+    x[20, 77] = np.inf
+    x = jnp.asarray(x, jnp.bfloat16)
+    hist, prompt = verification.history(batch, vocab, 4)
+    kw = {"history": hist, "prompt_len": prompt, "eos_token_id": verification.EOS}
+    keys = jax.random.split(jax.random.key(7), batch)
+    tokens, stats, _ = _launch(x, params, vocab, keys, **kw)
+    np.testing.assert_array_equal(stats[::16, FALLBACK_COLUMN] > 0, falls_back)
+    np.testing.assert_array_equal(tokens, np.asarray(sample(x, params, keys, impl="reference", **kw)))
+    kept = np.asarray(process_logits(x, params, impl="pallas", **kw)) > -np.inf
+    np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference", **kw)) > -np.inf)
 
 
 @pytest.mark.parametrize(
