@@ -113,10 +113,12 @@ def chunked_working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allo
 # GROUP_BLOCKS: the resident variant takes up to this many blocks a grid step where the batch holds
 # them (`sampler_grouped.py`): the candidates' sampling stage, bound by its passes' latency, then runs
 # once over their rows instead of once a block. Static estimate, v5e, B=256, V=128256, bfloat16, 4 / 8
-# / 16 blocks a step: top_k 254,678 / 224,888 / 204,457 cycles, top_p 550,387 / 524,218 / - (`compile-
-# check --estimate`). 16 (the whole batch, 256 rows, in one step) is not taken: the sampling stage's
-# temporaries over the group's rows are outside the working set this policy counts (at 256 rows of
-# top-p's 6,144 folded candidates, ~6 MiB each), and its deviceless compile is the longest.
+# / 16 blocks a step: top_k 254,678 / 224,888 / 204,457 cycles, top_p 550,387 / 524,218 / none
+# (`compile-check --estimate`; float32 top_k 295,990 at 8, 260,430 at 16; full bfloat16 / float32
+# 254,498 / 325,744 at 8, 231,247 / 300,192 at 16). 16 is not taken: top-p alone's group scratch
+# (6,144 to 8,192 folded candidates a row against 2,048) then pushes B=256, V=256000, bfloat16 out
+# of v5e's VMEM budget (no group at all), and its profiled compile at V=128256 out of the estimate's
+# (the kernel itself fits: 64.3 MiB of 82.1); a group size per layout is the next step.
 GROUP_BLOCKS = 8
 
 
