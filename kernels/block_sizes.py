@@ -6,10 +6,10 @@ set is the double-buffered input block plus the float32 temporaries the passes k
 logits, exp(s - max), the kept mass and an index iota, about `TEMPORARIES` blocks of R x V x 4 bytes).
 R is the sublane tile (8 rows; 16 for 2-byte dtypes, which pack two rows per sublane), two tiles for a
 float32 batch of 32 rows or more where they fit (WIDE_F32_BLOCKS below), unless the batch is smaller,
-in which case one block holds the whole batch. Up to GROUP_BLOCKS blocks are one grid step of the
-grouped kernel where they divide the batch (`sampler_grouped.py`). The VMEM limit is set deliberately: the
-working set plus a quarter (and 4 MiB), within the generation's physical VMEM less an eighth for
-Mosaic's own scratch.
+in which case one block holds the whole batch. Up to GROUP_BLOCKS blocks (DEEP_GROUP_BLOCKS for top-p
+alone's deeper candidates) are one grid step of the grouped kernel where they divide the batch
+(`sampler_grouped.py`). The VMEM limit is set deliberately: the working set plus a quarter (and 4 MiB),
+within the generation's physical VMEM less an eighth for Mosaic's own scratch.
 
 When that block does not fit (v4's 16 MiB above ~50k vocabulary), the plan switches to the chunked
 variant (`sampler_chunked.py`): the same R rows resident, but every pass over (R, CHUNK) slices, so
@@ -21,6 +21,7 @@ configuration that fits neither way is refused here, with the numbers, before an
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 from vsampler.kernels import candidates
@@ -76,6 +77,17 @@ class BlockPlan:
     chunk: int | None = None  # None: the resident variant; else the chunked variant's slice width
     buffers: int = 2  # VMEM copies of the logits block (chunked variant)
     group_rows: int | None = None  # the resident variant: rows a grid step of `sampler_grouped` takes
+    deep_group_rows: int | None = None  # the same for top-p alone's deeper candidates (DEEP_GROUP_BLOCKS)
+
+    def group_for(self, depth: int) -> int | None:
+        """Rows a grid step of the grouped kernel takes for candidates `depth` deep (None: not grouped)."""
+        return self.deep_group_rows if depth > 2 else self.group_rows
+
+    @property
+    def step_rows(self) -> int:
+        """Rows that are whole grid steps of this plan's kernel whatever its candidates' depth: the least
+        common multiple of the block and the group sizes."""
+        return math.lcm(self.block_rows, self.group_rows or 1, self.deep_group_rows or 1)
 
 
 def sublane_rows(dtype: np.dtype | str) -> int:
@@ -112,32 +124,34 @@ def chunked_working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allo
 
 # GROUP_BLOCKS: the resident variant takes up to this many blocks a grid step where the batch holds
 # them (`sampler_grouped.py`): the candidates' sampling stage, bound by its passes' latency, then runs
-# once over their rows instead of once a block. Static estimate, v5e, B=256, V=128256, bfloat16, 4 / 8
-# / 16 blocks a step: top_k 254,678 / 224,888 / 204,457 cycles, top_p 550,387 / 524,218 / none
-# (`compile-check --estimate`; float32 top_k 295,990 at 8, 260,430 at 16; full bfloat16 / float32
-# 254,498 / 325,744 at 8, 231,247 / 300,192 at 16). 16 is not taken: top-p alone's group scratch
-# (6,144 to 8,192 folded candidates a row against 2,048) then pushes B=256, V=256000, bfloat16 out
-# of v5e's VMEM budget (no group at all), and its profiled compile at V=128256 out of the estimate's
-# (the kernel itself fits: 64.3 MiB of 82.1); a group size per layout is the next step.
-GROUP_BLOCKS = 8
+# once over their rows instead of once a block. Static estimate, v5e, B=256, V=128256, 4 / 8 / 16
+# blocks a step (`compile-check --estimate`): top_k bfloat16 254,678 / 224,888 / 204,457 cycles,
+# float32 - / 295,990 / 260,430; full bfloat16 - / 254,498 / 231,247, float32 - / 325,744 / 300,192;
+# top_p bfloat16 550,387 / 524,218 / none. Top-p alone's deeper candidates (6,144 to 8,192 folded a
+# row against 2,048) take at most DEEP_GROUP_BLOCKS: at 16 its group scratch pushed B=256, V=256000,
+# bfloat16 out of v5e's VMEM budget (no group at all) and its profiled compile at V=128256 out of the
+# estimate's (the kernel itself fits: 64.3 MiB of 82.1).
+GROUP_BLOCKS = 16
+DEEP_GROUP_BLOCKS = 8
 
 
-def group_rows(block_rows: int, padded_batch: int, tensorcores: int = 1) -> int | None:
-    """Rows a grid step of the grouped kernel takes: the most blocks, up to GROUP_BLOCKS, that divide the
+def group_rows(block_rows: int, padded_batch: int, tensorcores: int = 1, most: int = GROUP_BLOCKS) -> int | None:
+    """Rows a grid step of the grouped kernel takes: the most blocks, up to `most`, that divide the
     batch's blocks evenly and leave a grid step for each of the chip's `tensorcores`; None where that is
     one block (nothing to share)."""
     blocks = padded_batch // block_rows
-    most = max((d for d in range(1, GROUP_BLOCKS + 1) if blocks % d == 0 and blocks // d >= tensorcores), default=1)
-    return most * block_rows if most > 1 else None
+    taken = max((d for d in range(1, most + 1) if blocks % d == 0 and blocks // d >= tensorcores), default=1)
+    return taken * block_rows if taken > 1 else None
 
 
-def group_scratch_bytes(group: int, vocab: int) -> int:
-    """VMEM the grouped kernel adds: the group's folded candidates (values, ids), their bounds, and a
-    row's whole mass, that pass's trips and whether the candidates decided it, at the largest of the
-    candidate layouts."""
-    layouts = [candidates.ColumnLayout.of(vocab, depth) for depth in (2, candidates.TOP_P_DEPTH)]
-    lanes = [layout.folded_lanes for layout in layouts if layout is not None]
-    return max((group * (2 * values + bounds + 3) * 4 for values, bounds in lanes), default=0)
+def group_scratch_bytes(group: int | None, vocab: int, depth: int = 2) -> int:
+    """VMEM the grouped kernel adds for `depth`-deep candidates: the group's folded candidates (values,
+    ids), their bounds, and a row's whole mass, that pass's trips and whether the candidates decided it."""
+    layout = candidates.ColumnLayout.of(vocab, depth)
+    if group is None or layout is None:
+        return 0
+    values, bounds = layout.folded_lanes
+    return group * (2 * values + bounds + 3) * 4
 
 
 def _limit(needed: int, budget: int) -> int:
@@ -166,16 +180,26 @@ def plan(
     needed = working_set(block_rows, vocab, dtype, allowed)
     tensorcores = TPU_GENERATIONS[generation].tensorcores if generation in TPU_GENERATIONS else 1
     group = group_rows(block_rows, padded, tensorcores)
-    grouped_needed = needed + (group_scratch_bytes(group, vocab) if group else 0)
+    deep = group_rows(block_rows, padded, tensorcores, DEEP_GROUP_BLOCKS)
+    if generation is not None and generation not in TPU_GENERATIONS:
+        raise ValueError(f"unknown TPU generation {generation!r}; known: {sorted(TPU_GENERATIONS)}")
+    budget = TPU_GENERATIONS[generation].vmem_budget if generation else None
+
+    def grouped_needed() -> int:  # one kernel per call: the larger of its two possible group scratches
+        return needed + max(group_scratch_bytes(group, vocab), group_scratch_bytes(deep, vocab, candidates.TOP_P_DEPTH))
+
+    while budget is not None and grouped_needed() > budget and (group or deep):  # the largest groups that fit
+        if group_scratch_bytes(group, vocab) >= group_scratch_bytes(deep, vocab, candidates.TOP_P_DEPTH):
+            group = group_rows(block_rows, padded, tensorcores, group // block_rows - 1)
+        else:
+            deep = group_rows(block_rows, padded, tensorcores, deep // block_rows - 1)
+    groups = {"group_rows": group, "deep_group_rows": deep}
     if generation is None:
         if chunked:
             return BlockPlan(block_rows, padded, chunked_working_set(block_rows, vocab, dtype, allowed, 2), None, CHUNK)
-        return BlockPlan(block_rows, padded, grouped_needed, None, group_rows=group)
-    if generation not in TPU_GENERATIONS:
-        raise ValueError(f"unknown TPU generation {generation!r}; known: {sorted(TPU_GENERATIONS)}")
-    budget = TPU_GENERATIONS[generation].vmem_budget
-    if grouped_needed <= budget and not chunked:
-        return BlockPlan(block_rows, padded, grouped_needed, _limit(grouped_needed, budget), group_rows=group)
+        return BlockPlan(block_rows, padded, grouped_needed(), None, **groups)
+    if grouped_needed() <= budget and not chunked:
+        return BlockPlan(block_rows, padded, grouped_needed(), _limit(grouped_needed(), budget), **groups)
     if needed <= budget and not chunked:
         return BlockPlan(block_rows, padded, needed, _limit(needed, budget))
     for buffers in (2, 1):

@@ -18,7 +18,7 @@ every block and the group's sampling stage (it takes a `pl.when` on the grid ind
 last-step `pl.when` would hide that stage's cost). Same stages, same values as `sampler.py` row for
 row: only the rows a sampling stage sees at once change, which no row's result depends on.
 
-Used where the block-size policy groups blocks (`block_sizes.BlockPlan.group_rows`) and the call takes
+Used where the block-size policy groups blocks (`block_sizes.BlockPlan.group_for`) and the call takes
 the candidate path without log-prob outputs; otherwise `sampler.fused_sample` serves. Reference:
 `vsampler.core.reference`. Block sizes: `vsampler.kernels.block_sizes`.
 """
@@ -187,14 +187,15 @@ def fused_sample_grouped(
     plan: block_sizes.BlockPlan,
     interpret: bool,
 ) -> tuple[jax.Array, ...]:
-    """`sampler.fused_sample`'s arguments and outputs, the blocks taken `plan.group_rows` rows a grid
-    step where the call can (`takes`); otherwise `sampler.fused_sample` itself."""
+    """`sampler.fused_sample`'s arguments and outputs, the blocks taken `plan.group_for(depth)` rows a
+    grid step where the call can (`takes`); otherwise `sampler.fused_sample` itself."""
     batch, vocab = logits.shape
-    if plan.group_rows is None or not takes(vocab, config, allowed is not None):
+    takes_group = takes(vocab, config, allowed is not None)
+    group = plan.group_for(resident.candidate_layout(vocab, config).depth) if takes_group else None
+    if group is None:
         return resident.fused_sample(logits, rows, eos, allowed, config=config, plan=plan, interpret=interpret)
     from jax.experimental.pallas import tpu as pltpu
 
-    group = plan.group_rows
     if group % plan.block_rows or group // plan.block_rows < 2 or batch % group:
         raise ValueError(f"a group of {group} rows must be 2 or more blocks of {plan.block_rows} and divide {batch}")
     filters = {**config.filters, "random": config.random, "allowed": False}

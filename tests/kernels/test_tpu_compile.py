@@ -3,7 +3,7 @@ the VMEM it uses read from the compiled executable and within the limit the poli
 variant lowers to Triton for CUDA (jax.export, no GPU needed)."""
 
 import pytest
-from vsampler.kernels import block_sizes
+from vsampler.kernels import block_sizes, candidates
 
 compile_check = pytest.importorskip("vsampler.tools.compile_check")
 
@@ -118,14 +118,24 @@ def test_triton_variant_with_mask_and_logprobs_lowers_for_cuda(batch, vocab, dty
 
 
 def test_the_resident_variant_takes_up_to_group_blocks_a_grid_step_where_they_divide_the_batch():
-    assert block_sizes.GROUP_BLOCKS == 8
-    assert block_sizes.plan(64, 128256, "bfloat16", "v5e").group_rows == 64
-    assert block_sizes.plan(256, 128256, "float32", "v6e").group_rows == 128  # 16 blocks: 2 grid steps
+    assert (block_sizes.GROUP_BLOCKS, block_sizes.DEEP_GROUP_BLOCKS) == (16, 8)
+    plan = block_sizes.plan(64, 128256, "bfloat16", "v5e")
+    assert (plan.group_rows, plan.deep_group_rows) == (64, 64)
+    plan = block_sizes.plan(256, 128256, "float32", "v6e")  # 16 blocks: one grid step; top-p alone two
+    assert (plan.group_for(2), plan.group_for(candidates.TOP_P_DEPTH), plan.step_rows) == (256, 128, 256)
     assert block_sizes.plan(24, 12000, "float32", "v5e").group_rows == 24  # 3 blocks of 8
     assert block_sizes.plan(80, 128256, "bfloat16", "v5e").group_rows == 80  # 5 blocks
-    assert block_sizes.plan(176, 128256, "bfloat16", "v5e").group_rows is None  # 11 blocks: none shares
+    plan = block_sizes.plan(272, 128256, "bfloat16", "v5e")  # 17 blocks: none shares
+    assert plan.group_rows is None and plan.deep_group_rows is None
     assert block_sizes.plan(8, 128256, "float32", "v5e").group_rows is None  # one block
     assert block_sizes.plan(64, 128256, "float32", "v4").group_rows is None  # the chunked variant
+    # the largest groups whose scratch fits beside the block: top-p alone's 8,192 folded candidates a
+    # row over 256 rows would not, at V=256000 in bfloat16 on v5e
+    wide = block_sizes.plan(256, 256000, "bfloat16", "v5e")
+    assert (wide.group_rows, wide.deep_group_rows) == (256, 128)
+    assert wide.working_set_bytes <= block_sizes.TPU_GENERATIONS["v5e"].vmem_budget
+    deep = block_sizes.group_scratch_bytes(256, 256000, candidates.TOP_P_DEPTH)
+    assert block_sizes.working_set(16, 256000, "bfloat16") + deep > block_sizes.TPU_GENERATIONS["v5e"].vmem_budget
     grouped = block_sizes.plan(64, 256000, "bfloat16", "v5e")
     assert grouped.working_set_bytes <= grouped.vmem_limit_bytes <= block_sizes.TPU_GENERATIONS["v5e"].vmem_budget
     # a megacore chip (v5p, v4) keeps a grid step for each of its two TensorCores

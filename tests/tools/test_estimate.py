@@ -155,10 +155,10 @@ def test_fixed_sites_keep_what_a_launch_computes_to_decide_them():
 
 
 def test_batches_measured_on_the_same_rows_share_their_trips(monkeypatch):
-    """B=128 and B=256 (float32: 16-row blocks, eight a grid step) both measure their trips on TRIP_ROWS
-    rows: one measurement serves both; a batch above TRIP_ROWS is measured on its own rows, and B=64
-    (four blocks a grid step: a group's shared searches take the most trips any of its rows needs) on
-    grid steps of its own size."""
+    """B=256 and B=1024 (float32: 16-row blocks, sixteen a grid step) both measure their trips on
+    TRIP_ROWS rows: one measurement serves both; a batch above TRIP_ROWS is measured on its own rows, and
+    B=64 (four blocks a grid step: a group's shared searches take the most trips any of its rows needs)
+    on grid steps of its own size."""
     calls = []
 
     def measure(case, plan):
@@ -167,7 +167,7 @@ def test_batches_measured_on_the_same_rows_share_their_trips(monkeypatch):
 
     monkeypatch.setattr(estimate, "measure_trips", measure)
     cache: dict = {}
-    for batch in (128, 256, 128, 2048, 64):
+    for batch in (256, 1024, 256, 2048, 64):
         r = estimate.estimate(
             estimate.EstimateCase("v5e", batch, 128256, "float32", "full"), LinearModel(kernel.SITES), trips_cache=cache
         )

@@ -39,7 +39,7 @@ _DEVICE_KINDS = {
 
 def tpu_kernel(plan: block_sizes.BlockPlan) -> Callable[..., tuple[jax.Array, ...]]:
     """The TPU variant a block plan calls for: resident (`sampler.fused_sample`; its blocks taken
-    `plan.group_rows` a grid step by `sampler_grouped.fused_sample_grouped` where the call allows) or
+    `plan.group_for(depth)` a grid step by `sampler_grouped.fused_sample_grouped` where the call allows) or
     chunked (`sampler_chunked.fused_sample_chunked`, which also takes the plan's `chunk` and `buffers`)."""
     return sampler_grouped.fused_sample_grouped if plan.chunk is None else sampler_chunked.fused_sample_chunked
 

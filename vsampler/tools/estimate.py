@@ -382,8 +382,9 @@ def trip_rows(batch: int, block_rows: int, least: int = TRIP_ROWS) -> int:
 
 
 def step_rows(plan: Any) -> int:
-    """Rows a grid step of the plan's kernel takes: a group of blocks (the grouped kernel) or one block."""
-    return plan.group_rows or plan.block_rows
+    """Rows that are whole grid steps of the plan's kernel: groups of blocks (the grouped kernel, of
+    either candidates' depth) or blocks."""
+    return plan.step_rows
 
 
 def measure_trips(case: EstimateCase, plan: Any, least: int = TRIP_ROWS) -> tuple[dict[str, bool], Any]:
@@ -437,7 +438,7 @@ def estimate(
     # the trips depend on the rows measured, not on B: batches measured on the same rows share them
     rows_measured = trip_rows(case.batch, step_rows(plan))
     key = (rows_measured, case.vocab, case.dtype, case.config, case.allowed, case.top_n, plan.block_rows, plan.chunk)
-    key += (plan.group_rows,)
+    key += (plan.group_rows, plan.deep_group_rows)
     if trips_cache is not None and key in trips_cache:
         stages, per_block = trips_cache[key]
     else:
