@@ -311,6 +311,16 @@ def _shift_in(above: list[jax.Array], new: jax.Array, held: tuple) -> tuple:
     return tuple(shifted)
 
 
+def _network(held: tuple, carried: jax.Array) -> tuple[tuple, jax.Array]:
+    """`carried` inserted into `held` (largest first) by a max / min network: (the new held, the one
+    pushed out)."""
+    out = []
+    for a in held:
+        out.append(jnp.maximum(a, carried))
+        carried = jnp.minimum(a, carried)
+    return tuple(out), carried
+
+
 def _top_m(acc, x, idx, _vreg=None):
     """Insertion into a column lane's m largest values with their indices and the (m + 1)-th largest
     value (its bound); a later value equal to a held one goes below it (lower index first among equal
@@ -331,12 +341,8 @@ def _top_m_network(acc, x, idx, _vreg=None):
     held, held_ids = acc
     x = jnp.where(x == x, x, NEG_INF)
     ids = _shift_in([x > a for a in held[: len(held_ids)]], idx, held_ids)
-    values, carried = [], x
-    for j, a in enumerate(held):
-        values.append(jnp.maximum(a, carried))
-        if j + 1 < len(held):
-            carried = jnp.minimum(a, carried)
-    return tuple(values), ids
+    values, _ = _network(held, x)  # (the value pushed out of the last slot is not needed: compiled away)
+    return values, ids
 
 
 def column_pass(
@@ -416,23 +422,13 @@ def key_values(keys: jax.Array, nan: float) -> jax.Array:
     return jnp.where(values == values, values, jnp.float32(nan))
 
 
-def key_ids(keys: jax.Array, vocab: int) -> jax.Array:
+def key_ids(keys: jax.Array, layout: ColumnLayout) -> jax.Array:
     """The vocabulary indices of `keys` (R, n x 128), each where its lane puts it in its vreg (the row's
     last 128 lanes where V is not a multiple of 128: `ColumnLayout.last_lanes`); meaningless for an
     empty slot."""
     vreg = KEY_CODE ^ (keys & KEY_CODE)
     lane = lax.broadcasted_iota(jnp.int32, keys.shape, 1) & (LANES - 1)
-    return jnp.where(vreg == -(-vocab // LANES), vocab - LANES + lane, vreg * LANES + lane)
-
-
-def _network(held: tuple, carried: jax.Array) -> tuple[tuple, jax.Array]:
-    """`carried` inserted into `held` (largest first) by a max / min network: (the new held, the one
-    pushed out)."""
-    out = []
-    for a in held:
-        out.append(jnp.maximum(a, carried))
-        carried = jnp.minimum(a, carried)
-    return tuple(out), carried
+    return jnp.where(vreg == layout.last_lanes, layout.vocab - LANES + lane, vreg * LANES + lane)
 
 
 def key_pass(x_ref, keys_ref, layout: ColumnLayout, unroll: int = UNROLL, together: int = COLUMNS_TOGETHER) -> None:
@@ -525,7 +521,7 @@ def fold_keys(
             rest = jnp.maximum(rest, bound_keys[:, start : start + width])
         held_keys, bound_keys = jnp.concatenate(held, axis=1), rest
     values = key_values(held_keys, NEG_INF)
-    return values, jnp.where(values > NEG_INF, key_ids(held_keys, layout.vocab), 0), key_values(bound_keys, jnp.inf)
+    return values, jnp.where(values > NEG_INF, key_ids(held_keys, layout), 0), key_values(bound_keys, jnp.inf)
 
 
 def row_mass(

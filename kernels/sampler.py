@@ -532,7 +532,7 @@ def block_candidates(
         held = layout.depth * layout.width
         keys = keys_ref[:, :held]
         if config.min_tokens:
-            keys = jnp.where(too_early & is_eos_id(candidates.key_ids(keys, vocab)), candidates.EMPTY_KEY, keys)
+            keys = jnp.where(too_early & is_eos_id(candidates.key_ids(keys, layout)), candidates.EMPTY_KEY, keys)
         return candidates.fold_keys(keys, keys_ref[:, held:], layout)
     values_ref, ids_ref, third_ref = scratch
     candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together)

@@ -718,8 +718,8 @@ def test_compile_check_estimates_through_the_same_path(libtpu):
 def test_trips_are_measured_on_whole_grid_steps():
     """The grouped kernel's grid steps take several blocks: the rows measured are whole groups of them."""
     grouped = block_sizes.plan(24, 12000, "float32", "v5e")  # three blocks of 8, one grid step
-    assert estimate.step_rows(grouped) == 24 and estimate.trip_rows(24, estimate.step_rows(grouped)) == 1032
-    assert estimate.step_rows(block_sizes.plan(8, 12000, "float32", "v5e")) == 8
+    assert grouped.step_rows == 24 and estimate.trip_rows(24, grouped.step_rows) == 1032
+    assert block_sizes.plan(8, 12000, "float32", "v5e").step_rows == 8
 
 
 class _MoreTripsOutgrowTheProfile(_ProfileReservesTheLimit):

@@ -376,15 +376,9 @@ TRIP_ROWS = 1024
 
 def trip_rows(batch: int, block_rows: int, least: int = TRIP_ROWS) -> int:
     """How many workload rows the trips of a B=`batch` call are measured on: at least `least`, in whole
-    grid steps of `block_rows` (`step_rows`)."""
+    grid steps of `block_rows` (the plan's `step_rows`)."""
     rows = max(batch, least)
     return -(-rows // block_rows) * block_rows
-
-
-def step_rows(plan: Any) -> int:
-    """Rows that are whole grid steps of the plan's kernel: groups of blocks (the grouped kernel, of
-    either candidates' depth) or blocks."""
-    return plan.step_rows
 
 
 def measure_trips(case: EstimateCase, plan: Any, least: int = TRIP_ROWS) -> tuple[dict[str, bool], Any]:
@@ -398,7 +392,7 @@ def measure_trips(case: EstimateCase, plan: Any, least: int = TRIP_ROWS) -> tupl
 
     from vsampler.impls import pallas
 
-    rows_measured = trip_rows(case.batch, step_rows(plan), least)
+    rows_measured = trip_rows(case.batch, plan.step_rows, least)
     x, rows, eos, allowed, config = _workload_operands(dataclasses.replace(case, batch=rows_measured))
     plan = dataclasses.replace(plan, padded_batch=rows_measured)
     launch = functools.partial(pallas.tpu_launch, plan, config=config.replace(top_n=case.top_n), interpret=True)
@@ -436,7 +430,7 @@ def estimate(
         result.error = str(err)
         return result
     # the trips depend on the rows measured, not on B: batches measured on the same rows share them
-    rows_measured = trip_rows(case.batch, step_rows(plan))
+    rows_measured = trip_rows(case.batch, plan.step_rows)
     key = (rows_measured, case.vocab, case.dtype, case.config, case.allowed, case.top_n, plan.block_rows, plan.chunk)
     key += (plan.group_rows, plan.deep_group_rows)
     if trips_cache is not None and key in trips_cache:
