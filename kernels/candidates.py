@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 
 import jax
@@ -182,6 +183,23 @@ class ColumnLayout:
         (read as lanes V - 128 .. V - 1, not at a vreg boundary): one past the row's vregs."""
         return -(-self.vocab // LANES)
 
+    def parts(self, count: int) -> tuple[tuple[int, int], ...]:
+        """The main chunks split into up to `count` ranges [lo, hi) of about equal length, in order: a
+        pass folded part by part (`for_each_column`'s `chunks`) reads vocabulary lanes
+        [lo x W, hi x W) in each, the last part also the tail vregs, up to V (`part_lanes`)."""
+        count = max(1, min(count, self.main_chunks))
+        edges = [self.main_chunks * i // count for i in range(count + 1)]
+        return tuple(itertools.pairwise(edges))
+
+    def part_lanes(self, count: int) -> tuple[tuple[int, int], ...]:
+        """The vocabulary lanes [start, stop) each of `parts(count)` reads: [lo x W, hi x W), the last
+        one up to V (its tail vregs and the row's partial last vreg)."""
+        parts = self.parts(count)
+        return tuple(
+            (lo * self.width, self.vocab if i == len(parts) - 1 else hi * self.width)
+            for i, (lo, hi) in enumerate(parts)
+        )
+
     def scratch_bytes(self, rows: int) -> int:
         """VMEM the candidates take: values and indices (R, depth x W), the bounds (R, W)."""
         return rows * self.width * 4 * (2 * self.depth + 1)
@@ -231,18 +249,22 @@ def _fold_vreg(x_ref, layout: ColumnLayout, prepare: Prepare, update, j, c, acc)
     return update(acc, x, lane + start, vreg)
 
 
-def _fold_columns(x_ref, layout: ColumnLayout, prepare: Prepare, columns: list, chunks: int, update, accs, unroll: int):
-    """Folds `update(acc, values, idx, vreg)` over the first `chunks` vregs of each column group in `columns`
-    (one acc each), their vregs interleaved in one loop: each column's fold is a dependency chain (every
-    insertion waits for the last), so several columns at once fill the VALU slots that one leaves idle."""
+def _fold_columns(
+    x_ref, layout: ColumnLayout, prepare: Prepare, columns: list, chunks: tuple[int, int], update, accs, unroll: int
+):
+    """Folds `update(acc, values, idx, vreg)` over vregs lo..hi-1 (`chunks`) of each column group in
+    `columns` (one acc each), their vregs interleaved in one loop: each column's fold is a dependency
+    chain (every insertion waits for the last), so several columns at once fill the VALU slots that one
+    leaves idle."""
 
     def step(j, accs):
         fold = functools.partial(_fold_vreg, x_ref, layout, prepare, update, j)
         return tuple(fold(c, acc) for c, acc in zip(columns, accs, strict=True))
 
-    if not chunks:
+    lo, hi = chunks
+    if hi <= lo:
         return accs
-    return lax.fori_loop(0, chunks, step, accs, unroll=max(1, min(unroll // len(columns), chunks)))
+    return lax.fori_loop(lo, hi, step, accs, unroll=max(1, min(unroll // len(columns), hi - lo)))
 
 
 def _fold_last(x_ref, layout: ColumnLayout, prepare: Prepare, update, acc):
@@ -266,22 +288,32 @@ def for_each_column(
     carry,
     unroll: int = UNROLL,
     together: int = COLUMNS_TOGETHER,
+    chunks: tuple[int, int] | None = None,
+    resume: Callable | None = None,
 ):
     """`carry = finish(c, acc, carry)` for each column group c in order, `acc` being `init()` folded by
     `update(acc, values, idx, vreg)` over the group's vregs in vocabulary order (`vreg`: the row's vreg
     index, a scalar; `layout.last_lanes` for the row's last 128 lanes). `prepare(x, idx)` turns
     each loaded vreg (float32) into the values folded (sanitising, masks). `together` columns are folded
-    at once (`_fold_columns`); `unroll` vregs a loop trip in all."""
+    at once (`_fold_columns`); `unroll` vregs a loop trip in all.
+
+    `chunks` (lo, hi) folds one part of the row (`ColumnLayout.parts`): only main chunks lo..hi-1, the
+    acc starting from `resume(c)` (what `finish` stored for the part before) unless lo is 0, and the
+    column's tail and the row's last vreg only in the part that reaches `main_chunks`: part by part, the
+    same values in the same order as in one go, so a pass can start on the part of a block already
+    copied."""
+    lo, hi = (0, layout.main_chunks) if chunks is None else chunks
+    ends = hi == layout.main_chunks
     full_tail = layout.tail - 1 if layout.partial else layout.tail
 
     def columns(first, count: int, carry, with_tail: bool, last: bool = False):
         cs = [first + i for i in range(count)]
-        accs = tuple(init() for _ in cs)
-        accs = _fold_columns(x_ref, layout, prepare, cs, layout.main_chunks, update, accs, unroll)
+        accs = tuple(init() if lo == 0 else resume(c) for c in cs)
+        accs = _fold_columns(x_ref, layout, prepare, cs, (lo, hi), update, accs, unroll)
         for c, acc in zip(cs, accs, strict=True):
-            if with_tail:  # the column's vreg after its main chunks
+            if with_tail and ends:  # the column's vreg after its main chunks
                 acc = _fold_vreg(x_ref, layout, prepare, update, layout.main_chunks, c, acc)
-            if last:
+            if last and ends:
                 acc = _fold_last(x_ref, layout, prepare, update, acc)
             carry = finish(c, acc, carry)
         return carry
@@ -354,30 +386,43 @@ def column_pass(
     prepare: Prepare,
     unroll: int = UNROLL,
     together: int = COLUMNS_TOGETHER,
+    parts: int = 1,
+    wait: Callable[[int], None] | None = None,
 ) -> None:
     """Writes the block's candidates: values_ref / ids_ref (R, m x W), m = `layout.depth`, hold each
     column lane's largest value (lanes [0, W)), second largest (lanes [W, 2W)), ... with their vocabulary
     indices, third_ref (R, W) the (m + 1)-th largest (the lane's bound; the third for m = 2); -inf (index
     0) where a column holds fewer values. `unroll`, `together`: `for_each_column`'s (the same values
-    whatever they are)."""
+    whatever they are). `parts`: the block read in `layout.parts(parts)`, `wait(k)` called before part k
+    (a copy of its lanes, `ColumnLayout.part_lanes`, awaited), each column's candidates stored between
+    parts in the refs themselves: the same values."""
     rows, depth = x_ref.shape[0], layout.depth
+
+    def lanes(level: int, c) -> pl.Slice:
+        return pl.ds(pl.multiple_of(level * layout.width + c * LANES, LANES), LANES)
 
     def init():
         ninf = jnp.full((rows, LANES), NEG_INF, jnp.float32)
         zero = jnp.zeros((rows, LANES), jnp.int32)
         return (ninf,) * (depth + 1), (zero,) * depth
 
+    def resume(c):
+        values = tuple(values_ref[:, lanes(level, c)] for level in range(depth))
+        return (*values, third_ref[:, lanes(0, c)]), tuple(ids_ref[:, lanes(level, c)] for level in range(depth))
+
     def finish(c, acc, carry):
         values, ids = acc
         for level in range(depth):
-            lanes = pl.ds(pl.multiple_of(level * layout.width + c * LANES, LANES), LANES)
-            values_ref[:, lanes] = values[level]
-            ids_ref[:, lanes] = ids[level]
-        third_ref[:, pl.ds(pl.multiple_of(c * LANES, LANES), LANES)] = values[depth]
+            values_ref[:, lanes(level, c)] = values[level]
+            ids_ref[:, lanes(level, c)] = ids[level]
+        third_ref[:, lanes(0, c)] = values[depth]
         return carry
 
     insert = _top_m if depth == 2 else _top_m_network
-    for_each_column(x_ref, layout, prepare, init, insert, finish, 0, unroll, together)
+    for k, chunks in enumerate(layout.parts(parts)):
+        if wait is not None:
+            wait(k)
+        for_each_column(x_ref, layout, prepare, init, insert, finish, 0, unroll, together, chunks, resume)
 
 
 # Keys (bfloat16 logits, `keyed`): a bfloat16 value widened to float32 leaves the low 16 bits zero, so
@@ -431,12 +476,23 @@ def key_ids(keys: jax.Array, layout: ColumnLayout) -> jax.Array:
     return jnp.where(vreg == layout.last_lanes, layout.vocab - LANES + lane, vreg * LANES + lane)
 
 
-def key_pass(x_ref, keys_ref, layout: ColumnLayout, unroll: int = UNROLL, together: int = COLUMNS_TOGETHER) -> None:
+def key_pass(
+    x_ref,
+    keys_ref,
+    layout: ColumnLayout,
+    unroll: int = UNROLL,
+    together: int = COLUMNS_TOGETHER,
+    parts: int = 1,
+    wait: Callable[[int], None] | None = None,
+) -> None:
     """`column_pass` for bfloat16 logits, on keys: keys_ref (R, (m + 1) x W) int32 gets each column
     lane's m largest keys (lanes [0, W) the largest, ...) and then the (m + 1)-th largest (lanes
     [m W, (m + 1) W): its bound); EMPTY_KEY where a column holds fewer values. Nothing is decoded here
-    (`fold_keys` does it once folded)."""
+    (`fold_keys` does it once folded). `parts`, `wait`: `column_pass`'s."""
     rows, depth = x_ref.shape[0], layout.depth
+
+    def lanes(level: int, c) -> pl.Slice:
+        return pl.ds(pl.multiple_of(level * layout.width + c * LANES, LANES), LANES)
 
     def init():
         return (jnp.full((rows, LANES), EMPTY_KEY, jnp.int32),) * (depth + 1)
@@ -447,10 +503,16 @@ def key_pass(x_ref, keys_ref, layout: ColumnLayout, unroll: int = UNROLL, togeth
 
     def finish(c, acc, carry):
         for level in range(depth + 1):
-            keys_ref[:, pl.ds(pl.multiple_of(level * layout.width + c * LANES, LANES), LANES)] = acc[level]
+            keys_ref[:, lanes(level, c)] = acc[level]
         return carry
 
-    for_each_column(x_ref, layout, lambda x, idx: x, init, update, finish, 0, unroll, together)
+    def resume(c):
+        return tuple(keys_ref[:, lanes(level, c)] for level in range(depth + 1))
+
+    for k, chunks in enumerate(layout.parts(parts)):
+        if wait is not None:
+            wait(k)
+        for_each_column(x_ref, layout, lambda x, idx: x, init, update, finish, 0, unroll, together, chunks, resume)
 
 
 def drop_candidates(values: jax.Array, ids: jax.Array, dropped: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -515,10 +515,20 @@ def candidate_layout(vocab: int, config: KernelConfig) -> candidates.ColumnLayou
 
 
 def block_candidates(
-    x_ref, scratch: Sequence[Any], rows: jax.Array, eos: jax.Array, *, vocab: int, config: KernelConfig, interpret: bool
+    x_ref,
+    scratch: Sequence[Any],
+    rows: jax.Array,
+    eos: jax.Array,
+    *,
+    vocab: int,
+    config: KernelConfig,
+    interpret: bool,
+    parts: int = 1,
+    wait: Callable[[int], None] | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The candidates of one resident block (`candidates.py`): the column pass into `scratch`
-    (`scratch_shapes`' arrays), stage 4 on the candidates, the fold: (values, ids, bound)."""
+    (`scratch_shapes`' arrays), stage 4 on the candidates, the fold: (values, ids, bound). `parts`,
+    `wait`: the column pass's (a block whose copy arrives in parts)."""
     layout = candidate_layout(vocab, config)
     too_early, is_eos_id, _ = eos_masks(rows, eos, config.min_tokens)
     # stage 5's NaN needs nothing in these passes (they only compare; the keys leave a NaN out or let it
@@ -528,14 +538,16 @@ def block_candidates(
     unroll, together = (1, 1) if interpret else (candidates.UNROLL, candidates.COLUMNS_TOGETHER)
     if candidates.keyed(x_ref.dtype, layout.depth):  # value and index as one key (`candidates.key_pass`)
         (keys_ref,) = scratch
-        candidates.key_pass(x_ref, keys_ref, layout, unroll, together)
+        candidates.key_pass(x_ref, keys_ref, layout, unroll, together, parts, wait)
         held = layout.depth * layout.width
         keys = keys_ref[:, :held]
         if config.min_tokens:
             keys = jnp.where(too_early & is_eos_id(candidates.key_ids(keys, layout)), candidates.EMPTY_KEY, keys)
         return candidates.fold_keys(keys, keys_ref[:, held:], layout)
     values_ref, ids_ref, third_ref = scratch
-    candidates.column_pass(x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together)
+    candidates.column_pass(
+        x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together, parts, wait
+    )
     values, ids = values_ref[...], ids_ref[...]
     if config.min_tokens:
         values, ids = candidates.drop_candidates(values, ids, too_early & is_eos_id(ids))

@@ -5,6 +5,7 @@ kernel's tokens and kept sets equal the reference's both where the candidates de
 the block falls back to the whole-row path (which the statistics columns say)."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,66 @@ def test_the_column_pass_keeps_each_columns_largest_and_the_next(vocab, together
     np.testing.assert_array_equal(third, want_third)
     held = want_values > -np.inf
     np.testing.assert_array_equal(ids[held], want_ids[held])
+
+
+@pytest.mark.parametrize(
+    ("vocab", "depth", "dtype", "parts"),
+    [
+        (16511, 2, "float32", 3),
+        (candidates.WIDE_VOCAB, 2, "float32", 4),
+        (9000, 4, "float32", 2),
+        (140000, 4, "bfloat16", 4),
+    ],
+)
+def test_a_pass_in_parts_reads_each_part_after_its_wait_and_keeps_what_one_pass_keeps(vocab, depth, dtype, parts):
+    """The column pass (`key_pass` on bfloat16 top-p alone) over a block that arrives in parts
+    (`ColumnLayout.part_lanes`): the block starts as +inf and `wait(k)` copies part k's lanes in, so a
+    part read before its wait would keep a +inf; the parts cover the row, in order, and the candidates
+    equal those of one pass over the whole block (a partial last vreg, the wide layout, the deep one)."""
+    from jax.experimental import pallas as pl
+
+    layout = candidates.ColumnLayout.of(vocab, depth)
+    lanes = layout.part_lanes(parts)
+    assert len(lanes) == parts and lanes[0][0] == 0 and lanes[-1][1] == vocab
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(lanes))
+    rng = np.random.default_rng(vocab)
+    x = jnp.asarray(np.round(rng.standard_normal((16, vocab)) * 2), dtype)  # ties within columns
+    keyed = candidates.keyed(x.dtype, depth)
+    n = (depth + 1) * layout.width if keyed else depth * layout.width
+    shapes = [(n, jnp.int32)] if keyed else [(n, jnp.float32), (n, jnp.int32), (layout.width, jnp.float32)]
+    out_shape = [jax.ShapeDtypeStruct((16, lanes_), t) for lanes_, t in shapes]
+    waited = []
+
+    def column_pass(x_ref, outs, **in_parts) -> None:
+        if keyed:
+            candidates.key_pass(x_ref, *outs, layout, together=2, **in_parts)
+        else:
+            candidates.column_pass(x_ref, *outs, layout, lambda v, idx: v, together=2, **in_parts)
+
+    def whole(x_ref, *outs):
+        column_pass(x_ref, outs)
+
+    def arriving(x_in, *refs):
+        *outs, block = refs
+        block[...] = jnp.full(block.shape, jnp.inf, block.dtype)
+
+        def wait(k: int) -> None:  # part k's copy "arrives"
+            waited.append(k)
+            start, stop = lanes[k]
+            block[:, start:stop] = x_in[:, start:stop]
+
+        column_pass(block, outs, parts=parts, wait=wait)
+
+    def call(body, scratch):
+        return pl.pallas_call(body, out_shape=out_shape, scratch_shapes=scratch, interpret=True)(x)
+
+    from jax.experimental.pallas import tpu as pltpu
+
+    want = call(whole, [])
+    got = call(arriving, [pltpu.VMEM(x.shape, x.dtype)])
+    assert waited == list(range(parts))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.parametrize(("vocab", "depth"), [(200, 2), (16511, 2), (candidates.WIDE_VOCAB, 2), (9000, 4), (140000, 4)])
