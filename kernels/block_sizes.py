@@ -8,8 +8,9 @@ R is the sublane tile (8 rows; 16 for 2-byte dtypes, which pack two rows per sub
 float32 batch of 32 rows or more where they fit (WIDE_F32_BLOCKS below), unless the batch is smaller,
 in which case one block holds the whole batch. Up to GROUP_BLOCKS blocks (DEEP_GROUP_BLOCKS for top-p
 alone's deeper candidates) are one grid step of the grouped kernel where they divide the batch
-(`sampler_grouped.py`). The VMEM limit is set deliberately: the working set plus a quarter (and 4 MiB),
-within the generation's physical VMEM less an eighth for Mosaic's own scratch.
+(`sampler_grouped.py`; a batch of one block too, whose copy that kernel takes in parts). The VMEM
+limit is set deliberately: the working set plus a quarter (and 4 MiB), within the generation's
+physical VMEM less an eighth for Mosaic's own scratch.
 
 When that block does not fit (v4's 16 MiB above ~50k vocabulary), the plan switches to the chunked
 variant (`sampler_chunked.py`): the same R rows resident, but every pass over (R, CHUNK) slices, so
@@ -90,8 +91,11 @@ class BlockPlan:
         return math.lcm(self.block_rows, self.group_rows or 1, self.deep_group_rows or 1)
 
 
+SUBLANES = 8  # a vreg's rows of 32-bit values
+
+
 def sublane_rows(dtype: np.dtype | str) -> int:
-    return 16 if np.dtype(dtype).itemsize == 2 else 8
+    return 2 * SUBLANES if np.dtype(dtype).itemsize == 2 else SUBLANES
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -135,13 +139,25 @@ GROUP_BLOCKS = 16
 DEEP_GROUP_BLOCKS = 8
 
 
-def group_rows(block_rows: int, padded_batch: int, tensorcores: int = 1, most: int = GROUP_BLOCKS) -> int | None:
+def group_rows(
+    block_rows: int, padded_batch: int, tensorcores: int = 1, most: int = GROUP_BLOCKS, tile_rows: int = SUBLANES
+) -> int | None:
     """Rows a grid step of the grouped kernel takes: the most blocks, up to `most`, that divide the
-    batch's blocks evenly and leave a grid step for each of the chip's `tensorcores`; None where that is
-    one block (nothing to share)."""
+    batch's blocks evenly and leave a grid step for each of the chip's `tensorcores`. One block a step
+    only where each TensorCore runs one step and the block is whole tiles of `tile_rows` (the dtype's
+    `sublane_rows`): a batch of one block has nothing to share, but the kernel copies its first block in
+    parts (`sampler_grouped.FIRST_COPY_PARTS`). A block of part of a tile has little copy to hide and
+    costs the passes a whole tile's (v5e, B=8, V=128256, bfloat16, top-p alone: 25,056 cycles by the
+    per-block kernel, 26,084 grouped), and an odd row count fails Mosaic's tile alignment there. None
+    where more one-block steps would follow each other (Pallas's own pipeline, copying the next step's
+    block during this one, serves them) or `most` is below one."""
+    if most < 1:
+        return None
     blocks = padded_batch // block_rows
     taken = max((d for d in range(1, most + 1) if blocks % d == 0 and blocks // d >= tensorcores), default=1)
-    return taken * block_rows if taken > 1 else None
+    if taken == 1 and (blocks > tensorcores or block_rows % tile_rows):
+        return None
+    return taken * block_rows
 
 
 def group_scratch_bytes(group: int | None, vocab: int, depth: int = 2) -> int:
@@ -179,8 +195,8 @@ def plan(
     padded = -(-batch // block_rows) * block_rows
     needed = working_set(block_rows, vocab, dtype, allowed)
     tensorcores = TPU_GENERATIONS[generation].tensorcores if generation in TPU_GENERATIONS else 1
-    group = group_rows(block_rows, padded, tensorcores)
-    deep = group_rows(block_rows, padded, tensorcores, DEEP_GROUP_BLOCKS)
+    group = group_rows(block_rows, padded, tensorcores, tile_rows=rows)
+    deep = group_rows(block_rows, padded, tensorcores, DEEP_GROUP_BLOCKS, rows)
     if generation is not None and generation not in TPU_GENERATIONS:
         raise ValueError(f"unknown TPU generation {generation!r}; known: {sorted(TPU_GENERATIONS)}")
     budget = TPU_GENERATIONS[generation].vmem_budget if generation else None
@@ -190,9 +206,9 @@ def plan(
 
     while budget is not None and grouped_needed() > budget and (group or deep):  # the largest groups that fit
         if group_scratch_bytes(group, vocab) >= group_scratch_bytes(deep, vocab, candidates.TOP_P_DEPTH):
-            group = group_rows(block_rows, padded, tensorcores, group // block_rows - 1)
+            group = group_rows(block_rows, padded, tensorcores, group // block_rows - 1, rows)
         else:
-            deep = group_rows(block_rows, padded, tensorcores, deep // block_rows - 1)
+            deep = group_rows(block_rows, padded, tensorcores, deep // block_rows - 1, rows)
     groups = {"group_rows": group, "deep_group_rows": deep}
     if generation is None:
         if chunked:

@@ -47,6 +47,8 @@ _SITE_COLUMN = {site.loop: site.column for site in resident.SITES}
 # max passes each, v5e, static estimate) gave 49,032 cycles with the first block copied whole, 45,008
 # in 2 parts, 43,048 in 4 and 42,061 in 8.
 FIRST_COPY_PARTS = 4
+# In interpret mode (tests) two: the same code path, each part another loop nest for XLA to compile.
+INTERPRET_COPY_PARTS = 2
 
 
 def takes(vocab: int, config: KernelConfig, allowed: bool) -> bool:
@@ -125,7 +127,8 @@ def grouped_sampler_kernel(
     def rows_of(b: int | jax.Array):
         return pl.ds(pl.multiple_of(b * block_rows, block_rows), block_rows)
 
-    part_lanes = resident.candidate_layout(vocab, config).part_lanes(FIRST_COPY_PARTS)
+    layout = resident.candidate_layout(vocab, config)
+    part_lanes = layout.part_lanes(INTERPRET_COPY_PARTS if interpret else FIRST_COPY_PARTS)
 
     def first_block_part(k: int):  # lanes part_lanes[k] of the group's first block, into slot 0
         from jax.experimental.pallas import tpu as pltpu
@@ -221,8 +224,8 @@ def fused_sample_grouped(
         return resident.fused_sample(logits, rows, eos, allowed, config=config, plan=plan, interpret=interpret)
     from jax.experimental.pallas import tpu as pltpu
 
-    if group % plan.block_rows or group // plan.block_rows < 2 or batch % group:
-        raise ValueError(f"a group of {group} rows must be 2 or more blocks of {plan.block_rows} and divide {batch}")
+    if group % plan.block_rows or group < plan.block_rows or batch % group:
+        raise ValueError(f"a group of {group} rows must be whole blocks of {plan.block_rows} and divide {batch}")
     filters = {**config.filters, "random": config.random, "allowed": False}
     kernel = functools.partial(
         grouped_sampler_kernel, vocab=vocab, config=config, block_rows=plan.block_rows, interpret=interpret

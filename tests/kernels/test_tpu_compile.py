@@ -118,6 +118,8 @@ def test_triton_variant_with_mask_and_logprobs_lowers_for_cuda(batch, vocab, dty
 
 
 def test_the_resident_variant_takes_up_to_group_blocks_a_grid_step_where_they_divide_the_batch():
+    """Blocks a grid step (`block_sizes.group_rows`): the most that divide the batch's blocks and fit; one
+    block only where each TensorCore runs a single step; none where one-block steps would follow."""
     assert (block_sizes.GROUP_BLOCKS, block_sizes.DEEP_GROUP_BLOCKS) == (16, 8)
     plan = block_sizes.plan(64, 128256, "bfloat16", "v5e")
     assert (plan.group_rows, plan.deep_group_rows) == (64, 64)
@@ -127,7 +129,8 @@ def test_the_resident_variant_takes_up_to_group_blocks_a_grid_step_where_they_di
     assert block_sizes.plan(80, 128256, "bfloat16", "v5e").group_rows == 80  # 5 blocks
     plan = block_sizes.plan(272, 128256, "bfloat16", "v5e")  # 17 blocks: none shares
     assert plan.group_rows is None and plan.deep_group_rows is None
-    assert block_sizes.plan(8, 128256, "float32", "v5e").group_rows is None  # one block
+    # one block: a step of its own, the grouped kernel copying it in parts (FIRST_COPY_PARTS)
+    assert block_sizes.plan(8, 128256, "float32", "v5e").group_rows == 8
     assert block_sizes.plan(64, 128256, "float32", "v4").group_rows is None  # the chunked variant
     # the largest groups whose scratch fits beside the block: top-p alone's 8,192 folded candidates a
     # row over 256 rows would not, at V=256000 in bfloat16 on v5e
@@ -141,4 +144,7 @@ def test_the_resident_variant_takes_up_to_group_blocks_a_grid_step_where_they_di
     # a megacore chip (v5p, v4) keeps a grid step for each of its two TensorCores
     assert block_sizes.plan(64, 128256, "bfloat16", "v5p").group_rows == 32
     assert block_sizes.plan(256, 128256, "bfloat16", "v5p").group_rows == 128
-    assert block_sizes.plan(1, 128256, "float32", "v5p").group_rows is None  # one block, two TensorCores
+    assert block_sizes.plan(16, 128256, "bfloat16", "v5p").group_rows == 16  # one block, one step
+    assert block_sizes.plan(3, 128256, "float32", "v5e").group_rows is None  # a block of 3 rows
+    assert block_sizes.plan(8, 128256, "bfloat16", "v5e").group_rows is None  # half a bfloat16 tile
+    assert block_sizes.plan(32, 128256, "bfloat16", "v5p").group_rows == 16  # a one-block step a TensorCore
