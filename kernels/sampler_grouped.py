@@ -45,7 +45,8 @@ _SITE_COLUMN = {site.loop: site.column for site in resident.SITES}
 # the column pass starts on the first part while the others arrive); every later block's copy was
 # started before the block ahead of it was sampled. A probe (four (16, 128256) bfloat16 blocks, three
 # max passes each, v5e, static estimate) gave 49,032 cycles with the first block copied whole, 45,008
-# in 2 parts, 43,048 in 4 and 42,061 in 8.
+# in 2 parts, 43,048 in 4 and 42,061 in 8; the kernel itself (v5e, B=64, V=128256, `top_k`, bfloat16
+# / float32) 66,265 / 82,408 whole, 60,646 / 73,654 in 4 parts, 63,366 / 73,691 in 8.
 FIRST_COPY_PARTS = 4
 # In interpret mode (tests) two: the same code path, each part another loop nest for XLA to compile.
 INTERPRET_COPY_PARTS = 2
