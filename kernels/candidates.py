@@ -88,7 +88,13 @@ SEARCH_PASSES_BY_DTYPE = {jnp.dtype(jnp.bfloat16): 3}
 # float32 with 0 plain passes 114,037, 2: 106,023, 3: 103,928). A row with top-k off in such a batch
 # searches all its candidates: more snapping passes, the same value.
 TOP_P_AFTER_TOP_K_PASSES = 1
-DRAW_SPLITS = 3  # the draw's index search: DRAW_SPLITS + 1 sub-ranges a pass
+# The draw's index search: DRAW_SPLITS + 1 sub-ranges a pass, DRAW_SPLITS_WIDE on a stage of more than
+# DRAW_NARROW_ROWS rows (the grouped kernel's), where each point's sum over the candidates costs more
+# against the pass's latency. Static estimate, v5e, V=128256, float32, the workload's trips, splits
+# 1 / 2 / 3 / 7: B=64 (one stage of 64 rows) top_k 72,866 / 72,453 / 73,654 / - cycles, full 83,142 /
+# 82,720 / 83,932 / -, bfloat16 top_k 59,860 / 59,442 / 60,646 / 65,570 (full - / 68,756 / 69,968);
+# B=8 (8 rows) top_k 20,199 / 19,011 / 18,649 / -, full 21,571 / 22,323 / 21,660 / -.
+DRAW_SPLITS, DRAW_SPLITS_WIDE, DRAW_NARROW_ROWS = 3, 2, 16
 # The fold (`fold`): the first level's 2W candidates (64 lane groups at 4096 columns, 128 at WIDE_GROUPS)
 # onto FOLD_GROUPS lane groups, 16 values a lane (32 at WIDE_GROUPS), FOLD_KEEP kept: 2,048 candidates a
 # row instead of 8,192 (16,384), so every search and draw pass reads 4x (8x) fewer vregs (a 16-row
@@ -809,14 +815,16 @@ def sample(
     kept_mass = row_sum(kept_e)
     target = u * kept_mass
 
+    splits = DRAW_SPLITS if values.shape[0] <= DRAW_NARROW_ROWS else DRAW_SPLITS_WIDE
+
     def prefix_search(_, bracket):
         lo_, hi_ = bracket  # prefix(lo) <= target < prefix(hi)
-        points = [lo_ + (hi_ - lo_) * j // (DRAW_SPLITS + 1) for j in range(1, DRAW_SPLITS + 1)]
+        points = [lo_ + (hi_ - lo_) * j // (splits + 1) for j in range(1, splits + 1)]
         return narrow(lo_, hi_, points, [row_sum(jnp.where(ids <= t, kept_e, 0.0)) <= target for t in points])
 
     passes, width = 0, vocab  # the bracket (-1, V - 1): each pass leaves at most ceil(width / (splits + 1))
     while width > 1:
-        passes, width = passes + 1, -(-width // (DRAW_SPLITS + 1))
+        passes, width = passes + 1, -(-width // (splits + 1))
     bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))
     _, crossing = lax.fori_loop(0, passes, prefix_search, bracket)
     is_kept = row_max(jnp.where((ids == crossing) & kept, 1, 0)) > 0
