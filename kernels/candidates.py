@@ -339,6 +339,22 @@ def for_each_column(
     return segment(layout.tail, layout.groups, carry, False)
 
 
+def _column_lanes(layout: ColumnLayout, level: int, c) -> pl.Slice:
+    """Column group c's 128 lanes at `level` of a pass's (R, levels x W) output."""
+    return pl.ds(pl.multiple_of(level * layout.width + c * LANES, LANES), LANES)
+
+
+def _for_each_part(
+    x_ref, layout: ColumnLayout, prepare: Prepare, init, update, finish, resume, unroll, together, parts, wait
+):
+    """`for_each_column` over `layout.parts(parts)` in order, `wait(k)` (if given) before part k; `finish`
+    stores each column's acc where `resume` reads it back for the next part."""
+    for k, chunks in enumerate(layout.parts(parts)):
+        if wait is not None:
+            wait(k)
+        for_each_column(x_ref, layout, prepare, init, update, finish, 0, unroll, together, chunks, resume)
+
+
 def _shift_in(above: list[jax.Array], new: jax.Array, held: tuple) -> tuple:
     """`held` (largest first) with `new` inserted where `above[j]` (`new` above held[j], monotone: True
     up to some j) first holds and the rest shifted down one slot, the last dropped: one select at the
@@ -403,9 +419,7 @@ def column_pass(
     (a copy of its lanes, `ColumnLayout.part_lanes`, awaited), each column's candidates stored between
     parts in the refs themselves: the same values."""
     rows, depth = x_ref.shape[0], layout.depth
-
-    def lanes(level: int, c) -> pl.Slice:
-        return pl.ds(pl.multiple_of(level * layout.width + c * LANES, LANES), LANES)
+    lanes = functools.partial(_column_lanes, layout)
 
     def init():
         ninf = jnp.full((rows, LANES), NEG_INF, jnp.float32)
@@ -425,10 +439,7 @@ def column_pass(
         return carry
 
     insert = _top_m if depth == 2 else _top_m_network
-    for k, chunks in enumerate(layout.parts(parts)):
-        if wait is not None:
-            wait(k)
-        for_each_column(x_ref, layout, prepare, init, insert, finish, 0, unroll, together, chunks, resume)
+    _for_each_part(x_ref, layout, prepare, init, insert, finish, resume, unroll, together, parts, wait)
 
 
 # Keys (bfloat16 logits, `keyed`): a bfloat16 value widened to float32 leaves the low 16 bits zero, so
@@ -496,9 +507,7 @@ def key_pass(
     [m W, (m + 1) W): its bound); EMPTY_KEY where a column holds fewer values. Nothing is decoded here
     (`fold_keys` does it once folded). `parts`, `wait`: `column_pass`'s."""
     rows, depth = x_ref.shape[0], layout.depth
-
-    def lanes(level: int, c) -> pl.Slice:
-        return pl.ds(pl.multiple_of(level * layout.width + c * LANES, LANES), LANES)
+    lanes = functools.partial(_column_lanes, layout)
 
     def init():
         return (jnp.full((rows, LANES), EMPTY_KEY, jnp.int32),) * (depth + 1)
@@ -515,10 +524,7 @@ def key_pass(
     def resume(c):
         return tuple(keys_ref[:, lanes(level, c)] for level in range(depth + 1))
 
-    for k, chunks in enumerate(layout.parts(parts)):
-        if wait is not None:
-            wait(k)
-        for_each_column(x_ref, layout, lambda x, idx: x, init, update, finish, 0, unroll, together, chunks, resume)
+    _for_each_part(x_ref, layout, lambda x, idx: x, init, update, finish, resume, unroll, together, parts, wait)
 
 
 def drop_candidates(values: jax.Array, ids: jax.Array, dropped: jax.Array) -> tuple[jax.Array, jax.Array]:
