@@ -66,6 +66,13 @@ WIDE_VOCAB = 100_000
 # once 88,044, 4: 88,456, 8: 89,688, their accumulators spilling.)
 UNROLL = 32
 COLUMNS_TOGETHER = 2
+# The row mass (`row_mass`) folds MASS_COLUMNS_TOGETHER column groups a loop trip, MASS_UNROLL vregs in
+# all: its loop is bound by the one exp a vreg (one EUP push a bundle), and each trip fills and drains
+# that pipe (~40 of ~105 bundles a trip at 2 x 32 vregs, bundle dump); no insertion chain limits how many
+# columns go at once. Static estimate, v5e, B=64, V=128256, bfloat16, top-p alone, the workload's trips:
+# 127,252 cycles at 2 columns, 119,878 at 8 (one (16, 128256) block's pass alone, depth-4 layout: 3.9k
+# -> 3.7k; 16 columns 3.6k).
+MASS_COLUMNS_TOGETHER, MASS_UNROLL = 8, 128
 # A pass of the searches over the candidates costs both each point's compare-select-add over every
 # candidate vreg and its row reduction's latency, so each pass evaluates several points (v5e, B=64,
 # V=128256, float32, top_k, fixed trips, folded candidates: 7 x 4 as here 83,542 cycles; 15 x 3 86,623;
@@ -604,20 +611,24 @@ def row_mass(
     prepare: Prepare,
     inverse_t: jax.Array,
     s_max: jax.Array,
-    weight,
     unroll: int = UNROLL,
     together: int = COLUMNS_TOGETHER,
 ) -> jax.Array:
-    """(R, 1): each row's sum of `weight(x * inverse_t, s_max)` over the whole row (one pass; `unroll`,
+    """(R, 1): each row's sum of `exp(x * inverse_t - s_max)` over the whole row (one pass; `unroll`,
     `together`: `for_each_column`'s, which leave the sum's order as it is). A -inf value weighs 0 as it
     is; a NaN makes its row's sum NaN, and `sample` then finds that row's top-p target unmet, so its
     block falls back to the whole-row path (which drops NaN as stage 5 says): no select a vreg for it
     (static estimate, v5e, B=64, V=128256, float32, top-p alone, fixed trips: 153,461 -> 149,481
-    cycles)."""
+    cycles). Nor is the maximum's weight pinned to 1 as `weight` pins it (for min-p's sake): this sum
+    of V terms matches the reference's to rounding, not bit for bit (its order is not the reference's),
+    and at the maximum `x * inverse_t - s_max` is 0 or the product's rounding error, so the pin would
+    move it by an ulp of one term for two VALU operations a vreg (v5e, B=64, V=128256, bfloat16, top-p
+    alone, the workload's trips: 119,878 -> 116,465 cycles). A row without a finite value sums NaN
+    here; `needs_row_mass` leaves such rows out."""
     rows = x_ref.shape[0]
 
     def update(acc, x, _idx, _vreg):
-        return acc + weight(x * inverse_t, s_max)
+        return acc + jnp.exp(x * inverse_t - s_max)
 
     def finish(c, acc, total):
         return total + acc

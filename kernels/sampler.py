@@ -558,11 +558,9 @@ def block_row_mass(x_ref, rows: jax.Array, eos: jax.Array, *, vocab: int, config
     """`candidates.row_mass` for one resident block: `row_mass(inverse_t, s_max)`, the whole rows' mass."""
     layout = candidate_layout(vocab, config)
     _, _, eos_mask = eos_masks(rows, eos, config.min_tokens)
-    unroll, together = (1, 1) if interpret else (candidates.UNROLL, candidates.COLUMNS_TOGETHER)
+    unroll, together = (1, 1) if interpret else (candidates.MASS_UNROLL, candidates.MASS_COLUMNS_TOGETHER)
     prepare = eos_mask or (lambda x, idx: x)
-    return lambda inverse_t, s_max: candidates.row_mass(
-        x_ref, layout, prepare, inverse_t, s_max, weight, unroll, together
-    )
+    return lambda inverse_t, s_max: candidates.row_mass(x_ref, layout, prepare, inverse_t, s_max, unroll, together)
 
 
 def sample_candidates(
