@@ -131,7 +131,7 @@ def chunked_working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allo
 # once over their rows instead of once a block. Static estimate, v5e, B=256, V=128256, 4 / 8 / 16
 # blocks a step (`compile-check --estimate`): top_k bfloat16 254,678 / 224,888 / 204,457 cycles,
 # float32 - / 295,990 / 260,430; full bfloat16 - / 254,498 / 231,247, float32 - / 325,744 / 300,192;
-# top_p bfloat16 550,387 / 524,218 / none. Top-p alone's deeper candidates (6,144 to 8,192 folded a
+# top_p bfloat16 550,387 / 524,218 / none. Top-p alone's deeper candidates (7,168 to 8,192 folded a
 # row against 2,048) take at most DEEP_GROUP_BLOCKS: at 16 its group scratch pushed B=256, V=256000,
 # bfloat16 out of v5e's VMEM budget (no group at all) and its profiled compile at V=128256 out of the
 # estimate's (the kernel itself fits: 64.3 MiB of 82.1).

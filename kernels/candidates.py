@@ -122,11 +122,15 @@ FOLD_KEEP = 4  # values kept per folded lane
 # candidates a row made every search and draw pass 8x the top-k path's: 137,887 cycles at B=64, V=32000
 # (the whole-row path's was 102,764), and the V=128256 profiled compile outgrew 24 GB of host memory.
 TOP_P_DEPTH = 4
-# Its fold: onto TOP_P_FOLD_GROUPS lane groups, each folded lane keeping 6 values (6,144 candidates a row)
+# Its fold: onto TOP_P_FOLD_GROUPS lane groups, each folded lane keeping 7 values (7,168 candidates a row)
 # up to TOP_P_WIDE_VOCAB, 8 (8,192) above it, where the kept sets are larger. Static estimate, v5e,
 # B=64, float32, top-p alone: V=128256 fixed trips 153,461 cycles keeping 6, 165,797 keeping 8, 192,201
 # onto 16 groups keeping 6; V=256000 the workload's trips 367,714 keeping 6 (27% of blocks fell back)
-# and 312,449 keeping 8 (6.2%: the depth's own limit).
+# and 312,449 keeping 8 (6.2%: the depth's own limit). At V=128256 keeping 6, 2 of 1,024 workload rows
+# (3.1% of 16-row blocks) had 7 kept tokens on one folded lane (numpy over the reference's kept sets:
+# no column lane held more than its 4), and each such block ran the whole-row path (~175k cycles);
+# keeping 7, none of the 1,024 did: the workload's trips, B=64, bfloat16 116,465 -> 111,849 cycles,
+# float32 131,116 -> 124,943.
 TOP_P_FOLD_GROUPS = 8
 TOP_P_WIDE_VOCAB = 1 << 17
 
@@ -163,7 +167,7 @@ class ColumnLayout:
         """(folded lane groups, values kept a folded lane) for this depth and vocabulary."""
         if self.depth == 2:
             return FOLD_GROUPS, FOLD_KEEP
-        return TOP_P_FOLD_GROUPS, 6 if self.vocab <= TOP_P_WIDE_VOCAB else 8
+        return TOP_P_FOLD_GROUPS, 7 if self.vocab <= TOP_P_WIDE_VOCAB else 8
 
     @property
     def fold_groups(self) -> int | None:

@@ -366,6 +366,38 @@ def test_a_nan_in_a_top_p_alone_row_sends_its_block_to_the_whole_row_path():
     np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference")) > -np.inf)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_top_p_alone_decides_on_the_candidates_with_as_many_kept_tokens_on_one_folded_lane_as_it_keeps(dtype):
+    """Top-p alone's fold keeps `fold_shape`'s count (7 at this vocabulary) of the values falling on each
+    folded lane: a row whose kept set puts that many on one lane (ties at the top, taken together) is
+    decided on the candidates; one more on the same lane cannot be, and its block falls back. Tokens and
+    kept sets are the reference's either way (float32: `fold`; bfloat16: `fold_keys`)."""
+    vocab = 12000
+    batch = 2 * block_sizes.sublane_rows(dtype)
+    block_rows = block_sizes.plan(batch, vocab, dtype, "v5e").block_rows
+    assert batch == 2 * block_rows  # two blocks: 8 rows each float32, 16 bfloat16
+    layout = kernel.candidate_layout(vocab, kernel.KernelConfig(top_p=True, random=True))
+    groups, keep = layout.fold_shape
+    assert (layout.groups, layout.depth, layout.fold_groups, keep) == (32, 4, groups, 7)
+    # one folded lane: lane 5 of vregs v with v % 8 == 1, spread over column groups 1, 9, 17 (at most 3
+    # a column lane: each keeps its 4 largest before the fold)
+    lane_vregs = [1, 33, 65, 9, 41, 73, 17, 49]
+    x = np.array(verification.logits("normal", batch, vocab, "float32", 3))
+    for row in range(batch):  # the first block: `keep` tied tokens, the second: one more
+        count = keep if row < block_rows else keep + 1
+        x[row, [v * 128 + 5 for v in lane_vregs[:count]]] = 20.0 + (row % 3)
+    x = jnp.asarray(x, dtype)
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    keys = jax.random.split(jax.random.key(6), batch)
+    tokens, stats, _ = _launch(x, params, vocab, keys)
+    fell_back = stats[::block_rows, FALLBACK_COLUMN] > 0
+    assert list(fell_back) == [False, True]
+    np.testing.assert_array_equal(tokens, np.asarray(sample(x, params, keys, impl="reference")))
+    kept = np.asarray(process_logits(x, params, impl="pallas")) > -np.inf
+    np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference")) > -np.inf)
+    assert (kept.sum(axis=1) == [keep] * block_rows + [keep + 1] * block_rows).all()
+
+
 @pytest.mark.parametrize(("dtype", "filters"), [("float32", "top_k"), ("bfloat16", "top_k"), ("bfloat16", "top_p")])
 def test_min_tokens_drops_eos_candidates_as_the_reference_masks_them(dtype, filters):
     """Stage 4 on the candidates (`candidates.drop_candidates`; top-p alone on bfloat16: on the keys, their
