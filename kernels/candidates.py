@@ -171,14 +171,16 @@ class ColumnLayout:
 
     @property
     def fold_groups(self) -> int | None:
-        """The folded candidates' lane groups (`fold`), or None where folding would not shrink them: the
-        first level's 2 x `groups` lane groups must fall evenly onto FOLD_GROUPS, more than FOLD_KEEP
-        values a folded lane (an even count of column groups above 8: every vocabulary from 3,969 up,
-        where there are 32 or WIDE_GROUPS). Deeper layouts (top-p alone) fall onto `fold_shape`'s groups
-        instead."""
+        """The folded candidates' lane groups (`fold`), or None where folding would not shrink them or
+        would not fall evenly: the candidates' `depth` x `groups` lane groups and the bounds' `groups` must
+        each fall evenly onto FOLD_GROUPS, more than FOLD_KEEP values a folded lane (every vocabulary from
+        3,969 up, where there are 32 or WIDE_GROUPS column groups). Deeper layouts (top-p alone) fall onto
+        `fold_shape`'s groups instead. (Until 2026-12-07 only the candidates' count was checked, and a
+        count of column groups that is no multiple of the folded groups, V=1280 or 1792 for top-k, 2304
+        to 3840 for top-p alone, failed in `fold` on the bounds' last, partial slice.)"""
         groups, keep = self.fold_shape
         lane_groups = self.depth * self.groups
-        if lane_groups % groups or lane_groups // groups <= keep:
+        if self.groups % groups or lane_groups // groups <= keep:
             return None
         return groups
 

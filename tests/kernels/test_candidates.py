@@ -283,6 +283,26 @@ def test_the_fold_keeps_each_folded_lanes_largest_and_bounds_the_rest(vocab, dep
     assert all(np.array_equal(a, b) for a, b in zip(same, given, strict=True))
 
 
+@pytest.mark.parametrize(("config", "vocab"), [("top_k", 1280), ("top_k", 1792), ("top_p", 2304), ("top_p", 3840)])
+def test_column_group_counts_that_do_not_fold_evenly_are_sampled_unfolded(config, vocab):
+    """Vocabularies whose column groups (10 or 14 a row for top-k's two-deep layout, 18 or 30 for top-p
+    alone's) are no multiple of the folded groups (4, 8), though their candidates' lane groups are: the
+    bounds could not fold evenly, so these are sampled unfolded (once a `fold` error on every call); kept
+    sets and tokens are the reference's."""
+    depth = 2 if config == "top_k" else candidates.TOP_P_DEPTH
+    layout = candidates.ColumnLayout.of(vocab, depth)
+    groups, _ = layout.fold_shape
+    assert layout.groups % groups and not (depth * layout.groups) % groups and layout.fold_groups is None
+    params = SamplingParams(temperature=1.0, **({"top_k": 50} if config == "top_k" else {"top_p": 0.9}))
+    x = jax.random.normal(jax.random.key(8), (8, vocab)) * 3
+    keys = jax.random.split(jax.random.key(9), 8)
+    np.testing.assert_array_equal(
+        np.asarray(sample(x, params, keys, impl="pallas")), np.asarray(sample(x, params, keys, impl="reference"))
+    )
+    kept = np.asarray(process_logits(x, params, impl="pallas")) > -np.inf
+    np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference")) > -np.inf)
+
+
 def test_a_greedy_row_whose_maximum_ties_outside_the_folded_candidates_falls_back():
     """The fold keeps equal values in lane-group order, not vocabulary order: FOLD_KEEP + 1 tokens share
     a row's maximum and fall on one folded lane, the lowest id last, so the folded candidates hold the
