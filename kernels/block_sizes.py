@@ -160,6 +160,30 @@ def group_rows(
     return taken * block_rows
 
 
+# The group's sampling stage holds about this many (group rows, folded candidate lanes) float32 arrays
+# live at once beyond the group's scratch (weights, kept weights, the searches' and the draw's
+# temporaries), in VMEM Mosaic allocates itself. Compiled (VMEM used, MiB): where they outgrow half a
+# block's whole-row temporaries (`TEMPORARIES`) a group's row costs its scratch and these (v4, V=32000,
+# float32, 8-row blocks: `full`, 2,048 candidates a row, 8.1 with a 32-row group, 10.3 with 64, over
+# the 14 MiB limit with 128, ~67 KiB a row, ~6 arrays; top-p alone, 7,168, 11.35 with 32 rows, over
+# with 64); where they do not, the plan's generous count of the block already holds them (v5e,
+# V=256000, bfloat16, 16-row blocks: `full` 72.6 with 64 rows, 73.9 with 128; top-p alone 61.5 and
+# 74.3, against 104.75 planned). Until 2026-12-07 only the scratch was counted, and v4 failed to compile
+# `full` at B=256, V=32000, float32 (a 128-row group) and top-p alone at B=128 and 256 there (64 rows).
+STAGE_ARRAYS = {2: 6, candidates.TOP_P_DEPTH: 4}
+
+
+def group_stage_bytes(group: int | None, vocab: int, depth: int, block_temporaries: int) -> int:
+    """VMEM the group's sampling stage adds for its temporaries over `depth`-deep candidates, beside a
+    block whose whole-row temporaries take `block_temporaries` bytes: none where they fit in half of
+    those (Mosaic reuses that room, and `working_set` counts it generously), all of them where not."""
+    layout = candidates.ColumnLayout.of(vocab, depth)
+    if group is None or layout is None:
+        return 0
+    stage = STAGE_ARRAYS[depth] * group * layout.folded_lanes[0] * 4
+    return 0 if stage <= block_temporaries // 2 else stage
+
+
 def group_scratch_bytes(group: int | None, vocab: int, depth: int = 2) -> int:
     """VMEM the grouped kernel adds for `depth`-deep candidates: the group's folded candidates (values,
     ids), their bounds, and a row's whole mass, that pass's trips and whether the candidates decided it."""
@@ -201,11 +225,17 @@ def plan(
         raise ValueError(f"unknown TPU generation {generation!r}; known: {sorted(TPU_GENERATIONS)}")
     budget = TPU_GENERATIONS[generation].vmem_budget if generation else None
 
-    def grouped_needed() -> int:  # one kernel per call: the larger of its two possible group scratches
-        return needed + max(group_scratch_bytes(group, vocab), group_scratch_bytes(deep, vocab, candidates.TOP_P_DEPTH))
+    block_temporaries = TEMPORARIES * _round_up(block_rows, 8) * _round_up(vocab, 128) * 4
+
+    def group_needed(rows_: int | None, depth: int) -> int:  # the block's, the group's scratch and stage
+        stage = group_stage_bytes(rows_, vocab, depth, block_temporaries)
+        return needed + group_scratch_bytes(rows_, vocab, depth) + stage
+
+    def grouped_needed() -> int:  # one kernel per call: the larger of its two possible groups
+        return max(group_needed(group, 2), group_needed(deep, candidates.TOP_P_DEPTH))
 
     while budget is not None and grouped_needed() > budget and (group or deep):  # the largest groups that fit
-        if group_scratch_bytes(group, vocab) >= group_scratch_bytes(deep, vocab, candidates.TOP_P_DEPTH):
+        if group_needed(group, 2) >= group_needed(deep, candidates.TOP_P_DEPTH):
             group = group_rows(block_rows, padded, tensorcores, group // block_rows - 1, rows)
         else:
             deep = group_rows(block_rows, padded, tensorcores, deep // block_rows - 1, rows)

@@ -93,6 +93,20 @@ def test_kernel_with_mask_and_logprobs_compiles_for_tpu(libtpu, generation, batc
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+@pytest.mark.parametrize("stages", ["full", "top_p alone"])
+def test_v4_groups_hold_their_sampling_stage_within_the_limit(libtpu, stages):
+    """v4's 14 MiB limit at B=256, V=32000, float32: the resident kernel's groups of 8-row blocks, sized
+    with their sampling stage's temporaries (`block_sizes.group_stage_bytes`), compile within it: a
+    128-row group (`full`) and a 64-row deep group (top-p alone) were over it."""
+    plan = block_sizes.plan(256, 32000, "float32", "v4")
+    assert plan.chunk is None and (plan.group_rows, plan.deep_group_rows) == (64, 32)
+    kw = {} if stages == "full" else {"top_k": False, "min_p": False, "min_tokens": False}
+    result = compile_check.compile_tpu("v4", 256, 32000, "float32", **kw)
+    assert result.ok, result.error
+    assert 0 < result.vmem_used_bytes <= result.vmem_limit_bytes
+
+
 @pytest.mark.parametrize(
     ("batch", "vocab", "dtype", "serving"),
     [(1, 128256, "float32", False), (64, 152064, "bfloat16", False), (256, 256000, "float32", True)],
