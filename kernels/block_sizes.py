@@ -102,17 +102,24 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def whole_row_temporaries(block_rows: int, vocab: int, allowed: bool = False) -> int:
+    """Estimated VMEM bytes of a block's whole-row float32 temporaries (`TEMPORARIES`, and
+    `MASK_TEMPORARIES` with an allowed-token mask), rows padded to 8 and lanes to 128."""
+    temporaries = TEMPORARIES + (MASK_TEMPORARIES if allowed else 0)
+    return temporaries * _round_up(block_rows, 8) * _round_up(vocab, 128) * 4
+
+
 def working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allowed: bool = False) -> int:
     """Estimated VMEM bytes: Mosaic pads lanes to 128 and rows to the sublane tile of each dtype."""
     lanes = _round_up(vocab, 128)
     input_rows = _round_up(block_rows, sublane_rows(dtype))
     f32_rows = _round_up(block_rows, 8)
-    temporaries = TEMPORARIES + (MASK_TEMPORARIES if allowed else 0)
     # the candidate path's scratch (`candidates.py`), at its largest: top-p alone's deeper layout, or the
     # two-deep one's wider layout from candidates.WIDE_VOCAB up
     layouts = [candidates.ColumnLayout.of(vocab, depth) for depth in (2, candidates.TOP_P_DEPTH)]
     scratch = max((layout.scratch_bytes(f32_rows) for layout in layouts if layout is not None), default=0)
-    return lanes * (2 * input_rows * np.dtype(dtype).itemsize + temporaries * f32_rows * 4) + scratch
+    inputs = 2 * lanes * input_rows * np.dtype(dtype).itemsize
+    return inputs + whole_row_temporaries(block_rows, vocab, allowed) + scratch
 
 
 def chunked_working_set(block_rows: int, vocab: int, dtype: np.dtype | str, allowed: bool, buffers: int) -> int:
@@ -225,7 +232,7 @@ def plan(
         raise ValueError(f"unknown TPU generation {generation!r}; known: {sorted(TPU_GENERATIONS)}")
     budget = TPU_GENERATIONS[generation].vmem_budget if generation else None
 
-    block_temporaries = TEMPORARIES * _round_up(block_rows, 8) * _round_up(vocab, 128) * 4
+    block_temporaries = whole_row_temporaries(block_rows, vocab)  # as measured: without the mask's
 
     def group_needed(rows_: int | None, depth: int) -> int:  # the block's, the group's scratch and stage
         stage = group_stage_bytes(rows_, vocab, depth, block_temporaries)
