@@ -499,3 +499,22 @@ def test_a_group_samples_its_blocks_once_and_a_block_that_falls_back_reads_its_o
     np.testing.assert_array_equal(tokens, np.asarray(sample(x, params, keys, impl="reference", **kw)))
     kept = np.asarray(process_logits(x, params, impl="pallas", **kw)) > -np.inf
     np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference", **kw)) > -np.inf)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3, 7])
+def test_the_draws_points_cut_every_bracket_into_pieces_no_wider_than_its_pass_count_assumes(splits):
+    """`candidates.draw_points` over every bracket width up to 2^21 (float32 steps) and a sample of wider
+    ones up to 2^24 (integer division, V above `FLOAT_STEP_WIDTH`): the points rise within (lo, hi], and no piece
+    of the bracket they leave is wider than ceil(w / (splits + 1)), the narrowing `sample`'s static
+    pass count is computed from."""
+    limit = candidates.FLOAT_STEP_WIDTH
+    widths = np.arange(1, limit + 1, dtype=np.int32)
+    for vocab, w in ((limit, widths), (limit + 1, np.random.default_rng(0).integers(1, 1 << 24, 1 << 16))):
+        w = jnp.asarray(w, jnp.int32)
+        lo = jnp.full_like(w, -1)
+        hi = lo + w
+        points = jax.jit(candidates.draw_points, static_argnums=(2, 3))(lo, hi, splits, vocab)
+        edges = np.stack([np.asarray(lo), *map(np.asarray, points), np.asarray(hi)]).astype(np.int64)
+        pieces = np.diff(edges, axis=0)
+        assert (pieces >= 0).all() and (edges[1:-1] > edges[0]).all()
+        assert (pieces.max(axis=0) <= -(-np.asarray(w, np.int64) // (splits + 1))).all()
