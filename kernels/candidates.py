@@ -95,13 +95,25 @@ SEARCH_PASSES_BY_DTYPE = {jnp.dtype(jnp.bfloat16): 3}
 # float32 with 0 plain passes 114,037, 2: 106,023, 3: 103,928). A row with top-k off in such a batch
 # searches all its candidates: more snapping passes, the same value.
 TOP_P_AFTER_TOP_K_PASSES = 1
+# A stage of more than NARROW_STAGE_ROWS rows (the grouped kernel's, 64 rows and more) evaluates
+# SEARCH_SPLITS_WIDE points a plain pass over more passes: there a pass's 7 points cost 2.6x its 3 (the
+# stage alone, 64 rows, v5e, top_k: ~2.3k cycles a 7-point pass, 877 a 3-point one, 1.1k at 4, 1.6k at 5,
+# 0.8k at 2: the 7 statistics' accumulators over the stage's 8 row tiles spill), so 3 points (2 bits a
+# pass) narrow the bracket for the fewest cycles. Static estimate, v5e, B=64, V=128256, the workload's
+# trips, float32 / bfloat16, 7 x (4 / 3) -> 3 x (6 / 5) -> 3 x (5 / 4) plain passes: top_k 71,845 /
+# 58,837 -> 67,886 / 56,284 -> 68,190 / 55,432 cycles; full 82,133 / 68,167 -> 77,644 / 64,396 ->
+# (79,549 / 64,153 with two plain passes after top-k); top_p 124,679 / 111,573 -> 120,309 / 109,139 ->
+# 121,236 / 108,398. Float32 takes 6 (4096x narrower, as 7 x 4), bfloat16 4 (256x: a snapping pass or
+# less left on the workload's rows); top-p after top-k keeps its one plain pass.
+SEARCH_SPLITS_WIDE = 3
+SEARCH_PASSES_WIDE_BY_DTYPE = {jnp.dtype(jnp.float32): 6, jnp.dtype(jnp.bfloat16): 4}
 # The draw's index search: DRAW_SPLITS + 1 sub-ranges a pass, DRAW_SPLITS_WIDE on a stage of more than
-# DRAW_NARROW_ROWS rows (the grouped kernel's), where each point's sum over the candidates costs more
-# against the pass's latency. Static estimate, v5e, V=128256, float32, the workload's trips, splits
+# NARROW_STAGE_ROWS rows, where each point's sum over the candidates costs more against the pass's
+# latency. Static estimate, v5e, V=128256, float32, the workload's trips, splits
 # 1 / 2 / 3 / 7: B=64 (one stage of 64 rows) top_k 72,866 / 72,453 / 73,654 / - cycles, full 83,142 /
 # 82,720 / 83,932 / -, bfloat16 top_k 59,860 / 59,442 / 60,646 / 65,570 (full - / 68,756 / 69,968);
 # B=8 (8 rows) top_k 20,199 / 19,011 / 18,649 / -, full 21,571 / 22,323 / 21,660 / -.
-DRAW_SPLITS, DRAW_SPLITS_WIDE, DRAW_NARROW_ROWS = 3, 2, 16
+DRAW_SPLITS, DRAW_SPLITS_WIDE, NARROW_STAGE_ROWS = 3, 2, 16
 # The draw's points step ceil(w / (splits + 1)) across a bracket of width w, computed in float32 (a
 # convert, an add, a multiply, a convert back: exact for every w up to FLOAT_STEP_WIDTH and splits + 1 <=
 # 8, checked exhaustively in numpy) rather than by int32 floor division, which Mosaic lowers to ~28
@@ -713,6 +725,30 @@ def mass_where(
     return mass, trips
 
 
+@dataclasses.dataclass(frozen=True)
+class SearchShape:
+    """How `sample`'s searches narrow their brackets on a stage of some rows: points a plain pass of the
+    threshold searches evaluates, the top-k and top-p-alone searches' plain passes, top-p-after-top-k's,
+    and the draw's points a pass."""
+
+    splits: int
+    plain_passes: int
+    top_p_after_top_k_passes: int
+    draw_splits: int
+
+
+def search_shape(rows: int, dtype) -> SearchShape:
+    """The `SearchShape` of a stage of `rows` rows sampling logits of `dtype`: narrow stages (a block,
+    at most NARROW_STAGE_ROWS rows) SEARCH_SPLITS points a pass, wide ones (a group) SEARCH_SPLITS_WIDE
+    (module comments). Only the cost moves: every shape finds the same thresholds and tokens."""
+    dtype = jnp.dtype(dtype)
+    if rows <= NARROW_STAGE_ROWS:
+        passes = SEARCH_PASSES_BY_DTYPE.get(dtype, SEARCH_PASSES)
+        return SearchShape(SEARCH_SPLITS, passes, TOP_P_AFTER_TOP_K_PASSES, DRAW_SPLITS)
+    passes = SEARCH_PASSES_WIDE_BY_DTYPE.get(dtype, SEARCH_PASSES_WIDE_BY_DTYPE[jnp.dtype(jnp.float32)])
+    return SearchShape(SEARCH_SPLITS_WIDE, passes, TOP_P_AFTER_TOP_K_PASSES, DRAW_SPLITS_WIDE)
+
+
 def draw_points(lo: jax.Array, hi: jax.Array, splits: int, vocab: int) -> list[jax.Array]:
     """`splits` increasing index points cutting the draw's bracket (lo, hi] (int32, per row) into pieces
     of at most ceil((hi - lo) / (splits + 1)) indices each, the last points at most `hi` (a point at `hi`
@@ -742,7 +778,7 @@ def sample(
     inverse_temperature: Callable[[jax.Array, jax.Array], jax.Array],
     reductions: RowReductions = RowReductions(),
     fixed: loop_trips.FixedTrips | None,
-    plain_passes: int = SEARCH_PASSES,
+    dtype=jnp.float32,
 ) -> CandidateResult:
     """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, n x 128),
     `bound` (R, m x 128), every row value outside the candidates at most the row's largest bound (the
@@ -752,7 +788,7 @@ def sample(
     array, already computed on the rows `needs_row_mass` names (others are not read). `search` is
     `vsampler.core.numerics.largest_value_with_trips`, `weight` `numerics.weight`, `inverse_temperature`
     stage 6's factor (`numerics.inverse_temperature`).
-    `plain_passes`: the top-k search's and top-p-alone's plain passes (`SEARCH_PASSES_BY_DTYPE`).
+    `dtype`: the logits' (with the rows, it picks the searches' `search_shape`).
 
     A random row is exact (`fallback` stays False for it) when no value outside the candidates can be
     kept (all are <= s3, the largest bound):
@@ -765,6 +801,7 @@ def sample(
     the candidates ties its maximum, and no logit is +inf."""
     row_min, row_max, row_sum = reductions.min, reductions.max, reductions.sum
     reductions = {"column_min": row_min, "column_max": row_max}
+    shape = search_shape(values.shape[0], dtype)
     x_max = row_max(values)
     first_max = row_min(jnp.where(values == x_max, ids, vocab))
     first_max = jnp.where(first_max == vocab, 0, first_max)
@@ -801,8 +838,8 @@ def sample(
             on,
             site="candidate_top_k",
             fixed=fixed,
-            splits=SEARCH_SPLITS,
-            plain_passes=plain_passes,
+            splits=shape.splits,
+            plain_passes=shape.plain_passes,
             **reductions,
         )
         threshold = jnp.where(on, kth, threshold)
@@ -838,8 +875,8 @@ def sample(
             on,
             site="candidate_top_p",
             fixed=fixed,
-            splits=SEARCH_SPLITS,
-            plain_passes=plain_passes if k is None else TOP_P_AFTER_TOP_K_PASSES,
+            splits=shape.splits,
+            plain_passes=shape.plain_passes if k is None else shape.top_p_after_top_k_passes,
             **reductions,
         )
         threshold = jnp.where(on, jnp.maximum(threshold, v_star), threshold)
@@ -857,7 +894,7 @@ def sample(
     kept_mass = row_sum(kept_e)
     target = u * kept_mass
 
-    splits = DRAW_SPLITS if values.shape[0] <= DRAW_NARROW_ROWS else DRAW_SPLITS_WIDE
+    splits = shape.draw_splits
 
     def prefix_search(_, bracket):
         lo_, hi_ = bracket  # prefix(lo) <= target < prefix(hi)

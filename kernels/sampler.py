@@ -593,7 +593,7 @@ def sample_candidates(
         inverse_temperature=inverse_temperature,
         reductions=candidates.RowReductions(tree=not interpret),
         fixed=config.trips,
-        plain_passes=candidates.SEARCH_PASSES_BY_DTYPE.get(jnp.dtype(dtype), candidates.SEARCH_PASSES),
+        dtype=dtype,
     )
 
 
