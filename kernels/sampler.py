@@ -543,7 +543,7 @@ def block_candidates(
         keys = keys_ref[:, :held]
         if config.min_tokens:
             keys = jnp.where(too_early & is_eos_id(candidates.key_ids(keys, layout)), candidates.EMPTY_KEY, keys)
-        return candidates.fold_keys(keys, keys_ref[:, held:], layout)
+        return candidates.fold_keys(keys, keys_ref[:, held:], layout, sorted_levels=not config.min_tokens)
     values_ref, ids_ref, third_ref = scratch
     candidates.column_pass(
         x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together, parts, wait
@@ -551,7 +551,7 @@ def block_candidates(
     values, ids = values_ref[...], ids_ref[...]
     if config.min_tokens:
         values, ids = candidates.drop_candidates(values, ids, too_early & is_eos_id(ids))
-    return candidates.fold(values, ids, third_ref[...], layout)
+    return candidates.fold(values, ids, third_ref[...], layout, sorted_levels=not config.min_tokens)
 
 
 def block_row_mass(x_ref, rows: jax.Array, eos: jax.Array, *, vocab: int, config: KernelConfig, interpret: bool):

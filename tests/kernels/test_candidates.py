@@ -235,16 +235,20 @@ def test_the_two_deep_layout_widens_from_wide_vocab_and_top_p_alones_does_not():
     assert wide.scratch_bytes(16) > deep.scratch_bytes(16)
 
 
+@pytest.mark.parametrize("sorted_levels", [True, False])
 @pytest.mark.parametrize(
     ("vocab", "depth"),
     [(2048, 2), (9000, 2), (128256, 2), (9000, candidates.TOP_P_DEPTH), (140000, candidates.TOP_P_DEPTH)],
 )
-def test_the_fold_keeps_each_folded_lanes_largest_and_bounds_the_rest(vocab, depth):
-    """`candidates.fold` against numpy: each folded lane holds the FOLD_KEEP largest (for top-p alone
-    its own fold shape) of the candidates that fall on it (lane group j on j % fold_groups; equal values in
-    lane-group order), with their ids, and its bound is the largest of the others and of the third values
-    folded onto it, so no value outside the folded candidates is above its row's largest bound. Ties,
-    empty (-inf) slots and rows with fewer finite candidates than slots included."""
+def test_the_fold_keeps_each_folded_lanes_largest_and_bounds_the_rest(vocab, depth, sorted_levels):
+    """`candidates.fold` against numpy: each folded lane holds the FOLD_KEEP largest values (for top-p
+    alone its own fold shape) of the candidates that fall on it (lane group j on j % fold_groups),
+    largest first, each with the id of a candidate of that value falling there (which of equal values
+    keeps its id is the fold's choice), and its bound is the largest of the others and of the third
+    values folded onto it, so no value outside the folded candidates is above its row's largest bound.
+    Ties, empty (-inf) slots and rows with fewer finite candidates than slots included; each column
+    lane's levels sorted as the column pass leaves them, or not (candidates dropped to -inf, then
+    `sorted_levels=False`); both the merging fold (`candidates.merges`) and the inserting one."""
     layout = candidates.ColumnLayout.of(vocab, depth)
     groups, keep = layout.fold_shape
     assert layout.fold_groups == groups == (candidates.FOLD_GROUPS if depth == 2 else candidates.TOP_P_FOLD_GROUPS)
@@ -255,25 +259,29 @@ def test_the_fold_keeps_each_folded_lanes_largest_and_bounds_the_rest(vocab, dep
     values[1] = -np.inf
     values[1, 7] = 1.0  # one finite candidate
     ids = rng.permutation(rows * n).reshape(rows, n).astype(np.int32)
+    if sorted_levels:  # each column lane's levels largest first, its ids with them
+        levels = values.reshape(rows, depth, layout.width)
+        order = np.argsort(-levels, axis=1, kind="stable")
+        values = np.take_along_axis(levels, order, axis=1).reshape(rows, n)
+        ids = np.take_along_axis(ids.reshape(rows, depth, layout.width), order, axis=1).reshape(rows, n)
     third = np.minimum(np.round(rng.standard_normal((rows, layout.width)) * 2), values[:, : layout.width])
     third = third.astype(np.float32)
-    folded = jax.jit(candidates.fold, static_argnums=3)(values, ids, third, layout)
+    folded = jax.jit(candidates.fold, static_argnums=(3, 4))(values, ids, third, layout, sorted_levels)
     got_v, got_i, got_b = (np.asarray(a) for a in folded)
     width = groups * 128
     assert got_v.shape == got_i.shape == (rows, keep * width) and got_b.shape == (rows, width)
+    value_of = {(r, int(i)): v for r in range(rows) for i, v in zip(ids[r], values[r], strict=True)}
     for r in range(rows):
         for lane in range(width):
-            falling = [j for j in range(lane, n, width)]  # lane-group order, the fold's
-            order = sorted(falling, key=lambda j: -values[r, j])  # stable: earlier lane group first
-            kept, rest = order[:keep], order[keep:]
-            for slot, j in enumerate(kept):
-                assert got_v[r, slot * width + lane] == values[r, j]
-                if values[r, j] > -np.inf:
-                    assert got_i[r, slot * width + lane] == ids[r, j]
-            for slot in range(len(kept), keep):
-                assert got_v[r, slot * width + lane] == -np.inf
-            folded_thirds = third[r, lane::width]
-            want_bound = max([values[r, j] for j in rest] + list(folded_thirds) + [-np.inf])
+            falling = values[r, lane::width]
+            want = np.sort(falling)[::-1]
+            kept = got_v[r, lane::width]
+            np.testing.assert_array_equal(kept, want[:keep])
+            kept_ids = got_i[r, lane::width][np.isfinite(kept)]
+            assert len(set(kept_ids.tolist())) == len(kept_ids)
+            assert set(kept_ids.tolist()) <= set(ids[r, lane::width].tolist())
+            assert all(value_of[r, int(i)] == v for i, v in zip(kept_ids, kept[np.isfinite(kept)], strict=True))
+            want_bound = max([*want[keep:], *third[r, lane::width], -np.inf])
             assert got_b[r, lane] == want_bound
     # too few lane groups to shrink: the candidates as they are
     small = candidates.ColumnLayout.of(300)
