@@ -81,9 +81,9 @@ def _whole_mass(x_ref, values, bound, block_params, eos, *, vocab: int, config: 
     whole, inverse_t, s_max = candidates.needs_row_mass(
         values,
         bound,
-        temperature=block_params[:, T : T + 1],
-        k=block_params[:, TOP_K : TOP_K + 1] if config.top_k else None,
-        p=block_params[:, TOP_P : TOP_P + 1],
+        temperature=resident.row_column(block_params, T),
+        k=resident.row_column(block_params, TOP_K) if config.top_k else None,
+        p=resident.row_column(block_params, TOP_P),
         inverse_temperature=inverse_temperature,
         reductions=candidates.RowReductions(tree=not interpret),
     )
