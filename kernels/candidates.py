@@ -890,7 +890,10 @@ def draw_points(lo: jax.Array, hi: jax.Array, splits: int, vocab: int) -> list[j
         return [lo + (hi - lo) * j // (splits + 1) for j in range(1, splits + 1)]
     width = (hi - lo).astype(jnp.float32)
     step = ((width + jnp.float32(splits + 0.5)) * jnp.float32(1.0 / (splits + 1))).astype(jnp.int32)
-    return [jnp.minimum(lo + step * j, hi) for j in range(1, splits + 1)]
+    points = [lo + step]
+    for _ in range(1, splits):  # (adds: an int32 multiply is a chain of operations on Mosaic)
+        points.append(points[-1] + step)
+    return [jnp.minimum(t, hi) for t in points]
 
 
 def sample(
@@ -1038,11 +1041,16 @@ def sample(
         passes, width = passes + 1, -(-width // (splits + 1))
     bracket = (jnp.full_like(first_max, -1), jnp.full_like(first_max, vocab - 1))
     _, crossing = lax.fori_loop(0, passes, prefix_search, bracket)
+    # `crossing` is then a kept candidate's index wherever the kept mass exceeds the target: the prefix (a
+    # sum of non-negative terms in one fixed order) only rises with t, and only at the index of a kept
+    # candidate of positive weight (the candidates' indices are distinct), so the bracket's upper end,
+    # whose prefix exceeds the target where the one below it does not, is one. `is_kept` guards that
+    # anyway (else, as where rounding leaves the target short of the kept mass: the last kept index);
+    # the first kept index past `crossing` once stood in, a reduction over every candidate that the
+    # argument above never lets choose.
     is_kept = row_max(jnp.where((ids == crossing) & kept, 1, 0)) > 0
-    next_kept = row_min(jnp.where(kept & (ids > crossing), ids, vocab))
     last_kept = row_max(jnp.where(kept, ids, -1))
-    sampled = jnp.where(is_kept, crossing, jnp.where(next_kept < vocab, next_kept, last_kept))
-    sampled = jnp.where(kept_mass > target, sampled, last_kept)
+    sampled = jnp.where(is_kept & (kept_mass > target), crossing, last_kept)
     sampled = jnp.where(kept_mass > 0, sampled, 0)
     token = jnp.where(greedy, first_max, sampled)
     # (logical operations: Mosaic cannot select between boolean vectors)
