@@ -411,7 +411,10 @@ def _top_m(acc, x, idx, _vreg=None):
     """Insertion into a column lane's m largest values with their indices and the (m + 1)-th largest
     value (its bound); a later value equal to a held one goes below it (lower index first among equal
     values). Compares and selects only, so a NaN (every compare false) changes nothing: the pass needs no
-    sanitising (m = 2: 10 VALU operations a vreg, where max/min insertion and a NaN select took 12)."""
+    sanitising (m = 2: 10 VALU operations a vreg, where max/min insertion and a NaN select took 12). (The
+    bound as `max(bound, x)` where x displaces nothing saves a compare and a select, 6% of the pass, but
+    lets a NaN into the bound, and a row reduction may drop a NaN (XLA's CPU maximum reduction does):
+    the lane's real bound would then be lost.)"""
     held, held_ids = acc
     above = [x > a for a in held]
     return _shift_in(above, x, held), _shift_in(above, idx, held_ids)
