@@ -716,17 +716,23 @@ def fold(
     return jnp.concatenate(held, axis=1), jnp.concatenate(held_ids, axis=1), bound
 
 
+def _column_levels(layout: ColumnLayout, *arrays: jax.Array) -> list:
+    """The (R, depth x W) arrays of a column pass as the folds merge them: for each `fold_groups` x 128
+    column lanes at once, the list of their levels, each a slot of the arrays' slices."""
+    width, level_lanes = layout.fold_groups * LANES, layout.width
+    return [
+        [tuple(a[:, at : at + width] for a in arrays) for at in range(start, arrays[0].shape[1], level_lanes)]
+        for start in range(0, level_lanes, width)
+    ]
+
+
 def fold_merged(
     values: jax.Array, ids: jax.Array, third: jax.Array, layout: ColumnLayout, sorted_levels: bool = True
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`fold` by merging (`merges(layout)`): the same folded values and bounds."""
-    width, level_lanes = layout.fold_groups * LANES, layout.width
-    rows = values.shape[0]
+    width, rows = layout.fold_groups * LANES, values.shape[0]
     empty = (jnp.full((rows, width), NEG_INF, jnp.float32), jnp.zeros((rows, width), jnp.int32))
-    columns = [  # `width` column lanes at once: their levels
-        [(values[:, at : at + width], ids[:, at : at + width]) for at in range(start, values.shape[1], level_lanes)]
-        for start in range(0, level_lanes, width)
-    ]
+    columns = _column_levels(layout, values, ids)
     held, bound = _fold_lists(columns, layout.fold_shape[1], empty[0], empty, _exchange, sorted_levels)
     for start in range(0, third.shape[1], width):
         bound = jnp.maximum(bound, third[:, start : start + width])
@@ -744,15 +750,12 @@ def fold_keys(
     as `key_pass` leaves them unless `sorted_levels` is False (keys dropped to EMPTY_KEY)."""
     groups = layout.fold_groups
     if groups is not None:
-        width, level_lanes = groups * LANES, layout.width
+        width = groups * LANES
         empty = (jnp.full((held_keys.shape[0], width), EMPTY_KEY, jnp.int32),)
-        columns = [  # `width` column lanes at once: their levels
-            [(held_keys[:, at : at + width],) for at in range(start, held_keys.shape[1], level_lanes)]
-            for start in range(0, level_lanes, width)
-        ]
+        columns = _column_levels(layout, held_keys)
         if merges(layout):
             held, rest = _fold_lists(columns, layout.fold_shape[1], empty[0], empty, _exchange_keys, sorted_levels)
-        else:  # inserted one by one, a max / min network each
+        else:  # the two-deep layout's keys (tested against its compares; not the kernel's path): inserted
             keys, rest = (empty[0],) * layout.fold_shape[1], empty[0]
             for (level,) in itertools.chain.from_iterable(columns):
                 keys, out = _network(keys, level)
