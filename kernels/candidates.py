@@ -5,8 +5,8 @@ last few to the first groups). For every lane of every column group, one pass ke
 values with their vocabulary indices and the third largest value (`column_pass`): R x 2W *candidates*
 (W = groups x 128 lanes) and R x W *third* values (top-p alone, whose kept sets are larger, keeps
 TOP_P_DEPTH values a lane and the next as the bound, and folds them more loosely). The pass is a few
-VALU operations per vreg; for top-p alone on bfloat16 logits fewer, each value and its index held as
-one int32 key (`key_pass`, `fold_keys`: the same candidates, decoded once folded).
+VALU operations per vreg; for bfloat16 logits fewer, each value and its index held as one float32 key
+(`key_pass`, `fold_keys`: the same candidates, decoded once folded; module comment on keys).
 
 The searches then run on a second, smaller level (`fold`): the candidates' 2W lanes fall onto
 FOLD_GROUPS x 128 lanes, and each of those keeps the FOLD_KEEP largest values folded onto it (with their
@@ -478,54 +478,63 @@ def column_pass(
 
 
 # Keys (bfloat16 logits, `keyed`): a bfloat16 value widened to float32 leaves the low 16 bits zero, so
-# one int32 *key* carries both the value and where it came from: the value's bits, made monotone (a
-# negative value's magnitude bits flipped: signed int order is then the floats' order, -inf lowest, a
-# positive NaN above +inf and a negative one below -inf), with KEY_CODE ^ the row's vreg index in the low
-# 16 bits (lower index first among equal values, as `_top_m`). The column pass then keeps each lane's
-# m + 1 largest keys with a max / min network (2m + 1 integer operations a vreg, four to make the key)
-# instead of compares and selects moving values and indices apart (m = 2: 11, m = TOP_P_DEPTH: 20 and
-# the index's add); the fold works on the keys the same way, and only the folded candidates are decoded
-# (`key_values`, `key_ids`): the value's bits and, from the code and the lane, the vocabulary index. Used
-# for top-p alone's deeper layout (`keyed`).
-# Sanitising comes free: a negative NaN stays below EMPTY_KEY (-inf with no code) and is never kept; a
-# positive NaN decodes to -inf in a candidate slot (dropped, as stage 5 says, its slot merely lost to the
-# real values) and to +inf as a bound (the rows then fall back: sound either way).
-KEY_MAGNITUDE = 0x7FFF0000  # the bits a negative value's key flips (its magnitude's, above the code)
+# one float32 *key* carries both the value and where it came from: the value clamped to the finite
+# bfloat16 range (+-KEY_LIMIT: an infinity with code bits would be a NaN), its low 16 bits KEY_CODE ^ the
+# row's vreg index. Keys order as their values wherever the values differ (the code bits never reach the
+# next bfloat16 value), and equal values by their codes (lower index first among equal positive values,
+# last among negative ones: which of equal values a lane holds never changes a kept set, since a tie
+# straddling the held ones leaves its value in the bound and the row falls back). The column pass keeps
+# each lane's m + 1 largest keys with a float max / min network (2m + 1 operations a vreg, three to make
+# the key) instead of compares and selects moving values and indices apart (m = 2: ~10 operations, m =
+# TOP_P_DEPTH: ~20); the fold works on the keys the same way, and only the folded candidates are decoded
+# (`key_values`, `key_ids`): the value is the key's bits less the code, the index comes from the code and
+# the lane. What the clamp and the float arithmetic change, `sample(..., keys=True)` checks per row (the
+# row falls back to the whole-row path, which is exact, where any of these could matter):
+# - -inf and the lowest finite value share one key value, -KEY_LIMIT: exact while nothing at or below it is
+#   kept and it weighs 0 (then it is -inf for every stage);
+# - +inf and the largest finite value share +KEY_LIMIT: exact only while the row's maximum is below it;
+# - a NaN (stage 5: -inf) makes a NaN key, which a NaN-propagating maximum spreads over its lane, the
+#   lane's bound then +inf (the row falls back); a maximum that drops NaN drops it (as -inf, exact);
+# - zeros and subnormals make subnormal keys, whose code a flush-to-zero unit may lose or duplicate
+#   (their order among themselves is then arbitrary): exact while no such value is kept.
+KEY_LIMIT = float(jnp.finfo(jnp.bfloat16).max)
 KEY_CODE = 0xFFFF  # the low bits: KEY_CODE ^ the vreg index
-EMPTY_KEY = -(1 << 31) + 0x007F0000  # -inf's key with code 0 (no vreg has index KEY_CODE): an empty slot
+EMPTY_KEY = float("-inf")  # an empty slot (code 0: no vreg has index KEY_CODE)
+TINY = float(jnp.finfo(jnp.float32).tiny)  # the least normal float32: keys below it in magnitude are subnormal
 
 
-def keyed(dtype, depth: int) -> bool:
+def keyed(dtype) -> bool:
     """Whether the column pass and the fold run on keys: bfloat16 logits (16 free low bits in their
-    float32 form) and the deeper layout (top-p alone), where they replace the most selects. Static
-    estimate, B=64, V=128256, bfloat16, the workload's trips, compares -> keys: v5e top_p 140,319 ->
-    134,301 cycles, but top_k 66,265 -> 69,845 and full 75,296 -> 76,534 (the two-deep layout's
-    compares and selects cost less than the keys' integer max / min, which Mosaic does not issue as
-    cheaply as float ones: one 16-row block's column pass 7.0k cycles with compares, 6.2k with keys
-    alone, 2.8k for a float max / min network without ids)."""
-    return jnp.dtype(dtype) == jnp.bfloat16 and depth > 2
+    float32 form), every layout. Static estimate, v5e, B=64, V=128256, bfloat16, the workload's trips
+    (no block fell back either way), compares (two-deep) and int32 keys (top-p alone) -> float32 keys:
+    top_k 51,970 -> 43,655 cycles, full 57,869 -> 48,559, top_p 100,124 -> 78,537. One (16, 128256)
+    block's column pass alone, less its copy: two-deep ~7.0k cycles with compares, ~4.7k on float keys
+    (~8.0k on the int32 keys this replaced, whose integer maximum Mosaic issues as a compare and a
+    select); four-deep ~12.2k on int32 keys, ~6.4k on float keys."""
+    return jnp.dtype(dtype) == jnp.bfloat16
 
 
 def _key(x: jax.Array, vreg: int | jax.Array) -> jax.Array:
     """The keys of `x` ((R, 128) float32 widened from bfloat16) read from the row's vreg `vreg`."""
-    bits = lax.bitcast_convert_type(x, jnp.int32)
-    return (bits ^ ((bits >> 31) & KEY_MAGNITUDE)) | (KEY_CODE ^ vreg)
+    bits = lax.bitcast_convert_type(jnp.minimum(jnp.maximum(x, -KEY_LIMIT), KEY_LIMIT), jnp.int32)
+    return lax.bitcast_convert_type(bits | (KEY_CODE ^ vreg), jnp.float32)
 
 
 def key_values(keys: jax.Array, nan: float) -> jax.Array:
     """The float32 values of `keys`; a NaN's as `nan` (-inf in a candidate slot, +inf in a bound)."""
-    bits = (keys ^ ((keys >> 31) & KEY_MAGNITUDE)) & ~KEY_CODE
+    bits = lax.bitcast_convert_type(keys, jnp.int32) & ~KEY_CODE
     values = lax.bitcast_convert_type(bits, jnp.float32)
     return jnp.where(values == values, values, jnp.float32(nan))
 
 
 def key_ids(keys: jax.Array, layout: ColumnLayout) -> jax.Array:
     """The vocabulary indices of `keys` (R, n x 128), each where its lane puts it in its vreg (the row's
-    last 128 lanes where V is not a multiple of 128: `ColumnLayout.last_lanes`); meaningless for an
-    empty slot."""
-    vreg = KEY_CODE ^ (keys & KEY_CODE)
+    last 128 lanes where V is not a multiple of 128: `ColumnLayout.last_lanes`); V (no token, and no EOS
+    id) for an empty slot or a code lost to a flush to zero."""
+    vreg = KEY_CODE ^ (lax.bitcast_convert_type(keys, jnp.int32) & KEY_CODE)
     lane = lax.broadcasted_iota(jnp.int32, keys.shape, 1) & (LANES - 1)
-    return jnp.where(vreg == layout.last_lanes, layout.vocab - LANES + lane, vreg * LANES + lane)
+    ids = jnp.where(vreg == layout.last_lanes, layout.vocab - LANES + lane, vreg * LANES + lane)
+    return jnp.where(vreg <= layout.last_lanes, ids, layout.vocab)
 
 
 def key_pass(
@@ -537,7 +546,7 @@ def key_pass(
     parts: int = 1,
     wait: Callable[[int], None] | None = None,
 ) -> None:
-    """`column_pass` for bfloat16 logits, on keys: keys_ref (R, (m + 1) x W) int32 gets each column
+    """`column_pass` for bfloat16 logits, on keys: keys_ref (R, (m + 1) x W) float32 gets each column
     lane's m largest keys (lanes [0, W) the largest, ...) and then the (m + 1)-th largest (lanes
     [m W, (m + 1) W): its bound); EMPTY_KEY where a column holds fewer values. Nothing is decoded here
     (`fold_keys` does it once folded). `parts`, `wait`: `column_pass`'s."""
@@ -545,7 +554,7 @@ def key_pass(
     lanes = functools.partial(_column_lanes, layout)
 
     def init():
-        return (jnp.full((rows, LANES), EMPTY_KEY, jnp.int32),) * (depth + 1)
+        return (jnp.full((rows, LANES), EMPTY_KEY, jnp.float32),) * (depth + 1)
 
     def update(acc, x, _idx, vreg):
         held, last = _network(acc[:depth], _key(x, vreg))
@@ -743,24 +752,21 @@ def fold_keys(
     held_keys: jax.Array, bound_keys: jax.Array, layout: ColumnLayout, sorted_levels: bool = True
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`fold` on `key_pass`'s keys (the candidates' (R, m x W), the bounds' (R, W)): the same
-    folded values and bounds (the keys order values as `fold` does, and equal values by index, so which
-    of equal values keep their ids may differ from `fold`'s: a tie that straddles the kept ones leaves its
-    value in the bound, and the row falls back either way), decoded only once folded. Merged as
-    `fold_merged` merges (a key's exchange is a maximum and a minimum), each column lane's levels sorted
-    as `key_pass` leaves them unless `sorted_levels` is False (keys dropped to EMPTY_KEY)."""
+    folded values and bounds up to the keys' stand-ins (module comment on keys; the keys order values as
+    `fold` does, and equal values by their codes, so which of equal values keep their ids may differ from
+    `fold`'s: a tie that straddles the kept ones leaves its value in the bound, and the row falls back
+    either way), decoded only once folded. Merged as `fold_merged` merges (a key's exchange is a maximum
+    and a minimum), each column lane's levels sorted as `key_pass` leaves them unless `sorted_levels` is
+    False (keys dropped to EMPTY_KEY), in every layout: on keys the two-deep layout's merges also pay
+    (static estimate, v5e, B=64, V=128256, bfloat16, the workload's trips, inserting -> merging: top_k
+    43,655 -> 42,694 cycles, full 48,559 -> 48,358), where on compares they did not (`merges`)."""
+    assert not layout.depth & (layout.depth - 1) and layout.depth <= _merge_capacity(layout.fold_shape[1])
     groups = layout.fold_groups
     if groups is not None:
         width = groups * LANES
-        empty = (jnp.full((held_keys.shape[0], width), EMPTY_KEY, jnp.int32),)
+        empty = (jnp.full((held_keys.shape[0], width), EMPTY_KEY, jnp.float32),)
         columns = _column_levels(layout, held_keys)
-        if merges(layout):
-            held, rest = _fold_lists(columns, layout.fold_shape[1], empty[0], empty, _exchange_keys, sorted_levels)
-        else:  # the two-deep layout's keys (tested against its compares; not the kernel's path): inserted
-            keys, rest = (empty[0],) * layout.fold_shape[1], empty[0]
-            for (level,) in itertools.chain.from_iterable(columns):
-                keys, out = _network(keys, level)
-                rest = jnp.maximum(rest, out)
-            held = [(k,) for k in keys]
+        held, rest = _fold_lists(columns, layout.fold_shape[1], empty[0], empty, _exchange_keys, sorted_levels)
         for start in range(0, bound_keys.shape[1], width):
             rest = jnp.maximum(rest, bound_keys[:, start : start + width])
         held_keys, bound_keys = jnp.concatenate([k for (k,) in held], axis=1), rest
@@ -920,6 +926,7 @@ def sample(
     reductions: RowReductions = RowReductions(),
     fixed: loop_trips.FixedTrips | None,
     dtype=jnp.float32,
+    keys: bool = False,
 ) -> CandidateResult:
     """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, n x 128),
     `bound` (R, m x 128), every row value outside the candidates at most the row's largest bound (the
@@ -939,7 +946,10 @@ def sample(
       - the kept set's lower bound is above s3: the threshold, or min-p's cut when min-p drops s3 (a
         top-p threshold below s3 is then below the cut in the row too, so the kept sets agree);
     and no logit is +inf. A greedy row (the first index of the maximum) is exact when no value outside
-    the candidates ties its maximum, and no logit is +inf."""
+    the candidates ties its maximum, and no logit is +inf. `keys`: the candidates were decoded from
+    `key_pass`'s keys, and a row is exact only where their stand-ins (module comment on keys) cannot
+    matter: no kept candidate at -KEY_LIMIT or below it or subnormal, -KEY_LIMIT weighing 0, the maximum
+    below +KEY_LIMIT (for a greedy row: above -KEY_LIMIT and not subnormal)."""
     row_min, row_max, row_sum = reductions.min, reductions.max, reductions.sum
     reductions = {"column_min": row_min, "column_max": row_max}
     shape = search_shape(values.shape[0], dtype)
@@ -1060,5 +1070,11 @@ def sample(
     sampled = jnp.where(kept_mass > 0, sampled, 0)
     token = jnp.where(greedy, first_max, sampled)
     # (logical operations: Mosaic cannot select between boolean vectors)
-    row_ok = (x_max < jnp.inf) & ((greedy & (first_max_held | ~outside)) | (~greedy & exact))
+    greedy_ok = first_max_held | ~outside
+    if keys:  # the keys' stand-ins (module comment on keys) must not decide the row
+        floor_s = jnp.float32(-KEY_LIMIT) * inverse_t
+        stand_in = (values <= -KEY_LIMIT) | (jnp.abs(values) < TINY)
+        exact &= (weight(floor_s, s_max) == 0.0) & (row_max(jnp.where(kept & stand_in, 1, 0)) == 0)
+        greedy_ok &= (x_max > -KEY_LIMIT) & (jnp.abs(x_max) >= TINY)
+    row_ok = (x_max < (KEY_LIMIT if keys else jnp.inf)) & ((greedy & greedy_ok) | (~greedy & exact))
     return CandidateResult(token, threshold, s_max, kept_mass, x_max, ~jnp.all(row_ok), trips, row_ok)

@@ -452,14 +452,14 @@ def candidate_depth(*, top_k: bool, min_p: bool, **_: bool) -> int:
 
 def scratch_shapes(block_rows: int, vocab: int, dtype, **stages: bool) -> list:
     """The VMEM scratch the kernel needs for these stage flags and logits dtype: the candidates' arrays
-    (top-p alone on bfloat16: their keys, `candidates.key_pass`), or nothing."""
+    (bfloat16 logits: their keys, `candidates.key_pass`), or nothing."""
     if not uses_candidates(vocab, **stages):
         return []
     from jax.experimental.pallas import tpu as pltpu
 
     layout = candidates.ColumnLayout.of(vocab, candidate_depth(**stages))
-    if candidates.keyed(dtype, layout.depth):
-        return [pltpu.VMEM((block_rows, (layout.depth + 1) * layout.width), jnp.int32)]
+    if candidates.keyed(dtype):
+        return [pltpu.VMEM((block_rows, (layout.depth + 1) * layout.width), jnp.float32)]
     return [
         pltpu.VMEM((block_rows, layout.depth * layout.width), jnp.float32),
         pltpu.VMEM((block_rows, layout.depth * layout.width), jnp.int32),
@@ -547,7 +547,7 @@ def block_candidates(
     # of the block. Interpret mode: one column group at a time, unrolled once (its XLA compile grows with
     # both; `test_candidates` checks the column pass's interleaved form against numpy)
     unroll, together = (1, 1) if interpret else (candidates.UNROLL, candidates.COLUMNS_TOGETHER)
-    if candidates.keyed(x_ref.dtype, layout.depth):  # value and index as one key (`candidates.key_pass`)
+    if candidates.keyed(x_ref.dtype):  # value and index as one key (`candidates.key_pass`)
         (keys_ref,) = scratch
         candidates.key_pass(x_ref, keys_ref, layout, unroll, together, parts, wait)
         held = layout.depth * layout.width
@@ -605,6 +605,7 @@ def sample_candidates(
         reductions=candidates.RowReductions(tree=not interpret),
         fixed=config.trips,
         dtype=dtype,
+        keys=candidates.keyed(dtype),
     )
 
 

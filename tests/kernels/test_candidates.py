@@ -143,9 +143,9 @@ def test_a_pass_in_parts_reads_each_part_after_its_wait_and_keeps_what_one_pass_
     assert all(a[1] == b[0] for a, b in itertools.pairwise(lanes))
     rng = np.random.default_rng(vocab)
     x = jnp.asarray(np.round(rng.standard_normal((16, vocab)) * 2), dtype)  # ties within columns
-    keyed = candidates.keyed(x.dtype, depth)
+    keyed = candidates.keyed(x.dtype)
     n = (depth + 1) * layout.width if keyed else depth * layout.width
-    shapes = [(n, jnp.int32)] if keyed else [(n, jnp.float32), (n, jnp.int32), (layout.width, jnp.float32)]
+    shapes = [(n, jnp.float32)] if keyed else [(n, jnp.float32), (n, jnp.int32), (layout.width, jnp.float32)]
     out_shape = [jax.ShapeDtypeStruct((16, lanes_), t) for lanes_, t in shapes]
     waited = []
 
@@ -183,22 +183,26 @@ def test_a_pass_in_parts_reads_each_part_after_its_wait_and_keeps_what_one_pass_
 
 @pytest.mark.parametrize(("vocab", "depth"), [(200, 2), (16511, 2), (candidates.WIDE_VOCAB, 2), (9000, 4), (140000, 4)])
 def test_bfloat16_keys_keep_what_the_column_pass_and_the_fold_keep(vocab, depth):
-    """`key_pass` + `fold_keys` (bfloat16 logits: value and index as one int32 key) against numpy and
-    `fold`: each column lane's m largest values with their first indices and the next, then the same
-    folded values and bounds as `fold`, every folded id that of its value (`fold` orders equal values by
-    lane group, the keys by index, so which of equal values keep their ids may differ). Ties, a row of
-    -inf but its last value (in a partial last vreg), +inf, negative NaN (never a candidate) and, in
-    their own rows, positive NaN, which takes slots but decodes to empty ones and keeps the bound sound."""
+    """`key_pass` + `fold_keys` (bfloat16 logits: value and index as one float32 key) against numpy and
+    `fold`, up to the keys' documented stand-ins: each column lane's m largest values and the next, -inf
+    read as -KEY_LIMIT and +inf as +KEY_LIMIT (an empty slot stays -inf); every id that of its value,
+    no id twice, wherever the value is normal (zeros are subnormal keys, whose codes this CPU's flush to
+    zero loses: their ids read V, never a token); then the same folded values and bounds as `fold` on
+    the decoded candidates, and no value outside the folded ones above their largest bound. Rows with
+    a NaN (either sign): a NaN-propagating maximum (XLA's) spreads it over its lane, whose bound reads
+    +inf (the row can then only fall back), and nothing decodes to a wrong value or id."""
     layout = candidates.ColumnLayout.of(vocab, depth)
+    limit = candidates.KEY_LIMIT
     rng = np.random.default_rng(vocab)
-    x = np.round(rng.standard_normal((16, vocab)) * 2).astype(np.float32) + 0.0  # ties, no -0.0 (below 0.0 as a key)
+    x = np.round(rng.standard_normal((16, vocab)) * 2).astype(np.float32)  # ties (and zeros)
     x[0, :: max(1, vocab // 50)] = -np.nan
     x[1] = -np.inf
     x[1, vocab - 1] = 3.0
     x[2, 5] = np.inf
-    positive_nan = [3, 4]
     x[3, :: max(1, vocab // 40)] = np.nan
     x[4] = np.nan
+    x[5, :7] = [limit, -limit, 1e-40, -1e-40, -0.0, 0.0, limit]  # the stand-ins' own values
+    with_nan = [0, 3, 4]
     assert not np.signbit(x[3, 0]) and np.signbit(x[0, 0])
     held = depth * layout.width
 
@@ -207,30 +211,43 @@ def test_bfloat16_keys_keep_what_the_column_pass_and_the_fold_keep(vocab, depth)
 
     from jax.experimental import pallas as pl
 
-    shape = jax.ShapeDtypeStruct((16, held + layout.width), jnp.int32)
+    shape = jax.ShapeDtypeStruct((16, held + layout.width), jnp.float32)
     keys = pl.pallas_call(kernel_body, out_shape=shape, interpret=True)(jnp.asarray(x, jnp.bfloat16))
     values = np.asarray(candidates.key_values(keys[:, :held], -np.inf))
     ids = np.asarray(candidates.key_ids(keys[:, :held], layout))
     bound = np.asarray(candidates.key_values(keys[:, held:], np.inf))
+    # what a key stands for: NaN as -inf (stage 5), infinities clamped, subnormals flushed (this CPU)
     clean = np.where(np.isnan(x), -np.inf, x)
-    want_values, want_ids, want_third = _expected_candidates(clean, layout)
-    rows = [r for r in range(16) if r not in positive_nan]
-    np.testing.assert_array_equal(values[rows], want_values[rows])
-    np.testing.assert_array_equal(bound[rows], want_third[rows])
-    kept = want_values[rows] > -np.inf
-    np.testing.assert_array_equal(ids[rows][kept], want_ids[rows][kept])
+    stood = np.clip(np.where(np.abs(clean) < candidates.TINY, 0.0, clean), -limit, limit).astype(np.float32)
+    want_values, _, want_third = _expected_candidates(stood, layout)
+    rows = [r for r in range(16) if r not in with_nan]
+    floor = lambda a: np.maximum(a, -limit)  # noqa: E731  (an empty slot is -inf, a -inf logit -KEY_LIMIT)
+    np.testing.assert_array_equal(floor(values[rows]), floor(want_values[rows]))
+    np.testing.assert_array_equal(floor(bound[rows]), floor(want_third[rows]))
+    for r in with_nan:
+        assert bound[r].max() == np.inf
+
+    def check_ids(r, values_r, ids_r):
+        normal = (np.abs(values_r) >= candidates.TINY) & (values_r > -limit)
+        assert (ids_r[normal] < vocab).all()
+        np.testing.assert_array_equal(stood[r, ids_r[normal]], values_r[normal])
+        assert len(set(ids_r[normal])) == normal.sum()
+        assert ((ids_r < vocab) | (values_r == 0) | (values_r == -np.inf)).all()
+
+    for r in range(16):
+        check_ids(r, values[r], ids[r])
 
     folded = [np.asarray(a) for a in candidates.fold_keys(keys[:, :held], keys[:, held:], layout)]
     plain = [np.asarray(a) for a in candidates.fold(*(jnp.asarray(a) for a in (values, ids, bound)), layout)]
-    np.testing.assert_array_equal(folded[0][rows], plain[0][rows])
-    np.testing.assert_array_equal(folded[2][rows], plain[2][rows])
+    np.testing.assert_array_equal(floor(folded[0][rows]), floor(plain[0][rows]))
+    np.testing.assert_array_equal(floor(folded[2][rows]), floor(plain[2][rows]))
     for r in range(16):
-        kept = folded[0][r] > -np.inf
-        np.testing.assert_array_equal(clean[r, folded[1][r][kept]], folded[0][r][kept])
-        assert (folded[1][r][~kept] == 0).all()
-        assert len(set(folded[1][r][kept])) == kept.sum()
-        outside = np.delete(clean[r], folded[1][r][kept])
-        assert outside.max(initial=-np.inf) <= folded[2][r].max()
+        check_ids(r, folded[0][r], folded[1][r])
+        assert (folded[1][r][folded[0][r] == -np.inf] == 0).all()
+        kept = folded[1][r][(folded[1][r] < vocab) & (folded[0][r] > -np.inf)]
+        outside = np.delete(stood[r], kept)  # (a zero whose id was lost still holds its slot's value)
+        assert outside[outside != 0].max(initial=-np.inf) <= folded[2][r].max()
+        assert not (outside == 0).any() or folded[2][r].max() >= 0 or (folded[0][r] == 0).any()
 
 
 def test_the_two_deep_layout_widens_from_wide_vocab_and_top_p_alones_does_not():
@@ -493,6 +510,43 @@ def test_bfloat16_nan_and_inf_logits_give_the_references_tokens(config, falls_ba
     np.testing.assert_array_equal(tokens, np.asarray(sample(x, params, keys, impl="reference", **kw)))
     kept = np.asarray(process_logits(x, params, impl="pallas", **kw)) > -np.inf
     np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference", **kw)) > -np.inf)
+
+
+def test_bfloat16_rows_whose_keys_stand_ins_could_matter_fall_back_and_give_the_references_tokens():
+    """The keys' stand-ins (`candidates` module comment on keys) on bfloat16 logits, a 16-row block each:
+    0 a block they cannot touch (a thousand -inf logits in one row, far below its kept set): decided on
+    the candidates; 1 kept zeros (subnormal keys: this CPU flushes them, codes lost); 2 a top-k reaching
+    below the row's finite values (-inf read as -KEY_LIMIT); 3 logits and a temperature near 1e37, under
+    which a -KEY_LIMIT logit weighs more than 0; 4 greedy rows whose maximum is 0; 5 a logit at
+    +KEY_LIMIT (where +inf is read): each falls back to the whole-row path. Tokens and kept sets are the
+    reference's in every row."""
+    limit = candidates.KEY_LIMIT
+    blocks, vocab = 6, 12000
+    batch = 16 * blocks
+    x = np.array(verification.logits("normal", batch, vocab, "float32", 5)) * 2
+    temperature = np.full(batch, 0.8, np.float32)
+    top_k = np.full(batch, 20, np.int32)
+    top_p = np.full(batch, 0.9, np.float32)
+    x[3, 100:1100] = -np.inf
+    x[16:32] = np.minimum(x[16:32] - x[16:32].max(axis=1, keepdims=True), 0.0)  # each row's maximum is 0
+    x[16:32, 500:503] = 0.0  # ties at the maximum: zeros kept
+    x[32:48, 2:] = -np.inf  # two finite values, top-k 20
+    temperature[32:48] = 2.0  # (below 1, -KEY_LIMIT / T overflows to -inf: a stand-in is then exactly -inf)
+    x[48:64] *= 1e37  # spread as widely as the temperature: top-k still bounds the row's kept set
+    x[48:64, 7] = -limit
+    temperature[48:64] = 1e37
+    x[64:80] = np.minimum(x[64:80] - x[64:80].max(axis=1, keepdims=True), 0.0)
+    temperature[64:80] = 0.0
+    x[80:96, 9] = limit
+    x = jnp.asarray(x, jnp.bfloat16)
+    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=np.float32(0.0))
+    keys = jax.random.split(jax.random.key(8), batch)
+    tokens, stats, kernel_config = _launch(x, params, vocab, keys)
+    assert kernel.uses_candidates(vocab, allowed=False, random=kernel_config.random, **kernel_config.filters)
+    np.testing.assert_array_equal(stats[::16, FALLBACK_COLUMN] > 0, [False] + [True] * (blocks - 1))
+    np.testing.assert_array_equal(tokens, np.asarray(sample(x, params, keys, impl="reference")))
+    kept = np.asarray(process_logits(x, params, impl="pallas")) > -np.inf
+    np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference")) > -np.inf)
 
 
 @pytest.mark.parametrize(
