@@ -672,10 +672,11 @@ def _fold_lists(
 
 
 def merges(layout: ColumnLayout) -> bool:
-    """Whether `fold` merges sorted lists (`fold_merged`) for this layout: the deeper layouts (top-p
-    alone's TOP_P_DEPTH levels into 7 or 8 kept), their depth a power of two at most the merges'
-    capacity. The two-deep layout inserts: merging its pairs into 4 kept measured faster alone (the fold
-    of one (16, 128256) block, v5e: 1,350 -> 920 cycles) but not in the kernel (static estimate, v5e,
+    """Whether `fold` (values and ids: float32 logits; `fold_keys` merges every layout) merges sorted
+    lists (`fold_merged`) for this layout: the deeper layouts (top-p alone's TOP_P_DEPTH levels into 7
+    or 8 kept), their depth a power of two at most the merges' capacity. The two-deep layout inserts:
+    merging its pairs into 4 kept measured faster alone (the fold of one (16, 128256) block, v5e: 1,350
+    -> 920 cycles) but not in the kernel (static estimate, v5e,
     B=64, V=128256, the workload's trips, float32 / bfloat16: top_k 67,886 / 55,432 -> 68,473 / 56,206
     cycles, full 77,644 / 63,544 -> 77,810 / 63,899; v6e top_k 56,080 / 52,258 -> 55,835 / 51,901), where
     top-p alone's gained (v5e 120,309 / 108,398 -> 116,702 / 104,366, v6e 114,687 / 105,105 -> 108,596 /

@@ -488,12 +488,12 @@ def test_min_tokens_drops_eos_candidates_as_the_reference_masks_them(dtype, filt
 @pytest.mark.parametrize(("config", "falls_back"), [("combined", [False, True]), ("top_p", [True, True])])
 def test_bfloat16_nan_and_inf_logits_give_the_references_tokens(config, falls_back):
     """bfloat16 logits (16-row blocks) with NaN of either sign in one block, a +inf logit in the other.
-    Combined filters: the column pass only compares (a NaN compares above nothing), so the candidates
-    decide the NaN block, the NaN dropped as stage 5 says, and the +inf sends the other block to the
-    whole-row path. Top-p alone (`candidates.key_pass`'s keys: a negative NaN sorts below -inf and is
-    never a candidate, a positive one above +inf and decodes to an empty slot) needs the whole rows'
-    mass, which a NaN makes NaN: that block falls back as well. Tokens and kept sets are the
-    reference's."""
+    Combined filters (their penalties hand the kernel float32 logits): the column pass only compares (a
+    NaN compares above nothing), so the candidates decide the NaN block, the NaN dropped as stage 5
+    says, and the +inf sends the other block to the whole-row path. Top-p alone (bfloat16 into the
+    kernel: `candidates.key_pass`'s keys, where a NaN spreads over its column lane and the lane's bound
+    reads +inf; and the whole rows' mass, which a NaN makes NaN) falls back in that block as well.
+    Tokens and kept sets are the reference's."""
     batch, vocab = 32, 12000
     params = verification.params(config, batch, vocab)
     x = np.array(verification.logits("normal", batch, vocab, "float32", 4))
