@@ -377,14 +377,36 @@ def _column_lanes(layout: ColumnLayout, level: int, c) -> pl.Slice:
 
 
 def _for_each_part(
-    x_ref, layout: ColumnLayout, prepare: Prepare, init, update, finish, resume, unroll, together, parts, wait
+    x_ref, layout: ColumnLayout, prepare: Prepare, init, update, finish, resume, unroll, together, parts, wait, carry=0
 ):
     """`for_each_column` over `layout.parts(parts)` in order, `wait(k)` (if given) before part k; `finish`
-    stores each column's acc where `resume` reads it back for the next part."""
+    stores each column's acc where `resume` reads it back for the next part, and its carry goes on from
+    part to part (returned)."""
     for k, chunks in enumerate(layout.parts(parts)):
         if wait is not None:
             wait(k)
-        for_each_column(x_ref, layout, prepare, init, update, finish, 0, unroll, together, chunks, resume)
+        carry = for_each_column(x_ref, layout, prepare, init, update, finish, carry, unroll, together, chunks, resume)
+    return carry
+
+
+def _with_mass(rows: int, mass_scale: jax.Array | None, init, update, finish, resume):
+    """A pass's `for_each_column` functions, also summing `exp(x * mass_scale)` ((R, 1)) over every value
+    into their carry ((R, 128), returned by `_for_each_part`) where `mass_scale` is given (`FusedMass`);
+    as they are, with a carry of 0, where it is None."""
+    if mass_scale is None:
+        return init, update, finish, resume, 0
+    zero = jnp.zeros((rows, LANES), jnp.float32)
+    return (
+        lambda: (init(), zero),
+        lambda acc, x, idx, vreg: (update(acc[0], x, idx, vreg), acc[1] + jnp.exp(x * mass_scale)),
+        lambda c, acc, carry: finish(c, acc[0], carry) + acc[1],
+        lambda c: (resume(c), zero),
+        zero,
+    )
+
+
+def _mass_of(carry) -> jax.Array | None:
+    return None if isinstance(carry, int) else jnp.sum(carry, axis=-1, keepdims=True)
 
 
 def _shift_in(above: list[jax.Array], new: jax.Array, held: tuple) -> tuple:
@@ -445,14 +467,16 @@ def column_pass(
     together: int = COLUMNS_TOGETHER,
     parts: int = 1,
     wait: Callable[[int], None] | None = None,
-) -> None:
+    mass_scale: jax.Array | None = None,
+) -> jax.Array | None:
     """Writes the block's candidates: values_ref / ids_ref (R, m x W), m = `layout.depth`, hold each
     column lane's largest value (lanes [0, W)), second largest (lanes [W, 2W)), ... with their vocabulary
     indices, third_ref (R, W) the (m + 1)-th largest (the lane's bound; the third for m = 2); -inf (index
     0) where a column holds fewer values. `unroll`, `together`: `for_each_column`'s (the same values
     whatever they are). `parts`: the block read in `layout.parts(parts)`, `wait(k)` called before part k
     (a copy of its lanes, `ColumnLayout.part_lanes`, awaited), each column's candidates stored between
-    parts in the refs themselves: the same values."""
+    parts in the refs themselves: the same values. `mass_scale` ((R, 1)): also each row's sum of
+    `exp(x * mass_scale)`, returned (`FusedMass`); None returned without it."""
     rows, depth = x_ref.shape[0], layout.depth
     lanes = functools.partial(_column_lanes, layout)
 
@@ -474,7 +498,9 @@ def column_pass(
         return carry
 
     insert = _top_m if depth == 2 else _top_m_network
-    _for_each_part(x_ref, layout, prepare, init, insert, finish, resume, unroll, together, parts, wait)
+    init, insert, finish, resume, carry = _with_mass(rows, mass_scale, init, insert, finish, resume)
+    carry = _for_each_part(x_ref, layout, prepare, init, insert, finish, resume, unroll, together, parts, wait, carry)
+    return _mass_of(carry)
 
 
 # Keys (bfloat16 logits, `keyed`): a bfloat16 value widened to float32 leaves the low 16 bits zero, so
@@ -545,11 +571,12 @@ def key_pass(
     together: int = COLUMNS_TOGETHER,
     parts: int = 1,
     wait: Callable[[int], None] | None = None,
-) -> None:
+    mass_scale: jax.Array | None = None,
+) -> jax.Array | None:
     """`column_pass` for bfloat16 logits, on keys: keys_ref (R, (m + 1) x W) float32 gets each column
     lane's m largest keys (lanes [0, W) the largest, ...) and then the (m + 1)-th largest (lanes
     [m W, (m + 1) W): its bound); EMPTY_KEY where a column holds fewer values. Nothing is decoded here
-    (`fold_keys` does it once folded). `parts`, `wait`: `column_pass`'s."""
+    (`fold_keys` does it once folded). `parts`, `wait`, `mass_scale`: `column_pass`'s."""
     rows, depth = x_ref.shape[0], layout.depth
     lanes = functools.partial(_column_lanes, layout)
 
@@ -568,7 +595,11 @@ def key_pass(
     def resume(c):
         return tuple(keys_ref[:, lanes(level, c)] for level in range(depth + 1))
 
-    _for_each_part(x_ref, layout, lambda x, idx: x, init, update, finish, resume, unroll, together, parts, wait)
+    init, update, finish, resume, carry = _with_mass(rows, mass_scale, init, update, finish, resume)
+    carry = _for_each_part(
+        x_ref, layout, lambda x, idx: x, init, update, finish, resume, unroll, together, parts, wait, carry
+    )
+    return _mass_of(carry)
 
 
 def drop_candidates(values: jax.Array, ids: jax.Array, dropped: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -794,7 +825,8 @@ def row_mass(
     and at the maximum `x * inverse_t - s_max` is 0 or the product's rounding error, so the pin would
     move it by an ulp of one term for two VALU operations a vreg (v5e, B=64, V=128256, bfloat16, top-p
     alone, the workload's trips: 119,878 -> 116,465 cycles). A row without a finite value sums NaN
-    here; `needs_row_mass` leaves such rows out."""
+    here; `needs_row_mass` leaves such rows out. (Top-p alone takes its rows' mass from the column pass
+    instead, `FusedMass`: this pass serves the rows where that sum cannot stand for it.)"""
     rows = x_ref.shape[0]
 
     def update(acc, x, _idx, _vreg):
@@ -849,6 +881,34 @@ def needs_row_mass(
     return whole, inverse_t, s_max
 
 
+# The lowest row maximum (in scaled units) at which `FusedMass` stands for the row's mass: a term exp(s)
+# it lost to underflow (s below about -87) weighs at most e^-47 of the maximum's there, V of them far
+# below an ulp of the sum. Above, overflow shows as an infinite sum.
+FUSED_MASS_LOWEST = -40.0
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedMass:
+    """Each row's whole mass taken in the column pass itself (`column_pass` / `key_pass` with
+    `mass_scale`), before the row's maximum is known: `mass` = the sum of exp(x * `inverse_t`) over the
+    row, `inverse_t` the uncapped 1 / T (`numerics.inverse_temperature` at a maximum of 0). The row's
+    mass is then `mass * exp(-s_max)`, the same sum as `row_mass`'s up to rounding (each term rounded
+    before the scaling rather than after the shift; neither sums in the reference's order), without a
+    second pass over the block: the pass's exp goes to the EUP slot, its multiply and add beside the
+    column pass's own VALU work. `usable`: the rows where it is that mass (the temperature's cap did
+    not act, the maximum is at least FUSED_MASS_LOWEST, the sum is finite, so no +inf or NaN logit);
+    `mass_where` runs `row_mass`'s pass for the rest."""
+
+    mass: jax.Array
+    inverse_t: jax.Array
+
+    def usable(self, inverse_t: jax.Array, s_max: jax.Array) -> jax.Array:
+        return (inverse_t == self.inverse_t) & (s_max >= FUSED_MASS_LOWEST) & (self.mass < jnp.inf)
+
+    def scaled(self, s_max: jax.Array) -> jax.Array:
+        return self.mass * jnp.exp(-jnp.maximum(s_max, FUSED_MASS_LOWEST))
+
+
 def mass_where(
     whole: jax.Array,
     row_mass: Callable[[jax.Array, jax.Array], jax.Array],
@@ -856,10 +916,16 @@ def mass_where(
     s_max: jax.Array,
     elsewhere: jax.Array,
     fixed: loop_trips.FixedTrips | None,
+    fused: FusedMass | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The whole rows' mass (`row_mass(inverse_t, s_max)`, one pass over the block) on the `whole` rows,
     `elsewhere` on the others; the pass runs only where some row needs it (the `row_mass` site): (mass
-    (R, 1), its trips)."""
+    (R, 1), its trips). `fused`: the column pass's sums, which stand for the mass on their `usable`
+    rows, so the pass runs only where some other row needs it."""
+    if fused is not None:
+        usable = fused.usable(inverse_t, s_max)
+        elsewhere = jnp.where(whole & usable, fused.scaled(s_max), elsewhere)
+        whole = whole & ~usable
     (mass, _), trips = loop_trips.while_loop(
         "row_mass",
         fixed,
@@ -928,6 +994,7 @@ def sample(
     fixed: loop_trips.FixedTrips | None,
     dtype=jnp.float32,
     keys: bool = False,
+    fused_mass: FusedMass | None = None,
 ) -> CandidateResult:
     """The spec's stages 6-10 on a block's candidates (module docstring): `values` / `ids` (R, n x 128),
     `bound` (R, m x 128), every row value outside the candidates at most the row's largest bound (the
@@ -937,7 +1004,8 @@ def sample(
     array, already computed on the rows `needs_row_mass` names (others are not read). `search` is
     `vsampler.core.numerics.largest_value_with_trips`, `weight` `numerics.weight`, `inverse_temperature`
     stage 6's factor (`numerics.inverse_temperature`).
-    `dtype`: the logits' (with the rows, it picks the searches' `search_shape`).
+    `dtype`: the logits' (with the rows, it picks the searches' `search_shape`). `fused_mass`: the column
+    pass's whole-row sums (`FusedMass`), taken for `row_mass` where usable.
 
     A random row is exact (`fallback` stays False for it) when no value outside the candidates can be
     kept (all are <= s3, the largest bound):
@@ -1007,7 +1075,7 @@ def sample(
         candidate_mass = row_sum(kept_e)
         whole = (p < 1.0) & (threshold == NEG_INF) & outside & has_values  # top-p over the whole row
         if callable(row_mass):
-            mass, trips["row_mass"] = mass_where(whole, row_mass, inverse_t, s_max, candidate_mass, fixed)
+            mass, trips["row_mass"] = mass_where(whole, row_mass, inverse_t, s_max, candidate_mass, fixed, fused_mass)
         else:
             mass = jnp.where(whole, row_mass, candidate_mass)
         target = p * mass

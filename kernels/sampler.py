@@ -536,12 +536,19 @@ def block_candidates(
     interpret: bool,
     parts: int = 1,
     wait: Callable[[int], None] | None = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    lone_block: bool = False,
+) -> tuple[jax.Array, jax.Array, jax.Array, candidates.FusedMass | None]:
     """The candidates of one resident block (`candidates.py`): the column pass into `scratch`
-    (`scratch_shapes`' arrays), stage 4 on the candidates, the fold: (values, ids, bound). `parts`,
-    `wait`: the column pass's (a block whose copy arrives in parts)."""
+    (`scratch_shapes`' arrays), stage 4 on the candidates, the fold: (values, ids, bound, the rows'
+    whole mass from the column pass where `fuses_row_mass`, else None). `parts`, `wait`: the column
+    pass's (a block whose copy arrives in parts). `lone_block`: the grid step's only block
+    (`fuses_row_mass`)."""
     layout = candidate_layout(vocab, config)
     too_early, is_eos_id, _ = eos_masks(rows, eos, config.min_tokens)
+    mass_scale = None  # the uncapped 1 / T the column pass scales the rows' mass by, where it takes it
+    if fuses_row_mass(layout, config, x_ref.dtype, lone_block):
+        temperature = row_column(rows, T)
+        mass_scale = inverse_temperature(temperature, jnp.zeros_like(temperature))
     # stage 5's NaN needs nothing in these passes (they only compare; the keys leave a NaN out or let it
     # force a fallback); stage 4 is applied to the candidates afterwards (a few vregs), not to every vreg
     # of the block. Interpret mode: one column group at a time, unrolled once (its XLA compile grows with
@@ -549,20 +556,37 @@ def block_candidates(
     unroll, together = (1, 1) if interpret else (candidates.UNROLL, candidates.COLUMNS_TOGETHER)
     if candidates.keyed(x_ref.dtype):  # value and index as one key (`candidates.key_pass`)
         (keys_ref,) = scratch
-        candidates.key_pass(x_ref, keys_ref, layout, unroll, together, parts, wait)
+        mass = candidates.key_pass(x_ref, keys_ref, layout, unroll, together, parts, wait, mass_scale)
         held = layout.depth * layout.width
         keys = keys_ref[:, :held]
         if config.min_tokens:
             keys = jnp.where(too_early & is_eos_id(candidates.key_ids(keys, layout)), candidates.EMPTY_KEY, keys)
-        return candidates.fold_keys(keys, keys_ref[:, held:], layout, sorted_levels=not config.min_tokens)
+        folded = candidates.fold_keys(keys, keys_ref[:, held:], layout, sorted_levels=not config.min_tokens)
+        return *folded, None if mass is None else candidates.FusedMass(mass, mass_scale)
     values_ref, ids_ref, third_ref = scratch
-    candidates.column_pass(
-        x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together, parts, wait
+    mass = candidates.column_pass(
+        x_ref, values_ref, ids_ref, third_ref, layout, lambda x, idx: x, unroll, together, parts, wait, mass_scale
     )
     values, ids = values_ref[...], ids_ref[...]
     if config.min_tokens:
         values, ids = candidates.drop_candidates(values, ids, too_early & is_eos_id(ids))
-    return candidates.fold(values, ids, third_ref[...], layout, sorted_levels=not config.min_tokens)
+    folded = candidates.fold(values, ids, third_ref[...], layout, sorted_levels=not config.min_tokens)
+    return *folded, None if mass is None else candidates.FusedMass(mass, mass_scale)
+
+
+def fuses_row_mass(layout: candidates.ColumnLayout, config: KernelConfig, dtype, lone_block: bool) -> bool:
+    """Whether the column pass also sums the rows' whole mass (`candidates.FusedMass`), which spares the
+    `row_mass` pass: top-p alone (its deep layout; every row with p < 1 needs that mass), without
+    min_tokens (whose EOS mask the column pass does not apply), on bfloat16 logits (their key pass), or
+    float32 where the block is its grid step's only one. Static estimate, V=128256, the workload's trips,
+    top-p alone, the pass -> the column pass's sums: v5e B=64 bfloat16 78,537 -> 75,196 cycles, B=8
+    bfloat16 18,326 -> 17,374, B=8 float32 (one block a step, nothing to hide the pass behind) 23,222 ->
+    22,220; v6e B=64 bfloat16 73,293 -> 70,370; but v5e B=64 float32 111,399 -> 116,560 (four blocks a
+    step: each block's pass ran within the next block's copy), so multi-block float32 keeps the pass (v6e
+    B=64 float32 gained, 102,149 -> 100,173; left with v5e). Elsewhere the few rows that need it (top-k
+    off in a top-k batch) take the pass, and the column pass stays as lean as it is."""
+    fits = candidates.keyed(dtype) or lone_block
+    return config.top_p and layout.depth > 2 and not config.min_tokens and fits
 
 
 def block_row_mass(x_ref, rows: jax.Array, eos: jax.Array, *, vocab: int, config: KernelConfig, interpret: bool):
@@ -585,8 +609,10 @@ def sample_candidates(
     config: KernelConfig,
     dtype: Any,
     interpret: bool,
+    fused_mass: candidates.FusedMass | None = None,
 ) -> candidates.CandidateResult:
-    """Stages 6-10 on candidates (`candidates.sample`) for `rows`' parameters (one block's or a group's)."""
+    """Stages 6-10 on candidates (`candidates.sample`) for `rows`' parameters (one block's or a group's);
+    `fused_mass`: `block_candidates`' whole-row sums."""
     top_k, top_p, min_p = config.top_k, config.top_p, config.min_p
     return candidates.sample(
         values,
@@ -606,6 +632,7 @@ def sample_candidates(
         fixed=config.trips,
         dtype=dtype,
         keys=candidates.keyed(dtype),
+        fused_mass=fused_mass,
     )
 
 
@@ -648,9 +675,9 @@ def fused_sampler_kernel(
 
     fast_trips = {}
     if uses_candidates(vocab, random=config.random, allowed=allowed, **config.filters):
-        values, ids, bound = block_candidates(x_ref, scratch, rows, eos, **block)
+        values, ids, bound, fused = block_candidates(x_ref, scratch, rows, eos, **block)
         row_mass = block_row_mass(x_ref, rows, eos, **block)
-        fast = sample_candidates(values, ids, bound, rows, row_mass, dtype=x_ref.dtype, **block)
+        fast = sample_candidates(values, ids, bound, rows, row_mass, dtype=x_ref.dtype, fused_mass=fused, **block)
         fast_trips = fast.trips
         quick = (fast.token, fast.threshold, fast.s_max, fast.kept_mass, fast.x_max, (jnp.int32(0),) * 3)
         result, taken = loop_trips.cond("fallback", trips, fast.fallback, whole_row, lambda: quick)

@@ -75,9 +75,10 @@ def group_scratch_shapes(group_rows: int, vocab: int, config: KernelConfig) -> l
     ]
 
 
-def _whole_mass(x_ref, values, bound, block_params, eos, *, vocab: int, config: KernelConfig, interpret: bool):
+def _whole_mass(x_ref, values, bound, block_params, eos, fused, *, vocab: int, config: KernelConfig, interpret: bool):
     """The whole rows' mass of one resident block where top-p will need it (`candidates.needs_row_mass`;
-    0 elsewhere), one pass over the block if any row does (the `row_mass` site): (mass (R, 1), trips)."""
+    0 elsewhere): the column pass's sums (`fused`, `candidates.FusedMass`) where they stand for it, one
+    pass over the block if any other row needs it (the `row_mass` site): (mass (R, 1), trips)."""
     whole, inverse_t, s_max = candidates.needs_row_mass(
         values,
         bound,
@@ -88,7 +89,7 @@ def _whole_mass(x_ref, values, bound, block_params, eos, *, vocab: int, config: 
         reductions=candidates.RowReductions(tree=not interpret),
     )
     row_mass = resident.block_row_mass(x_ref, block_params, eos, vocab=vocab, config=config, interpret=interpret)
-    return candidates.mass_where(whole, row_mass, inverse_t, s_max, jnp.zeros_like(s_max), config.trips)
+    return candidates.mass_where(whole, row_mass, inverse_t, s_max, jnp.zeros_like(s_max), config.trips, fused)
 
 
 def grouped_sampler_kernel(
@@ -141,12 +142,12 @@ def grouped_sampler_kernel(
     # each block while resident: its folded candidates, and its rows' whole mass where top-p needs it
     def candidates_of(b: int | jax.Array, slot: int | jax.Array, parts: int = 1, wait=None) -> None:
         x_ref, block_params = slots.at[slot], rows_ref[rows_of(b), :]
-        values, ids, bound = resident.block_candidates(
-            x_ref, candidate_scratch, block_params, eos, parts=parts, wait=wait, **block
+        values, ids, bound, fused = resident.block_candidates(
+            x_ref, candidate_scratch, block_params, eos, parts=parts, wait=wait, lone_block=blocks == 1, **block
         )
         values_ref[rows_of(b)], ids_ref[rows_of(b)], bound_ref[rows_of(b)] = values, ids, bound
         if config.top_p:
-            mass_ref[rows_of(b)], trips = _whole_mass(x_ref, values, bound, block_params, eos, **block)
+            mass_ref[rows_of(b)], trips = _whole_mass(x_ref, values, bound, block_params, eos, fused, **block)
             mass_trips_ref[rows_of(b)] = jnp.full((block_rows, 1), trips.astype(jnp.float32))
 
     # written out a block at a time, the next block's copy started before this block's passes (a

@@ -134,7 +134,9 @@ def test_a_pass_in_parts_reads_each_part_after_its_wait_and_keeps_what_one_pass_
     """The column pass (`key_pass` on bfloat16 top-p alone) over a block that arrives in parts
     (`ColumnLayout.part_lanes`): the block starts as +inf and `wait(k)` copies part k's lanes in, so a
     part read before its wait would keep a +inf; the parts cover the row, in order, and the candidates
-    equal those of one pass over the whole block (a partial last vreg, the wide layout, the deep one)."""
+    equal those of one pass over the whole block (a partial last vreg, the wide layout, the deep one).
+    The rows' sums of exp(x * scale) the pass takes along (`mass_scale`, `candidates.FusedMass`) are the
+    whole rows' in both, up to the order of their terms."""
     from jax.experimental import pallas as pl
 
     layout = candidates.ColumnLayout.of(vocab, depth)
@@ -147,13 +149,20 @@ def test_a_pass_in_parts_reads_each_part_after_its_wait_and_keeps_what_one_pass_
     n = (depth + 1) * layout.width if keyed else depth * layout.width
     shapes = [(n, jnp.float32)] if keyed else [(n, jnp.float32), (n, jnp.int32), (layout.width, jnp.float32)]
     out_shape = [jax.ShapeDtypeStruct((16, lanes_), t) for lanes_, t in shapes]
+    out_shape.append(jax.ShapeDtypeStruct((16, 1), jnp.float32))  # the rows' sums
+    scale = 0.5 + 0.1 * np.arange(16, dtype=np.float32)[:, None]
     waited = []
 
     def column_pass(x_ref, outs, **in_parts) -> None:
+        *outs, mass_ref = outs
+        scale = 0.5 + 0.1 * jax.lax.broadcasted_iota(jnp.float32, (16, 1), 0)
         if keyed:
-            candidates.key_pass(x_ref, *outs, layout, together=2, **in_parts)
+            mass = candidates.key_pass(x_ref, *outs, layout, together=2, mass_scale=scale, **in_parts)
         else:
-            candidates.column_pass(x_ref, *outs, layout, lambda v, idx: v, together=2, **in_parts)
+            mass = candidates.column_pass(
+                x_ref, *outs, layout, lambda v, idx: v, together=2, mass_scale=scale, **in_parts
+            )
+        mass_ref[...] = mass
 
     def whole(x_ref, *outs):
         column_pass(x_ref, outs)
@@ -177,8 +186,11 @@ def test_a_pass_in_parts_reads_each_part_after_its_wait_and_keeps_what_one_pass_
     want = call(whole, [])
     got = call(arriving, [pltpu.VMEM(x.shape, x.dtype)])
     assert waited == list(range(parts))
-    for a, b in zip(got, want, strict=True):
+    for a, b in zip(got[:-1], want[:-1], strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    exact = np.exp(np.asarray(x, np.float64) * np.asarray(scale, np.float64)).sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(np.asarray(want[-1]), exact, rtol=2e-6)
+    np.testing.assert_allclose(np.asarray(got[-1]), exact, rtol=2e-6)
 
 
 @pytest.mark.parametrize(("vocab", "depth"), [(200, 2), (16511, 2), (candidates.WIDE_VOCAB, 2), (9000, 4), (140000, 4)])
@@ -453,6 +465,39 @@ def test_top_p_alone_decides_on_the_candidates_with_as_many_kept_tokens_on_one_f
     kept = np.asarray(process_logits(x, params, impl="pallas")) > -np.inf
     np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference")) > -np.inf)
     assert (kept.sum(axis=1) == [keep] * block_rows + [keep + 1] * block_rows).all()
+
+
+@pytest.mark.parametrize(("dtype", "batch"), [("float32", 8), ("bfloat16", 32)])
+def test_top_p_alone_takes_the_rows_mass_from_the_column_pass_and_a_pass_only_where_that_cannot_stand(dtype, batch):
+    """Top-p alone sums each row's exp(x / T) in its column pass (`candidates.FusedMass`; bfloat16 in
+    every block, float32 where the block is its grid step's only one: B=8), so no block of ordinary rows
+    runs the `row_mass` pass; a row whose maximum / T lies below FUSED_MASS_LOWEST (whose largest terms
+    that sum could lose to underflow) sends its block through the pass. Tokens and kept sets are the
+    reference's either way."""
+    vocab = 12000
+    block_rows = block_sizes.sublane_rows(dtype)
+    assert kernel.fuses_row_mass(
+        kernel.candidate_layout(vocab, kernel.KernelConfig(top_p=True, random=True)),
+        kernel.KernelConfig(top_p=True, random=True),
+        dtype,
+        lone_block=batch == block_rows,
+    )
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    keys = jax.random.split(jax.random.key(10), batch)
+    row_mass_column = next(site.column for site in kernel.SITES if site.loop == "row_mass")
+    for low_row in (None, batch - 3):
+        x = np.array(verification.logits("normal", batch, vocab, "float32", 9)) * 2
+        if low_row is not None:
+            x[low_row] -= 200.0  # maximum / T below -40
+        x = jnp.asarray(x, dtype)
+        tokens, stats, _ = _launch(x, params, vocab, keys)
+        want = [0] * (batch // block_rows)
+        if low_row is not None:
+            want[low_row // block_rows] = 1
+        np.testing.assert_array_equal(stats[::block_rows, row_mass_column], want)
+        np.testing.assert_array_equal(tokens, np.asarray(sample(x, params, keys, impl="reference")))
+        kept = np.asarray(process_logits(x, params, impl="pallas")) > -np.inf
+        np.testing.assert_array_equal(kept, np.asarray(process_logits(x, params, impl="reference")) > -np.inf)
 
 
 @pytest.mark.parametrize(("dtype", "filters"), [("float32", "top_k"), ("bfloat16", "top_k"), ("bfloat16", "top_p")])
