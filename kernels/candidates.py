@@ -881,10 +881,11 @@ def needs_row_mass(
     return whole, inverse_t, s_max
 
 
-# The lowest row maximum (in scaled units) at which `FusedMass` stands for the row's mass: a term exp(s)
-# it lost to underflow (s below about -87) weighs at most e^-47 of the maximum's there, V of them far
-# below an ulp of the sum. Above, overflow shows as an infinite sum.
-FUSED_MASS_LOWEST = -40.0
+# The row maxima (in scaled units) at which `FusedMass` stands for the row's mass: at the lowest, a term
+# exp(s) it lost to underflow (s below about -87) weighs at most e^-47 of the maximum's, V of them far
+# below an ulp of the sum; at the highest, exp(-s_max) stays a normal float (above about 87.3 it is
+# subnormal, which a flush-to-zero unit makes 0), and overflow shows as an infinite sum.
+FUSED_MASS_LOWEST, FUSED_MASS_HIGHEST = -40.0, 80.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -896,17 +897,19 @@ class FusedMass:
     before the scaling rather than after the shift; neither sums in the reference's order), without a
     second pass over the block: the pass's exp goes to the EUP slot, its multiply and add beside the
     column pass's own VALU work. `usable`: the rows where it is that mass (the temperature's cap did
-    not act, the maximum is at least FUSED_MASS_LOWEST, the sum is finite, so no +inf or NaN logit);
+    not act, the maximum lies in [FUSED_MASS_LOWEST, FUSED_MASS_HIGHEST], the sum is finite, so no +inf
+    or NaN logit);
     `mass_where` runs `row_mass`'s pass for the rest."""
 
     mass: jax.Array
     inverse_t: jax.Array
 
     def usable(self, inverse_t: jax.Array, s_max: jax.Array) -> jax.Array:
-        return (inverse_t == self.inverse_t) & (s_max >= FUSED_MASS_LOWEST) & (self.mass < jnp.inf)
+        in_range = (s_max >= FUSED_MASS_LOWEST) & (s_max <= FUSED_MASS_HIGHEST)
+        return (inverse_t == self.inverse_t) & in_range & (self.mass < jnp.inf)
 
     def scaled(self, s_max: jax.Array) -> jax.Array:
-        return self.mass * jnp.exp(-jnp.maximum(s_max, FUSED_MASS_LOWEST))
+        return self.mass * jnp.exp(-jnp.clip(s_max, FUSED_MASS_LOWEST, FUSED_MASS_HIGHEST))
 
 
 def mass_where(

@@ -472,8 +472,8 @@ def test_top_p_alone_takes_the_rows_mass_from_the_column_pass_and_a_pass_only_wh
     """Top-p alone sums each row's exp(x / T) in its column pass (`candidates.FusedMass`; bfloat16 in
     every block, float32 where the block is its grid step's only one: B=8), so no block of ordinary rows
     runs the `row_mass` pass; a row whose maximum / T lies below FUSED_MASS_LOWEST (whose largest terms
-    that sum could lose to underflow) sends its block through the pass. Tokens and kept sets are the
-    reference's either way."""
+    that sum could lose to underflow) or above FUSED_MASS_HIGHEST (where exp(-s_max) nears the subnormal
+    range) sends its block through the pass. Tokens and kept sets are the reference's either way."""
     vocab = 12000
     block_rows = block_sizes.sublane_rows(dtype)
     assert kernel.fuses_row_mass(
@@ -485,15 +485,18 @@ def test_top_p_alone_takes_the_rows_mass_from_the_column_pass_and_a_pass_only_wh
     params = SamplingParams(temperature=0.7, top_p=0.9)
     keys = jax.random.split(jax.random.key(10), batch)
     row_mass_column = next(site.column for site in kernel.SITES if site.loop == "row_mass")
-    for low_row in (None, batch - 3):
+    for shifted_row in (None, batch - 3, 1):
         x = np.array(verification.logits("normal", batch, vocab, "float32", 9)) * 2
-        if low_row is not None:
-            x[low_row] -= 200.0  # maximum / T below -40
+        if shifted_row == batch - 3:
+            x[shifted_row] -= 200.0  # maximum / T below -40
+        elif shifted_row == 1:  # maximum / T near 88: the sum finite, exp(-s_max) subnormal
+            x[shifted_row] -= 30.0
+            x[shifted_row, 5] = 61.5
         x = jnp.asarray(x, dtype)
         tokens, stats, _ = _launch(x, params, vocab, keys)
         want = [0] * (batch // block_rows)
-        if low_row is not None:
-            want[low_row // block_rows] = 1
+        if shifted_row is not None:
+            want[shifted_row // block_rows] = 1
         np.testing.assert_array_equal(stats[::block_rows, row_mass_column], want)
         np.testing.assert_array_equal(tokens, np.asarray(sample(x, params, keys, impl="reference")))
         kept = np.asarray(process_logits(x, params, impl="pallas")) > -np.inf
